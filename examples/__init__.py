@@ -1,0 +1,1 @@
+"""Small example models that piperc compiles: each module exposes `make(**overrides)`."""

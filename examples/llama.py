@@ -1,0 +1,123 @@
+"""Llama-style decoder: RMSNorm, rotary position embeddings, SwiGLU MLP, no biases."""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from examples.gpt import causal_attention, sample_batch
+
+
+class RMSNorm(nn.Module):
+    """x * rsqrt(mean(x^2) + eps) * weight, over the last dimension."""
+
+    def __init__(self, d_model: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(d_model))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + self.eps) * self.weight
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """(x1, x2) -> (-x2, x1) on the two halves of the last dimension."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Attention(nn.Module):
+    """Multi-head causal attention with rotary embeddings on q and k.
+
+    Each layer keeps its own cos/sin tables (non-persistent buffers) so a layer carries
+    everything it needs when the compiler places it on a pipeline stage.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, seq: int, base: float = 10000.0):
+        super().__init__()
+        if d_model % n_heads:
+            raise ValueError(f"d_model={d_model} is not divisible by n_heads={n_heads}")
+        self.n_heads = n_heads
+        self.q = nn.Linear(d_model, d_model, bias=False)
+        self.k = nn.Linear(d_model, d_model, bias=False)
+        self.v = nn.Linear(d_model, d_model, bias=False)
+        self.o = nn.Linear(d_model, d_model, bias=False)
+        head_dim = d_model // n_heads
+        inv_freq = base ** -(torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        angles = torch.outer(torch.arange(seq, dtype=torch.float32), inv_freq)
+        angles = torch.cat((angles, angles), dim=-1)
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, seq, d_model = x.shape
+        q, k, v = (
+            proj(x).view(batch, seq, self.n_heads, d_model // self.n_heads).transpose(1, 2)
+            for proj in (self.q, self.k, self.v)
+        )
+        cos, sin = self.cos[:seq], self.sin[:seq]
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        y = causal_attention(q, k, v)
+        return self.o(y.transpose(1, 2).reshape(batch, seq, d_model))
+
+
+class SwiGLU(nn.Module):
+    """down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, d_model: int, d_hidden: int):
+        super().__init__()
+        self.gate = nn.Linear(d_model, d_hidden, bias=False)
+        self.up = nn.Linear(d_model, d_hidden, bias=False)
+        self.down = nn.Linear(d_hidden, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+class Block(nn.Module):
+    """Pre-RMSNorm block: x + attn(attn_norm(x)), then x + mlp(mlp_norm(x))."""
+
+    def __init__(self, d_model: int, n_heads: int, seq: int):
+        super().__init__()
+        self.attn_norm = RMSNorm(d_model)
+        self.attn = Attention(d_model, n_heads, seq)
+        self.mlp_norm = RMSNorm(d_model)
+        self.mlp = SwiGLU(d_model, 4 * d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x))
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Llama(nn.Module):
+    """Decoder-only language model whose forward returns the mean next-token cross-entropy."""
+
+    def __init__(self, vocab: int, d_model: int, n_heads: int, n_layers: int, seq: int):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d_model)
+        self.blocks = nn.ModuleList(Block(d_model, n_heads, seq) for _ in range(n_layers))
+        self.norm = RMSNorm(d_model)
+        self.head = nn.Linear(d_model, vocab, bias=False)
+
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        x = self.embed(tokens)
+        for block in self.blocks:
+            x = block(x)
+        logits = self.head(self.norm(x))
+        return F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.view(-1))
+
+
+def make(
+    *,
+    vocab: int = 64,
+    d_model: int = 32,
+    n_heads: int = 4,
+    n_layers: int = 4,
+    seq: int = 16,
+    batch: int = 8,
+    seed: int = 0,
+) -> tuple[Llama, tuple[torch.Tensor, torch.Tensor]]:
+    """A Llama and a (tokens, targets) batch; the same seed gives the same weights and batch."""
+    torch.manual_seed(seed)
+    model = Llama(vocab, d_model, n_heads, n_layers, seq)
+    return model, sample_batch(vocab, seq, batch)

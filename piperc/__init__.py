@@ -1,0 +1,36 @@
+"""piperc: a compiler for distributed training of PyTorch models.
+
+The compiler's entry points are loaded on first use, so `piperc.annotate`
+(used in model code) and `piperc.runtime` (used on training machines) import
+torch alone, never xDSL or torch-mlir.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from piperc.annotate import annotate
+
+_LAZY = {
+    "capture": "piperc.frontend",
+    "Captured": "piperc.frontend",
+    "run_pipeline": "piperc.pipeline",
+    "parse_pipeline": "piperc.pipeline",
+    "PipelineOptions": "piperc.pipeline",
+    "register_pass": "piperc.passes",
+    "PipercError": "piperc.errors",
+    "CaptureError": "piperc.errors",
+    "StrategyError": "piperc.errors",
+    "PassError": "piperc.errors",
+}
+
+__all__ = ["annotate", *_LAZY]
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'piperc' has no attribute '{name}'")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value

@@ -1,0 +1,1 @@
+"""piperc's xDSL dialects: `torch` (the model), `par` (parallelism), `exec` (per-device programs)."""

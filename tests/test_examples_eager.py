@@ -1,0 +1,97 @@
+"""The example models run eagerly, train (every parameter gets a gradient) and export."""
+
+import pytest
+import torch
+
+from examples import gpt, llama, moe, tied
+
+EXAMPLES = {"gpt": gpt, "llama": llama, "moe": moe, "tied": tied}
+
+
+@pytest.fixture(params=sorted(EXAMPLES))
+def example(request):
+    return EXAMPLES[request.param]
+
+
+def test_make_is_deterministic(example):
+    model_a, inputs_a = example.make()
+    model_b, inputs_b = example.make()
+    state_a, state_b = model_a.state_dict(), model_b.state_dict()
+    assert state_a.keys() == state_b.keys()
+    for name in state_a:
+        assert torch.equal(state_a[name], state_b[name]), name
+    for a, b in zip(inputs_a, inputs_b, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_inputs_are_token_batches(example):
+    _, (tokens, targets) = example.make(vocab=50, seq=12, batch=3)
+    for t in (tokens, targets):
+        assert t.dtype == torch.int64
+        assert t.shape == (3, 12)
+        assert 0 <= t.min() and t.max() < 50
+
+
+def test_naming(example):
+    model, _ = example.make(n_layers=2)
+    names = dict(model.named_modules())
+    for name in ("embed", "blocks.0.attn", "blocks.1", "norm", "head"):
+        assert name in names, name
+    assert isinstance(model.blocks, torch.nn.ModuleList)
+    assert len(model.blocks) == 2
+
+
+def test_loss_is_finite_scalar_and_every_parameter_gets_a_gradient(example):
+    model, inputs = example.make()
+    loss = model(*inputs)
+    assert loss.dim() == 0
+    assert torch.isfinite(loss)
+    loss.backward()
+    missing = [name for name, p in model.named_parameters() if p.grad is None]
+    assert not missing
+
+
+def test_export_matches_eager(example):
+    model, inputs = example.make(n_layers=2)
+    program = torch.export.export(model, inputs, strict=False)
+    torch.testing.assert_close(program.module()(*inputs), model(*inputs))
+
+
+def test_moe_routes_each_token_to_exactly_two_experts():
+    model, (tokens, _) = moe.make()
+    router = model.blocks[0].moe
+    x = model.embed(tokens)
+    gates = router.gates(x)
+    assert gates.shape == (*tokens.shape, len(router.experts))
+    assert torch.all((gates != 0).sum(dim=-1) == 2)
+    torch.testing.assert_close(gates.sum(dim=-1), torch.ones(tokens.shape))
+
+
+def test_moe_dense_combine_equals_routed_top2():
+    model, (tokens, _) = moe.make()
+    layer = model.blocks[0].moe
+    x = model.embed(tokens).reshape(-1, model.embed.embedding_dim)
+    weights, chosen = layer.router(x).softmax(dim=-1).topk(2, dim=-1)
+    weights = weights / weights.sum(dim=-1, keepdim=True)
+    routed = torch.stack(
+        [
+            sum(w * layer.experts[int(e)](row) for w, e in zip(ws, es, strict=True))
+            for row, ws, es in zip(x, weights, chosen, strict=True)
+        ]
+    )
+    torch.testing.assert_close(layer(x), routed)
+
+
+def test_tied_head_shares_the_embedding_parameter():
+    model, inputs = tied.make()
+    assert model.head.weight is model.embed.weight
+    untied, _ = gpt.make()
+    assert len(list(model.parameters())) == len(list(untied.parameters())) - 1
+    model(*inputs).backward()
+    assert model.embed.weight.grad is not None
+
+
+def test_llama_rotary_tables_are_not_saved():
+    model, _ = llama.make(n_layers=1)
+    assert "blocks.0.attn.cos" in dict(model.named_buffers())
+    assert not any(name.endswith((".cos", ".sin")) for name in model.state_dict())
