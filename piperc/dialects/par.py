@@ -1,0 +1,1183 @@
+"""The `par` dialect: how a model's compute is spread over devices.
+
+A device mesh is a symbol (`par.mesh @mesh #par.mesh<["pp"=2, "dp"=2]>`)
+with named axes. Values carry shardings over its axes (`par.shard`), compute
+is cut into tasks, one per stage, pass and microbatch (`par.task`), values
+move between stages by `par.send`/`par.recv` and within a mesh axis by
+collectives, and `par.schedule` says, per device along the pipeline axis,
+in which order the tasks run, in torch.distributed.pipelining's vocabulary
+(`0F1` = stage 0, forward, microbatch 1).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from abc import ABC
+from collections.abc import Iterable, Sequence
+from typing import ClassVar
+
+from xdsl.dialects.builtin import (
+    I64,
+    ArrayAttr,
+    FlatSymbolRefAttr,
+    IntAttr,
+    IntegerAttr,
+    NoneAttr,
+    StringAttr,
+    SymbolNameConstraint,
+)
+from xdsl.dialects.utils import EnumAttribute
+from xdsl.ir import Attribute, Block, Dialect, ParametrizedAttribute, Region, SSAValue
+from xdsl.irdl import (
+    IRDLOperation,
+    VarConstraint,
+    base,
+    irdl_attr_definition,
+    irdl_op_definition,
+    operand_def,
+    opt_prop_def,
+    prop_def,
+    region_def,
+    result_def,
+    traits_def,
+    var_operand_def,
+    var_result_def,
+)
+from xdsl.irdl.declarative_assembly_format import (
+    CustomDirective,
+    ParsingState,
+    PrintingState,
+    UniqueBaseAttributeVariable,
+    irdl_custom_directive,
+)
+from xdsl.parser import AttrParser, Parser
+from xdsl.printer import Printer
+from xdsl.traits import (
+    HasParent,
+    IsolatedFromAbove,
+    IsTerminator,
+    NoTerminator,
+    Pure,
+    SymbolOpInterface,
+    SymbolTable,
+)
+from xdsl.utils.exceptions import VerifyException
+from xdsl.utils.str_enum import StrEnum
+
+from piperc.dialects.torch import ValueTensorType
+
+# ---------------------------------------------------------------- attributes
+
+
+@irdl_attr_definition
+class MeshAttr(ParametrizedAttribute):
+    """A device mesh: ordered named axes with sizes, `#par.mesh<["pp"=2, "dp"=2]>`.
+
+    Ranks are laid out row-major over the axes in order: the last axis varies
+    fastest, so on the mesh above ranks 0 and 1 share a pipeline stage.
+    """
+
+    name = "par.mesh"
+
+    axes: ArrayAttr[StringAttr]
+    sizes: ArrayAttr[IntAttr]
+
+    def __init__(self, axes: Iterable[tuple[str, int]]):
+        pairs = list(axes)
+        super().__init__(
+            ArrayAttr(StringAttr(n) for n, _ in pairs),
+            ArrayAttr(IntAttr(s) for _, s in pairs),
+        )
+
+    def axis_names(self) -> tuple[str, ...]:
+        """The axis names, in mesh order."""
+        return tuple(a.data for a in self.axes.data)
+
+    def axis_size(self, name: str) -> int:
+        """The number of devices along axis `name`."""
+        names = self.axis_names()
+        if name not in names:
+            raise KeyError(f"mesh {self} has no axis '{name}' (axes: {', '.join(names)})")
+        return self.sizes.data[names.index(name)].data
+
+    def size(self) -> int:
+        """The number of devices in the mesh."""
+        return math.prod(s.data for s in self.sizes.data)
+
+    def coords(self, rank: int) -> dict[str, int]:
+        """The position of `rank` along each axis."""
+        if not 0 <= rank < self.size():
+            raise ValueError(f"rank {rank} is outside mesh {self} of {self.size()} devices")
+        position: dict[str, int] = {}
+        rest = rank
+        for name, size in reversed(list(zip(self.axis_names(), self._sizes(), strict=True))):
+            rest, position[name] = divmod(rest, size)
+        return {name: position[name] for name in self.axis_names()}
+
+    def rank_of(self, coords: dict[str, int]) -> int:
+        """The rank at `coords`, which gives a position for every axis."""
+        if set(coords) != set(self.axis_names()):
+            raise ValueError(f"coords {coords} must name exactly the axes of mesh {self}")
+        rank = 0
+        for name, size in zip(self.axis_names(), self._sizes(), strict=True):
+            if not 0 <= coords[name] < size:
+                raise ValueError(f"coordinate {name}={coords[name]} is outside mesh {self}")
+            rank = rank * size + coords[name]
+        return rank
+
+    def group_ranks(self, axis: str, rank: int) -> tuple[int, ...]:
+        """The ranks that differ from `rank` only along `axis`, in axis order."""
+        coords = self.coords(rank)
+        return tuple(self.rank_of(coords | {axis: i}) for i in range(self.axis_size(axis)))
+
+    def all_groups(self, axis: str) -> list[tuple[int, ...]]:
+        """Every group of ranks along `axis`, ordered by their first rank."""
+        return [
+            self.group_ranks(axis, rank)
+            for rank in range(self.size())
+            if self.coords(rank)[axis] == 0
+        ]
+
+    def _sizes(self) -> tuple[int, ...]:
+        return tuple(s.data for s in self.sizes.data)
+
+    @classmethod
+    def parse_parameters(cls, parser: AttrParser) -> Sequence[Attribute]:
+        def parse_axis() -> tuple[str, int]:
+            name = parser.parse_str_literal(" for a mesh axis name")
+            parser.parse_punctuation("=")
+            return name, parser.parse_integer(allow_boolean=False)
+
+        with parser.in_angle_brackets():
+            pairs = parser.parse_comma_separated_list(parser.Delimiter.SQUARE, parse_axis)
+        return (
+            ArrayAttr(StringAttr(n) for n, _ in pairs),
+            ArrayAttr(IntAttr(s) for _, s in pairs),
+        )
+
+    def print_parameters(self, printer: Printer) -> None:
+        def print_axis(name: str, size: int) -> None:
+            printer.print_string_literal(name)
+            printer.print_string(f"={size}")
+
+        with printer.in_angle_brackets(), printer.in_square_brackets():
+            printer.print_list(
+                zip(self.axis_names(), self._sizes(), strict=True),
+                lambda axis: print_axis(*axis),
+            )
+
+    def verify(self) -> None:
+        names = self.axis_names()
+        if len(names) != len(self.sizes.data):
+            raise VerifyException(
+                f"{self.name}: {len(names)} axis names but {len(self.sizes.data)} sizes"
+            )
+        if "" in names:
+            raise VerifyException(f"{self.name}: an axis name is empty")
+        for name in names:
+            if names.count(name) > 1:
+                raise VerifyException(f"{self.name}: axis '{name}' is declared twice")
+        for name, size in zip(names, self._sizes(), strict=True):
+            if size < 1:
+                raise VerifyException(f"{self.name}: axis '{name}' has size {size}, must be >= 1")
+
+
+@irdl_attr_definition
+class ShardingAttr(ParametrizedAttribute):
+    """How a tensor is laid out over mesh axes.
+
+    `#par.sharding<[["dp"], [], ["tp", "sp"]], partial = ["ep"]>`: one list
+    per tensor dimension, naming the mesh axes that split it, outermost first
+    (an empty list leaves the dimension whole); `partial` names the axes over
+    which each device holds a partial sum still to be reduced, and is printed
+    only when non-empty. A sharding with neither is replicated.
+    """
+
+    name = "par.sharding"
+
+    dims: ArrayAttr[ArrayAttr[StringAttr]]
+    partial: ArrayAttr[StringAttr]
+
+    def __init__(self, dims: Iterable[Iterable[str]], partial: Iterable[str] = ()):
+        super().__init__(
+            ArrayAttr(ArrayAttr(StringAttr(a) for a in axes) for axes in dims),
+            ArrayAttr(StringAttr(a) for a in partial),
+        )
+
+    @classmethod
+    def replicated(cls, rank: int) -> ShardingAttr:
+        """The replicated sharding of a rank-`rank` tensor."""
+        return cls([[] for _ in range(rank)])
+
+    @classmethod
+    def split(cls, rank: int, dim: int, axis: str) -> ShardingAttr:
+        """A rank-`rank` tensor split along `dim` over mesh axis `axis`."""
+        if not 0 <= dim < rank:
+            raise ValueError(f"dimension {dim} is outside a rank-{rank} tensor")
+        return cls([[axis] if d == dim else [] for d in range(rank)])
+
+    def rank(self) -> int:
+        """The rank of the tensors this sharding applies to."""
+        return len(self.dims.data)
+
+    def dim_axes(self, dim: int) -> tuple[str, ...]:
+        """The mesh axes splitting dimension `dim`, outermost first."""
+        return tuple(a.data for a in self.dims.data[dim].data)
+
+    def partial_axes(self) -> tuple[str, ...]:
+        """The mesh axes over which the value is a pending partial sum."""
+        return tuple(a.data for a in self.partial.data)
+
+    def is_replicated(self) -> bool:
+        """True when no dimension is split and no sum is pending."""
+        return not self.partial.data and all(not axes.data for axes in self.dims.data)
+
+    def _used_axes(self) -> list[str]:
+        used = [a for d in range(self.rank()) for a in self.dim_axes(d)]
+        return used + list(self.partial_axes())
+
+    @classmethod
+    def parse_parameters(cls, parser: AttrParser) -> Sequence[Attribute]:
+        def parse_axes() -> ArrayAttr[StringAttr]:
+            return ArrayAttr(
+                StringAttr(a)
+                for a in parser.parse_comma_separated_list(
+                    parser.Delimiter.SQUARE, lambda: parser.parse_str_literal(" for a mesh axis")
+                )
+            )
+
+        with parser.in_angle_brackets():
+            dims = parser.parse_comma_separated_list(parser.Delimiter.SQUARE, parse_axes)
+            partial = ArrayAttr[StringAttr](())
+            if parser.parse_optional_punctuation(","):
+                parser.parse_keyword("partial")
+                parser.parse_punctuation("=")
+                partial = parse_axes()
+        return (ArrayAttr(dims), partial)
+
+    def print_parameters(self, printer: Printer) -> None:
+        def print_axes(axes: ArrayAttr[StringAttr]) -> None:
+            with printer.in_square_brackets():
+                printer.print_list(axes.data, lambda a: printer.print_string_literal(a.data))
+
+        with printer.in_angle_brackets():
+            with printer.in_square_brackets():
+                printer.print_list(self.dims.data, print_axes)
+            if self.partial.data:
+                printer.print_string(", partial = ")
+                print_axes(self.partial)
+
+    def verify(self) -> None:
+        used = self._used_axes()
+        if "" in used:
+            raise VerifyException(f"{self.name}: an axis name is empty")
+        for axis in used:
+            if used.count(axis) > 1:
+                raise VerifyException(
+                    f"{self.name}: mesh axis '{axis}' is used twice; an axis splits one "
+                    "dimension or holds a partial sum, not both"
+                )
+
+
+class _BracketedEnum:
+    """Prints an enum attribute as `#dialect.name<value>`, as MLIR's enum attributes do.
+
+    xDSL's EnumAttribute alone prints `#dialect.namevalue`. Ops write the bare
+    value through the `EnumKeyword` directive.
+    """
+
+    enum_type: ClassVar[type[StrEnum]]
+    data: StrEnum
+
+    def print_parameter(self, printer: Printer) -> None:
+        printer.print_string(f"<{self.data.value}>")
+
+    @classmethod
+    def parse_parameter(cls, parser: AttrParser) -> StrEnum:
+        with parser.in_angle_brackets():
+            return parser.parse_str_enum(cls.enum_type)
+
+
+class PassKind(StrEnum):
+    """Which pass over the model a piece of compute belongs to."""
+
+    F = "F"
+    """Forward."""
+    B = "B"
+    """Backward, gradient with respect to the inputs."""
+    W = "W"
+    """Backward, gradient with respect to the weights."""
+    UPDATE = "update"
+    """Optimizer update."""
+
+
+@irdl_attr_definition
+class PassKindAttr(_BracketedEnum, EnumAttribute[PassKind]):
+    """The pass of a task: `#par.pass<F>`, `#par.pass<B>`, `#par.pass<W>`, `#par.pass<update>`."""
+
+    name = "par.pass"
+
+
+_PASS_LETTERS = {PassKind.F: "F", PassKind.B: "B", PassKind.W: "W", PassKind.UPDATE: "U"}
+_LETTER_PASSES = {letter: kind for kind, letter in _PASS_LETTERS.items()}
+_ACTION_RE = re.compile(r"(\d+)([FBWU])(\d+)")
+
+
+@irdl_attr_definition
+class OriginAttr(ParametrizedAttribute):
+    """Where an op came from in the model.
+
+    `#par.origin<"blocks.3.attn.qkv", F>`: the module path ("" for the top
+    module) and the pass (F or B) that produced the op. An op inside an
+    annotated region also names the region and, optionally, its index:
+    `#par.origin<"blocks.3.attn.qkv", B, region "stage1" 0>`.
+    """
+
+    name = "par.origin"
+
+    module_path: StringAttr
+    kind: PassKindAttr
+    region_name: StringAttr | NoneAttr
+    index: IntAttr | NoneAttr
+
+    def __init__(
+        self,
+        path: str,
+        pass_kind: PassKind,
+        region: str | None = None,
+        region_index: int | None = None,
+    ):
+        super().__init__(
+            StringAttr(path),
+            PassKindAttr(pass_kind),
+            NoneAttr() if region is None else StringAttr(region),
+            NoneAttr() if region_index is None else IntAttr(region_index),
+        )
+
+    @property
+    def path(self) -> str:
+        """The module path, e.g. `blocks.3.attn.qkv`."""
+        return self.module_path.data
+
+    @property
+    def pass_kind(self) -> PassKind:
+        """F or B."""
+        return self.kind.data
+
+    @property
+    def region(self) -> str | None:
+        """The name of the annotated region, if any."""
+        return self.region_name.data if isinstance(self.region_name, StringAttr) else None
+
+    @property
+    def region_index(self) -> int | None:
+        """The index of the annotated region, if any."""
+        return self.index.data if isinstance(self.index, IntAttr) else None
+
+    @classmethod
+    def parse_parameters(cls, parser: AttrParser) -> Sequence[Attribute]:
+        with parser.in_angle_brackets():
+            path = parser.parse_str_literal(" for the module path")
+            parser.parse_punctuation(",")
+            kind = parser.parse_str_enum(PassKind)
+            region: Attribute = NoneAttr()
+            index: Attribute = NoneAttr()
+            if parser.parse_optional_punctuation(","):
+                parser.parse_keyword("region")
+                region = StringAttr(parser.parse_str_literal(" for the region name"))
+                found = parser.parse_optional_integer(allow_boolean=False)
+                if found is not None:
+                    index = IntAttr(found)
+        return (StringAttr(path), PassKindAttr(kind), region, index)
+
+    def print_parameters(self, printer: Printer) -> None:
+        with printer.in_angle_brackets():
+            printer.print_string_literal(self.path)
+            printer.print_string(f", {self.pass_kind.value}")
+            if self.region is not None:
+                printer.print_string(", region ")
+                printer.print_string_literal(self.region)
+            if self.region_index is not None:
+                printer.print_string(f" {self.region_index}")
+
+    def verify(self) -> None:
+        if self.pass_kind not in (PassKind.F, PassKind.B):
+            raise VerifyException(
+                f"{self.name}: an op comes from the forward (F) or backward (B) pass, "
+                f"not {self.pass_kind.value}"
+            )
+        if self.region_index is None:
+            return
+        if self.region is None:
+            raise VerifyException(f"{self.name}: region index {self.region_index} without a region")
+        if self.region_index < 0:
+            raise VerifyException(f"{self.name}: region index {self.region_index} must be >= 0")
+
+
+@irdl_attr_definition
+class ActionAttr(ParametrizedAttribute):
+    """One schedule action: a stage, a pass and a microbatch, `#par.action<0F1>`.
+
+    Written as torch.distributed.pipelining writes it: `<stage><pass><mb>`,
+    with pass F, B, W or U (optimizer update): `0F1`, `1B0`, `0W3`, `1U0`.
+    """
+
+    name = "par.action"
+
+    stage_id: IntAttr
+    kind: PassKindAttr
+    mb: IntAttr
+
+    def __init__(self, stage: int, pass_kind: PassKind, microbatch: int):
+        super().__init__(IntAttr(stage), PassKindAttr(pass_kind), IntAttr(microbatch))
+
+    @classmethod
+    def from_str(cls, text: str) -> ActionAttr:
+        """The action written `text`, e.g. `0F1`."""
+        match = _ACTION_RE.fullmatch(text)
+        if match is None:
+            raise ValueError(
+                f"'{text}' is not a schedule action; write <stage><F|B|W|U><microbatch>, e.g. 0F1"
+            )
+        stage, letter, mb = match.groups()
+        return cls(int(stage), _LETTER_PASSES[letter], int(mb))
+
+    def compact(self) -> str:
+        """The action as written in a schedule table, e.g. `0F1`."""
+        return f"{self.stage}{_PASS_LETTERS[self.pass_kind]}{self.microbatch}"
+
+    @property
+    def stage(self) -> int:
+        """The pipeline stage."""
+        return self.stage_id.data
+
+    @property
+    def pass_kind(self) -> PassKind:
+        """The pass."""
+        return self.kind.data
+
+    @property
+    def microbatch(self) -> int:
+        """The microbatch."""
+        return self.mb.data
+
+    @classmethod
+    def parse_parameters(cls, parser: AttrParser) -> Sequence[Attribute]:
+        with parser.in_angle_brackets():
+            action = _parse_action(parser)
+        return (action.stage_id, action.kind, action.mb)
+
+    def print_parameters(self, printer: Printer) -> None:
+        printer.print_string(f"<{self.compact()}>")
+
+    def verify(self) -> None:
+        if self.stage < 0 or self.microbatch < 0:
+            raise VerifyException(
+                f"{self.name}: stage and microbatch must be >= 0, got {self.stage} "
+                f"and {self.microbatch}"
+            )
+
+
+def _parse_action(parser: AttrParser) -> ActionAttr:
+    """Parses a compact action such as `0F1` (lexed as the integer 0, then `F1`)."""
+    pos = parser.pos
+    stage = parser.parse_integer(allow_boolean=False, allow_negative=False)
+    rest = parser.parse_optional_identifier() or ""
+    try:
+        return ActionAttr.from_str(f"{stage}{rest}")
+    except ValueError as e:
+        parser.raise_error(str(e), pos, parser.pos)
+
+
+def _print_actions(printer: Printer, actions: ArrayAttr[ActionAttr]) -> None:
+    with printer.in_square_brackets():
+        printer.print_list(actions.data, lambda a: printer.print_string(a.compact()))
+
+
+class ReduceKind(StrEnum):
+    """How a collective combines the values of a group."""
+
+    SUM = "sum"
+    AVG = "avg"
+    MAX = "max"
+
+
+@irdl_attr_definition
+class ReduceKindAttr(_BracketedEnum, EnumAttribute[ReduceKind]):
+    """The reduction of a collective: `#par.reduce<sum>`, `<avg>` or `<max>`."""
+
+    name = "par.reduce"
+
+
+@irdl_custom_directive
+class EnumKeyword(CustomDirective):
+    """Writes an enum property as its bare value in an op's syntax: `pass F`, `sum`."""
+
+    value: UniqueBaseAttributeVariable
+
+    def parse(self, parser: Parser, state: ParsingState) -> None:
+        attr_type = self.value.unique_base
+        assert issubclass(attr_type, EnumAttribute)
+        self.value.set(state, attr_type(parser.parse_str_enum(attr_type.enum_type)))
+
+    def print(self, printer: Printer, state: PrintingState, op: IRDLOperation) -> None:
+        attr = self.value.get(op)
+        assert isinstance(attr, EnumAttribute)
+        state.print_whitespace(printer)
+        printer.print_string(attr.data.value)
+
+
+# ---------------------------------------------------------------- mesh and sharding
+
+
+@irdl_op_definition
+class MeshOp(IRDLOperation):
+    """Declares a device mesh as a symbol: `par.mesh @mesh #par.mesh<["pp"=2, "dp"=2]>`."""
+
+    name = "par.mesh"
+
+    sym_name = prop_def(SymbolNameConstraint())
+    shape = prop_def(MeshAttr)
+
+    traits = traits_def(SymbolOpInterface())
+
+    assembly_format = "$sym_name qualified($shape) attr-dict"
+
+    def __init__(self, sym_name: str, shape: MeshAttr):
+        super().__init__(properties={"sym_name": StringAttr(sym_name), "shape": shape})
+
+
+def lookup_mesh(op: IRDLOperation, mesh: FlatSymbolRefAttr) -> MeshAttr:
+    """The mesh that `op` refers to as `mesh`; raises VerifyException when undefined."""
+    try:
+        found = SymbolTable.lookup_symbol(op, mesh)
+    except ValueError:  # `op` is in no module, so nothing is defined for it
+        found = None
+    if not isinstance(found, MeshOp):
+        raise VerifyException(
+            f"{op.name}: mesh @{mesh.root_reference.data} is not defined; "
+            f"declare it with `par.mesh @{mesh.root_reference.data} #par.mesh<[...]>`"
+        )
+    return found.shape
+
+
+def _mesh_axis_size(op: IRDLOperation, mesh: FlatSymbolRefAttr, axis: str) -> int:
+    shape = lookup_mesh(op, mesh)
+    if axis not in shape.axis_names():
+        raise VerifyException(
+            f"{op.name}: mesh @{mesh.root_reference.data} has no axis '{axis}' "
+            f"(axes: {', '.join(shape.axis_names())})"
+        )
+    return shape.axis_size(axis)
+
+
+def _shape_of(op: IRDLOperation, value: SSAValue) -> tuple[int, ...]:
+    assert isinstance(value.type, ValueTensorType)
+    if not value.type.has_shape:
+        raise VerifyException(f"{op.name}: {value.type} has no shape")
+    return value.type.get_shape()
+
+
+@irdl_op_definition
+class ShardOp(IRDLOperation):
+    """Attaches a sharding over a mesh to a value.
+
+    `%1 = par.shard %0 @mesh #par.sharding<[["dp"], []]> : !torch.vtensor<[8,16],f32>`.
+    The result is the operand, laid out as the sharding says; types are
+    global (unsharded) shapes.
+    """
+
+    name = "par.shard"
+
+    T: ClassVar = VarConstraint("T", base(ValueTensorType))
+
+    input = operand_def(T)
+    result = result_def(T)
+    mesh = prop_def(FlatSymbolRefAttr)
+    sharding = prop_def(ShardingAttr)
+
+    traits = traits_def(Pure())
+
+    assembly_format = "$input $mesh qualified($sharding) attr-dict `:` type($input)"
+
+    def __init__(self, input: SSAValue, mesh: str, sharding: ShardingAttr):
+        super().__init__(
+            operands=[input],
+            result_types=[input.type],
+            properties={"mesh": FlatSymbolRefAttr(mesh), "sharding": sharding},
+        )
+
+    def verify_(self) -> None:
+        shape = _shape_of(self, self.input)
+        if self.sharding.rank() != len(shape):
+            raise VerifyException(
+                f"{self.name}: sharding has {self.sharding.rank()} dimensions, "
+                f"the value {self.input.type} has {len(shape)}"
+            )
+        for axis in self.sharding.partial_axes():
+            _mesh_axis_size(self, self.mesh, axis)
+        for dim, size in enumerate(shape):
+            axes = self.sharding.dim_axes(dim)
+            parts = math.prod(_mesh_axis_size(self, self.mesh, a) for a in axes)
+            if size >= 0 and size % parts:
+                raise VerifyException(
+                    f"{self.name}: dimension {dim} of size {size} does not split evenly "
+                    f"over {parts} devices (axes {', '.join(axes)})"
+                )
+
+
+# ---------------------------------------------------------------- tasks
+
+
+@irdl_op_definition
+class TaskOp(IRDLOperation):
+    """The compute of one stage, pass and microbatch.
+
+    ```
+    %r:2 = par.task "s0_F_mb1" stage 0 pass F microbatch 1 (%a, %b) : (T, T) -> (T, T) {
+    ^bb0(%x: T, %y: T):
+      ...
+      par.yield %p, %q : T, T
+    }
+    ```
+    Its inputs are explicit: the body's arguments are the operands, one for
+    one, and the body uses no value defined outside it. `par.yield` gives the
+    results. Microbatch -1 means all microbatches (an optimizer update).
+    """
+
+    name = "par.task"
+
+    sym_name = prop_def(StringAttr)
+    stage = prop_def(IntegerAttr[I64])
+    pass_kind = prop_def(PassKindAttr)
+    microbatch = prop_def(IntegerAttr[I64])
+    inputs = var_operand_def()
+    outputs = var_result_def()
+    body = region_def("single_block")
+
+    traits = traits_def(IsolatedFromAbove())
+
+    assembly_format = (
+        "$sym_name `stage` $stage `pass` custom<EnumKeyword>($pass_kind) `microbatch` $microbatch ` ` "
+        "`(` $inputs `)` attr-dict `:` functional-type($inputs, $outputs) $body"
+    )
+
+    custom_directives = (EnumKeyword,)
+
+    def __init__(
+        self,
+        name: str,
+        stage: int,
+        pass_kind: PassKind,
+        microbatch: int,
+        inputs: Sequence[SSAValue],
+        result_types: Sequence[Attribute],
+        body: Region | None = None,
+    ):
+        """A task; without `body`, an empty block whose arguments mirror `inputs`."""
+        if body is None:
+            body = Region(Block(arg_types=[v.type for v in inputs]))
+        super().__init__(
+            operands=[inputs],
+            result_types=[result_types],
+            properties={
+                "sym_name": StringAttr(name),
+                "stage": IntegerAttr(stage, 64),
+                "pass_kind": PassKindAttr(pass_kind),
+                "microbatch": IntegerAttr(microbatch, 64),
+            },
+            regions=[body],
+        )
+
+    def verify_(self) -> None:
+        where = f'{self.name} "{self.sym_name.data}"'
+        if self.stage.value.data < 0:
+            raise VerifyException(f"{where}: stage {self.stage.value.data} must be >= 0")
+        if self.microbatch.value.data < -1:
+            raise VerifyException(
+                f"{where}: microbatch {self.microbatch.value.data} must be >= 0, "
+                "or -1 for all microbatches"
+            )
+        arg_types = self.body.block.arg_types
+        if arg_types != self.inputs.types:
+            raise VerifyException(
+                f"{where}: body arguments ({', '.join(map(str, arg_types))}) must match "
+                f"the inputs ({', '.join(map(str, self.inputs.types))})"
+            )
+        terminator = self.body.block.last_op
+        if not isinstance(terminator, YieldOp):
+            raise VerifyException(f"{where}: body must end with par.yield")
+        if terminator.values.types != self.outputs.types:
+            raise VerifyException(
+                f"{where}: par.yield gives ({', '.join(map(str, terminator.values.types))}), "
+                f"the task returns ({', '.join(map(str, self.outputs.types))})"
+            )
+
+
+@irdl_op_definition
+class YieldOp(IRDLOperation):
+    """Ends a `par.task` and gives its results: `par.yield %p, %q : T, T`."""
+
+    name = "par.yield"
+
+    values = var_operand_def()
+
+    traits = traits_def(IsTerminator(), HasParent(TaskOp), Pure())
+
+    assembly_format = "attr-dict ($values^ `:` type($values))?"
+
+    def __init__(self, *values: SSAValue):
+        super().__init__(operands=[values])
+
+
+# ---------------------------------------------------------------- point to point
+
+
+@irdl_op_definition
+class SendOp(IRDLOperation):
+    """Sends a value to another pipeline stage: `par.send %v to stage 1 tag "act_s0_mb1" : T`.
+
+    The tag pairs it with the `par.recv` of the same tag on the peer.
+    """
+
+    name = "par.send"
+
+    input = operand_def(ValueTensorType)
+    peer_stage = prop_def(IntegerAttr[I64])
+    tag = prop_def(StringAttr)
+
+    assembly_format = "$input `to` `stage` $peer_stage `tag` $tag attr-dict `:` type($input)"
+
+    def __init__(self, input: SSAValue, peer_stage: int, tag: str):
+        super().__init__(
+            operands=[input],
+            properties={"peer_stage": IntegerAttr(peer_stage, 64), "tag": StringAttr(tag)},
+        )
+
+    def verify_(self) -> None:
+        if self.peer_stage.value.data < 0:
+            raise VerifyException(
+                f"{self.name}: peer stage {self.peer_stage.value.data} must be >= 0"
+            )
+
+
+@irdl_op_definition
+class RecvOp(IRDLOperation):
+    """Receives a value from another pipeline stage: `%v = par.recv from stage 0 tag "act_s0_mb1" : T`."""
+
+    name = "par.recv"
+
+    result = result_def(ValueTensorType)
+    peer_stage = prop_def(IntegerAttr[I64])
+    tag = prop_def(StringAttr)
+
+    assembly_format = "`from` `stage` $peer_stage `tag` $tag attr-dict `:` type($result)"
+
+    def __init__(self, result_type: Attribute, peer_stage: int, tag: str):
+        super().__init__(
+            result_types=[result_type],
+            properties={"peer_stage": IntegerAttr(peer_stage, 64), "tag": StringAttr(tag)},
+        )
+
+    def verify_(self) -> None:
+        if self.peer_stage.value.data < 0:
+            raise VerifyException(
+                f"{self.name}: peer stage {self.peer_stage.value.data} must be >= 0"
+            )
+
+
+# ---------------------------------------------------------------- collectives
+
+
+class CollectiveOp(IRDLOperation, ABC):
+    """A collective among the devices that differ only along one mesh axis."""
+
+    mesh = prop_def(FlatSymbolRefAttr)
+    axis = prop_def(StringAttr)
+
+    @staticmethod
+    def group_properties(mesh: str, axis: str) -> dict[str, Attribute]:
+        """The `mesh` and `axis` properties every collective has."""
+        return {"mesh": FlatSymbolRefAttr(mesh), "axis": StringAttr(axis)}
+
+    def group_size(self) -> int:
+        """The number of devices in each group; raises VerifyException if unresolvable."""
+        return _mesh_axis_size(self, self.mesh, self.axis.data)
+
+    def check_result_shape(self, input: SSAValue, result: SSAValue, expected: list[int]) -> None:
+        """Raises unless `result` has `input`'s dtype and the shape `expected`."""
+        assert isinstance(input.type, ValueTensorType)
+        assert isinstance(result.type, ValueTensorType)
+        if input.type.dtype != result.type.dtype:
+            raise VerifyException(
+                f"{self.name}: result dtype {result.type.dtype} differs from "
+                f"operand dtype {input.type.dtype}"
+            )
+        actual = _shape_of(self, result)
+        if len(actual) != len(expected) or any(
+            e >= 0 and a >= 0 and a != e for a, e in zip(actual, expected, strict=True)
+        ):
+            dims = ",".join("?" if d < 0 else str(d) for d in expected)
+            raise VerifyException(
+                f"{self.name} over '{self.axis.data}' ({self.group_size()} devices): "
+                f"result {result.type} should have shape [{dims}]"
+            )
+
+    def check_dim(self, input: SSAValue, dim: IntegerAttr, role: str) -> int:
+        """Returns `dim` after checking it names a dimension of `input`."""
+        rank = len(_shape_of(self, input))
+        if not 0 <= dim.value.data < rank:
+            raise VerifyException(
+                f"{self.name}: {role} {dim.value.data} is outside the rank-{rank} operand"
+            )
+        return dim.value.data
+
+
+@irdl_op_definition
+class AllReduceOp(CollectiveOp):
+    """Reduces a value over a mesh axis; every device gets the result.
+
+    `%r = par.all_reduce %v over @mesh "dp" sum : T`.
+    """
+
+    name = "par.all_reduce"
+
+    T: ClassVar = VarConstraint("T", base(ValueTensorType))
+
+    input = operand_def(T)
+    result = result_def(T)
+    reduce = prop_def(ReduceKindAttr)
+
+    traits = traits_def(Pure())
+
+    assembly_format = (
+        "$input `over` $mesh $axis custom<EnumKeyword>($reduce) attr-dict `:` type($input)"
+    )
+
+    custom_directives = (EnumKeyword,)
+
+    def __init__(self, input: SSAValue, mesh: str, axis: str, reduce: ReduceKind = ReduceKind.SUM):
+        super().__init__(
+            operands=[input],
+            result_types=[input.type],
+            properties=self.group_properties(mesh, axis) | {"reduce": ReduceKindAttr(reduce)},
+        )
+
+    def verify_(self) -> None:
+        self.group_size()
+
+
+@irdl_op_definition
+class AllGatherOp(CollectiveOp):
+    """Concatenates the group's pieces along `dim`.
+
+    `%r = par.all_gather %v over @mesh "tp" dim 0 : !torch.vtensor<[2,8],f32> -> !torch.vtensor<[4,8],f32>`.
+    """
+
+    name = "par.all_gather"
+
+    input = operand_def(ValueTensorType)
+    result = result_def(ValueTensorType)
+    dim = prop_def(IntegerAttr[I64])
+
+    traits = traits_def(Pure())
+
+    assembly_format = (
+        "$input `over` $mesh $axis `dim` $dim attr-dict `:` type($input) `->` type($result)"
+    )
+
+    def __init__(self, input: SSAValue, mesh: str, axis: str, dim: int, result_type: Attribute):
+        super().__init__(
+            operands=[input],
+            result_types=[result_type],
+            properties=self.group_properties(mesh, axis) | {"dim": IntegerAttr(dim, 64)},
+        )
+
+    def verify_(self) -> None:
+        n = self.group_size()
+        dim = self.check_dim(self.input, self.dim, "dim")
+        expected = list(_shape_of(self, self.input))
+        expected[dim] = expected[dim] * n if expected[dim] >= 0 else -1
+        self.check_result_shape(self.input, self.result, expected)
+
+
+@irdl_op_definition
+class ReduceScatterOp(CollectiveOp):
+    """Reduces over the group and leaves each device one piece along `dim`.
+
+    `%r = par.reduce_scatter %v over @mesh "dp" dim 0 sum : !torch.vtensor<[4,8],f32> -> !torch.vtensor<[2,8],f32>`.
+    """
+
+    name = "par.reduce_scatter"
+
+    input = operand_def(ValueTensorType)
+    result = result_def(ValueTensorType)
+    dim = prop_def(IntegerAttr[I64])
+    reduce = prop_def(ReduceKindAttr)
+
+    traits = traits_def(Pure())
+
+    assembly_format = (
+        "$input `over` $mesh $axis `dim` $dim custom<EnumKeyword>($reduce) attr-dict "
+        "`:` type($input) `->` type($result)"
+    )
+
+    custom_directives = (EnumKeyword,)
+
+    def __init__(
+        self,
+        input: SSAValue,
+        mesh: str,
+        axis: str,
+        dim: int,
+        result_type: Attribute,
+        reduce: ReduceKind = ReduceKind.SUM,
+    ):
+        super().__init__(
+            operands=[input],
+            result_types=[result_type],
+            properties=self.group_properties(mesh, axis)
+            | {"dim": IntegerAttr(dim, 64), "reduce": ReduceKindAttr(reduce)},
+        )
+
+    def verify_(self) -> None:
+        n = self.group_size()
+        dim = self.check_dim(self.input, self.dim, "dim")
+        expected = list(_shape_of(self, self.input))
+        expected[dim] = _split(self, expected[dim], n, dim)
+        self.check_result_shape(self.input, self.result, expected)
+
+
+@irdl_op_definition
+class AllToAllOp(CollectiveOp):
+    """Splits along `split` and sends piece i to device i, which concatenates along `concat`.
+
+    `%r = par.all_to_all %v over @mesh "ep" split 0 concat 1 : !torch.vtensor<[4,8],f32> -> !torch.vtensor<[2,16],f32>`.
+    """
+
+    name = "par.all_to_all"
+
+    input = operand_def(ValueTensorType)
+    result = result_def(ValueTensorType)
+    split_dim = prop_def(IntegerAttr[I64])
+    concat_dim = prop_def(IntegerAttr[I64])
+
+    traits = traits_def(Pure())
+
+    assembly_format = (
+        "$input `over` $mesh $axis `split` $split_dim `concat` $concat_dim attr-dict "
+        "`:` type($input) `->` type($result)"
+    )
+
+    def __init__(
+        self,
+        input: SSAValue,
+        mesh: str,
+        axis: str,
+        split_dim: int,
+        concat_dim: int,
+        result_type: Attribute,
+    ):
+        super().__init__(
+            operands=[input],
+            result_types=[result_type],
+            properties=self.group_properties(mesh, axis)
+            | {"split_dim": IntegerAttr(split_dim, 64), "concat_dim": IntegerAttr(concat_dim, 64)},
+        )
+
+    def verify_(self) -> None:
+        n = self.group_size()
+        split = self.check_dim(self.input, self.split_dim, "split dim")
+        concat = self.check_dim(self.input, self.concat_dim, "concat dim")
+        expected = list(_shape_of(self, self.input))
+        expected[split] = _split(self, expected[split], n, split)
+        expected[concat] = expected[concat] * n if expected[concat] >= 0 else -1
+        self.check_result_shape(self.input, self.result, expected)
+
+
+def _split(op: CollectiveOp, size: int, n: int, dim: int) -> int:
+    """`size` / `n`, raising if dimension `dim` does not split evenly; -1 stays dynamic."""
+    if size < 0:
+        return -1
+    if size % n:
+        raise VerifyException(
+            f"{op.name}: dimension {dim} of size {size} does not split evenly over "
+            f"the {n} devices of axis '{op.axis.data}'"
+        )
+    return size // n
+
+
+# ---------------------------------------------------------------- schedule
+
+
+@irdl_op_definition
+class ScheduleOp(IRDLOperation):
+    """A pipeline schedule: per device along the pipeline axis, its actions in order.
+
+    ```
+    par.schedule @sched mesh @mesh axis "pp" {
+      par.device 0 [0F0, 0F1, 0B0, 0B1]
+      par.device 1 [1F0, 1B0, 1F1, 1B1] overlap [[1F1, 1B0]]
+    }
+    ```
+    Devices are numbered 0..n-1 along `axis`, one `par.device` each; an
+    action runs exactly once in the whole schedule.
+    """
+
+    name = "par.schedule"
+
+    sym_name = prop_def(SymbolNameConstraint())
+    mesh = prop_def(FlatSymbolRefAttr)
+    axis = prop_def(StringAttr)
+    body = region_def("single_block")
+
+    traits = traits_def(SymbolOpInterface(), NoTerminator(), IsolatedFromAbove())
+
+    assembly_format = "$sym_name `mesh` $mesh `axis` $axis attr-dict-with-keyword $body"
+
+    def __init__(self, sym_name: str, mesh: str, axis: str, devices: Sequence[DeviceOp]):
+        super().__init__(
+            properties={
+                "sym_name": StringAttr(sym_name),
+                "mesh": FlatSymbolRefAttr(mesh),
+                "axis": StringAttr(axis),
+            },
+            regions=[Region(Block(devices))],
+        )
+
+    def devices(self) -> list[DeviceOp]:
+        """The `par.device` ops, in order."""
+        return [op for op in self.body.block.ops if isinstance(op, DeviceOp)]
+
+    def table(self) -> dict[int, list[ActionAttr]]:
+        """Device index -> its actions in order, as torch.distributed.pipelining's table."""
+        return {d.index.value.data: list(d.actions.data) for d in self.devices()}
+
+    def verify_(self) -> None:
+        where = f"{self.name} @{self.sym_name.data}"
+        for op in self.body.block.ops:
+            if not isinstance(op, DeviceOp):
+                raise VerifyException(f"{where}: holds only par.device ops, found {op.name}")
+        indices = [d.index.value.data for d in self.devices()]
+        if sorted(indices) != list(range(len(indices))):
+            raise VerifyException(
+                f"{where}: device indices {indices} must be 0..{len(indices) - 1}, once each"
+            )
+        n = _mesh_axis_size(self, self.mesh, self.axis.data)
+        if len(indices) != n:
+            raise VerifyException(
+                f"{where}: axis '{self.axis.data}' has {n} devices, the schedule lists {len(indices)}"
+            )
+        seen: dict[ActionAttr, int] = {}
+        for device in self.devices():
+            for action in device.actions.data:
+                if action in seen:
+                    raise VerifyException(
+                        f"{where}: action {action.compact()} appears twice "
+                        f"(devices {seen[action]} and {device.index.value.data})"
+                    )
+                seen[action] = device.index.value.data
+
+
+@irdl_op_definition
+class DeviceOp(IRDLOperation):
+    """One device's row of a `par.schedule`.
+
+    `par.device 1 [1F0, 1B0, 1F1, 1B1] overlap [[1F1, 1B0]]`: the actions in
+    the order they start; each `overlap` group lists actions of this row that
+    may run concurrently (on different streams).
+    """
+
+    name = "par.device"
+
+    index = prop_def(IntegerAttr[I64])
+    actions = prop_def(ArrayAttr[ActionAttr])
+    overlap = opt_prop_def(ArrayAttr[ArrayAttr[ActionAttr]])
+
+    traits = traits_def(HasParent(ScheduleOp))
+
+    def __init__(
+        self,
+        index: int,
+        actions: Sequence[ActionAttr],
+        overlap: Sequence[Sequence[ActionAttr]] = (),
+    ):
+        super().__init__(
+            properties={
+                "index": IntegerAttr(index, 64),
+                "actions": ArrayAttr(actions),
+                "overlap": ArrayAttr(ArrayAttr(g) for g in overlap) if overlap else None,
+            }
+        )
+
+    def overlap_groups(self) -> list[list[ActionAttr]]:
+        """The overlap groups, empty when there are none."""
+        if self.overlap is None:
+            return []
+        return [list(group.data) for group in self.overlap.data]
+
+    @classmethod
+    def parse(cls, parser: Parser) -> DeviceOp:
+        index = parser.parse_integer(allow_boolean=False)
+        actions = parser.parse_comma_separated_list(
+            parser.Delimiter.SQUARE, lambda: _parse_action(parser)
+        )
+        overlap: list[list[ActionAttr]] = []
+        if parser.parse_optional_keyword("overlap"):
+            overlap = parser.parse_comma_separated_list(
+                parser.Delimiter.SQUARE,
+                lambda: parser.parse_comma_separated_list(
+                    parser.Delimiter.SQUARE, lambda: _parse_action(parser)
+                ),
+            )
+        op = cls(index, actions, overlap)
+        op.attributes |= parser.parse_optional_attr_dict()
+        return op
+
+    def print(self, printer: Printer) -> None:
+        printer.print_string(f" {self.index.value.data} ")
+        _print_actions(printer, self.actions)
+        if self.overlap is not None:
+            printer.print_string(" overlap ")
+            with printer.in_square_brackets():
+                printer.print_list(self.overlap.data, lambda g: _print_actions(printer, g))
+        printer.print_op_attributes(self.attributes)
+
+    def verify_(self) -> None:
+        where = f"{self.name} {self.index.value.data}"
+        if self.index.value.data < 0:
+            raise VerifyException(f"{where}: device index must be >= 0")
+        for group in self.overlap_groups():
+            for action in group:
+                if action not in self.actions.data:
+                    raise VerifyException(
+                        f"{where}: overlap action {action.compact()} is not in the device's actions"
+                    )
+
+
+Par = Dialect(
+    "par",
+    [
+        MeshOp,
+        ShardOp,
+        TaskOp,
+        YieldOp,
+        SendOp,
+        RecvOp,
+        AllReduceOp,
+        AllGatherOp,
+        ReduceScatterOp,
+        AllToAllOp,
+        ScheduleOp,
+        DeviceOp,
+    ],
+    [
+        MeshAttr,
+        ShardingAttr,
+        PassKindAttr,
+        OriginAttr,
+        ActionAttr,
+        ReduceKindAttr,
+    ],
+)
