@@ -169,7 +169,8 @@ def run_function(fn: func.FuncOp, args: Sequence[Any]) -> list[Any]:
     """Runs a `func.func` on concrete arguments and returns its results."""
     if len(args) != len(fn.args):
         raise InterpreterError(f"@{fn.sym_name.data} takes {len(fn.args)} arguments, got {len(args)}")
-    return run_block(fn.body.block, args)
+    with torch.no_grad():
+        return run_block(fn.body.block, args)
 
 
 def run_module(module: ModuleOp, args: Sequence[Any], name: str = "main") -> list[Any]:
