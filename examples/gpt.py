@@ -34,7 +34,11 @@ class CausalSelfAttention(nn.Module):
         if d_model % n_heads:
             raise ValueError(f"d_model={d_model} is not divisible by n_heads={n_heads}")
         self.n_heads = n_heads
-        self.qkv = nn.Linear(d_model, 3 * d_model)
+        # No bias: the key bias's gradient is identically zero (softmax ignores a
+        # shift shared by all keys), so it is pure rounding noise, and AdamW's
+        # m/sqrt(v) turns that noise into steps of size lr. No two correct
+        # implementations agree on it; modern GPTs leave it out.
+        self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
         self.proj = nn.Linear(d_model, d_model)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

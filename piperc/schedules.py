@@ -1,0 +1,799 @@
+"""Pipeline schedules as data: build, load, check and evaluate them without running.
+
+A schedule says, per pipeline device, which actions it runs and in what order,
+in torch.distributed.pipelining's vocabulary: `0F1` is stage 0's forward of
+microbatch 1, `1B0` stage 1's backward of microbatch 0 (input and weight
+gradients together, or input gradient alone when the stage also lists W),
+`0W3` stage 0's weight gradient of microbatch 3.
+
+    device 0: 0F0 0F1 0B0 0F2 0B1 0F3 0B2 0B3
+    device 1: 1F0 1B0 1F1 1B1 1F2 1B2 1F3 1B3
+
+Built-in schedules (`gpipe`, `one_f_one_b`) are functions that return this
+data; users write their own as lists (`from_lists`) or as a table
+(`from_table`). `validate` checks a schedule before anything runs, and
+`simulate` predicts its timeline, which `render_text` and `render_svg` draw.
+
+Standard library only: the compiler, the CLI and the runtime can all use it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import NamedTuple
+from xml.sax.saxutils import escape
+
+from piperc.errors import PipercError
+
+
+class ScheduleError(PipercError):
+    """A schedule is malformed, incomplete, out of order or deadlocks."""
+
+
+KINDS = ("F", "B", "W")
+_ACTION_RE = re.compile(r"(\d+)([FBW])(\d+)")
+_ACTION_HELP = "write <stage><F|B|W><microbatch>, e.g. 0F1"
+
+
+# ---------------------------------------------------------------- data
+
+
+@dataclass(frozen=True)
+class Action:
+    """One schedule action: `stage` runs pass `kind` ("F", "B" or "W") on `microbatch`."""
+
+    stage: int
+    kind: str
+    microbatch: int
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ScheduleError(
+                f"action {self.stage}{self.kind}{self.microbatch}: kind must be F, B or W"
+            )
+        if self.stage < 0 or self.microbatch < 0:
+            raise ScheduleError(f"action {self}: stage and microbatch must be >= 0")
+
+    @classmethod
+    def parse(cls, text: str) -> Action:
+        """The action written `text`, e.g. `0F1`; raises ScheduleError naming bad text."""
+        match = _ACTION_RE.fullmatch(text)
+        if match is None:
+            raise ScheduleError(f"'{text}' is not a schedule action; {_ACTION_HELP}")
+        stage, kind, microbatch = match.groups()
+        return cls(int(stage), kind, int(microbatch))
+
+    def __str__(self) -> str:
+        return f"{self.stage}{self.kind}{self.microbatch}"
+
+
+@dataclass
+class Schedule:
+    """Per pipeline device, the actions it runs in order.
+
+    `stage_device[s]` is the device that runs stage `s`. `overlap[d]`, when
+    given (one list per device), holds groups of device `d`'s actions that may
+    run concurrently on different streams; each group is contiguous in the row.
+    """
+
+    name: str
+    num_stages: int
+    num_microbatches: int
+    devices: list[list[Action]]
+    stage_device: dict[int, int]
+    overlap: list[list[tuple[Action, ...]]] = field(default_factory=list)
+
+    def device_of(self, stage: int) -> int:
+        """The device that runs `stage`."""
+        if stage not in self.stage_device:
+            raise ScheduleError(f"schedule '{self.name}': no device runs stage {stage}")
+        return self.stage_device[stage]
+
+    def to_rows(self) -> list[list[str]]:
+        """Per device, its actions as text: `[["0F0", "0B0"], ["1F0", "1B0"]]`."""
+        return [[str(a) for a in row] for row in self.devices]
+
+    def table(self) -> str:
+        """One line per device, `device 0: 0F0 0F1 0B0 0B1`; `from_table` reads it back."""
+        return "\n".join(
+            f"device {d}: {' '.join(row)}".rstrip() for d, row in enumerate(self.to_rows())
+        )
+
+
+@dataclass(frozen=True)
+class Message:
+    """One point-to-point transfer between two devices.
+
+    `kind` "act" carries stage `stage`'s output activation forward to stage
+    `stage + 1`; "grad" carries stage `stage`'s input gradient back to stage
+    `stage - 1`. `tag` is unique per message within a schedule.
+    """
+
+    src_device: int
+    dst_device: int
+    kind: str
+    stage: int
+    microbatch: int
+    tag: int
+
+    @property
+    def producer(self) -> Action:
+        """The action that sends this message, when it completes."""
+        return Action(self.stage, "F" if self.kind == "act" else "B", self.microbatch)
+
+    @property
+    def consumer(self) -> Action:
+        """The action that receives this message before it starts."""
+        step = 1 if self.kind == "act" else -1
+        return Action(self.stage + step, self.producer.kind, self.microbatch)
+
+
+# ---------------------------------------------------------------- built-in schedules
+
+
+def gpipe(num_stages: int, num_microbatches: int) -> Schedule:
+    """GPipe (torch's ScheduleGPipe): every device runs all forwards, then all backwards.
+
+    Stage s runs on device s; microbatches go in order 0..M-1 in both phases.
+    """
+    _check_sizes(num_stages, num_microbatches)
+    mbs = range(num_microbatches)
+    devices = [
+        [Action(s, "F", m) for m in mbs] + [Action(s, "B", m) for m in mbs]
+        for s in range(num_stages)
+    ]
+    return Schedule(
+        "gpipe", num_stages, num_microbatches, devices, _one_stage_per_device(num_stages)
+    )
+
+
+def one_f_one_b(num_stages: int, num_microbatches: int) -> Schedule:
+    """1F1B (torch's Schedule1F1B): warm up with forwards, alternate F and B, cool down.
+
+    Device d runs min(num_stages - 1 - d, M) warm-up forwards, then one
+    forward and one backward at a time, then the remaining backwards, so at
+    most num_stages - d microbatches' activations are alive on it at once.
+    Stage s runs on device s.
+    """
+    _check_sizes(num_stages, num_microbatches)
+    devices = []
+    for s in range(num_stages):
+        warmup = min(num_stages - 1 - s, num_microbatches)
+        row = [Action(s, "F", m) for m in range(warmup)]
+        for m in range(warmup, num_microbatches):
+            row += [Action(s, "F", m), Action(s, "B", m - warmup)]
+        row += [Action(s, "B", m) for m in range(num_microbatches - warmup, num_microbatches)]
+        devices.append(row)
+    return Schedule(
+        "1f1b", num_stages, num_microbatches, devices, _one_stage_per_device(num_stages)
+    )
+
+
+BUILTIN_SCHEDULES: dict[str, Callable[[int, int], Schedule]] = {
+    "gpipe": gpipe,
+    "1f1b": one_f_one_b,
+}
+
+
+def builtin(name: str, num_stages: int, num_microbatches: int) -> Schedule:
+    """The built-in schedule `name` ("gpipe" or "1f1b") for these sizes."""
+    if name not in BUILTIN_SCHEDULES:
+        known = ", ".join(sorted(BUILTIN_SCHEDULES))
+        raise ScheduleError(f"unknown schedule '{name}' (known: {known})")
+    return BUILTIN_SCHEDULES[name](num_stages, num_microbatches)
+
+
+def _check_sizes(num_stages: int, num_microbatches: int) -> None:
+    if num_stages < 1 or num_microbatches < 1:
+        raise ScheduleError(
+            f"a schedule needs at least one stage and one microbatch, "
+            f"got {num_stages} stages and {num_microbatches} microbatches"
+        )
+
+
+def _one_stage_per_device(num_stages: int) -> dict[int, int]:
+    return {s: s for s in range(num_stages)}
+
+
+# ---------------------------------------------------------------- user schedules
+
+
+def from_lists(
+    rows: Sequence[Sequence[str | Action]],
+    num_stages: int | None = None,
+    num_microbatches: int | None = None,
+    name: str = "user",
+) -> Schedule:
+    """A schedule from per-device action lists: `[["0F0", "0B0"], ["1F0", "1B0"]]`.
+
+    Sizes default to what the actions use (highest stage and microbatch + 1).
+    Each stage runs on the device whose row holds its actions; a stage whose
+    actions sit on two devices is an error naming the action away from the
+    device that holds most of them. Call `validate` to check the rest.
+    """
+    devices = []
+    for d, row in enumerate(rows):
+        try:
+            devices.append([a if isinstance(a, Action) else Action.parse(a) for a in row])
+        except ScheduleError as e:
+            raise ScheduleError(f"schedule '{name}', device {d}: {e}") from None
+    actions = [a for row in devices for a in row]
+    if not actions:
+        raise ScheduleError(f"schedule '{name}' has no actions")
+    # A stage belongs to the device holding most of its actions, so the error
+    # names the stray action rather than the stage's first one.
+    counts = Counter((a.stage, d) for d, row in enumerate(devices) for a in row)
+    stage_device: dict[int, int] = {}
+    for (stage, d), count in sorted(counts.items()):
+        if stage not in stage_device or count > counts[stage, stage_device[stage]]:
+            stage_device[stage] = d
+    for d, row in enumerate(devices):
+        for action in row:
+            if stage_device[action.stage] != d:
+                raise ScheduleError(_misplaced(name, action, d, stage_device[action.stage]))
+    if num_stages is None:
+        num_stages = max(a.stage for a in actions) + 1
+    if num_microbatches is None:
+        num_microbatches = max(a.microbatch for a in actions) + 1
+    return Schedule(name, num_stages, num_microbatches, devices, stage_device)
+
+
+_DEVICE_LABEL_RE = re.compile(r"device\s+(\d+)\s*:")
+
+
+def from_table(
+    text: str,
+    num_stages: int | None = None,
+    num_microbatches: int | None = None,
+    name: str = "user",
+) -> Schedule:
+    """A schedule from a table, one line per device, as `Schedule.table` prints it.
+
+    Actions are separated by spaces or commas; `#` starts a comment; blank
+    lines are skipped; a line may start with `device N:`, where N must be its
+    row number (devices are listed in order from 0).
+    """
+    rows: list[list[Action]] = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        where = f"schedule '{name}', line {lineno}"
+        label = _DEVICE_LABEL_RE.match(line)
+        if label is not None:
+            if int(label.group(1)) != len(rows):
+                raise ScheduleError(
+                    f"{where}: labelled device {label.group(1)} but it is row {len(rows)}; "
+                    f"list devices in order from 0"
+                )
+            line = line[label.end() :]
+        try:
+            rows.append([Action.parse(t) for t in re.split(r"[\s,]+", line) if t])
+        except ScheduleError as e:
+            raise ScheduleError(f"{where}: {e}") from None
+    if not rows:
+        raise ScheduleError(f"schedule '{name}': the table has no device rows")
+    return from_lists(rows, num_stages, num_microbatches, name)
+
+
+def _misplaced(name: str, action: Action, device: int, owner: int) -> str:
+    return (
+        f"schedule '{name}': action {action} on device {device} but stage {action.stage} "
+        f"runs on device {owner}; a stage's actions must all be on one device"
+    )
+
+
+# ---------------------------------------------------------------- dependencies
+
+
+def _dependencies(action: Action, num_stages: int) -> list[Action]:
+    """The actions whose results `action` needs before it can start."""
+    s, m = action.stage, action.microbatch
+    same_stage = {"F": [], "B": [Action(s, "F", m)], "W": [Action(s, "B", m)]}[action.kind]
+    return same_stage + [producer for _, producer in _receives(action, num_stages)]
+
+
+def _sends(action: Action, num_stages: int) -> list[tuple[str, Action]]:
+    """The (message kind, consumer) pairs `action` sends to other stages when it completes."""
+    s, m = action.stage, action.microbatch
+    if action.kind == "F" and s < num_stages - 1:
+        return [("act", Action(s + 1, "F", m))]
+    if action.kind == "B" and s > 0:
+        return [("grad", Action(s - 1, "B", m))]
+    return []
+
+
+def _receives(action: Action, num_stages: int) -> list[tuple[str, Action]]:
+    """The (message kind, producer) pairs `action` receives from other stages before it starts."""
+    s, m = action.stage, action.microbatch
+    if action.kind == "F" and s > 0:
+        return [("act", Action(s - 1, "F", m))]
+    if action.kind == "B" and s < num_stages - 1:
+        return [("grad", Action(s + 1, "B", m))]
+    return []
+
+
+def messages(schedule: Schedule) -> dict[tuple[int, int], list[Message]]:
+    """Point-to-point messages, as each side issues them.
+
+    Key `(device, peer)`: the messages `device` exchanges with `peer` (sends
+    and receives) in the order `device` issues them: receives at the action
+    that consumes them, before it starts; sends at the action that produces
+    them, when it completes. Messages between stages on the same device are
+    not messages. Each message appears under both `(src, dst)` and `(dst, src)`.
+    """
+    n, mbs = schedule.num_stages, schedule.num_microbatches
+    out: dict[tuple[int, int], list[Message]] = {}
+    for d, row in enumerate(schedule.devices):
+        for action in row:
+            for kind, producer in _receives(action, n):
+                src = schedule.device_of(producer.stage)
+                if src != d:
+                    message = _message(src, d, kind, producer, mbs)
+                    out.setdefault((d, src), []).append(message)
+            for kind, consumer in _sends(action, n):
+                dst = schedule.device_of(consumer.stage)
+                if dst != d:
+                    message = _message(d, dst, kind, action, mbs)
+                    out.setdefault((d, dst), []).append(message)
+    return out
+
+
+def _message(src: int, dst: int, kind: str, producer: Action, num_microbatches: int) -> Message:
+    index = producer.stage * num_microbatches + producer.microbatch
+    tag = 2 * index + (kind == "grad")
+    return Message(src, dst, kind, producer.stage, producer.microbatch, tag)
+
+
+# ---------------------------------------------------------------- validation
+
+
+def validate(schedule: Schedule) -> None:
+    """Checks a schedule before it runs; raises ScheduleError naming the first offending action.
+
+    In order: sizes and the stage-to-device map; then each action in device
+    order and position: in range, on its stage's device, not repeated, not
+    before an action on the same device that it needs; then that every stage
+    runs F and B once per microbatch (and W, when the stage uses W at all);
+    then overlap groups; then that both sides of every message agree; then,
+    by executing the rows in order, that no set of devices waits on each other.
+    """
+    _check_shape(schedule)
+    _check_actions(schedule)
+    _check_complete(schedule)
+    _check_overlap(schedule)
+    _check_messages_match(schedule)
+    _execute(schedule, lambda _: 0.0, 0.0)
+
+
+def _check_shape(schedule: Schedule) -> None:
+    where = f"schedule '{schedule.name}'"
+    if schedule.num_stages < 1 or schedule.num_microbatches < 1:
+        raise ScheduleError(
+            f"{where}: needs at least one stage and one microbatch, got "
+            f"{schedule.num_stages} stages and {schedule.num_microbatches} microbatches"
+        )
+    num_devices = len(schedule.devices)
+    for stage, device in sorted(schedule.stage_device.items()):
+        if not 0 <= device < num_devices:
+            raise ScheduleError(
+                f"{where}: stage {stage} runs on device {device}, "
+                f"but the schedule has devices 0..{num_devices - 1}"
+            )
+    if schedule.overlap and len(schedule.overlap) != num_devices:
+        raise ScheduleError(
+            f"{where}: overlap lists {len(schedule.overlap)} devices, "
+            f"the schedule has {num_devices}; give one list per device (or none)"
+        )
+
+
+def _check_actions(schedule: Schedule) -> None:
+    where = f"schedule '{schedule.name}'"
+    first: dict[Action, tuple[int, int]] = {}
+    for d, row in enumerate(schedule.devices):
+        for i, action in enumerate(row):
+            first.setdefault(action, (d, i))
+    seen: set[Action] = set()
+    for d, row in enumerate(schedule.devices):
+        for i, action in enumerate(row):
+            if action.stage >= schedule.num_stages:
+                raise ScheduleError(
+                    f"{where}: action {action} on device {d}: stage {action.stage} is out of "
+                    f"range, the schedule has {schedule.num_stages} stages"
+                )
+            if action.microbatch >= schedule.num_microbatches:
+                raise ScheduleError(
+                    f"{where}: action {action} on device {d}: microbatch {action.microbatch} is "
+                    f"out of range, the schedule has {schedule.num_microbatches} microbatches"
+                )
+            owner = schedule.device_of(action.stage)
+            if owner != d:
+                raise ScheduleError(_misplaced(schedule.name, action, d, owner))
+            if action in seen:
+                fd, fi = first[action]
+                raise ScheduleError(
+                    f"{where}: action {action} on device {d} appears twice "
+                    f"(first at position {fi} on device {fd})"
+                )
+            seen.add(action)
+            for dep in _dependencies(action, schedule.num_stages):
+                dep_device, dep_position = first.get(dep, (None, -1))
+                if dep_device == d and dep_position > i:
+                    raise ScheduleError(
+                        f"{where}: {action} runs before {dep} on device {d}, "
+                        f"but needs its result; move {action} after {dep}"
+                    )
+
+
+def _check_complete(schedule: Schedule) -> None:
+    present = {a for row in schedule.devices for a in row}
+    uses_w = {a.stage for a in present if a.kind == "W"}
+    num_devices = len(schedule.devices)
+    stages = sorted(
+        range(schedule.num_stages), key=lambda s: (schedule.stage_device.get(s, num_devices), s)
+    )
+    for s in stages:
+        kinds = KINDS if s in uses_w else ("F", "B")
+        for m in range(schedule.num_microbatches):
+            for kind in kinds:
+                action = Action(s, kind, m)
+                if action in present:
+                    continue
+                if s not in schedule.stage_device:
+                    raise ScheduleError(
+                        f"schedule '{schedule.name}': action {action} is missing "
+                        f"(no device runs stage {s})"
+                    )
+                raise ScheduleError(
+                    f"schedule '{schedule.name}': action {action} is missing "
+                    f"(stage {s} runs on device {schedule.stage_device[s]})"
+                )
+
+
+def _check_overlap(schedule: Schedule) -> None:
+    where = f"schedule '{schedule.name}'"
+    for d, groups in enumerate(schedule.overlap):
+        row = schedule.devices[d]
+        grouped: set[Action] = set()
+        for group in groups:
+            text = "[" + " ".join(str(a) for a in group) + "]"
+            for action in group:
+                if action not in row:
+                    raise ScheduleError(
+                        f"{where}: action {action} in overlap group {text} "
+                        f"is not in device {d}'s row"
+                    )
+                if action in grouped:
+                    raise ScheduleError(
+                        f"{where}: action {action} on device {d} is in two overlap groups"
+                    )
+                grouped.add(action)
+            positions = sorted(row.index(a) for a in group)
+            if positions[-1] - positions[0] != len(group) - 1:
+                raise ScheduleError(
+                    f"{where}: overlap group {text} on device {d} is not contiguous in its row; "
+                    f"place its actions next to each other"
+                )
+
+
+def _check_messages_match(schedule: Schedule) -> None:
+    by_side = messages(schedule)
+    for (d, peer), mine in sorted(by_side.items()):
+        theirs = set(by_side.get((peer, d), []))
+        for message in mine:
+            if message not in theirs:
+                raise ScheduleError(
+                    f"schedule '{schedule.name}': {message.kind} message "
+                    f"{message.producer} -> {message.consumer} from device {message.src_device} "
+                    f"to device {message.dst_device} is issued by device {d} only; "
+                    f"device {peer} does not expect it"
+                )
+
+
+# ---------------------------------------------------------------- execution
+
+
+class Slot(NamedTuple):
+    """One action's place in a timeline."""
+
+    action: Action
+    start: float
+    end: float
+
+
+@dataclass
+class Timeline:
+    """A predicted execution: per device its actions with start and end times.
+
+    `bubble_fraction` is idle device time over `len(devices) * makespan`.
+    """
+
+    name: str
+    devices: list[list[Slot]]
+    makespan: float
+    bubble_fraction: float
+
+
+def _steps(schedule: Schedule, d: int) -> list[tuple[Action, ...]]:
+    """Device d's row cut into steps: one action, or one overlap group run together."""
+    groups = schedule.overlap[d] if schedule.overlap else []
+    group_of = {a: tuple(g) for g in groups for a in g}
+    steps: list[tuple[Action, ...]] = []
+    for action in schedule.devices[d]:
+        step = group_of.get(action, (action,))
+        if not steps or steps[-1] != step:
+            steps.append(step)
+    return steps
+
+
+def _execute(
+    schedule: Schedule, duration: Callable[[Action], float], comm_time: float
+) -> list[list[Slot]]:
+    """Runs every device's steps in order as soon as their inputs exist; raises on deadlock.
+
+    An action starts when its device is free and every action it needs has
+    completed (plus `comm_time` when that action ran on another device: sends
+    are asynchronous, the receiver waits at its own action). Members of an
+    overlap group start together and the device moves on when all finish.
+    """
+    n = schedule.num_stages
+    steps = [_steps(schedule, d) for d in range(len(schedule.devices))]
+    nxt = [0] * len(steps)
+    free = [0.0] * len(steps)
+    end: dict[Action, float] = {}
+    slots: list[list[Slot]] = [[] for _ in steps]
+
+    def arrival(dep: Action, d: int) -> float:
+        return end[dep] + (comm_time if schedule.device_of(dep.stage) != d else 0.0)
+
+    def ready(step: tuple[Action, ...]) -> bool:
+        return all(dep in end or dep in step for a in step for dep in _dependencies(a, n))
+
+    progressed = True
+    while progressed:
+        progressed = False
+        for d, device_steps in enumerate(steps):
+            while nxt[d] < len(device_steps) and ready(device_steps[nxt[d]]):
+                pending = list(device_steps[nxt[d]])
+                while pending:
+                    action = next(
+                        a for a in pending if all(dep in end for dep in _dependencies(a, n))
+                    )
+                    pending.remove(action)
+                    deps = _dependencies(action, n)
+                    start = max([free[d], *(arrival(dep, d) for dep in deps)])
+                    end[action] = start + duration(action)
+                    slots[d].append(Slot(action, start, end[action]))
+                free[d] = max(end[a] for a in device_steps[nxt[d]])
+                nxt[d] += 1
+                progressed = True
+    blocked = [d for d in range(len(steps)) if nxt[d] < len(steps[d])]
+    if blocked:
+        raise ScheduleError(
+            _deadlock_message(schedule, [(d, steps[d][nxt[d]]) for d in blocked], end)
+        )
+    return slots
+
+
+def _deadlock_message(
+    schedule: Schedule, blocked: list[tuple[int, tuple[Action, ...]]], done: dict[Action, float]
+) -> str:
+    waits = []
+    for d, step in blocked:
+        for action in step:
+            missing = [
+                dep
+                for dep in _dependencies(action, schedule.num_stages)
+                if dep not in done and dep not in step
+            ]
+            if missing:
+                dep = missing[0]
+                waits.append(
+                    f"device {d} waits at {action} for {dep} on device "
+                    f"{schedule.device_of(dep.stage)}"
+                )
+                break
+    return f"schedule '{schedule.name}': deadlock: " + "; ".join(waits)
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+def bubble_fraction(num_stages: int, num_microbatches: int) -> float:
+    """GPipe's and 1F1B's idle fraction, (p - 1) / (m + p - 1), with equal-cost stages."""
+    _check_sizes(num_stages, num_microbatches)
+    return (num_stages - 1) / (num_microbatches + num_stages - 1)
+
+
+def simulate(
+    schedule: Schedule,
+    f_time: float = 1.0,
+    b_time: float = 2.0,
+    w_time: float = 0.0,
+    comm_time: float = 0.0,
+) -> Timeline:
+    """Predicts when each action runs, with a fixed time per F, B and W and per message.
+
+    Validates the schedule first. Every stage costs the same; `b_time` is a
+    full backward for stages that do not use W, the input-gradient part for
+    those that do. Idle time counts where a device runs nothing.
+    """
+    validate(schedule)
+    times = {"F": f_time, "B": b_time, "W": w_time}
+    slots = _execute(schedule, lambda a: times[a.kind], comm_time)
+    makespan = max((s.end for row in slots for s in row), default=0.0)
+    busy = sum(_busy_time(row) for row in slots)
+    total = makespan * len(slots)
+    bubble = (total - busy) / total if total > 0 else 0.0
+    return Timeline(schedule.name, slots, makespan, bubble)
+
+
+def _busy_time(row: list[Slot]) -> float:
+    """The length of the union of the slots' intervals (overlapping actions count once)."""
+    busy, reach = 0.0, -math.inf
+    for slot in sorted(row, key=lambda s: s.start):
+        start = max(slot.start, reach)
+        if slot.end > start:
+            busy += slot.end - start
+            reach = slot.end
+    return busy
+
+
+# ---------------------------------------------------------------- rendering
+
+
+def _labeller(timeline: Timeline) -> Callable[[Action], str]:
+    """`F0`-style labels when every device runs one stage, else full `0F0` actions."""
+    single = all(len({s.action.stage for s in row}) <= 1 for row in timeline.devices)
+    if single:
+        return lambda a: f"{a.kind}{a.microbatch}"
+    return str
+
+
+def render_text(timeline: Timeline, unit: float = 1.0) -> str:
+    """An ASCII chart: one row per device, one column per `unit` of time.
+
+    A cell shows the action running at the middle of its column (`F0`, `B1`;
+    `0F1` when a device runs several stages), `.` when the device is idle.
+    Zero-length actions take no column.
+    """
+    label = _labeller(timeline)
+    columns = math.ceil(timeline.makespan / unit - 1e-9)
+    rows = []
+    for row in timeline.devices:
+        cells = []
+        for c in range(columns):
+            t = (c + 0.5) * unit
+            running = [label(s.action) for s in row if s.start <= t < s.end]
+            cells.append("/".join(running) or ".")
+        rows.append(cells)
+    width = max([1, *(len(cell) for cells in rows for cell in cells)])
+    names = [f"device {d}" for d in range(len(rows))]
+    margin = max([len("time"), *(len(n) for n in names)])
+    axis = ""
+    for c in range(columns):
+        position = c * (width + 1)
+        mark = f"{c * unit:g}"
+        if not axis or len(axis) < position:
+            axis += " " * (position - len(axis)) + mark
+    lines = [f"{'time':<{margin}} | {axis}".rstrip()]
+    for name, cells in zip(names, rows, strict=True):
+        lines.append(f"{name:<{margin}} | " + " ".join(f"{cell:<{width}}" for cell in cells))
+    lines.append(
+        f"{timeline.name}: makespan {timeline.makespan:g}, "
+        f"bubble {100 * timeline.bubble_fraction:.1f}%"
+    )
+    return "\n".join(line.rstrip() for line in lines) + "\n"
+
+
+_COLOURS = {"F": "#6baed6", "B": "#74c476", "W": "#fd8d3c"}
+_ROW_HEIGHT = 30
+_LEFT = 80
+_TOP = 40
+_RIGHT = 20
+_AXIS = 40
+_MIN_WIDTH = 420  # room for the title and the legend
+
+
+def render_svg(timeline: Timeline) -> str:
+    """A standalone SVG picture of the timeline: a row per device, a box per action.
+
+    F boxes are blue, B green, W orange, each labelled with its microbatch
+    (with its stage too when a device runs several); overlapping actions on
+    one device share its row in lanes. A time axis runs along the bottom.
+    """
+    label = _labeller(timeline)
+    makespan = timeline.makespan or 1.0
+    scale = max(8.0, min(40.0, 960.0 / makespan))
+    width = max(_MIN_WIDTH, _LEFT + makespan * scale + _RIGHT)
+    height = _TOP + len(timeline.devices) * _ROW_HEIGHT + _AXIS
+    title = escape(
+        f"{timeline.name}: makespan {timeline.makespan:g}, "
+        f"bubble {100 * timeline.bubble_fraction:.1f}%"
+    )
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0f}" height="{height}" '
+        f'viewBox="0 0 {width:.0f} {height}" font-family="sans-serif" font-size="11">',
+        f"<title>{title}</title>",
+        f'<text x="{_LEFT}" y="{_TOP - 18}" font-size="13">{title}</text>',
+        *_legend_svg(width),
+    ]
+    for d, row in enumerate(timeline.devices):
+        top = _TOP + d * _ROW_HEIGHT
+        parts.append(
+            f'<text x="{_LEFT - 8}" y="{top + _ROW_HEIGHT / 2 + 4:g}" '
+            f'text-anchor="end">device {d}</text>'
+        )
+        parts.append(
+            f'<rect x="{_LEFT}" y="{top + 2}" width="{makespan * scale:g}" '
+            f'height="{_ROW_HEIGHT - 4}" fill="#f4f4f4"/>'
+        )
+        lanes = _lanes(row)
+        lane_height = (_ROW_HEIGHT - 4) / (max(lanes, default=0) + 1)
+        for slot, lane in zip(row, lanes, strict=True):
+            if slot.end <= slot.start:
+                continue
+            x = _LEFT + slot.start * scale
+            y = top + 2 + lane * lane_height
+            w = (slot.end - slot.start) * scale
+            text = escape(label(slot.action))
+            parts.append(
+                f"<g><title>{slot.action}: {slot.start:g} to {slot.end:g}</title>"
+                f'<rect x="{x:g}" y="{y:g}" width="{w:g}" height="{lane_height:g}" '
+                f'fill="{_COLOURS[slot.action.kind]}" stroke="white"/>'
+                f'<text x="{x + w / 2:g}" y="{y + lane_height / 2 + 4:g}" '
+                f'text-anchor="middle">{text}</text></g>'
+            )
+    parts.extend(_axis_svg(makespan, scale, _TOP + len(timeline.devices) * _ROW_HEIGHT))
+    parts.append("</svg>")
+    return "\n".join(parts) + "\n"
+
+
+def _legend_svg(width: float) -> list[str]:
+    parts = []
+    for i, (kind, colour) in enumerate(_COLOURS.items()):
+        x = width - _RIGHT - 30 * (len(_COLOURS) - i)
+        parts.append(f'<rect x="{x:g}" y="{_TOP - 30}" width="12" height="12" fill="{colour}"/>')
+        parts.append(f'<text x="{x + 15:g}" y="{_TOP - 20}">{kind}</text>')
+    return parts
+
+
+def _lanes(row: list[Slot]) -> list[int]:
+    """Per slot, the lowest lane free at its start, so concurrent actions stack."""
+    lane_free: list[float] = []
+    lanes = []
+    for slot in row:
+        lane = next((i for i, t in enumerate(lane_free) if t <= slot.start), len(lane_free))
+        if lane == len(lane_free):
+            lane_free.append(slot.end)
+        else:
+            lane_free[lane] = slot.end
+        lanes.append(lane)
+    return lanes
+
+
+def _axis_svg(makespan: float, scale: float, y: float) -> list[str]:
+    step = max(1, math.ceil(makespan / 20))
+    parts = [
+        f'<line x1="{_LEFT}" y1="{y + 4}" x2="{_LEFT + makespan * scale:g}" y2="{y + 4}" '
+        f'stroke="black"/>'
+    ]
+    for t in range(0, math.floor(makespan) + 1, step):
+        x = _LEFT + t * scale
+        parts.append(f'<line x1="{x:g}" y1="{y + 4}" x2="{x:g}" y2="{y + 9}" stroke="black"/>')
+        parts.append(f'<text x="{x:g}" y="{y + 21}" text-anchor="middle">{t}</text>')
+    parts.append(
+        f'<text x="{_LEFT + makespan * scale:g}" y="{y + 35}" text-anchor="end">time</text>'
+    )
+    return parts
+
+
+def save_svg(timeline: Timeline, path: str | os.PathLike[str]) -> None:
+    """Writes `render_svg(timeline)` to `path`."""
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(render_svg(timeline))

@@ -1,0 +1,350 @@
+"""Schedules as data: built-ins, user tables, validation errors, simulation, pictures."""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+
+import pytest
+
+from piperc.schedules import (
+    Action,
+    Message,
+    Schedule,
+    ScheduleError,
+    bubble_fraction,
+    builtin,
+    from_lists,
+    from_table,
+    gpipe,
+    messages,
+    one_f_one_b,
+    render_svg,
+    render_text,
+    save_svg,
+    simulate,
+    validate,
+)
+
+SIZES = [(2, 4), (4, 8), (4, 4), (2, 1), (3, 5)]
+
+# ---------------------------------------------------------------- actions
+
+
+@pytest.mark.parametrize("text", ["0F1", "1B0", "0W3", "12F34"])
+def test_action_round_trips(text):
+    assert str(Action.parse(text)) == text
+
+
+def test_action_fields():
+    assert Action.parse("2W7") == Action(stage=2, kind="W", microbatch=7)
+
+
+@pytest.mark.parametrize("text", ["0X1", "F1", "0F", "0f1", "-1F0", "0F1 ", ""])
+def test_bad_action_text_is_named(text):
+    with pytest.raises(ScheduleError, match=f"'{text}' is not a schedule action"):
+        Action.parse(text)
+
+
+# ---------------------------------------------------------------- built-in schedules
+
+
+@pytest.mark.parametrize("name", ["gpipe", "1f1b"])
+@pytest.mark.parametrize("stages,mbs", SIZES)
+def test_builtin_validates_and_runs_each_action_once(name, stages, mbs):
+    schedule = builtin(name, stages, mbs)
+    validate(schedule)
+    actions = [a for row in schedule.devices for a in row]
+    expected = {Action(s, k, m) for s in range(stages) for k in "FB" for m in range(mbs)}
+    assert len(actions) == len(expected) and set(actions) == expected
+    assert schedule.stage_device == {s: s for s in range(stages)}
+    assert all(
+        schedule.device_of(a.stage) == d for d, row in enumerate(schedule.devices) for a in row
+    )
+
+
+def test_gpipe_rows():
+    assert gpipe(2, 3).to_rows() == [
+        ["0F0", "0F1", "0F2", "0B0", "0B1", "0B2"],
+        ["1F0", "1F1", "1F2", "1B0", "1B1", "1B2"],
+    ]
+
+
+def test_1f1b_rows_2_stages_4_microbatches():
+    assert one_f_one_b(2, 4).table() == (
+        "device 0: 0F0 0F1 0B0 0F2 0B1 0F3 0B2 0B3\ndevice 1: 1F0 1B0 1F1 1B1 1F2 1B2 1F3 1B3"
+    )
+
+
+def test_1f1b_rows_4_stages_8_microbatches():
+    assert one_f_one_b(4, 8).table() == (
+        "device 0: 0F0 0F1 0F2 0F3 0B0 0F4 0B1 0F5 0B2 0F6 0B3 0F7 0B4 0B5 0B6 0B7\n"
+        "device 1: 1F0 1F1 1F2 1B0 1F3 1B1 1F4 1B2 1F5 1B3 1F6 1B4 1F7 1B5 1B6 1B7\n"
+        "device 2: 2F0 2F1 2B0 2F2 2B1 2F3 2B2 2F4 2B3 2F5 2B4 2F6 2B5 2F7 2B6 2B7\n"
+        "device 3: 3F0 3B0 3F1 3B1 3F2 3B2 3F3 3B3 3F4 3B4 3F5 3B5 3F6 3B6 3F7 3B7"
+    )
+
+
+def test_1f1b_with_fewer_microbatches_than_stages():
+    assert one_f_one_b(4, 2).to_rows()[0] == ["0F0", "0F1", "0B0", "0B1"]
+    validate(one_f_one_b(4, 2))
+
+
+def test_unknown_builtin_lists_known_names():
+    with pytest.raises(ScheduleError, match=r"unknown schedule 'zb'.*1f1b, gpipe"):
+        builtin("zb", 2, 4)
+
+
+def test_builtin_needs_a_stage_and_a_microbatch():
+    with pytest.raises(ScheduleError, match="0 microbatches"):
+        gpipe(2, 0)
+
+
+# ---------------------------------------------------------------- user schedules
+
+
+@pytest.mark.parametrize("stages,mbs", SIZES)
+def test_table_round_trips(stages, mbs):
+    schedule = one_f_one_b(stages, mbs)
+    loaded = from_table(schedule.table(), name="1f1b")
+    assert loaded.to_rows() == schedule.to_rows()
+    assert (loaded.num_stages, loaded.num_microbatches) == (stages, mbs)
+    assert loaded.stage_device == schedule.stage_device
+
+
+def test_table_syntax():
+    schedule = from_table(
+        """
+        # a 1F1B by hand
+        device 0: 0F0, 0F1, 0B0, 0B1   # commas are fine
+        1F0 1B0 1F1 1B1
+        """,
+        name="hand",
+    )
+    assert schedule.name == "hand"
+    assert schedule.to_rows() == [["0F0", "0F1", "0B0", "0B1"], ["1F0", "1B0", "1F1", "1B1"]]
+    validate(schedule)
+
+
+def test_from_lists_infers_sizes_and_devices():
+    schedule = from_lists([["0F0", "2F0", "2B0", "0B0"], ["1F0", "1B0"]])
+    assert (schedule.num_stages, schedule.num_microbatches) == (3, 1)
+    assert schedule.stage_device == {0: 0, 2: 0, 1: 1}
+    validate(schedule)
+
+
+def test_from_lists_takes_actions():
+    rows = one_f_one_b(2, 2).devices
+    assert from_lists(rows).to_rows() == one_f_one_b(2, 2).to_rows()
+
+
+def test_explicit_sizes_are_kept():
+    schedule = from_lists([["0F0", "0B0"]], num_stages=1, num_microbatches=2)
+    with pytest.raises(ScheduleError, match="action 0F1 is missing"):
+        validate(schedule)
+
+
+def test_table_device_label_must_match_row():
+    with pytest.raises(ScheduleError, match="line 2: labelled device 2 but it is row 1"):
+        from_table("device 0: 0F0 0B0\ndevice 2: 1F0 1B0")
+
+
+# ---------------------------------------------------------------- errors
+
+ERRORS = [
+    (
+        "duplicate",
+        "device 0: 0F0 0F1 0B0 0B1\ndevice 1: 1F0 1B0 1F1 1B1 1B0",
+        "schedule 'bad': action 1B0 on device 1 appears twice",
+    ),
+    (
+        "missing",
+        "device 0: 0F0 0F1 0B0 0B1\ndevice 1: 1F0 1B0 1F1",
+        "schedule 'bad': action 1B1 is missing",
+    ),
+    (
+        "B before F",
+        "device 0: 0F0 0B1 0B0 0F1\ndevice 1: 1F0 1B0 1F1 1B1",
+        "schedule 'bad': 0B1 runs before 0F1 on device 0",
+    ),
+    (
+        "W before B",
+        "device 0: 0F0 0B0 0W0\ndevice 1: 1F0 1W0 1B0",
+        "schedule 'bad': 1W0 runs before 1B0 on device 1",
+    ),
+    (
+        "W for one microbatch only",
+        "device 0: 0F0 0F1 0B0 0W0 0B1\ndevice 1: 1F0 1B0 1F1 1B1",
+        "schedule 'bad': action 0W1 is missing",
+    ),
+    (
+        "deadlock",
+        "device 0: 0F0 0B0 0F1 0B1\ndevice 1: 1F1 1B1 1F0 1B0",
+        "schedule 'bad': deadlock: device 0 waits at 0B0 for 1B0 on device 1; "
+        "device 1 waits at 1F1 for 0F1 on device 0",
+    ),
+]
+
+
+@pytest.mark.parametrize("table,expected", [e[1:] for e in ERRORS], ids=[e[0] for e in ERRORS])
+def test_validate_names_the_offending_action(table, expected):
+    schedule = from_table(table, name="bad")
+    with pytest.raises(ScheduleError) as error:
+        validate(schedule)
+    assert expected in str(error.value)
+
+
+def test_stage_out_of_range():
+    schedule = from_table("0F0 0B0\n1F0 1B0 2F0", num_stages=2)
+    with pytest.raises(ScheduleError, match="action 2F0 on device 1: stage 2 is out of range"):
+        validate(schedule)
+
+
+def test_stage_split_across_devices():
+    with pytest.raises(ScheduleError, match="action 1F1 on device 0 but stage 1 runs on device 1"):
+        from_table("device 0: 0F0 0F1 1F1 0B0 0B1\ndevice 1: 1F0 1B0 1B1", name="split")
+
+
+def test_action_on_the_wrong_device():
+    schedule = one_f_one_b(2, 2)
+    schedule.stage_device = {0: 1, 1: 1}
+    with pytest.raises(ScheduleError, match="action 0F0 on device 0 but stage 0 runs on device 1"):
+        validate(schedule)
+
+
+def test_bad_action_text_in_a_table():
+    with pytest.raises(ScheduleError, match=r"line 2: '1Q0' is not a schedule action"):
+        from_table("0F0 0B0\n1F0 1Q0")
+
+
+def test_bad_action_text_in_lists():
+    with pytest.raises(ScheduleError, match=r"device 1: '1B' is not a schedule action"):
+        from_lists([["0F0", "0B0"], ["1F0", "1B"]])
+
+
+def test_error_is_the_first_in_device_order():
+    schedule = from_table("0F0 0B0 0B0\n1F0 1B0 1B0", name="twice")
+    with pytest.raises(ScheduleError, match="action 0B0 on device 0 appears twice"):
+        validate(schedule)
+
+
+# ---------------------------------------------------------------- messages
+
+
+def test_messages_of_1f1b():
+    sent = {m: (m.producer, m.consumer) for m in messages(one_f_one_b(2, 2))[(0, 1)]}
+    act0 = Message(0, 1, "act", 0, 0, tag=0)
+    grad0 = Message(1, 0, "grad", 1, 0, tag=5)
+    assert sent[act0] == (Action(0, "F", 0), Action(1, "F", 0))
+    assert sent[grad0] == (Action(1, "B", 0), Action(0, "B", 0))
+
+
+def test_messages_in_each_sides_order():
+    by_side = messages(one_f_one_b(2, 2))
+    as_text = {
+        side: [f"{m.kind} {m.producer}->{m.consumer}" for m in ms] for side, ms in by_side.items()
+    }
+    # device 0: 0F0 0F1 0B0 0B1; device 1: 1F0 1B0 1F1 1B1
+    assert as_text[(0, 1)] == ["act 0F0->1F0", "act 0F1->1F1", "grad 1B0->0B0", "grad 1B1->0B1"]
+    assert as_text[(1, 0)] == ["act 0F0->1F0", "grad 1B0->0B0", "act 0F1->1F1", "grad 1B1->0B1"]
+
+
+@pytest.mark.parametrize("stages,mbs", SIZES)
+def test_message_tags_are_unique_and_sides_agree(stages, mbs):
+    by_side = messages(one_f_one_b(stages, mbs))
+    tags = [m.tag for ms in by_side.values() for m in ms]
+    assert len(tags) == 2 * len(set(tags)) == 2 * 2 * (stages - 1) * mbs
+    for (d, peer), ms in by_side.items():
+        assert set(ms) == set(by_side[(peer, d)])
+
+
+def test_no_messages_between_stages_on_one_device():
+    schedule = from_lists([["0F0", "1F0", "1B0", "0B0"], ["2F0", "2B0"]])
+    validate(schedule)
+    kinds = [f"{m.kind} {m.stage}" for m in messages(schedule)[(0, 1)]]
+    assert kinds == ["act 1", "grad 2"]
+
+
+# ---------------------------------------------------------------- simulation
+
+
+@pytest.mark.parametrize("name", ["gpipe", "1f1b"])
+@pytest.mark.parametrize("stages,mbs", SIZES)
+def test_simulated_makespan_and_bubble(name, stages, mbs):
+    timeline = simulate(builtin(name, stages, mbs), f_time=1.0, b_time=2.0)
+    assert timeline.makespan == (mbs + stages - 1) * 3.0
+    assert timeline.bubble_fraction == pytest.approx(bubble_fraction(stages, mbs))
+
+
+def test_1f1b_p4_m8():
+    timeline = simulate(one_f_one_b(4, 8), f_time=1, b_time=2)
+    assert timeline.makespan == 33
+    assert timeline.bubble_fraction == pytest.approx(3 / 11)
+    assert timeline.devices[3][:3] == [
+        (Action(3, "F", 0), 3, 4),
+        (Action(3, "B", 0), 4, 6),
+        (Action(3, "F", 1), 6, 7),
+    ]
+
+
+def test_comm_time_delays_the_receiver():
+    timeline = simulate(gpipe(2, 1), f_time=1, b_time=2, comm_time=0.5)
+    assert [tuple(s) for s in timeline.devices[1]] == [
+        (Action(1, "F", 0), 1.5, 2.5),
+        (Action(1, "B", 0), 2.5, 4.5),
+    ]
+    assert timeline.makespan == 7.0
+
+
+def test_w_runs_after_b():
+    schedule = from_table("0F0 0F1 0B0 0B1 0W0 0W1\n1F0 1B0 1F1 1B1 1W0 1W1")
+    timeline = simulate(schedule, f_time=1, b_time=1, w_time=1)
+    assert [str(s.action) for s in timeline.devices[0][-2:]] == ["0W0", "0W1"]
+    assert timeline.makespan == 8
+
+
+def test_overlap_group_runs_concurrently():
+    schedule = from_table("0F0 0F1 0B0 0B1\n1F0 1F1 1B0 1B1")
+    sequential = simulate(schedule).makespan
+    schedule.overlap = [[], [(Action(1, "F", 1), Action(1, "B", 0))]]
+    timeline = simulate(schedule)
+    slots = {str(s.action): (s.start, s.end) for s in timeline.devices[1]}
+    assert slots["1F1"][0] == slots["1B0"][0] == 2
+    assert timeline.makespan < sequential
+
+
+def test_overlap_group_must_be_contiguous():
+    schedule = one_f_one_b(2, 2)
+    schedule.overlap = [[(Action(0, "F", 0), Action(0, "B", 1))], []]
+    with pytest.raises(ScheduleError, match=r"overlap group \[0F0 0B1\] on device 0"):
+        validate(schedule)
+
+
+def test_simulate_validates_first():
+    schedule = Schedule("empty", 1, 1, [[Action(0, "F", 0)]], {0: 0})
+    with pytest.raises(ScheduleError, match="action 0B0 is missing"):
+        simulate(schedule)
+
+
+# ---------------------------------------------------------------- rendering
+
+
+def test_render_text():
+    text = render_text(simulate(one_f_one_b(2, 2), f_time=1, b_time=2))
+    assert text == (
+        "time     | 0  1  2  3  4  5  6  7  8\n"
+        "device 0 | F0 F1 .  .  B0 B0 .  B1 B1\n"
+        "device 1 | .  F0 B0 B0 F1 B1 B1 .  .\n"
+        "1f1b: makespan 9, bubble 33.3%\n"
+    )
+
+
+def test_render_svg_is_valid_xml(tmp_path):
+    timeline = simulate(one_f_one_b(4, 8))
+    svg = render_svg(timeline)
+    root = ET.fromstring(svg)
+    assert root.tag == "{http://www.w3.org/2000/svg}svg"
+    rects = root.findall(".//{http://www.w3.org/2000/svg}g/{http://www.w3.org/2000/svg}rect")
+    assert len(rects) == 4 * 8 * 2
+    path = tmp_path / "1f1b.svg"
+    save_svg(timeline, path)
+    assert ET.parse(path).getroot().tag == root.tag
