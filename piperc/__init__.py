@@ -12,11 +12,18 @@ import importlib
 from piperc.annotate import annotate
 
 _LAZY = {
+    "compile": "piperc.compiler",
+    "launch": "piperc.compiler",
+    "Compiled": "piperc.compiler",
+    "Mesh": "piperc.strategy",
+    "pipeline": "piperc.strategy",
+    "data_parallel": "piperc.strategy",
+    "optim": "piperc.strategy",
     "capture": "piperc.frontend",
     "Captured": "piperc.frontend",
-    "run_pipeline": "piperc.pipeline",
-    "parse_pipeline": "piperc.pipeline",
-    "PipelineOptions": "piperc.pipeline",
+    "run_pipeline": "piperc.passmanager",
+    "parse_pipeline": "piperc.passmanager",
+    "PipelineOptions": "piperc.passmanager",
     "register_pass": "piperc.passes",
     "PipercError": "piperc.errors",
     "CaptureError": "piperc.errors",

@@ -112,13 +112,22 @@ def _aten(op: tdialect.AtenOp, values: list[Any]) -> Sequence[Any]:
     return list(out)
 
 
+def enum_value(jit_type, value):
+    """The torch enum (dtype, layout, memory format) an int literal stands for, or None.
+
+    torch-mlir writes `dtype=torch.float32` as the int 6; the schema's argument
+    type says which enum an int means.
+    """
+    if not isinstance(value, int) or isinstance(value, bool):
+        return None
+    table = _ENUMS.get(str(jit_type).removeprefix("Optional[").removesuffix("]"))
+    return table[value] if table is not None else None
+
+
 def _to_schema(jit_type, value):
     """Turns an IR literal into what the schema's argument type expects."""
-    if value is None or not isinstance(value, int) or isinstance(value, bool):
-        return value
-    name = str(jit_type).removeprefix("Optional[").removesuffix("]")
-    table = _ENUMS.get(name)
-    return table[value] if table is not None else value
+    enum = enum_value(jit_type, value)
+    return value if enum is None else enum
 
 
 def evaluate(op: Operation, values: list[Any]) -> Sequence[Any]:

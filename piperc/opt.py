@@ -13,7 +13,7 @@ from xdsl.utils.exceptions import ParseError
 from piperc.errors import PipercError
 from piperc.ir import make_context, parse_module, print_ir
 from piperc.passes import PASSES
-from piperc.pipeline import PipelineOptions, run_pipeline
+from piperc.passmanager import PipelineOptions, run_pipeline
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,9 +44,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     name = "<stdin>" if args.input == "-" else args.input
     try:
-        text = sys.stdin.read() if args.input == "-" else open(args.input).read()
+        text = sys.stdin.read() if args.input == "-" else _read(args.input)
     except OSError as e:
         print(f"piperc-opt: cannot read {name}: {e.strerror}", file=sys.stderr)
+        return 1
+    except UnicodeDecodeError as e:
+        print(f"piperc-opt: cannot read {name}: not UTF-8 text (byte {e.start})", file=sys.stderr)
         return 1
     ctx = make_context()
     try:
@@ -73,6 +76,11 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.output, "w") as f:
             f.write(result)
     return 0
+
+
+def _read(path: str) -> str:
+    with open(path, encoding="utf-8") as f:
+        return f.read()
 
 
 if __name__ == "__main__":

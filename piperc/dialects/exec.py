@@ -873,45 +873,45 @@ class LoadInputOp(IRDLOperation):
 
 
 @irdl_op_definition
-class ParamOp(IRDLOperation):
-    """A parameter buffer this rank owns (its shard, when the parameter is sharded).
+class StateOp(IRDLOperation):
+    """Reads named state this rank owns: a parameter, a buffer or optimizer state.
 
-    `%w = exec.param "blocks.0.attn.qkv.weight" : !torch.vtensor<[192,64],f32>`
+    `%w = exec.state "blocks.0.attn.qkv.weight" : !torch.vtensor<[192,64],f32>`
     """
 
-    name = "exec.param"
+    name = "exec.state"
 
-    param_name = prop_def(StringAttr, prop_name="name")
+    state_name = prop_def(StringAttr, prop_name="name")
     output = result_def(ValueTensorType)
 
     assembly_format = "$name attr-dict `:` type($output)"
 
-    def __init__(self, param_name: str, result_type: Attribute):
-        super().__init__(properties={"name": StringAttr(param_name)}, result_types=[result_type])
+    def __init__(self, state_name: str, result_type: Attribute):
+        super().__init__(properties={"name": StringAttr(state_name)}, result_types=[result_type])
 
     def verify_(self) -> None:
-        _verify_nonempty(self, "the parameter name", self.param_name)
+        _verify_nonempty(self, "the state name", self.state_name)
 
 
 @irdl_op_definition
-class SetGradOp(IRDLOperation):
-    """Accumulates a gradient into a parameter's `.grad` on this rank.
+class SetStateOp(IRDLOperation):
+    """Replaces named state this rank owns (an updated parameter or optimizer state).
 
-    `exec.set_grad "blocks.0.attn.qkv.weight", %g : !torch.vtensor<[192,64],f32>`
+    `exec.set_state "blocks.0.attn.qkv.weight", %w : !torch.vtensor<[192,64],f32>`
     """
 
-    name = "exec.set_grad"
+    name = "exec.set_state"
 
-    param_name = prop_def(StringAttr, prop_name="name")
-    grad = operand_def(ValueTensorType)
+    state_name = prop_def(StringAttr, prop_name="name")
+    value = operand_def(ValueTensorType)
 
-    assembly_format = "$name `,` $grad attr-dict `:` type($grad)"
+    assembly_format = "$name `,` $value attr-dict `:` type($value)"
 
-    def __init__(self, param_name: str, grad: SSAValue):
-        super().__init__(properties={"name": StringAttr(param_name)}, operands=[grad])
+    def __init__(self, state_name: str, value: SSAValue):
+        super().__init__(properties={"name": StringAttr(state_name)}, operands=[value])
 
     def verify_(self) -> None:
-        _verify_nonempty(self, "the parameter name", self.param_name)
+        _verify_nonempty(self, "the state name", self.state_name)
 
 
 @irdl_op_definition
@@ -951,8 +951,8 @@ Exec = Dialect(
         WaitOp,
         FreeOp,
         LoadInputOp,
-        ParamOp,
-        SetGradOp,
+        StateOp,
+        SetStateOp,
         OutputOp,
     ],
     [StreamType, EventType, WorkType, ReductionAttr],

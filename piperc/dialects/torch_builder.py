@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from xdsl.dialects.builtin import BoolAttr, FloatAttr, IntegerAttr, StringAttr, f64
+from xdsl.dialects.builtin import BoolAttr, FloatAttr, StringAttr, f32, f64
 from xdsl.ir import Attribute, Block, Operation, SSAValue
 
 from piperc.dialects import torch as t
@@ -58,10 +58,15 @@ class TorchBuilder:
         op = t.ConstantStrOp.create(properties={"value": StringAttr(value)}, result_types=[t.StrType()])
         return self._add(op).results[0]
 
+    def device(self, value: str = "cpu") -> SSAValue:
+        """A `torch.constant.device` (code generation maps it to the rank's device)."""
+        op = t.ConstantDeviceOp.create(properties={"value": StringAttr(value)}, result_types=[t.DeviceType()])
+        return self._add(op).results[0]
+
     def int_list(self, values: Sequence[int]) -> SSAValue:
         """A `torch.prim.ListConstruct` of int constants."""
         items = [self.int(v) for v in values]
-        op = t.ListConstructOp.create(operands=items, result_types=[t.ListType([t.IntType()])])
+        op = t.ListConstructOp.create(operands=items, result_types=[t.ListType(t.IntType())])
         return self._add(op).results[0]
 
     def aten(
@@ -87,11 +92,4 @@ class TorchBuilder:
 
 def scalar_type(dtype: str = "f64") -> t.ValueTensorType:
     """A 0-dim tensor type: `!torch.vtensor<[],f64>`."""
-    from xdsl.dialects.builtin import f32
-
     return t.ValueTensorType([], {"f64": f64, "f32": f32}[dtype])
-
-
-def int_attr(value: int) -> IntegerAttr:
-    """An i64 integer attribute."""
-    return IntegerAttr(value, 64)

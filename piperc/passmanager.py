@@ -19,7 +19,7 @@ from xdsl.context import Context
 from xdsl.dialects.builtin import ModuleOp
 from xdsl.passes import ModulePass
 from xdsl.utils.arg_spec import parse_pipeline as parse_pipeline_spec
-from xdsl.utils.exceptions import DiagnosticException, VerifyException
+from xdsl.utils.exceptions import ArgSpecParseError, VerifyException
 
 from piperc.errors import PassError
 from piperc.ir import print_ir
@@ -49,7 +49,7 @@ def parse_pipeline(text: str) -> list[ModulePass]:
         return []
     try:
         specs = list(parse_pipeline_spec(text))
-    except Exception as e:
+    except (ArgSpecParseError, Exception) as e:  # ArgSpecParseError is a BaseException
         raise PassError(f"cannot parse pipeline '{text}': {e}") from e
     passes = []
     for spec in specs:
@@ -94,7 +94,7 @@ def run_pipeline(
         start = time.perf_counter()
         try:
             p.apply(ctx, module)
-        except (PassError, DiagnosticException):
+        except PassError:
             raise
         except Exception as e:
             raise PassError(f"pass '{p.name}' failed: {type(e).__name__}: {e}") from e

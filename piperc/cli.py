@@ -1,0 +1,178 @@
+"""`piperc`: captures a model's training step as IR, optionally runs a pipeline over it.
+
+    piperc capture examples/gpt.py:make --set n_layers=2 --dump-dir out/
+    piperc capture examples.gpt:make -p 'fold-detach,cse' --dump-dir out/
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import inspect
+import os
+import sys
+from collections.abc import Callable
+
+from piperc.errors import PipercError
+
+CAPTURE_HELP = """\
+TARGET names a function that builds the model: FILE.py:FUNC or package.module:FUNC.
+It is called with the --set values as keyword arguments and must return
+(model, example_inputs). The current directory is put on sys.path first, so a
+model file may import from its repository (`from examples.gpt import ...`).
+
+Where the IR goes:
+  without --dump-dir   the IR (after the pipeline, if any) is printed to stdout
+                       and the summary line to stderr;
+  --dump-dir DIR       without -p: DIR/00-captured.mlir holds the captured IR;
+                       with -p: DIR/00-input.mlir holds the captured IR and
+                       DIR/NN-<pass>.mlir the IR after the NN-th pass, so the
+                       file with the highest number is the final IR.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line interface of piperc."""
+    ap = argparse.ArgumentParser(prog="piperc", description="The piperc compiler.")
+    commands = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    cap = commands.add_parser(
+        "capture",
+        help="capture a model's training step as IR",
+        description="Capture one training step (forward + backward) of a model as IR.",
+        epilog=CAPTURE_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    cap.add_argument("target", metavar="TARGET", help="FILE.py:FUNC or package.module:FUNC")
+    cap.add_argument("--set", dest="overrides", action="append", default=[], type=parse_override,
+                     metavar="KEY=VALUE",
+                     help="keyword argument for FUNC; VALUE is read as int, float or str (repeatable)")
+    cap.add_argument("--dump-dir", metavar="DIR", help="write the IR to DIR (see below)")
+    cap.add_argument("-p", "--passes", default="", metavar="PIPELINE",
+                     help="pass pipeline to run after capture, e.g. 'fold-detach,cse'")
+    cap.add_argument("--print-ir-after-all", action="store_true",
+                     help="print the IR after every pass to stderr")
+    return ap
+
+
+def parse_override(text: str) -> tuple[str, int | float | str]:
+    """`KEY=VALUE` as (key, value); VALUE becomes an int, else a float, else stays a str."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got '{text}'")
+    for kind in (int, float):
+        try:
+            return key, kind(value)
+        except ValueError:
+            pass
+    return key, value
+
+
+def load_function(target: str) -> Callable:
+    """The function TARGET names (`FILE.py:FUNC` or `package.module:FUNC`).
+
+    Raises PipercError when the file or module cannot be found or lacks FUNC.
+    """
+    where, sep, name = target.rpartition(":")
+    if not sep or not where or not name:
+        raise PipercError(f"TARGET must be FILE.py:FUNC or package.module:FUNC, got '{target}'")
+    # Model files import from their repository (`from examples.gpt import ...`).
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    module = _load_file(where) if where.endswith(".py") or os.sep in where else _load_module(where)
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        defined = sorted(
+            n for n, v in vars(module).items()
+            if inspect.isfunction(v) and v.__module__ == module.__name__ and not n.startswith("_")
+        )
+        raise PipercError(
+            f"{where} has no function '{name}' (its functions: {', '.join(defined) or 'none'})"
+        )
+    return fn
+
+
+def _load_file(path: str):
+    if not os.path.isfile(path):
+        raise PipercError(f"cannot read {path}: no such file")
+    stem = os.path.splitext(os.path.basename(path))[0]
+    # Registered under its stem, unless that would shadow a module already imported (torch.py).
+    name = stem if stem not in sys.modules else f"_piperc_target_{stem}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _load_module(name: str):
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        raise PipercError(f"cannot import {name}: {e}") from e
+
+
+def build_model(fn: Callable, overrides: dict[str, object]):
+    """Calls the model function with `overrides`; returns (model, example_inputs)."""
+    try:
+        inspect.signature(fn).bind(**overrides)
+    except TypeError as e:
+        raise PipercError(f"cannot call {fn.__name__} with --set {_show(overrides)}: {e}") from e
+    built = fn(**overrides)
+    if not (isinstance(built, tuple) and len(built) == 2):
+        raise PipercError(
+            f"{fn.__name__} must return (model, example_inputs), got {type(built).__name__}"
+        )
+    return built
+
+
+def _show(overrides: dict[str, object]) -> str:
+    return " ".join(f"{k}={v}" for k, v in overrides.items()) or "(none)"
+
+
+def capture_command(args: argparse.Namespace) -> int:
+    """`piperc capture`: see CAPTURE_HELP."""
+    from piperc.frontend import capture
+    from piperc.ir import print_ir
+    from piperc.passmanager import PipelineOptions, parse_pipeline, run_pipeline
+
+    passes = parse_pipeline(args.passes)
+    model, example_inputs = build_model(load_function(args.target), dict(args.overrides))
+    captured = capture(model, example_inputs)
+    if passes:
+        options = PipelineOptions(print_ir_after_all=args.print_ir_after_all, dump_dir=args.dump_dir)
+        run_pipeline(captured.module, captured.ctx, passes, options)
+    elif args.dump_dir:
+        os.makedirs(args.dump_dir, exist_ok=True)
+        with open(os.path.join(args.dump_dir, "00-captured.mlir"), "w") as f:
+            f.write(print_ir(captured.module))
+
+    ops = sum(1 for _ in captured.main.body.walk())
+    values = sum(p.numel() for p in captured.params.values())
+    summary = (
+        f"piperc: captured {type(model).__name__}: {ops} ops, "
+        f"{len(captured.params)} parameters ({values / 1e6:.2f}M values)"
+    )
+    if passes:
+        summary += f", after {len(passes)} passes"
+    if not args.dump_dir:
+        sys.stdout.write(print_ir(captured.module))
+        print(summary, file=sys.stderr)
+        return 0
+    written = f"00-input.mlir .. {len(passes):02d}-{passes[-1].name}.mlir" if passes else "00-captured.mlir"
+    print(f"{summary}; wrote {os.path.join(args.dump_dir, written)}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of piperc; returns the process exit code."""
+    args = build_parser().parse_args(argv)
+    try:
+        return capture_command(args)
+    except PipercError as e:
+        print(f"piperc: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,309 @@
+"""Code generation: one readable Python program per rank, plus the manifest.
+
+Reads a module lowered by `lower-to-exec`. Each `exec.program @rank<r>`
+becomes `rank<r>.py`: the stage functions it launches, written one statement
+per `torch.aten` op, then `def step(rt)` with one statement per exec op and
+a comment naming the stage, microbatch and stream of every launch. The
+programs import torch alone and call the runtime object `rt`
+(`piperc.runtime`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import defaultdict
+from typing import Any
+
+from xdsl.dialects import func
+from xdsl.dialects.builtin import ModuleOp
+from xdsl.ir import Block, Operation, SSAValue
+from xdsl.traits import IsTerminator
+
+from piperc.dialects import exec as ex
+from piperc.dialects import torch as t
+from piperc.interpreter import enum_value
+from piperc.passes.lower_to_exec import DEVICE
+from piperc.passes.mesh import find_mesh
+from piperc.passes.microbatch import MICROBATCHES, REPLICAS
+from piperc.passes.outline_stages import arg_keys, result_keys
+
+_DTYPES = {"f32": "torch.float32", "f64": "torch.float64", "f16": "torch.float16",
+           "bf16": "torch.bfloat16", "si64": "torch.int64", "si32": "torch.int32", "i1": "torch.bool"}
+
+
+def python_name(key: str) -> str:
+    """A readable identifier for a keyed value: `param:blocks.0.attn.qkv.weight` -> `p_blocks_0_attn_qkv_weight`."""
+    prefixes = {"param": "p", "buffer": "buf", "input": "input", "grad": "g", "state": "st", "tangent": "tangent"}
+    role, _, rest = key.partition(":")
+    if not rest:
+        return "x_" + re.sub(r"\W", "_", key)
+    return f"{prefixes.get(role, role)}_{re.sub(r'[^0-9a-zA-Z]', '_', rest)}"
+
+
+class _Names:
+    """Unique Python names for SSA values."""
+
+    def __init__(self):
+        self.names: dict[SSAValue, str] = {}
+        self.used: set[str] = set()
+        self.counter = 0
+
+    def bind(self, value: SSAValue, name: str | None = None) -> str:
+        base = name or "v"
+        while name is None or name in self.used:
+            name = f"{base}{self.counter}"
+            self.counter += 1
+        self.used.add(name)
+        self.names[value] = name
+        return name
+
+    def __getitem__(self, value: SSAValue) -> str:
+        return self.names[value]
+
+
+def _literal(op: Operation, jit_type=None) -> str | None:
+    """Python source of a constant/list op, or None if it is not one."""
+    if isinstance(op, t.ConstantIntOp):
+        value = op.value.value.data
+        enum = enum_value(jit_type, value) if jit_type is not None else None
+        return _enum_source(enum) if enum is not None else repr(value)
+    if isinstance(op, t.ConstantFloatOp):
+        value = op.value.value.data
+        return repr(value) if value == value and abs(value) != float("inf") else f"float('{value}')"
+    if isinstance(op, t.ConstantBoolOp):
+        return repr(bool(op.value.value.data))
+    if isinstance(op, t.ConstantNoneOp):
+        return "None"
+    if isinstance(op, t.ConstantStrOp):
+        return repr(op.value.data)
+    if isinstance(op, t.ConstantDeviceOp):
+        return "DEVICE"
+    return None
+
+
+def _enum_source(value) -> str:
+    if isinstance(value, torch_dtype_type()):
+        return str(value)  # "torch.float32"
+    return f"torch.{str(value).removeprefix('torch.')}"
+
+
+def torch_dtype_type():
+    import torch
+
+    return torch.dtype
+
+
+def _function_source(fn: func.FuncOp) -> list[str]:
+    names = _Names()
+    keys = arg_keys(fn)
+    params = [names.bind(a, python_name(k)) for a, k in zip(fn.args, keys, strict=True)]
+    lines = [f"def {fn.sym_name.data}({', '.join(params)}):"]
+    stage, kind = fn.attributes.get("par.stage"), fn.attributes.get("par.pass")
+    doc = []
+    if stage is not None:
+        doc.append(f"stage {stage.value.data}")
+    if kind is not None:
+        doc.append({"F": "forward", "B": "backward", "W": "weight gradient", "update": "optimizer update"}[kind.data.value])
+    if doc:
+        lines.append(f'    """{", ".join(doc).capitalize()}. Returns {", ".join(result_keys(fn))}."""')
+    inline: dict[SSAValue, str] = {}
+    last_use = _last_uses(fn.body.block)
+    for op in fn.body.block.ops:
+        if op.has_trait(IsTerminator):
+            lines.append(f"    return ({', '.join(_operand(names, inline, v) for v in op.operands)}{',' if len(op.operands) == 1 else ''})")
+            break
+        if isinstance(op, t.ListConstructOp):
+            inline[op.results[0]] = "[" + ", ".join(_operand(names, inline, v) for v in op.operands) + "]"
+            continue
+        if _literal(op) is not None:
+            inline[op.results[0]] = ""  # resolved per use, where the schema type is known
+            continue
+        targets = [names.bind(r) for r in op.results]
+        lhs = ", ".join(targets) + ("," if len(targets) == 1 and isinstance(op, t.ListUnpackOp) else "")
+        if isinstance(op, t.ListUnpackOp):
+            lines.append(f"    {lhs} = {_operand(names, inline, op.operands[0])}")
+        elif isinstance(op, t.AtenOp):
+            lines.append(f"    {lhs} = {_aten_call(op, names, inline)}")
+        else:
+            raise NotImplementedError(f"code generation has no rule for {op.name}")
+        dead = [names[v] for v in last_use.get(op, ()) if v in names.names and v not in fn.args]
+        if dead:
+            lines.append(f"    del {', '.join(dead)}")
+    return lines
+
+
+def _last_uses(block: Block) -> dict[Operation, list[SSAValue]]:
+    last: dict[SSAValue, Operation] = {}
+    for op in block.ops:
+        for v in op.operands:
+            last[v] = op
+    by_op: dict[Operation, list[SSAValue]] = defaultdict(list)
+    for v, op in last.items():
+        if not op.has_trait(IsTerminator):
+            by_op[op].append(v)
+    return by_op
+
+
+def _operand(names: _Names, inline: dict[SSAValue, str], v: SSAValue, jit_type=None) -> str:
+    if v in names.names:
+        return names[v]
+    src = inline.get(v)
+    if src == "" or src is None:
+        literal = _literal(v.owner, jit_type)
+        if literal is None:
+            raise NotImplementedError(f"code generation cannot inline {v.owner.name}")
+        return literal
+    return src
+
+
+def _aten_call(op: t.AtenOp, names: _Names, inline) -> str:
+    overload = op.aten
+    schema = overload._schema
+    args, kwargs = [], []
+    for arg, v in zip(schema.arguments, op.operands, strict=True):
+        src = _operand(names, inline, v, arg.type)
+        if arg.kwarg_only:
+            kwargs.append(f"{arg.name}={src}")
+        else:
+            args.append(src)
+    packet = op.name.removeprefix("torch.aten.").split(".")[0]
+    return f"aten.{packet}.{overload._overloadname}({', '.join(args + kwargs)})"
+
+
+def _program_source(program: ex.ProgramOp, functions: dict[str, func.FuncOp], header: str) -> str:
+    used = [op.callee.root_reference.data for op in program.walk() if isinstance(op, ex.LaunchOp)]
+    lines = [header, "import torch", "", "aten = torch.ops.aten", 'DEVICE = torch.device("cpu")', "", ""]
+    for name in dict.fromkeys(used):
+        lines += _function_source(functions[name]) + ["", ""]
+    lines += _step_source(program)
+    return "\n".join(lines) + "\n"
+
+
+def _step_source(program: ex.ProgramOp) -> list[str]:
+    names = _Names()
+    rank = program.rank.value.data
+    lines = [
+        "def step(rt):",
+        f'    """One training step of rank {rank}."""',
+        "    global DEVICE",
+        "    DEVICE = rt.device",
+    ]
+    for op in program.body.block.ops:
+        lines += ["    " + line for line in _exec_statement(op, names)]
+    return lines
+
+
+def _type_args(type_: t.ValueTensorType) -> str:
+    shape = tuple(type_.get_shape())
+    return f"{shape!r}, {_DTYPES[str(type_.dtype)]}"
+
+
+def _exec_statement(op: Operation, names: _Names) -> list[str]:
+    n = names.__getitem__
+    if isinstance(op, ex.StreamOp):
+        return [f'{names.bind(op.results[0], op.stream_name.data)} = rt.stream("{op.stream_name.data}")']
+    if isinstance(op, ex.EventRecordOp):
+        return [f"{names.bind(op.results[0], 'event')} = rt.event_record({n(op.stream)})"]
+    if isinstance(op, ex.EventWaitOp):
+        return [f"rt.event_wait({n(op.stream)}, {n(op.event)})"]
+    if isinstance(op, ex.StateOp):
+        return [f'{names.bind(op.results[0], python_name("state:" + op.state_name.data))} = rt.state("{op.state_name.data}")']
+    if isinstance(op, ex.SetStateOp):
+        return [f'rt.set_state("{op.state_name.data}", {n(op.value)})']
+    if isinstance(op, ex.LoadInputOp):
+        mb = op.microbatch.value.data
+        return [f"{names.bind(op.results[0], f'input{op.input_name.data}_mb{mb}')} = rt.input({op.input_name.data}, {mb})"]
+    if isinstance(op, ex.LaunchOp):
+        callee = op.callee.root_reference.data
+        kind = op.pass_kind.data
+        stage = op.stage.value.data
+        where = f"stage {stage}"
+        action = f"{stage}U"
+        if op.microbatch is not None:
+            mb = op.microbatch.value.data
+            where += f", microbatch {mb}"
+            action = f"{stage}{kind}{mb}"
+        results = [names.bind(r) for r in op.outs]
+        lhs = (", ".join(results) + ("," if len(results) == 1 else "")) if results else "_"
+        args = ", ".join(n(a) for a in op.args)
+        return ["", f"# {action} ({callee}): {where}, stream {n(op.stream)}",
+                f"with rt.on({n(op.stream)}):", f"    {lhs} = {callee}({args})"]
+    if isinstance(op, ex.SendOp):
+        group = op.group.root_reference.data
+        return [f'{names.bind(op.work, "w")} = rt.send({n(op.input)}, dst={op.peer.value.data}, group="{group}", '
+                f"tag={op.tag.value.data}, stream={n(op.stream)})"]
+    if isinstance(op, ex.RecvOp):
+        group = op.group.root_reference.data
+        w = names.bind(op.work, "w")
+        v = names.bind(op.output, "recv")
+        return [f'{w}, {v} = rt.recv({_type_args(op.output.type)}, src={op.peer.value.data}, group="{group}", '
+                f"tag={op.tag.value.data}, stream={n(op.stream)})"]
+    if isinstance(op, ex.AllReduceOp):
+        group = op.group.root_reference.data
+        w = names.bind(op.work, "w")
+        outs = [names.bind(r, "reduced") for r in op.outputs]
+        ins = ", ".join(n(v) for v in op.inputs)
+        return ["", f"# gradient bucket of {len(outs)} tensor(s), group {group}",
+                f'{w}, ({", ".join(outs)},) = rt.all_reduce([{ins}], group="{group}", '
+                f'op="{op.reduction.data.value}", stream={n(op.stream)})']
+    if isinstance(op, ex.WaitOp):
+        return [f"rt.wait({', '.join(n(w) for w in op.works)})"]
+    if isinstance(op, ex.FreeOp):
+        return [f"del {', '.join(n(b) for b in op.buffers)}"]
+    if isinstance(op, ex.OutputOp):
+        return [f'rt.output("{op.output_name.data}", {n(op.value)})']
+    raise NotImplementedError(f"code generation has no rule for {op.name}")
+
+
+def generate(module: ModuleOp, state_kinds: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """Files of a compiled step: `rank<r>.py` for every program and `manifest.json`.
+
+    `state_kinds` maps each state name that is not a model tensor to how the
+    runtime creates it (`{"kind": "zeros", "like": "w"}`, `{"kind": "scalar",
+    "value": 0.0}`); model tensors are `{"kind": "param"}`.
+    """
+    functions = {f.sym_name.data: f for f in module.ops if isinstance(f, func.FuncOp)}
+    groups = [(g.sym_name.data, list(g.ranks.get_values())) for g in module.ops if isinstance(g, ex.ProcessGroupOp)]
+    programs = [p for p in module.ops if isinstance(p, ex.ProgramOp)]
+    mesh = find_mesh(module)
+    device = module.attributes[DEVICE].data
+    files: dict[str, str] = {}
+    ranks = []
+    owners: dict[str, list[int]] = defaultdict(list)
+    for program in programs:
+        rank = program.rank.value.data
+        coords = mesh.coords(rank)
+        header = (f"# piperc program for rank {rank} of {program.world_size.value.data} "
+                  f"({', '.join(f'{a}={i}' for a, i in coords.items())}); generated code, do not edit")
+        files[f"rank{rank}.py"] = _program_source(program, functions, header)
+        state = []
+        for op in program.body.block.ops:
+            if isinstance(op, ex.StateOp) and op.state_name.data not in (s["name"] for s in state):
+                name = op.state_name.data
+                state.append({"name": name, **state_kinds.get(name, {"kind": "param"})})
+                if state_kinds.get(name, {"kind": "param"})["kind"] == "param":
+                    owners[name].append(rank)
+        inputs = sorted({int(op.input_name.data) for op in program.walk() if isinstance(op, ex.LoadInputOp)})
+        dp_axis = module.attributes.get("par.dp_axis")
+        ranks.append({
+            "rank": rank, "program": f"rank{rank}.py", "coords": coords,
+            "dp_index": coords[dp_axis.data] if dp_axis else 0,
+            "inputs": inputs, "state": state,
+        })
+    world = list(range(mesh.size()))
+    input_indices = sorted({i for r in ranks for i in r["inputs"]})
+    manifest = {
+        "format": 1,
+        "world_size": mesh.size(),
+        "mesh": [[a, mesh.axis_size(a)] for a in mesh.axis_names()],
+        "device": device,
+        "groups": [["world", world], *groups],
+        "inputs": [{"index": i, "name": f"input{i}"} for i in input_indices],
+        "dp_size": module.attributes[REPLICAS].value.data,
+        "microbatches": module.attributes[MICROBATCHES].value.data,
+        "ranks": ranks,
+        "params": {name: {"owners": r} for name, r in sorted(owners.items())},
+    }
+    files["manifest.json"] = json.dumps(manifest, indent=1) + "\n"
+    return files

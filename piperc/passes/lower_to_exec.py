@@ -1,0 +1,326 @@
+"""lower-to-exec: writes one `exec.program` per rank from the schedule and the stage functions.
+
+For rank r at pipeline position s (and any data-parallel index), the program
+walks row s of `par.schedule` and for each action:
+
+  * reads parameters and optimizer state (`exec.state`), its slice of the
+    inputs (`exec.load_input`), and receives values produced on other stages
+    (`exec.recv` + `exec.wait`, on the `comm` stream);
+  * launches the stage's F or B function on the `compute` stream;
+  * sends each result another stage reads (`exec.send` on `comm`, after an
+    event orders it behind the compute that produced it);
+  * sums gradients (and the loss share) over microbatches with
+    `@s<i>_accumulate`.
+
+After the stage's last backward it reduces the gradients over every rank that
+holds each parameter (data-parallel replicas, and the stages sharing a tied
+weight), one `exec.all_reduce` per bucket of the data-parallel pass, issued on
+`comm`; waits; launches `@s<i>_update`; and stores the new parameters and
+optimizer state (`exec.set_state`). Every tensor is freed after its last use
+(`exec.free`). The `par.all_reduce` markers are removed from the update
+functions, which then hold torch ops only.
+
+Process groups (`exec.process_group`) are declared once at module level:
+`pp_<i>` for each pipeline group and `grad_<i>` for each distinct set of
+ranks that reduce a gradient together. Option: device (cpu | cuda).
+Requires: mesh, pipeline-split, outline-stages, optimizer, microbatch and
+schedule have run (data-parallel when the mesh has a data-parallel axis).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from xdsl.context import Context
+from xdsl.dialects import func
+from xdsl.dialects.builtin import ModuleOp, StringAttr
+from xdsl.ir import Block, Operation, Region, SSAValue
+from xdsl.passes import ModulePass
+
+from piperc.dialects import exec as ex
+from piperc.dialects import par
+from piperc.dialects.par import MeshAttr, PassKind
+from piperc.dialects.torch import ValueTensorType
+from piperc.errors import StrategyError
+from piperc.passes.data_parallel import BUCKET, DP_AXIS
+from piperc.passes.mesh import find_mesh
+from piperc.passes.microbatch import LOSS_SHARE, MICROBATCHES, accumulate_loss_name, accumulate_name
+from piperc.passes.outline_stages import arg_keys, function_name, result_keys
+from piperc.passes.pipeline_split import NUM_STAGES
+from piperc.passes.schedule import find_schedule
+
+DEVICE = "exec.device"
+"""Module attribute: the device kind the programs run on (cpu or cuda)."""
+
+
+def state_name(key: str) -> str:
+    """The runtime's name for a keyed state value: `param:w` -> `w`, `state:w.exp_avg` -> `w.exp_avg`."""
+    return key.split(":", 1)[1]
+
+
+@dataclass
+class _Plan:
+    """What every program needs to agree on: stages, messages, groups."""
+
+    mesh: MeshAttr
+    pp_axis: str
+    stages: int
+    microbatches: int
+    table: dict[int, list[par.ActionAttr]]
+    functions: dict[str, func.FuncOp]
+    producer: dict[str, int] = field(default_factory=dict)  # key -> producing stage
+    consumers: dict[str, set[int]] = field(default_factory=lambda: defaultdict(set))
+    tags: dict[tuple[str, int], int] = field(default_factory=dict)
+    groups: dict[tuple[int, ...], str] = field(default_factory=dict)
+    owners: dict[str, tuple[int, ...]] = field(default_factory=dict)
+
+    def fn(self, stage: int, kind: PassKind) -> func.FuncOp:
+        return self.functions[function_name(stage, kind)]
+
+    def tag(self, key: str, consumer: int, microbatch: int) -> int:
+        return self.tags[(key, consumer)] * self.microbatches + microbatch
+
+    def peer(self, rank: int, stage: int) -> int:
+        return self.mesh.rank_of({**self.mesh.coords(rank), self.pp_axis: stage})
+
+    def pp_group(self, rank: int) -> str:
+        return self.groups[tuple(self.mesh.group_ranks(self.pp_axis, rank))]
+
+
+@dataclass(frozen=True)
+class LowerToExecPass(ModulePass):
+    """Lowers the scheduled stage functions to one `exec.program` per rank."""
+
+    name = "lower-to-exec"
+
+    device: str = "cpu"
+
+    def apply(self, ctx: Context, op: ModuleOp) -> None:
+        if self.device not in ("cpu", "cuda"):
+            raise StrategyError(f"lower-to-exec: device must be cpu or cuda, got '{self.device}'")
+        plan = self._plan(op)
+        self._strip_reduce_markers(plan)
+        for ranks, name in plan.groups.items():
+            op.body.block.add_op(ex.ProcessGroupOp(name, ranks))
+        for rank in range(plan.mesh.size()):
+            op.body.block.add_op(_ProgramBuilder(plan, rank).build())
+        op.attributes[DEVICE] = StringAttr(self.device)
+
+    def _plan(self, module: ModuleOp) -> _Plan:
+        mesh = find_mesh(module)
+        schedule = find_schedule(module)
+        stages = module.attributes[NUM_STAGES].value.data
+        functions = {f.sym_name.data: f for f in module.ops if isinstance(f, func.FuncOp)}
+        plan = _Plan(mesh, schedule.axis.data, stages, module.attributes[MICROBATCHES].value.data,
+                     schedule.table(), functions)
+        dp_axis = module.attributes.get(DP_AXIS)
+        unused = [a for a in mesh.axis_names()
+                  if mesh.axis_size(a) > 1 and a not in (plan.pp_axis, dp_axis.data if dp_axis else None)]
+        if unused:
+            raise StrategyError(f"mesh axis '{unused[0]}' is used by no directive")
+
+        for s in range(stages):
+            for kind in (PassKind.F, PassKind.B):
+                fn = plan.fn(s, kind)
+                for key in result_keys(fn):
+                    if key.startswith("v"):
+                        plan.producer[key] = s
+                for key in arg_keys(fn):
+                    if key.startswith("v"):
+                        plan.consumers[key].add(s)
+        for key in sorted(plan.producer, key=lambda k: int(k[1:])):
+            for consumer in sorted(plan.consumers[key] - {plan.producer[key]}):
+                plan.tags[(key, consumer)] = len(plan.tags)
+
+        for group in mesh.all_groups(plan.pp_axis):
+            plan.groups.setdefault(tuple(group), f"pp_{len(plan.groups)}")
+        stages_of: dict[str, list[int]] = defaultdict(list)
+        for s in range(stages):
+            for key in arg_keys(plan.fn(s, PassKind.UPDATE)):
+                if key.startswith("param:"):
+                    stages_of[key.removeprefix("param:")].append(s)
+        n_grad = 0
+        for rank in range(mesh.size()):
+            coords = mesh.coords(rank)
+            for name, holders in stages_of.items():
+                if coords[plan.pp_axis] not in holders:
+                    continue
+                owners = tuple(sorted(
+                    r for r in range(mesh.size())
+                    if mesh.coords(r)[plan.pp_axis] in holders
+                    and all(mesh.coords(r)[a] == coords[a] for a in mesh.axis_names()
+                            if a not in (plan.pp_axis, dp_axis.data if dp_axis else None))
+                ))
+                plan.owners.setdefault(name, owners)
+                if len(owners) > 1 and owners not in plan.groups:
+                    plan.groups[owners] = f"grad_{n_grad}"
+                    n_grad += 1
+        return plan
+
+    def _strip_reduce_markers(self, plan: _Plan) -> None:
+        for s in range(plan.stages):
+            block = plan.fn(s, PassKind.UPDATE).body.block
+            for o in list(block.ops):
+                if isinstance(o, par.AllReduceOp):
+                    o.results[0].replace_all_uses_with(o.operands[0])
+                    o.detach()
+                    o.erase()
+
+
+def _buckets_of(update: func.FuncOp) -> dict[str, int]:
+    """grad key -> bucket number, from the data-parallel pass's markers (all 0 without it)."""
+    buckets = {}
+    for o in update.body.block.ops:
+        if isinstance(o, par.AllReduceOp):
+            arg_index = update.body.block.args.index(o.operands[0])
+            buckets[arg_keys(update)[arg_index]] = o.attributes[BUCKET].value.data
+    return buckets
+
+
+class _ProgramBuilder:
+    """Builds the `exec.program` of one rank."""
+
+    def __init__(self, plan: _Plan, rank: int):
+        self.plan = plan
+        self.rank = rank
+        self.stage = plan.mesh.coords(rank)[plan.pp_axis]
+        self.block = Block()
+        self.values: dict[tuple[str, int], SSAValue] = {}
+        self.state: dict[str, SSAValue] = {}
+        self.acc: dict[str, SSAValue] = {}
+        self.sends: list[SSAValue] = []
+        self.buckets = _buckets_of(plan.fn(self.stage, PassKind.UPDATE))
+
+    def add(self, op: Operation) -> Operation:
+        self.block.add_op(op)
+        return op
+
+    def build(self) -> ex.ProgramOp:
+        self.compute = self.add(ex.StreamOp("compute")).results[0]
+        self.comm = self.add(ex.StreamOp("comm")).results[0]
+        actions = self.plan.table[self.stage]
+        last_backward = max(i for i, a in enumerate(actions) if a.pass_kind == PassKind.B)
+        for i, action in enumerate(actions):
+            self.run(action)
+            if i == last_backward:
+                self.reduce_and_update()
+        if LOSS_SHARE in self.acc:
+            self.add(ex.OutputOp("loss", self.acc[LOSS_SHARE]))
+        if self.sends:
+            self.add(ex.WaitOp(self.sends))
+        _insert_frees(self.block)
+        return ex.ProgramOp(f"rank{self.rank}", self.rank, self.plan.mesh.size(), Region(self.block))
+
+    def read_state(self, key: str, type_) -> SSAValue:
+        name = state_name(key)
+        if name not in self.state:
+            self.state[name] = self.add(ex.StateOp(name, type_)).results[0]
+        return self.state[name]
+
+    def run(self, action: par.ActionAttr) -> None:
+        mb = action.microbatch
+        fn = self.plan.fn(self.stage, action.pass_kind)
+        args = []
+        for key, arg in zip(arg_keys(fn), fn.args, strict=True):
+            if key.startswith(("param:", "buffer:")):
+                args.append(self.read_state(key, arg.type))
+            elif key.startswith("input:"):
+                args.append(self.add(ex.LoadInputOp(key.removeprefix("input:"), mb, arg.type)).results[0])
+            elif (key, mb) in self.values:
+                args.append(self.values[(key, mb)])
+            else:
+                args.append(self.receive(key, mb, arg.type))
+        launch = self.add(ex.LaunchOp(fn.sym_name.data, args, self.compute, list(fn.function_type.outputs.data),
+                                      stage=self.stage, pass_kind=action.pass_kind.value, microbatch=mb))
+        produced: dict[str, SSAValue] = {}
+        event = None
+        for key, value in zip(result_keys(fn), launch.results, strict=True):
+            if key.startswith("grad:") or key == LOSS_SHARE:
+                produced[key] = value
+                continue
+            if not key.startswith("v"):
+                continue
+            self.values[(key, mb)] = value
+            for consumer in sorted(self.plan.consumers[key] - {self.stage}):
+                if event is None:
+                    event = self.add(ex.EventRecordOp(self.compute)).results[0]
+                    self.add(ex.EventWaitOp(self.comm, event))
+                tag = self.plan.tag(key, consumer, mb)
+                send = ex.SendOp(value, self.plan.peer(self.rank, consumer), self.plan.pp_group(self.rank),
+                                 tag, self.comm)
+                self.sends.append(self.add(send).results[0])
+        grads = [k for k in produced if k.startswith("grad:")]
+        if grads:
+            self.accumulate(accumulate_name(self.stage), grads, produced, action)
+        if LOSS_SHARE in produced:
+            self.accumulate(accumulate_loss_name(self.stage), [LOSS_SHARE], produced, action)
+
+    def receive(self, key: str, mb: int, type_) -> SSAValue:
+        producer = self.plan.producer.get(key)
+        if producer is None:
+            raise StrategyError(f"lower-to-exec: value {key} is read by stage {self.stage} but produced nowhere")
+        recv = self.add(ex.RecvOp(self.plan.peer(self.rank, producer), self.plan.pp_group(self.rank),
+                                  self.plan.tag(key, self.stage, mb), self.comm, type_))
+        self.add(ex.WaitOp([recv.results[0]]))
+        self.values[(key, mb)] = recv.results[1]
+        return recv.results[1]
+
+    def accumulate(self, name: str, keys: list[str], produced, action) -> None:
+        if not all(k in self.acc for k in keys):
+            self.acc.update({k: produced[k] for k in keys})
+            return
+        fn = self.plan.functions[name]
+        args = [self.acc[k] for k in keys] + [produced[k] for k in keys]
+        launch = self.add(ex.LaunchOp(name, args, self.compute, list(fn.function_type.outputs.data),
+                                      stage=self.stage, pass_kind=action.pass_kind.value,
+                                      microbatch=action.microbatch))
+        self.acc.update(zip(keys, launch.results, strict=True))
+
+    def reduce_and_update(self) -> None:
+        update = self.plan.fn(self.stage, PassKind.UPDATE)
+        reduced: dict[str, SSAValue] = {}
+        by_bucket: dict[tuple[int, str], list[str]] = defaultdict(list)
+        for key in arg_keys(update):
+            if not key.startswith("grad:"):
+                continue
+            owners = self.plan.owners[key.removeprefix("grad:")]
+            if len(owners) == 1:
+                reduced[key] = self.acc[key]
+                continue
+            by_bucket[(self.buckets.get(key, 0), self.plan.groups[owners])].append(key)
+        works = []
+        if by_bucket:
+            event = self.add(ex.EventRecordOp(self.compute)).results[0]
+            self.add(ex.EventWaitOp(self.comm, event))
+        for (_, group), keys in sorted(by_bucket.items()):
+            reduce = self.add(ex.AllReduceOp([self.acc[k] for k in keys], group, self.comm))
+            works.append(reduce.results[0])
+            reduced.update(zip(keys, reduce.results[1:], strict=True))
+        if works:
+            self.add(ex.WaitOp(works))
+        args = []
+        for key, arg in zip(arg_keys(update), update.args, strict=True):
+            args.append(reduced[key] if key.startswith("grad:") else self.read_state(key, arg.type))
+        launch = self.add(ex.LaunchOp(update.sym_name.data, args, self.compute,
+                                      list(update.function_type.outputs.data),
+                                      stage=self.stage, pass_kind="update"))
+        for key, value in zip(result_keys(update), launch.results, strict=True):
+            self.add(ex.SetStateOp(state_name(key), value))
+
+
+def _insert_frees(block: Block) -> None:
+    """Inserts `exec.free` after the last use of every tensor defined in `block`."""
+    last_use: dict[SSAValue, Operation] = {}
+    for o in block.ops:
+        for v in o.operands:
+            if isinstance(v.type, ValueTensorType):
+                last_use[v] = o
+        for r in o.results:
+            if isinstance(r.type, ValueTensorType):
+                last_use.setdefault(r, o)
+    dying: dict[Operation, list[SSAValue]] = defaultdict(list)
+    for v, o in last_use.items():
+        dying[o].append(v)
+    for o, values in dying.items():
+        block.insert_op_after(ex.FreeOp(values), o)

@@ -1,0 +1,79 @@
+"""schedule: writes the pipeline schedule as data (`par.schedule @schedule`).
+
+    par.schedule @schedule mesh @mesh axis "pp" {
+      par.device 0 [0F0, 0F1, 0B0, 0F2, 0B1, 0F3, 0B2, 0B3]
+      par.device 1 [1F0, 1B0, 1F1, 1B1, 1F2, 1B2, 1F3, 1B3]
+    }
+
+Options: kind (gpipe | 1f1b | user), table (a user schedule: one row per
+device, rows separated by `;`, actions by spaces, e.g. `0F0 0B0;1F0 1B0`),
+axis (the pipeline mesh axis), directive. The schedule is validated before it
+is written (every action once, dependencies, matched messages, no
+deadlock); a bad one is a StrategyError naming the first offending action.
+Requires: mesh, outline-stages and microbatch have run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from xdsl.context import Context
+from xdsl.dialects.builtin import ModuleOp
+from xdsl.passes import ModulePass
+
+from piperc import schedules
+from piperc.dialects.par import ActionAttr, DeviceOp, PassKind, ScheduleOp
+from piperc.errors import StrategyError
+from piperc.passes.mesh import MESH_SYMBOL, find_mesh
+from piperc.passes.microbatch import MICROBATCHES
+from piperc.passes.pipeline_split import NUM_STAGES
+
+SCHEDULE_SYMBOL = "schedule"
+
+
+def find_schedule(module: ModuleOp) -> ScheduleOp:
+    """The module's `par.schedule @schedule`."""
+    for op in module.ops:
+        if isinstance(op, ScheduleOp) and op.sym_name.data == SCHEDULE_SYMBOL:
+            return op
+    raise StrategyError("no pipeline schedule; run the schedule pass first")
+
+
+@dataclass(frozen=True)
+class SchedulePass(ModulePass):
+    """Builds, validates and inserts the pipeline schedule."""
+
+    name = "schedule"
+
+    kind: str = "1f1b"
+    table: str = ""
+    axis: str = "pp"
+    directive: str = "schedule"
+
+    def apply(self, ctx: Context, op: ModuleOp) -> None:
+        mesh = find_mesh(op)
+        if self.axis not in mesh.axis_names():
+            raise StrategyError(f"{self.directive}: axis '{self.axis}' is not in the mesh {list(mesh.axis_names())}")
+        stages = op.attributes[NUM_STAGES].value.data
+        microbatches = op.attributes[MICROBATCHES].value.data
+        if stages != mesh.axis_size(self.axis):
+            raise StrategyError(
+                f"{self.directive}: {stages} stages on a '{self.axis}' axis of size "
+                f"{mesh.axis_size(self.axis)}; piperc runs one stage per device"
+            )
+        try:
+            if self.kind == "user" or self.table:
+                rows = [r.split() for r in self.table.split(";")]
+                sched = schedules.from_lists(rows, stages, microbatches, name="user")
+            else:
+                sched = schedules.builtin(self.kind, stages, microbatches)
+            schedules.validate(sched)
+        except schedules.ScheduleError as e:
+            raise StrategyError(f"{self.directive}: {e}") from e
+        if any(sched.device_of(s) != s for s in range(stages)):
+            raise StrategyError(f"{self.directive}: stage s must run on device s of axis '{self.axis}'")
+        devices = [
+            DeviceOp(d, [ActionAttr(a.stage, PassKind(a.kind), a.microbatch) for a in row])
+            for d, row in enumerate(sched.devices)
+        ]
+        op.body.block.add_op(ScheduleOp(SCHEDULE_SYMBOL, MESH_SYMBOL, self.axis, devices))

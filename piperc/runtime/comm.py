@@ -1,0 +1,431 @@
+"""The object a generated rank program drives: `step(rt)` calls these methods.
+
+`Runtime` gives a program its inputs and state, streams and events, and
+asynchronous point-to-point and collective communication on named process
+groups. Every communication returns a `Work`; its result tensors hold their
+values once `rt.wait(work)` returned. On CUDA, streams and events are real and
+communication goes through NCCL; on CPU (gloo) streams and events are named
+placeholders, so the same program runs unchanged on both.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+REDUCE_OPS = ("sum", "avg", "max")
+
+
+@dataclass(frozen=True)
+class Group:
+    """A named process group of the manifest: its global ranks and its torch handle
+    (None on ranks outside the group)."""
+
+    name: str
+    ranks: tuple[int, ...]
+    handle: Any
+
+
+@dataclass(frozen=True)
+class CpuStream:
+    """A stream on CPU: only a name, since gloo work is already asynchronous."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class CpuEvent:
+    """An event on CPU: records nothing, as CPU streams do not reorder work."""
+
+    stream: CpuStream
+
+
+class Work:
+    """One communication in flight. Pass it to `Runtime.wait`."""
+
+    def __init__(
+        self,
+        what: str,
+        handle: Any,
+        outputs: Sequence[torch.Tensor] = (),
+        finish: Callable[[], None] | None = None,
+    ):
+        self.what = what
+        self.handle = handle
+        # Holding the tensors keeps their buffers alive until the transfer completed.
+        self.outputs = tuple(outputs)
+        self.finish = finish
+        self.done = False
+
+    def __repr__(self) -> str:
+        return f"<Work {self.what}{' (done)' if self.done else ''}>"
+
+
+class Runtime:
+    """What a rank program sees as `rt` during one training step."""
+
+    def __init__(
+        self,
+        *,
+        rank: int,
+        world_size: int,
+        device: torch.device,
+        coords: dict[str, int],
+        groups: dict[str, Group],
+        timeout: float,
+        input_names: Sequence[str],
+        readable_inputs: Sequence[int],
+        dp_size: int,
+        dp_index: int,
+        microbatches: int,
+        state: dict[str, torch.Tensor],
+    ):
+        self.rank = rank
+        self.world_size = world_size
+        self.device = device
+        self.coords = dict(coords)
+        self.timeout = timeout
+        self.outputs: dict[str, torch.Tensor] = {}
+        self.last_progress = time.monotonic()
+        self._groups = groups
+        self._input_names = tuple(input_names)
+        self._readable_inputs = frozenset(readable_inputs)
+        self._dp_size = dp_size
+        self._dp_index = dp_index
+        self._microbatches = microbatches
+        self._state = state
+        self._batch: tuple[torch.Tensor, ...] | None = None
+        self._streams: dict[str, Any] = {}
+        self._pending: list[Work] = []
+
+    # ------------------------------------------------------------ streams and events
+
+    @property
+    def _cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    def stream(self, name: str):
+        """The stream called `name`; "compute" is the device's default stream."""
+        if name not in self._streams:
+            if not self._cuda:
+                self._streams[name] = CpuStream(name)
+            elif name == "compute":
+                self._streams[name] = torch.cuda.default_stream(self.device)
+            else:
+                self._streams[name] = torch.cuda.Stream(device=self.device)
+        return self._streams[name]
+
+    def on(self, stream):
+        """Context manager: kernels launched inside run on `stream`."""
+        if self._cuda:
+            return torch.cuda.stream(stream)
+        return contextlib.nullcontext()
+
+    def event_record(self, stream):
+        """Records an event on `stream`: a point that `event_wait` can wait for."""
+        if not self._cuda:
+            return CpuEvent(stream)
+        event = torch.cuda.Event()
+        event.record(stream)
+        return event
+
+    def event_wait(self, stream, event) -> None:
+        """Makes later work on `stream` wait until `event` was reached."""
+        if self._cuda:
+            stream.wait_event(event)
+
+    # ------------------------------------------------------------ inputs, state, outputs
+
+    def input(self, index: int, microbatch: int) -> torch.Tensor:
+        """This rank's microbatch `microbatch` of global input `index` for this step:
+        dp shard `dp_index` of `dp_size` along dim 0, then microbatch `microbatch`
+        of `microbatches` equal slices of that shard."""
+        if self._batch is None:
+            raise RuntimeError(f"rank {self.rank}: rt.input() called outside a training step")
+        if index not in self._readable_inputs:
+            raise RuntimeError(
+                f"rank {self.rank}: the program reads input {index} ({self._input_name(index)}), "
+                f"but the manifest gives this rank only inputs {sorted(self._readable_inputs)}"
+            )
+        if not 0 <= microbatch < self._microbatches:
+            raise RuntimeError(
+                f"rank {self.rank}: microbatch {microbatch} is outside 0..{self._microbatches - 1}"
+            )
+        tensor = self._batch[index]
+        rows = tensor.shape[0]
+        parts = self._dp_size * self._microbatches
+        if rows % parts:
+            raise RuntimeError(
+                f"input {index} ({self._input_name(index)}) has {rows} rows along dim 0, which do not "
+                f"split into dp_size {self._dp_size} x microbatches {self._microbatches} equal slices"
+            )
+        size = rows // parts
+        start = (self._dp_index * self._microbatches + microbatch) * size
+        return tensor.narrow(0, start, size).to(self.device).contiguous()
+
+    def _input_name(self, index: int) -> str:
+        return self._input_names[index] if 0 <= index < len(self._input_names) else "?"
+
+    def state(self, name: str) -> torch.Tensor:
+        """The current value of this rank's state tensor `name`."""
+        if name not in self._state:
+            raise KeyError(
+                f"rank {self.rank} owns no state named {name!r}; it owns {sorted(self._state)}"
+            )
+        return self._state[name]
+
+    def set_state(self, name: str, tensor: torch.Tensor) -> None:
+        """Replaces this rank's state tensor `name` (same shape) with `tensor`."""
+        old = self.state(name)
+        if old.shape != tensor.shape:
+            raise ValueError(
+                f"rank {self.rank}: set_state({name!r}) with shape {tuple(tensor.shape)}, "
+                f"but the state has shape {tuple(old.shape)}"
+            )
+        self._state[name] = tensor
+
+    def output(self, name: str, tensor: torch.Tensor) -> None:
+        """Reports a value to the host (the executor reads "loss")."""
+        self.outputs[name] = tensor
+
+    # ------------------------------------------------------------ point-to-point
+
+    def send(self, tensor: torch.Tensor, dst: int, group: str, tag: int, stream) -> Work:
+        """Starts sending `tensor` to global rank `dst` of `group`."""
+        what = f"send to rank {dst} (tag {tag}, group {group})"
+        handle = self._member(group, what, peer=dst)
+        tensor = tensor.contiguous()
+        with self.on(stream):
+            work = dist.isend(tensor, dst, group=handle, tag=tag)
+        return self._track(Work(what, work, [tensor]))
+
+    def recv(
+        self, shape: Sequence[int], dtype: torch.dtype, src: int, group: str, tag: int, stream
+    ) -> tuple[Work, torch.Tensor]:
+        """Starts receiving a `shape` x `dtype` tensor from global rank `src` of `group`."""
+        what = f"recv from rank {src} (tag {tag}, group {group})"
+        handle = self._member(group, what, peer=src)
+        with self.on(stream):
+            buffer = torch.empty(tuple(shape), dtype=dtype, device=self.device)
+            work = dist.irecv(buffer, src, group=handle, tag=tag)
+        return self._track(Work(what, work, [buffer])), buffer
+
+    # ------------------------------------------------------------ collectives
+
+    def all_reduce(
+        self, tensors: Sequence[torch.Tensor], group: str, op: str, stream
+    ) -> tuple[Work, list[torch.Tensor]]:
+        """Reduces a bucket of tensors over `group` with one collective.
+
+        The tensors are flattened into one buffer; the returned tensors are views
+        of it, holding the reduced values once the work was waited for.
+        """
+        tensors = [tensors] if isinstance(tensors, torch.Tensor) else list(tensors)
+        what = f"all_reduce {op} of {len(tensors)} tensor(s) over group {group}"
+        handle = self._member(group, what)
+        if not tensors:
+            raise ValueError(f"rank {self.rank}: {what}: the bucket is empty")
+        dtypes = {t.dtype for t in tensors}
+        if len(dtypes) > 1:
+            raise ValueError(f"rank {self.rank}: {what}: a bucket needs one dtype, got {dtypes}")
+        with self.on(stream):
+            flat = torch.cat([t.reshape(-1) for t in tensors])
+            torch_op, finish = self._reduction(op, flat, group, what)
+            work = dist.all_reduce(flat, op=torch_op, group=handle, async_op=True)
+        views = [
+            v.view(t.shape)
+            for v, t in zip(flat.split([t.numel() for t in tensors]), tensors, strict=True)
+        ]
+        return self._track(Work(what, work, [flat], finish)), views
+
+    def all_gather(
+        self, tensor: torch.Tensor, group: str, dim: int, stream
+    ) -> tuple[Work, torch.Tensor]:
+        """Concatenates every group member's `tensor` along `dim`, in group rank order."""
+        what = f"all_gather along dim {dim} over group {group}"
+        handle = self._member(group, what)
+        n = len(self._groups[group].ranks)
+        dim = dim % tensor.dim()
+        shape = list(tensor.shape)
+        shape[dim] *= n
+        with self.on(stream):
+            out = torch.empty(shape, dtype=tensor.dtype, device=self.device)
+            if dim == 0:
+                work = dist.all_gather_single(out, tensor.contiguous(), group=handle, async_op=True)
+                return self._track(Work(what, work, [out])), out
+            gathered = torch.empty(
+                (n * tensor.shape[0], *tensor.shape[1:]), dtype=tensor.dtype, device=self.device
+            )
+            work = dist.all_gather_single(
+                gathered, tensor.contiguous(), group=handle, async_op=True
+            )
+
+        def finish() -> None:
+            out.copy_(gathered.view(n, *tensor.shape).movedim(0, dim).reshape(shape))
+
+        return self._track(Work(what, work, [out, gathered], finish)), out
+
+    def reduce_scatter(
+        self, tensor: torch.Tensor, group: str, dim: int, op: str, stream
+    ) -> tuple[Work, torch.Tensor]:
+        """Reduces `tensor` over `group`; member i keeps slice i of `n` along `dim`."""
+        what = f"reduce_scatter {op} along dim {dim} over group {group}"
+        handle = self._member(group, what)
+        n = len(self._groups[group].ranks)
+        dim = dim % tensor.dim()
+        if tensor.shape[dim] % n:
+            raise ValueError(
+                f"rank {self.rank}: {what}: dim {dim} of size {tensor.shape[dim]} "
+                f"does not split into {n} equal slices"
+            )
+        shape = list(tensor.shape)
+        shape[dim] //= n
+        with self.on(stream):
+            source = tensor.movedim(dim, 0).contiguous()
+            piece = torch.empty(
+                (shape[dim], *source.shape[1:]), dtype=tensor.dtype, device=self.device
+            )
+            torch_op, reduce_finish = self._reduction(op, piece, group, what)
+            work = dist.reduce_scatter_single(
+                piece, source, op=torch_op, group=handle, async_op=True
+            )
+            if dim == 0:
+                return self._track(Work(what, work, [piece, source], reduce_finish)), piece
+            out = torch.empty(shape, dtype=tensor.dtype, device=self.device)
+
+        def finish() -> None:
+            if reduce_finish is not None:
+                reduce_finish()
+            out.copy_(piece.movedim(0, dim))
+
+        return self._track(Work(what, work, [out, piece, source], finish)), out
+
+    def all_to_all(
+        self, tensor: torch.Tensor, group: str, split_dim: int, concat_dim: int, stream
+    ) -> tuple[Work, torch.Tensor]:
+        """Sends slice i of `tensor` along `split_dim` to member i of `group` and
+        concatenates what arrives along `concat_dim`, in group rank order."""
+        what = f"all_to_all split {split_dim} concat {concat_dim} over group {group}"
+        handle = self._member(group, what)
+        n = len(self._groups[group].ranks)
+        split_dim, concat_dim = split_dim % tensor.dim(), concat_dim % tensor.dim()
+        if tensor.shape[split_dim] % n:
+            raise ValueError(
+                f"rank {self.rank}: {what}: dim {split_dim} of size {tensor.shape[split_dim]} "
+                f"does not split into {n} equal slices"
+            )
+        with self.on(stream):
+            source = tensor.movedim(split_dim, 0).contiguous()
+            arrived = torch.empty_like(source)
+            work = dist.all_to_all_single(arrived, source, group=handle, async_op=True)
+            pieces = [p.movedim(0, split_dim) for p in arrived.chunk(n)]
+            shape = list(pieces[0].shape)
+            shape[concat_dim] *= n
+            out = torch.empty(shape, dtype=tensor.dtype, device=self.device)
+
+        def finish() -> None:
+            torch.cat(pieces, dim=concat_dim, out=out)
+
+        return self._track(Work(what, work, [out, arrived, source], finish)), out
+
+    def broadcast(
+        self, tensor: torch.Tensor, group: str, src: int, stream
+    ) -> tuple[Work, torch.Tensor]:
+        """Every member of `group` gets global rank `src`'s `tensor`; elsewhere
+        `tensor` only gives the shape and dtype of the result."""
+        what = f"broadcast from rank {src} over group {group}"
+        handle = self._member(group, what, peer=src, peer_may_be_self=True)
+        with self.on(stream):
+            buffer = tensor.contiguous() if src == self.rank else torch.empty_like(tensor)
+            work = dist.broadcast(buffer, src, group=handle, async_op=True)
+        return self._track(Work(what, work, [buffer])), buffer
+
+    def _reduction(self, op: str, buffer: torch.Tensor, group: str, what: str):
+        """The torch reduce op for `op`, and what to do after the collective (gloo has
+        no average: it sums, then divides by the group size)."""
+        if op not in REDUCE_OPS:
+            raise ValueError(f"rank {self.rank}: {what}: op {op!r} is not one of {REDUCE_OPS}")
+        if op == "max":
+            return dist.ReduceOp.MAX, None
+        if op == "sum":
+            return dist.ReduceOp.SUM, None
+        if self._cuda:
+            return dist.ReduceOp.AVG, None
+        size = len(self._groups[group].ranks)
+        return dist.ReduceOp.SUM, lambda: buffer.div_(size)
+
+    # ------------------------------------------------------------ waiting
+
+    def wait(self, *works: Work) -> None:
+        """Blocks until each work completed (on CUDA: until the current stream waits
+        for it), then makes its results valid. Raises RuntimeError naming the op and
+        this rank when the work failed or did not complete within the timeout."""
+        for work in works:
+            if work.done:
+                continue
+            try:
+                if self._cuda:
+                    # NCCL: the current stream waits; the NCCL watchdog enforces the timeout.
+                    work.handle.wait()
+                elif work.handle.wait(timeout=timedelta(seconds=self.timeout)) is False:
+                    raise RuntimeError(f"timed out after {self.timeout:g} s")
+            except RuntimeError as e:
+                # The message carries the backend's error; its chained traceback adds nothing.
+                raise RuntimeError(
+                    f"rank {self.rank}: {work.what} failed (timeout {self.timeout:g} s): {e}"
+                ) from None
+            if work.finish is not None:
+                work.finish()
+            if self._cuda:
+                current = torch.cuda.current_stream(self.device)
+                for tensor in work.outputs:
+                    tensor.record_stream(current)
+            work.done = True
+            self.last_progress = time.monotonic()
+
+    def _track(self, work: Work) -> Work:
+        self._pending.append(work)
+        return work
+
+    def _member(self, group: str, what: str, peer: int | None = None, peer_may_be_self=False):
+        """The torch handle of `group`, after checking that this rank (and `peer`) are in it."""
+        if group not in self._groups:
+            raise ValueError(
+                f"rank {self.rank}: {what}: no process group {group!r}; "
+                f"the manifest defines {sorted(self._groups)}"
+            )
+        g = self._groups[group]
+        if self.rank not in g.ranks:
+            raise ValueError(
+                f"rank {self.rank}: {what}: this rank is not in group {group} {list(g.ranks)}"
+            )
+        if peer is not None and peer not in g.ranks:
+            raise ValueError(
+                f"rank {self.rank}: {what}: rank {peer} is not in group {group} {list(g.ranks)}"
+            )
+        if peer == self.rank and not peer_may_be_self:
+            raise ValueError(
+                f"rank {self.rank}: {what}: a rank cannot send to or receive from itself"
+            )
+        return g.handle
+
+    # ------------------------------------------------------------ step boundaries (executor)
+
+    def _begin_step(self, batch: tuple[torch.Tensor, ...]) -> None:
+        self._batch = batch
+        self.outputs = {}
+        self._pending = []
+
+    def _end_step(self) -> None:
+        """Waits for work the program left in flight (sends nobody waited for)."""
+        self.wait(*self._pending)
+        self._pending = []
+        self._batch = None
+        self.last_progress = time.monotonic()

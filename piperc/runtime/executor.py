@@ -1,0 +1,244 @@
+"""Runs one rank of a compiled model: process groups, state, and the rank program."""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import os
+import sys
+from datetime import timedelta
+from pathlib import Path
+from types import ModuleType
+
+import torch
+import torch.distributed as dist
+
+from .comm import Group, Runtime, Work
+from .manifest import Manifest, RankPlan, read_manifest
+
+DEFAULT_TIMEOUT = 60.0
+_program_ids = itertools.count()
+
+
+def default_timeout() -> float:
+    """Seconds a communication may take before it is an error: PIPERC_TIMEOUT, or 60."""
+    value = os.environ.get("PIPERC_TIMEOUT")
+    if not value:
+        return DEFAULT_TIMEOUT
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise ValueError(f"PIPERC_TIMEOUT must be a number of seconds, got {value!r}") from None
+    if seconds <= 0:
+        raise ValueError(f"PIPERC_TIMEOUT must be positive, got {value!r}")
+    return seconds
+
+
+class Executor:
+    """This process's rank of a compiled model, ready to run training steps.
+
+    Construct it with `piperc.runtime.load`. It joins (or initialises, from the
+    torchrun environment) the default process group, creates the manifest's
+    groups, loads this rank's state and imports this rank's program.
+    """
+
+    def __init__(self, directory: str | Path, timeout: float | None = None):
+        self.directory = Path(directory)
+        self.manifest: Manifest = read_manifest(self.directory)
+        self.timeout = default_timeout() if timeout is None else float(timeout)
+        self._owns_default_group = _init_distributed(self.manifest, self.timeout)
+        self.rank = dist.get_rank()
+        self.plan: RankPlan = self.manifest.ranks[self.rank]
+        device = _device(self.manifest)
+        groups = _create_groups(self.manifest, self.timeout)
+        self._created_groups = [
+            g.handle for g in groups.values() if g.name != "world" and g.handle is not None
+        ]
+        self.runtime = Runtime(
+            rank=self.rank,
+            world_size=self.manifest.world_size,
+            device=device,
+            coords=self.plan.coords,
+            groups=groups,
+            timeout=self.timeout,
+            input_names=self.manifest.input_names,
+            readable_inputs=self.plan.inputs,
+            dp_size=self.manifest.dp_size,
+            dp_index=self.plan.dp_index,
+            microbatches=self.manifest.microbatches,
+            state=_load_state(self.directory / "state.pt", self.plan, device),
+        )
+        self.program = _import_program(self.directory / self.plan.program, self.rank)
+        self.steps_done = 0
+
+    @property
+    def last_progress(self) -> float:
+        """time.monotonic() of the last completed communication or step."""
+        return self.runtime.last_progress
+
+    def step(self, global_batch: tuple[torch.Tensor, ...]) -> float:
+        """Runs one training step on the full global batch (every rank gets the same
+        batch and reads its own slices); returns the global mean loss."""
+        batch = tuple(global_batch)
+        names = self.manifest.input_names
+        if len(batch) != len(names):
+            raise ValueError(
+                f"step() got {len(batch)} inputs, but the model takes {len(names)}: {list(names)}"
+            )
+        rt = self.runtime
+        rt._begin_step(batch)
+        self.program.step(rt)
+        rt._end_step()
+        total = torch.zeros((), dtype=torch.float64, device=rt.device)
+        loss = rt.outputs.get("loss")
+        if loss is not None:
+            if loss.numel() != 1:
+                raise ValueError(
+                    f"rank {self.rank}: the program's 'loss' output has shape "
+                    f"{tuple(loss.shape)}; it must be a single value"
+                )
+            total += loss.detach().reshape(()).to(rt.device, torch.float64)
+        work = dist.all_reduce(total, group=dist.group.WORLD, async_op=True)
+        rt.wait(Work("all_reduce of the step's loss over group world", work, [total]))
+        self.steps_done += 1
+        return total.item()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The full parameters by name, on CPU; the same dict on every rank.
+
+        Collective: every rank must call it. The lowest owner of each parameter
+        contributes its copy.
+        """
+        params = self.manifest.params
+        mine = {
+            name: self.runtime.state(name).detach().cpu()
+            for name, owners in params.items()
+            if min(owners) == self.rank
+        }
+        gathered: list[dict[str, torch.Tensor] | None] = [None] * self.manifest.world_size
+        dist.all_gather_object(gathered, mine)
+        merged: dict[str, torch.Tensor] = {}
+        for part in gathered:
+            merged.update(part)
+        return {name: merged[name] for name in params}
+
+    def close(self) -> None:
+        """Destroys the process groups this executor created (the default group too,
+        when `load` initialised it)."""
+        if not dist.is_initialized():
+            return
+        for handle in self._created_groups:
+            dist.destroy_process_group(handle)
+        self._created_groups = []
+        if self._owns_default_group:
+            dist.destroy_process_group()
+            self._owns_default_group = False
+
+    def __enter__(self) -> Executor:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def load(path: str | Path, timeout: float | None = None) -> Executor:
+    """Loads the compiled model directory `path` for this process's rank.
+
+    The process joins torch.distributed from the torchrun environment (RANK,
+    WORLD_SIZE, MASTER_ADDR, MASTER_PORT) unless it already did. `timeout` bounds
+    every communication, in seconds (default: PIPERC_TIMEOUT, or 60).
+    """
+    return Executor(path, timeout)
+
+
+def _init_distributed(manifest: Manifest, timeout: float) -> bool:
+    """Joins the default process group; True when this call initialised it."""
+    expected = manifest.world_size
+    if dist.is_initialized():
+        if dist.get_world_size() != expected:
+            raise RuntimeError(_world_size_message(manifest, dist.get_world_size()))
+        return False
+    missing = [
+        v for v in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ
+    ]
+    if missing:
+        raise RuntimeError(
+            f"{manifest.path.parent}: cannot join torch.distributed: {', '.join(missing)} not set; "
+            f"start the program with torchrun (--nproc-per-node {expected}) or "
+            f"piperc.runtime.launch_dir"
+        )
+    world_size = int(os.environ["WORLD_SIZE"])
+    if world_size != expected:
+        raise RuntimeError(_world_size_message(manifest, world_size))
+    if manifest.device == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    backend = "nccl" if manifest.device == "cuda" else "gloo"
+    dist.init_process_group(backend, timeout=timedelta(seconds=timeout))
+    return True
+
+
+def _world_size_message(manifest: Manifest, actual: int) -> str:
+    return (
+        f"{manifest.path.parent} was compiled for world size {manifest.world_size}, "
+        f"but this job has world size {actual}; start it with "
+        f"{manifest.world_size} processes (torchrun --nproc-per-node {manifest.world_size})"
+    )
+
+
+def _device(manifest: Manifest) -> torch.device:
+    if manifest.device == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _create_groups(manifest: Manifest, timeout: float) -> dict[str, Group]:
+    """Every rank creates every group, in manifest order, as new_group requires."""
+    world = tuple(range(manifest.world_size))
+    groups = {"world": Group("world", world, dist.group.WORLD)}
+    rank = dist.get_rank()
+    for name, ranks in manifest.groups:
+        if name == "world":
+            if tuple(sorted(ranks)) != world:
+                raise RuntimeError(
+                    f"{manifest.path}: group 'world' must hold every rank, got {list(ranks)}"
+                )
+            continue
+        handle = dist.new_group(list(ranks), timeout=timedelta(seconds=timeout))
+        groups[name] = Group(name, ranks, handle if rank in ranks else None)
+    return groups
+
+
+def _load_state(path: Path, plan: RankPlan, device: torch.device) -> dict[str, torch.Tensor]:
+    """This rank's state: its parameters from `state.pt`, zeros and scalars."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: the initial parameters (state.pt) are missing")
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    state: dict[str, torch.Tensor] = {}
+    for entry in plan.state:
+        source = entry.name if entry.kind == "param" else entry.like
+        if entry.kind != "scalar" and source not in saved:
+            raise KeyError(
+                f"{path}: rank {plan.rank} state {entry.name!r} ({entry.kind}) needs the "
+                f"parameter {source!r}, which state.pt does not hold"
+            )
+        if entry.kind == "param":
+            state[entry.name] = saved[source].detach().to(device).clone()
+        elif entry.kind == "zeros":
+            state[entry.name] = torch.zeros_like(saved[source], device=device)
+        else:
+            state[entry.name] = torch.tensor(entry.value, dtype=torch.float64, device=device)
+    return state
+
+
+def _import_program(path: Path, rank: int) -> ModuleType:
+    """Imports a rank program under a module name of its own."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: rank {rank}'s program is missing")
+    name = f"piperc_program_{next(_program_ids)}_rank{rank}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    if not callable(getattr(module, "step", None)):
+        raise AttributeError(f"{path}: a rank program must define `def step(rt):`")
+    return module

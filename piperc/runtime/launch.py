@@ -1,0 +1,262 @@
+"""Runs a compiled model on this machine: one worker process per rank.
+
+`launch_dir` starts the workers, watches them, and either returns rank 0's
+losses and final parameters or raises `LaunchError` naming the ranks that
+failed with the end of their stderr. It never waits on a dead or stuck job:
+when one rank fails the others get a short grace period to fail on their own
+(they normally do, their communication with the dead rank breaking), then are
+terminated.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .manifest import read_manifest
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+STEP_PREFIX = "PIPERC_STEP"
+"""Rank 0 prints `PIPERC_STEP <step> <loss>` on stdout after each step."""
+STDERR_TAIL_LINES = 30
+POLL_SECONDS = 0.05
+KILL_AFTER_SECONDS = 3.0
+
+OnStep = Callable[[int, float], None]
+
+
+class LaunchError(RuntimeError):
+    """A launched job failed: `ranks` lists the ranks that exited with an error."""
+
+    def __init__(self, message: str, ranks: Sequence[int] = ()):
+        super().__init__(message)
+        self.ranks = list(ranks)
+
+
+@dataclass
+class LaunchResult:
+    """What a finished job reports: the loss of every step and the final parameters."""
+
+    losses: list[float]
+    state_dict: dict[str, torch.Tensor]
+
+
+def launch_dir(
+    path: str | Path,
+    batches: Sequence[Sequence[torch.Tensor]],
+    nprocs: int | None = None,
+    timeout: float | None = None,
+    progress: bool | OnStep = False,
+    *,
+    grace: float = 3.0,
+) -> LaunchResult:
+    """Trains the compiled model in `path` on `batches` (each a tuple of global
+    input tensors, one step each) with `nprocs` local processes over the
+    manifest's backend.
+
+    `nprocs` defaults to the manifest's world size. `timeout` bounds the whole
+    job in seconds (None: unbounded; each rank still ends on its own when a
+    communication times out, see PIPERC_TIMEOUT). `progress=True` draws a
+    progress bar with the loss on stderr; a callable is called as
+    `progress(step, loss)` after each step. `grace` is how long the other ranks
+    get to end on their own once one failed, before they are terminated.
+    """
+    directory = Path(path).resolve()
+    manifest = read_manifest(directory)
+    nprocs = manifest.world_size if nprocs is None else nprocs
+    batches = [tuple(batch) for batch in batches]
+    on_step = progress_bar(len(batches)) if progress is True else progress or None
+    with tempfile.TemporaryDirectory(prefix="piperc-launch-") as scratch:
+        scratch = Path(scratch)
+        torch.save(batches, scratch / "batches.pt")
+        result = scratch / "result.pt"
+        command = [
+            sys.executable, "-m", "piperc.runtime.worker", str(directory),
+            "--batches", str(scratch / "batches.pt"), "--result", str(result),
+        ]  # fmt: skip
+        job = _Job(directory, scratch)
+        try:
+            job.start(command, nprocs)
+            job.run(timeout, grace, on_step)
+        finally:
+            job.stop()
+        if not result.is_file():
+            raise LaunchError(f"{directory}: every rank exited cleanly but rank 0 wrote no result")
+        saved = torch.load(result, weights_only=True)
+    return LaunchResult(losses=list(saved["losses"]), state_dict=dict(saved["state_dict"]))
+
+
+def progress_bar(total: int, width: int = 30) -> OnStep:
+    """An `on_step` callback drawing `step i/total [####    ] loss x` in place on stderr."""
+
+    def on_step(step: int, loss: float) -> None:
+        done = step + 1
+        filled = width * done // max(total, 1)
+        bar = "#" * filled + " " * (width - filled)
+        end = "\n" if done >= total else ""
+        sys.stderr.write(f"\rstep {done}/{total} [{bar}] loss {loss:.6g}{end}")
+        sys.stderr.flush()
+
+    return on_step
+
+
+class _Job:
+    """The worker processes of one launch and their output files."""
+
+    def __init__(self, directory: Path, scratch: Path):
+        self.directory = directory
+        self.scratch = scratch
+        self.procs: list[subprocess.Popen] = []
+        self.stdout_tails: list[_LineTail] = []
+
+    def start(self, command: list[str], nprocs: int) -> None:
+        """Starts ranks 0..nprocs-1, each running `command` in the torchrun environment."""
+        port = _free_port()
+        for rank in range(nprocs):
+            env = dict(os.environ)
+            env.update(
+                RANK=str(rank),
+                LOCAL_RANK=str(rank),
+                WORLD_SIZE=str(nprocs),
+                LOCAL_WORLD_SIZE=str(nprocs),
+                MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=str(port),
+                OMP_NUM_THREADS="1",
+                PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")])),
+            )
+            with open(self._stdout(rank), "wb") as stdout, open(self._stderr(rank), "wb") as stderr:
+                # Its own session, so that terminating a rank also ends anything it started.
+                proc = subprocess.Popen(
+                    command, env=env, stdout=stdout, stderr=stderr, start_new_session=True
+                )
+            self.procs.append(proc)
+            self.stdout_tails.append(_LineTail(self._stdout(rank)))
+
+    def _stdout(self, rank: int) -> Path:
+        return self.scratch / f"rank{rank}.stdout"
+
+    def _stderr(self, rank: int) -> Path:
+        return self.scratch / f"rank{rank}.stderr"
+
+    def run(self, timeout: float | None, grace: float, on_step: OnStep | None) -> None:
+        """Waits for every rank to exit; raises LaunchError on a failure or timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        failed: list[int] = []
+        failed_at = None
+        while True:
+            self._forward_output(on_step)
+            newly = [
+                r for r, p in enumerate(self.procs) if p.poll() not in (None, 0) and r not in failed
+            ]
+            # A rank killed by a signal most likely caused the others' errors: name it first.
+            failed += sorted(newly, key=lambda r: (self.procs[r].returncode > 0, r))
+            if newly and failed_at is None:
+                failed_at = time.monotonic()
+            running = [r for r, p in enumerate(self.procs) if p.poll() is None]
+            if not running:
+                break
+            now = time.monotonic()
+            if failed_at is not None and now - failed_at > grace:
+                break
+            if deadline is not None and now > deadline:
+                self.stop()
+                raise LaunchError(
+                    f"{self.directory}: the job did not finish within {timeout:g} s; ranks "
+                    f"{running} were still running and were terminated\n"
+                    + self._stderr_tails(range(len(self.procs))),
+                    failed,
+                )
+            time.sleep(POLL_SECONDS)
+        self._forward_output(on_step)
+        if not failed:
+            return
+        terminated = [r for r, p in enumerate(self.procs) if p.poll() is None]
+        self.stop()
+        reasons = "; ".join(f"rank {r} {_describe_exit(self.procs[r].returncode)}" for r in failed)
+        if terminated:
+            reasons += f"; ranks {terminated} did not end within {grace:g} s and were terminated"
+        raise LaunchError(
+            f"{self.directory}: the job failed: {reasons}\n" + self._stderr_tails(failed), failed
+        )
+
+    def _forward_output(self, on_step: OnStep | None) -> None:
+        """Reports rank 0's step lines to `on_step` and echoes other output lines."""
+        for rank, tail in enumerate(self.stdout_tails):
+            for line in tail.new_lines():
+                fields = line.split()
+                if rank == 0 and len(fields) == 3 and fields[0] == STEP_PREFIX:
+                    if on_step is not None:
+                        on_step(int(fields[1]), float(fields[2]))
+                else:
+                    print(f"[rank {rank}] {line}")
+
+    def _stderr_tails(self, ranks) -> str:
+        parts = []
+        for rank in ranks:
+            lines = self._stderr(rank).read_text(errors="replace").splitlines()
+            shown = "\n".join(lines[-STDERR_TAIL_LINES:]) or "(no output)"
+            parts.append(f"--- rank {rank} stderr (last {STDERR_TAIL_LINES} lines) ---\n{shown}")
+        return "\n".join(parts)
+
+    def stop(self) -> None:
+        """Terminates every rank still running (SIGTERM, then SIGKILL) and reaps them all."""
+        alive = [p for p in self.procs if p.poll() is None]
+        for proc in alive:
+            _signal_session(proc, signal.SIGTERM)
+        give_up = time.monotonic() + KILL_AFTER_SECONDS
+        while any(p.poll() is None for p in alive) and time.monotonic() < give_up:
+            time.sleep(POLL_SECONDS)
+        for proc in alive:
+            if proc.poll() is None:
+                _signal_session(proc, signal.SIGKILL)
+        for proc in self.procs:
+            proc.wait()
+
+
+class _LineTail:
+    """Reads the complete lines appended to a file since the last call."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.offset = 0
+        self.partial = b""
+
+    def new_lines(self) -> list[str]:
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            data = f.read()
+        self.offset += len(data)
+        *lines, self.partial = (self.partial + data).split(b"\n")
+        return [line.decode(errors="replace") for line in lines]
+
+
+def _signal_session(proc: subprocess.Popen, sig: signal.Signals) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _describe_exit(returncode: int) -> str:
+    if returncode >= 0:
+        return f"exited with status {returncode}"
+    try:
+        return f"was killed by {signal.Signals(-returncode).name}"
+    except ValueError:
+        return f"was killed by signal {-returncode}"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

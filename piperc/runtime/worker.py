@@ -1,0 +1,93 @@
+"""The process entry point of one rank.
+
+    python -m piperc.runtime.worker DIR --batches FILE [--result FILE]
+    torchrun --nproc-per-node N -m piperc.runtime.worker DIR --batches FILE --result FILE
+
+`FILE` given to --batches holds `torch.save(list_of_global_batches)`, each a
+tuple of tensors. Every rank runs every step; rank 0 prints `PIPERC_STEP i loss`
+after each and writes `{"losses", "state_dict"}` to the --result file. A
+failing rank prints its traceback to stderr, each line prefixed `[rank R]`, and
+exits with status 1 at once, so a collective stuck in another thread cannot
+keep it alive.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import threading
+import time
+import traceback
+
+import torch
+
+from .executor import Executor, load
+from .launch import STEP_PREFIX
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Runs every batch of --batches on this rank, then exits the process."""
+    parser = argparse.ArgumentParser(prog="python -m piperc.runtime.worker", description=__doc__)
+    parser.add_argument(
+        "directory", help="the compiled model directory (manifest.json, rank programs)"
+    )
+    parser.add_argument("--batches", required=True, help="torch.save'd list of global batches")
+    parser.add_argument("--result", help="where rank 0 writes the losses and final parameters")
+    args = parser.parse_args(argv)
+    rank = os.environ.get("RANK", "?")
+    try:
+        torch.set_num_threads(int(os.environ.get("PIPERC_THREADS") or 1))
+        batches = torch.load(args.batches, weights_only=True)
+        executor = load(args.directory)
+        _start_watchdog(executor, rank)
+        losses = []
+        for i, batch in enumerate(batches):
+            losses.append(executor.step(tuple(batch)))
+            if executor.rank == 0:
+                print(f"{STEP_PREFIX} {i} {losses[-1]!r}", flush=True)
+        state = executor.state_dict()
+        if executor.rank == 0 and args.result:
+            _write_result(args.result, losses, state)
+        executor.close()
+    except BaseException:
+        _exit(1, "".join(f"[rank {rank}] {line}\n" for line in traceback.format_exc().splitlines()))
+    _exit(0, "")
+
+
+def _write_result(path: str, losses: list[float], state: dict[str, torch.Tensor]) -> None:
+    partial = f"{path}.partial"
+    torch.save({"losses": losses, "state_dict": state}, partial)
+    os.replace(partial, path)
+
+
+def _start_watchdog(executor: Executor, rank: str) -> None:
+    """Last resort against a hang the communication timeouts do not catch (a peer
+    stuck in its own code): exits when nothing progressed for twice the timeout."""
+    limit = 2 * executor.timeout
+
+    def watch() -> None:
+        while True:
+            time.sleep(min(1.0, limit / 10))
+            idle = time.monotonic() - executor.last_progress
+            if idle > limit:
+                _exit(
+                    1,
+                    f"[rank {rank}] piperc watchdog: no communication completed and no step "
+                    f"finished for {idle:.0f} s (limit: twice the {executor.timeout:g} s "
+                    f"timeout, PIPERC_TIMEOUT); this rank or a peer is stuck, exiting\n",
+                )
+
+    threading.Thread(target=watch, name="piperc-watchdog", daemon=True).start()
+
+
+def _exit(status: int, message: str) -> None:
+    if message:
+        sys.stderr.write(message)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
+if __name__ == "__main__":
+    main()
