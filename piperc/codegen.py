@@ -51,8 +51,9 @@ class _Names:
 
     def bind(self, value: SSAValue, name: str | None = None) -> str:
         base = name or "v"
+        sep = "" if base == "v" else "_"
         while name is None or name in self.used:
-            name = f"{base}{self.counter}"
+            name = f"{base}{sep}{self.counter}"
             self.counter += 1
         self.used.add(name)
         self.names[value] = name
@@ -176,11 +177,11 @@ def _program_source(program: ex.ProgramOp, functions: dict[str, func.FuncOp], he
     lines = [header, "import torch", "", "aten = torch.ops.aten", 'DEVICE = torch.device("cpu")', "", ""]
     for name in dict.fromkeys(used):
         lines += _function_source(functions[name]) + ["", ""]
-    lines += _step_source(program)
+    lines += _step_source(program, functions)
     return "\n".join(lines) + "\n"
 
 
-def _step_source(program: ex.ProgramOp) -> list[str]:
+def _step_source(program: ex.ProgramOp, functions: dict[str, func.FuncOp]) -> list[str]:
     names = _Names()
     rank = program.rank.value.data
     lines = [
@@ -190,7 +191,7 @@ def _step_source(program: ex.ProgramOp) -> list[str]:
         "    DEVICE = rt.device",
     ]
     for op in program.body.block.ops:
-        lines += ["    " + line for line in _exec_statement(op, names)]
+        lines += ["    " + line for line in _exec_statement(op, names, functions)]
     return lines
 
 
@@ -199,7 +200,7 @@ def _type_args(type_: t.ValueTensorType) -> str:
     return f"{shape!r}, {_DTYPES[str(type_.dtype)]}"
 
 
-def _exec_statement(op: Operation, names: _Names) -> list[str]:
+def _exec_statement(op: Operation, names: _Names, functions: dict[str, func.FuncOp]) -> list[str]:
     n = names.__getitem__
     if isinstance(op, ex.StreamOp):
         return [f'{names.bind(op.results[0], op.stream_name.data)} = rt.stream("{op.stream_name.data}")']
@@ -224,7 +225,14 @@ def _exec_statement(op: Operation, names: _Names) -> list[str]:
             mb = op.microbatch.value.data
             where += f", microbatch {mb}"
             action = f"{stage}{kind}{mb}"
-        results = [names.bind(r) for r in op.outs]
+        if "_accumulate" in callee:
+            suffix = "_sum"
+        elif op.microbatch is not None:
+            suffix = f"_mb{op.microbatch.value.data}"
+        else:
+            suffix = "_new"
+        keys = result_keys(functions[callee])
+        results = [names.bind(r, python_name(k) + suffix) for r, k in zip(op.outs, keys, strict=True)]
         lhs = (", ".join(results) + ("," if len(results) == 1 else "")) if results else "_"
         args = ", ".join(n(a) for a in op.args)
         return ["", f"# {action} ({callee}): {where}, stream {n(op.stream)}",

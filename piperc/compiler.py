@@ -125,6 +125,7 @@ def compile(  # noqa: A001 - the public name users expect
     device: str = "cpu",
     world_size: int | None = None,
     options: PipelineOptions | None = None,
+    keep_ir: bool = True,
 ) -> Compiled:
     """Compiles one training step of `model` for `mesh` under `strategy`.
 
@@ -132,7 +133,8 @@ def compile(  # noqa: A001 - the public name users expect
     StrategyError naming the directive for a strategy that cannot apply,
     CaptureError for a model that cannot be captured. `world_size`, when
     given, must equal the mesh size. `options` observe the pass pipeline
-    (`print_ir_after_all`, `dump_dir`, `time_passes`, ...).
+    (`print_ir_after_all`, `dump_dir`, `time_passes`, ...). `keep_ir=False`
+    skips keeping the IR after every pass (faster; `dump` then writes no `ir/`).
     """
     pp, dp = _check_strategy(mesh, strategy, optimizer)
     if world_size is not None and world_size != mesh.size:
@@ -171,24 +173,26 @@ def compile(  # noqa: A001 - the public name users expect
     passes.append(SchedulePass(**(pp.schedule_options() if pp else {"kind": "gpipe"}), axis=pp_axis,
                                directive=str(pp) if pp else "schedule"))
     passes.append(LowerToExecPass(device=device))
-    return _lower(captured, passes, options)
+    return _lower(captured, passes, options, keep_ir)
 
 
-def _lower(captured: Captured, passes: list[ModulePass], options: PipelineOptions | None) -> Compiled:
+def _lower(captured: Captured, passes: list[ModulePass], options: PipelineOptions | None,
+           keep_ir: bool) -> Compiled:
     aliases = {}
     for attrs in main_function(captured.module).arg_attrs.data:
         if ARG_ALIASES in attrs.data:
             canonical = attrs.data["piperc.param"].data
             for alias in attrs.data[ARG_ALIASES].data:
                 aliases[alias.data] = canonical
-    ir_after = [("captured", str(captured))]
-    for p in passes:
-        try:
-            run_pipeline(captured.module, captured.ctx, [p], options)
-        except PipercError as e:
-            cause = e.__cause__
-            raise (cause if isinstance(cause, StrategyError) else e) from None
-        ir_after.append((p.name, print_ir(captured.module)))
+    ir_after = [("captured", str(captured))] if keep_ir else []
+    options = dataclasses.replace(options or PipelineOptions())
+    if keep_ir:
+        options.after_pass = lambda p, m: ir_after.append((p.name, print_ir(m)))
+    try:
+        run_pipeline(captured.module, captured.ctx, passes, options)
+    except PipercError as e:
+        cause = e.__cause__
+        raise (cause if isinstance(cause, StrategyError) else e) from None
     module = captured.module
     state_kinds: dict[str, dict] = {}
     for fn in module.ops:

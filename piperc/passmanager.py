@@ -12,7 +12,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TextIO
 
 from xdsl.context import Context
@@ -41,6 +41,8 @@ class PipelineOptions:
     dump_dir: str | None = None
     time_passes: bool = False
     stream: TextIO | None = None
+    after_pass: Callable[[ModulePass, ModuleOp], None] | None = None
+    """Called with each pass and the module after the pass ran and verified."""
 
 
 def parse_pipeline(text: str) -> list[ModulePass]:
@@ -104,6 +106,8 @@ def run_pipeline(
             _print(out, f"IR Dump After {p.name}", module)
         if options.dump_dir:
             _dump(options.dump_dir, i, p.name, module)
+        if options.after_pass is not None:
+            options.after_pass(p, module)
     if options.time_passes:
         out.write(format_timings(timings))
     return timings

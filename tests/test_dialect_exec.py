@@ -18,7 +18,7 @@ from xdsl.utils.exceptions import VerifyException
 from piperc.dialects.exec import (
     AllReduceOp,
     Exec,
-    ParamOp,
+    StateOp,
     ProcessGroupOp,
     ProgramOp,
     ReductionKind,
@@ -84,8 +84,8 @@ builtin.module {
   exec.program @rank1 rank 1 world 4 {
     %compute = exec.stream "compute"
     %comm = exec.stream "comm" priority -1
-    %w = exec.param "head.weight" : !torch.vtensor<[16,16],f32>
-    %b = exec.param "head.bias" : !torch.vtensor<[16],f32>
+    %w = exec.state "head.weight" : !torch.vtensor<[16,16],f32>
+    %b = exec.state "head.bias" : !torch.vtensor<[16],f32>
     %labels = exec.load_input "labels" microbatch 0 : !torch.vtensor<[4],si64>
     %recv_h, %h = exec.recv from 0 group @pp_0 tag 0 on %comm : !torch.vtensor<[4,16],f32>
     exec.wait %recv_h
@@ -99,8 +99,8 @@ builtin.module {
     %sync, %dw_avg, %db_avg = exec.all_reduce %dw, %db group @dp_1 avg on %comm : !torch.vtensor<[16,16],f32>, !torch.vtensor<[16],f32>
     exec.wait %send_dh, %sync
     exec.free %dh : !torch.vtensor<[4,16],f32>
-    exec.set_grad "head.weight", %dw_avg : !torch.vtensor<[16,16],f32>
-    exec.set_grad "head.bias", %db_avg : !torch.vtensor<[16],f32>
+    exec.set_state "head.weight", %dw_avg : !torch.vtensor<[16,16],f32>
+    exec.set_state "head.bias", %db_avg : !torch.vtensor<[16],f32>
     exec.launch @s1_update() on %compute stage 1 pass "update" : () -> ()
   }
 }"""
@@ -117,7 +117,7 @@ def test_rank_program_round_trip(ctx: Context):
 def test_python_builders_make_the_same_ir(ctx: Context):
     grad = ValueTensorType([16], f32)
     comm = StreamOp("comm", priority=-1)
-    param = ParamOp("head.bias", grad)
+    param = StateOp("head.bias", grad)
     sync = AllReduceOp([param.output], "dp_1", comm.stream, ReductionKind.AVG)
     body = Block([comm, param, sync, WaitOp([sync.work])])
     module = ModuleOp([ProcessGroupOp("dp_1", [1, 3]), ProgramOp("rank1", 1, 4, Region(body))])
@@ -129,7 +129,7 @@ def test_python_builders_make_the_same_ir(ctx: Context):
 exec.process_group @dp_1 ranks [1, 3]
 exec.program @rank1 rank 1 world 4 {
   %0 = exec.stream "comm" priority -1
-  %1 = exec.param "head.bias" : !torch.vtensor<[16],f32>
+  %1 = exec.state "head.bias" : !torch.vtensor<[16],f32>
   %2, %3 = exec.all_reduce %1 group @dp_1 avg on %0 : !torch.vtensor<[16],f32>
   exec.wait %2
 }""",
@@ -146,9 +146,9 @@ exec.process_group @dp_1 ranks [1, 3]
 exec.program @rank1 rank 1 world 4 {{
   %s = exec.stream "comm"
   %e = exec.event_record %s
-  %x = exec.param "x" : !torch.vtensor<[4,16],f32>
-  %b = exec.param "b" : !torch.vtensor<[16],f32>
-  %z = exec.param "z" : !torch.vtensor<[3],f32>
+  %x = exec.state "x" : !torch.vtensor<[4,16],f32>
+  %b = exec.state "b" : !torch.vtensor<[16],f32>
+  %z = exec.state "z" : !torch.vtensor<[3],f32>
   %w0, %h = exec.recv from 0 group @pp_0 tag 0 on %s : !torch.vtensor<[4,16],f32>
   %w1 = exec.send %x to 0 group @pp_0 tag 1 on %s : !torch.vtensor<[4,16],f32>
   {op}
@@ -243,12 +243,12 @@ OPS = [
         '%tokens = "exec.load_input"() <{name = "tokens", microbatch = 2 : i64}> : () -> !torch.vtensor<[2,128],si64>',
     ),
     (
-        '%qkv = exec.param "blocks.0.attn.qkv.weight" : !torch.vtensor<[192,64],f32>',
-        '%qkv = "exec.param"() <{name = "blocks.0.attn.qkv.weight"}> : () -> !torch.vtensor<[192,64],f32>',
+        '%qkv = exec.state "blocks.0.attn.qkv.weight" : !torch.vtensor<[192,64],f32>',
+        '%qkv = "exec.state"() <{name = "blocks.0.attn.qkv.weight"}> : () -> !torch.vtensor<[192,64],f32>',
     ),
     (
-        'exec.set_grad "x", %x : !torch.vtensor<[4,16],f32>',
-        '"exec.set_grad"(%x) <{name = "x"}> : (!torch.vtensor<[4,16],f32>) -> ()',
+        'exec.set_state "x", %x : !torch.vtensor<[4,16],f32>',
+        '"exec.set_state"(%x) <{name = "x"}> : (!torch.vtensor<[4,16],f32>) -> ()',
     ),
     (
         'exec.output "loss", %z : !torch.vtensor<[3],f32>',
@@ -417,12 +417,12 @@ def test_module_level_verifiers(ctx: Context, module: str, message: str):
             "exec.load_input: the input name must not be empty",
         ),
         (
-            '%p = exec.param "" : !torch.vtensor<[4],f32>',
-            "exec.param: the parameter name must not be empty",
+            '%p = exec.state "" : !torch.vtensor<[4],f32>',
+            "exec.state: the state name must not be empty",
         ),
         (
-            'exec.set_grad "", %x : !torch.vtensor<[4,16],f32>',
-            "exec.set_grad: the parameter name must not be empty",
+            'exec.set_state "", %x : !torch.vtensor<[4,16],f32>',
+            "exec.set_state: the state name must not be empty",
         ),
         (
             'exec.output "", %x : !torch.vtensor<[4,16],f32>',
