@@ -20,6 +20,9 @@ class TiedGPT(GPT):
     ):
         super().__init__(vocab, d_model, n_layers, seq, new_block)
         self.head.weight = self.embed.weight
+        # GPT-2's init for a tied embedding: N(0, 1) rows would also be the output
+        # projection, giving logits of size ~sqrt(d_model) and a saturated softmax.
+        nn.init.normal_(self.embed.weight, std=0.02)
 
 
 def make(
