@@ -206,7 +206,8 @@ def _lower(captured: Captured, passes: list[ModulePass], options: PipelineOption
                 state_kinds[name] = {"kind": "zeros", "like": name.rsplit(".", 1)[0]}
     files = codegen.generate(module, state_kinds)
     table = find_schedule(module).table()
-    sched = schedules.from_lists([[str(a.compact()) for a in table[d]] for d in sorted(table)])
+    kind = next((p.kind for p in passes if isinstance(p, SchedulePass)), "user")
+    sched = schedules.from_lists([[a.compact() for a in table[d]] for d in sorted(table)], name=kind)
     initial = {k: v.detach().clone() for k, v in {**captured.params, **captured.buffers}.items()}
     return Compiled(files, ir_after, initial, aliases, sorted(state_kinds), sched, pipeline_text(passes))
 
