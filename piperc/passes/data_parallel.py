@@ -24,8 +24,7 @@ from piperc.dialects.par import AllReduceOp, PassKind, ReduceKind
 from piperc.dialects.torch import ValueTensorType
 from piperc.errors import StrategyError
 from piperc.passes.mesh import MESH_SYMBOL, find_mesh
-from piperc.passes.optimizer import find_function
-from piperc.passes.outline_stages import arg_keys, function_name
+from piperc.passes.outline_stages import arg_keys, find_function, function_name
 from piperc.passes.pipeline_split import NUM_STAGES
 
 DP_AXIS = "par.dp_axis"

@@ -12,11 +12,13 @@ walks row s of `par.schedule` and for each action:
   * sums gradients (and the loss share) over microbatches with
     `@s<i>_accumulate`.
 
-After the stage's last backward it reduces the gradients over every rank that
-holds each parameter (data-parallel replicas, and the stages sharing a tied
-weight), one `exec.all_reduce` per bucket of the data-parallel pass, issued on
-`comm`; waits; launches `@s<i>_update`; and stores the new parameters and
-optimizer state (`exec.set_state`). Every tensor is freed after its last use
+A backward action launches the stage's backward chunks in order. In the
+stage's last backward, each gradient bucket (of the data-parallel pass) is
+reduced over every rank that holds its parameters (data-parallel replicas, and
+the stages sharing a tied weight) by one `exec.all_reduce` on `comm` as soon as
+the chunk that completes it has run, so it overlaps the remaining chunks. Then
+the program waits for the buckets, launches `@s<i>_update` and stores the new
+parameters and optimizer state (`exec.set_state`). Every tensor is freed after its last use
 (`exec.free`). The `par.all_reduce` markers are removed from the update
 functions, which then hold torch ops only.
 
@@ -46,7 +48,7 @@ from piperc.errors import StrategyError
 from piperc.passes.data_parallel import BUCKET, DP_AXIS
 from piperc.passes.mesh import find_mesh
 from piperc.passes.microbatch import LOSS_SHARE, MICROBATCHES, accumulate_loss_name, accumulate_name
-from piperc.passes.outline_stages import arg_keys, function_name, result_keys
+from piperc.passes.outline_stages import arg_keys, function_name, result_keys, stage_functions
 from piperc.passes.pipeline_split import NUM_STAGES
 from piperc.passes.schedule import find_schedule
 
@@ -74,9 +76,15 @@ class _Plan:
     tags: dict[tuple[str, int], int] = field(default_factory=dict)
     groups: dict[tuple[int, ...], str] = field(default_factory=dict)
     owners: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    backward: dict[int, list[func.FuncOp]] = field(default_factory=dict)
+    bucket_of: dict[int, dict[str, int]] = field(default_factory=dict)  # stage -> grad key -> bucket
 
     def fn(self, stage: int, kind: PassKind) -> func.FuncOp:
         return self.functions[function_name(stage, kind)]
+
+    def action_functions(self, stage: int, kind: PassKind) -> list[func.FuncOp]:
+        """The functions one action runs: F, or the stage's backward chunks in order."""
+        return self.backward[stage] if kind == PassKind.B else [self.fn(stage, kind)]
 
     def tag(self, key: str, consumer: int, microbatch: int) -> int:
         return self.tags[(key, consumer)] * self.microbatches + microbatch
@@ -114,6 +122,8 @@ class LowerToExecPass(ModulePass):
         functions = {f.sym_name.data: f for f in module.ops if isinstance(f, func.FuncOp)}
         plan = _Plan(mesh, schedule.axis.data, stages, module.attributes[MICROBATCHES].value.data,
                      schedule.table(), functions)
+        plan.backward = {s: stage_functions(module, s, PassKind.B) for s in range(stages)}
+        plan.bucket_of = {s: _buckets_of(plan.fn(s, PassKind.UPDATE)) for s in range(stages)}
         dp_axis = module.attributes.get(DP_AXIS)
         unused = [a for a in mesh.axis_names()
                   if mesh.axis_size(a) > 1 and a not in (plan.pp_axis, dp_axis.data if dp_axis else None)]
@@ -121,8 +131,7 @@ class LowerToExecPass(ModulePass):
             raise StrategyError(f"mesh axis '{unused[0]}' is used by no directive")
 
         for s in range(stages):
-            for kind in (PassKind.F, PassKind.B):
-                fn = plan.fn(s, kind)
+            for fn in plan.action_functions(s, PassKind.F) + plan.action_functions(s, PassKind.B):
                 for key in result_keys(fn):
                     if key.startswith("v"):
                         plan.producer[key] = s
@@ -190,7 +199,23 @@ class _ProgramBuilder:
         self.state: dict[str, SSAValue] = {}
         self.acc: dict[str, SSAValue] = {}
         self.sends: list[SSAValue] = []
-        self.buckets = _buckets_of(plan.fn(self.stage, PassKind.UPDATE))
+        self.reduced: dict[str, SSAValue] = {}
+        self.reductions: list[SSAValue] = []
+        self.final: set[str] = set()
+        self.pending = self._buckets()
+
+    def _buckets(self) -> list[tuple[str, list[str]]]:
+        """(group, gradient keys) per bucket to reduce, in bucket order."""
+        update = self.plan.fn(self.stage, PassKind.UPDATE)
+        bucket_of = self.plan.bucket_of[self.stage]
+        by_bucket: dict[tuple[int, str], list[str]] = defaultdict(list)
+        for key in arg_keys(update):
+            if not key.startswith("grad:"):
+                continue
+            owners = self.plan.owners[key.removeprefix("grad:")]
+            if len(owners) > 1:
+                by_bucket[(bucket_of.get(key, 0), self.plan.groups[owners])].append(key)
+        return [(group, keys) for (_, group), keys in sorted(by_bucket.items())]
 
     def add(self, op: Operation) -> Operation:
         self.block.add_op(op)
@@ -202,9 +227,9 @@ class _ProgramBuilder:
         actions = self.plan.table[self.stage]
         last_backward = max(i for i, a in enumerate(actions) if a.pass_kind == PassKind.B)
         for i, action in enumerate(actions):
-            self.run(action)
+            self.run(action, final=i == last_backward)
             if i == last_backward:
-                self.reduce_and_update()
+                self.update()
         if LOSS_SHARE in self.acc:
             self.add(ex.OutputOp("loss", self.acc[LOSS_SHARE]))
         if self.sends:
@@ -218,9 +243,24 @@ class _ProgramBuilder:
             self.state[name] = self.add(ex.StateOp(name, type_)).results[0]
         return self.state[name]
 
-    def run(self, action: par.ActionAttr) -> None:
+    def run(self, action: par.ActionAttr, final: bool) -> None:
+        """One schedule action: its function (or backward chunks, in order) with their messages.
+
+        In the stage's last backward (`final`), each gradient bucket is issued
+        as soon as the chunk that completes it has run.
+        """
+        for fn in self.plan.action_functions(self.stage, action.pass_kind):
+            produced = self.launch(fn, action)
+            grads = [k for k in produced if k.startswith("grad:")]
+            if grads:
+                self.accumulate(accumulate_name(fn.sym_name.data), grads, produced, action)
+            if LOSS_SHARE in produced:
+                self.accumulate(accumulate_loss_name(self.stage), [LOSS_SHARE], produced, action)
+            if final:
+                self.issue_ready_buckets(grads)
+
+    def launch(self, fn: func.FuncOp, action: par.ActionAttr) -> dict[str, SSAValue]:
         mb = action.microbatch
-        fn = self.plan.fn(self.stage, action.pass_kind)
         args = []
         for key, arg in zip(arg_keys(fn), fn.args, strict=True):
             if key.startswith(("param:", "buffer:")):
@@ -250,11 +290,7 @@ class _ProgramBuilder:
                 send = ex.SendOp(value, self.plan.peer(self.rank, consumer), self.plan.pp_group(self.rank),
                                  tag, self.comm)
                 self.sends.append(self.add(send).results[0])
-        grads = [k for k in produced if k.startswith("grad:")]
-        if grads:
-            self.accumulate(accumulate_name(self.stage), grads, produced, action)
-        if LOSS_SHARE in produced:
-            self.accumulate(accumulate_loss_name(self.stage), [LOSS_SHARE], produced, action)
+        return produced
 
     def receive(self, key: str, mb: int, type_) -> SSAValue:
         producer = self.plan.producer.get(key)
@@ -277,31 +313,33 @@ class _ProgramBuilder:
                                       microbatch=action.microbatch))
         self.acc.update(zip(keys, launch.results, strict=True))
 
-    def reduce_and_update(self) -> None:
-        update = self.plan.fn(self.stage, PassKind.UPDATE)
-        reduced: dict[str, SSAValue] = {}
-        by_bucket: dict[tuple[int, str], list[str]] = defaultdict(list)
-        for key in arg_keys(update):
-            if not key.startswith("grad:"):
-                continue
-            owners = self.plan.owners[key.removeprefix("grad:")]
-            if len(owners) == 1:
-                reduced[key] = self.acc[key]
-                continue
-            by_bucket[(self.buckets.get(key, 0), self.plan.groups[owners])].append(key)
-        works = []
-        if by_bucket:
-            event = self.add(ex.EventRecordOp(self.compute)).results[0]
-            self.add(ex.EventWaitOp(self.comm, event))
-        for (_, group), keys in sorted(by_bucket.items()):
+    def issue_ready_buckets(self, finished: list[str]) -> None:
+        """All-reduces, on `comm`, every bucket whose gradients are all final."""
+        self.final |= set(finished)
+        ready = [(g, keys) for g, keys in self.pending if set(keys) <= self.final]
+        if not ready:
+            return
+        event = self.add(ex.EventRecordOp(self.compute)).results[0]
+        self.add(ex.EventWaitOp(self.comm, event))
+        for group, keys in ready:
             reduce = self.add(ex.AllReduceOp([self.acc[k] for k in keys], group, self.comm))
-            works.append(reduce.results[0])
-            reduced.update(zip(keys, reduce.results[1:], strict=True))
-        if works:
-            self.add(ex.WaitOp(works))
+            self.reductions.append(reduce.results[0])
+            self.reduced.update(zip(keys, reduce.results[1:], strict=True))
+            self.pending.remove((group, keys))
+
+    def update(self) -> None:
+        """Waits for the gradient buckets, launches the update and stores the new state."""
+        if self.pending:
+            raise StrategyError(f"lower-to-exec: gradients {self.pending[0][1]} are never final on stage {self.stage}")
+        if self.reductions:
+            self.add(ex.WaitOp(self.reductions))
+        update = self.plan.fn(self.stage, PassKind.UPDATE)
         args = []
         for key, arg in zip(arg_keys(update), update.args, strict=True):
-            args.append(reduced[key] if key.startswith("grad:") else self.read_state(key, arg.type))
+            if key.startswith("grad:"):
+                args.append(self.reduced.get(key, self.acc.get(key)))
+            else:
+                args.append(self.read_state(key, arg.type))
         launch = self.add(ex.LaunchOp(update.sym_name.data, args, self.compute,
                                       list(update.function_type.outputs.data),
                                       stage=self.stage, pass_kind="update"))

@@ -9,8 +9,8 @@ the global mean loss and its gradient, this pass
   * zeroes the tangents of further outputs;
   * makes the last stage's forward also return `loss_share`, the loss times
     the same factor;
-  * adds `@s<i>_accumulate(acc..., new...) -> (acc + new)...` for the
-    gradients each stage sums over its microbatches, and
+  * adds `@<backward>_accumulate(acc..., new...) -> (acc + new)...` for the
+    gradients each backward function sums over microbatches, and
     `@s<last>_accumulate_loss` for the loss shares.
 
 The loss must be a mean over the batch dimension (as `F.cross_entropy` is).
@@ -32,8 +32,14 @@ from piperc.dialects.par import PassKind
 from piperc.dialects.torch import ValueTensorType
 from piperc.dialects.torch_builder import TorchBuilder
 from piperc.errors import StrategyError
-from piperc.passes.optimizer import find_function
-from piperc.passes.outline_stages import KEY, arg_keys, function_name, result_keys
+from piperc.passes.outline_stages import (
+    KEY,
+    arg_keys,
+    find_function,
+    function_name,
+    result_keys,
+    stage_functions,
+)
 from piperc.passes.pipeline_split import NUM_STAGES, STAGE
 
 MICROBATCHES = "par.microbatches"
@@ -41,9 +47,9 @@ REPLICAS = "par.replicas"
 LOSS_SHARE = "loss_share"
 
 
-def accumulate_name(stage: int) -> str:
-    """`s0_accumulate`: the function that sums a stage's per-microbatch gradients."""
-    return f"s{stage}_accumulate"
+def accumulate_name(backward: str) -> str:
+    """`s0_B2_accumulate`: the function that sums one backward function's gradients over microbatches."""
+    return f"{backward}_accumulate"
 
 
 def accumulate_loss_name(stage: int) -> str:
@@ -66,8 +72,8 @@ class MicrobatchPass(ModulePass):
             raise StrategyError(f"{self.directive}: microbatches and replicas must be >= 1")
         stages = op.attributes[NUM_STAGES].value.data
         scale = 1.0 / (self.count * self.replicas)
-        last_b = find_function(op, function_name(stages - 1, PassKind.B))
-        self._replace_tangents(last_b, scale)
+        for backward in stage_functions(op, stages - 1, PassKind.B):
+            self._replace_tangents(backward, scale)
         last_f = find_function(op, function_name(stages - 1, PassKind.F))
         self._add_loss_share(last_f, scale)
         for stage in range(stages):
@@ -107,9 +113,10 @@ class MicrobatchPass(ModulePass):
 
     def _accumulate(self, module: ModuleOp, stage: int) -> list[func.FuncOp]:
         fns = []
-        backward = find_function(module, function_name(stage, PassKind.B))
-        grads = [k for k in result_keys(backward) if k.startswith("grad:")]
-        fns.append(_sum_function(accumulate_name(stage), stage, grads, backward))
+        for backward in stage_functions(module, stage, PassKind.B):
+            grads = [k for k in result_keys(backward) if k.startswith("grad:")]
+            if grads:
+                fns.append(_sum_function(accumulate_name(backward.sym_name.data), stage, grads, backward))
         forward = find_function(module, function_name(stage, PassKind.F))
         if LOSS_SHARE in result_keys(forward):
             fns.append(_sum_function(accumulate_loss_name(stage), stage, [LOSS_SHARE], forward))

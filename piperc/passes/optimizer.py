@@ -30,7 +30,7 @@ from xdsl.passes import ModulePass
 from piperc.dialects.par import PassKind, PassKindAttr
 from piperc.dialects.torch_builder import TorchBuilder, scalar_type
 from piperc.errors import StrategyError
-from piperc.passes.outline_stages import KEY, PASS, arg_keys, function_name
+from piperc.passes.outline_stages import KEY, PASS, arg_keys, function_name, stage_functions
 from piperc.passes.pipeline_split import NUM_STAGES, STAGE
 
 STEP_KEY = "state:step"
@@ -39,20 +39,11 @@ STEP_KEY = "state:step"
 def stage_parameters(module: ModuleOp, stage: int) -> dict[str, SSAValue]:
     """The parameters a stage reads (`param:` arguments of its F and B), name -> an argument."""
     params: dict[str, SSAValue] = {}
-    for kind in (PassKind.F, PassKind.B):
-        fn = find_function(module, function_name(stage, kind))
+    for fn in stage_functions(module, stage, PassKind.F) + stage_functions(module, stage, PassKind.B):
         for key, arg in zip(arg_keys(fn), fn.args, strict=True):
             if key.startswith("param:"):
                 params.setdefault(key.removeprefix("param:"), arg)
     return params
-
-
-def find_function(module: ModuleOp, name: str) -> func.FuncOp:
-    """The `func.func` named `name` in `module`."""
-    for op in module.ops:
-        if isinstance(op, func.FuncOp) and op.sym_name.data == name:
-            return op
-    raise StrategyError(f"the module has no function @{name}")
 
 
 @dataclass(frozen=True)

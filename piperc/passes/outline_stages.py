@@ -11,6 +11,11 @@ values saved for backward (F to B of any stage: a stage's backward reads the
 activation it received) and gradients (B of stage s to B of an earlier stage). Constants are re-created in each function that
 uses them.
 
+With `split-backward` (the default) each stage's backward is cut into one
+function per block, in the order the backward runs them (`@s1_B0`, `@s1_B1`,
+...): the gradients of a block are final as soon as its chunk has run, so
+they can be reduced while the chunks of earlier blocks still compute.
+
 A parameter used by several stages (tied weights) has its gradient summed by
 an `add` whose operands come from different stages; that add is dropped and
 each stage returns its own partial gradient under the same `grad:` key (the
@@ -33,7 +38,7 @@ from xdsl.traits import ConstantLike, IsTerminator
 from piperc.dialects.par import OriginAttr, PassKind, PassKindAttr
 from piperc.errors import StrategyError
 from piperc.frontend import ORIGIN, argument_roles, main_function, result_roles
-from piperc.passes.pipeline_split import NUM_STAGES, STAGE, stage_of
+from piperc.passes.pipeline_split import NUM_STAGES, STAGE, stage_of, unit_of
 
 KEY = "piperc.key"
 """The attribute naming a function argument or result in the step's data flow."""
@@ -59,12 +64,34 @@ def result_keys(fn: func.FuncOp) -> list[str]:
     return [key_of(a) for a in fn.res_attrs.data] if fn.res_attrs else []
 
 
-def function_name(stage: int, kind: PassKind) -> str:
-    """`s1_F`, `s0_B`, `s2_update`: the function of one stage and pass."""
-    return f"s{stage}_{kind.value}"
+CHUNK = "par.chunk"
+"""On a backward function: its position among the stage's backward chunks."""
 
 
-_KINDS = {PassKind.F: 0, PassKind.B: 1}
+def function_name(stage: int, kind: PassKind, chunk: int | None = None) -> str:
+    """`s1_F`, `s0_B`, `s0_B2`, `s2_update`: the function of one stage, pass and chunk."""
+    return f"s{stage}_{kind.value}" + ("" if chunk is None else str(chunk))
+
+
+def stage_functions(module: ModuleOp, stage: int, kind: PassKind) -> list[func.FuncOp]:
+    """The functions of one stage and pass, in execution order (backward chunks in order)."""
+    found = []
+    for op in module.ops:
+        if not isinstance(op, func.FuncOp):
+            continue
+        s, k = op.attributes.get(STAGE), op.attributes.get(PASS)
+        if s is not None and k is not None and s.value.data == stage and k.data == kind:
+            chunk = op.attributes.get(CHUNK)
+            found.append((chunk.value.data if chunk is not None else 0, op))
+    return [f for _, f in sorted(found, key=lambda item: item[0])]
+
+
+def find_function(module: ModuleOp, name: str) -> func.FuncOp:
+    """The `func.func` named `name` in `module`."""
+    for op in module.ops:
+        if isinstance(op, func.FuncOp) and op.sym_name.data == name:
+            return op
+    raise StrategyError(f"the module has no function @{name}")
 
 
 def _pass_of(op: Operation) -> PassKind:
@@ -74,13 +101,15 @@ def _pass_of(op: Operation) -> PassKind:
 
 @dataclass(frozen=True)
 class OutlineStagesPass(ModulePass):
-    """Outlines `@main` into `@s<i>_F` and `@s<i>_B` per stage with keyed arguments/results.
+    """Outlines `@main` into `@s<i>_F` and `@s<i>_B[<chunk>]` per stage with keyed arguments/results.
 
-    Options: directive (quoted in errors). Requires: `par.stage` on every op.
+    Options: split-backward (one backward function per block), directive
+    (quoted in errors). Requires: `par.stage` on every op.
     """
 
     name = "outline-stages"
 
+    split_backward: bool = True
     directive: str = "outline-stages"
 
     def apply(self, ctx: Context, op: ModuleOp) -> None:
@@ -102,15 +131,25 @@ class OutlineStagesPass(ModulePass):
 
         partial_grads, dropped = self._split_tied_sums(wanted)
 
-        groups: dict[tuple[int, PassKind], list[Operation]] = defaultdict(list)
+        groups: dict[tuple[int, PassKind, int], list[Operation]] = defaultdict(list)
+        chunk = {s: (0, None) for s in range(num_stages)}  # stage -> (chunk, its block)
         for o in block.ops:
             if o is ret or o.has_trait(ConstantLike) or o in dropped:
                 continue
-            groups[(stage_of(o), _pass_of(o))].append(o)
+            stage, kind = stage_of(o), _pass_of(o)
+            index = 0
+            if kind == PassKind.B and self.split_backward:
+                index, current = chunk[stage]
+                origin = o.attributes.get(ORIGIN)
+                block_path = unit_of(origin.path) if isinstance(origin, OriginAttr) else None
+                if block_path is not None and block_path != current:
+                    index = index + 1 if current is not None else index
+                    chunk[stage] = (index, block_path)
+            groups[(stage, kind, index)].append(o)
         group_of = {o: g for g, ops in groups.items() for o in ops}
 
         value_key: dict[SSAValue, str] = {}
-        outputs: dict[tuple[int, PassKind], list[tuple[str, SSAValue]]] = defaultdict(list)
+        outputs: dict[tuple[int, PassKind, int], list[tuple[str, SSAValue]]] = defaultdict(list)
 
         def cross_key(v: SSAValue) -> str:
             if v not in value_key:
@@ -118,7 +157,7 @@ class OutlineStagesPass(ModulePass):
             return value_key[v]
 
         # Which values each function needs from elsewhere.
-        inputs: dict[tuple[int, PassKind], dict[str, SSAValue]] = defaultdict(dict)
+        inputs: dict[tuple[int, PassKind, int], dict[str, SSAValue]] = defaultdict(dict)
         for g, ops in groups.items():
             for o in ops:
                 for v in o.operands:
@@ -146,25 +185,27 @@ class OutlineStagesPass(ModulePass):
 
         new_funcs = []
         for stage in range(num_stages):
-            for kind in (PassKind.F, PassKind.B):
-                g = (stage, kind)
-                new_funcs.append(
-                    self._outline(function_name(stage, kind), stage, kind, groups.get(g, []),
-                                  inputs.get(g, {}), outputs.get(g, []))
-                )
+            new_funcs.append(self._outline(function_name(stage, PassKind.F), (stage, PassKind.F, 0),
+                                           groups, inputs, outputs))
+            chunks = sorted(c for s_, k, c in groups if s_ == stage and k == PassKind.B) or [0]
+            for c in chunks:
+                name = function_name(stage, PassKind.B, c if len(chunks) > 1 else None)
+                fn = self._outline(name, (stage, PassKind.B, c), groups, inputs, outputs)
+                fn.attributes[CHUNK] = IntegerAttr(c, 64)
+                new_funcs.append(fn)
         main.detach()
         main.erase()
         for f in new_funcs:
             op.body.block.add_op(f)
 
     def _check_flow(self, src, dst, consumer: Operation, producer: Operation) -> None:
-        (s1, k1), (s2, k2) = src, dst
+        (s1, k1, c1), (s2, k2, c2) = src, dst
         # Forward values may feed any later forward and any backward (saved
         # activations are sent at the forward and received at the backward).
         ok = (
             (k1 == PassKind.F and k2 == PassKind.F and s2 > s1)
             or (k1 == PassKind.F and k2 == PassKind.B)
-            or (k1 == PassKind.B and k2 == PassKind.B and s2 < s1)
+            or (k1 == PassKind.B and k2 == PassKind.B and (s2 < s1 or (s2 == s1 and c2 > c1)))
         )
         if ok:
             return
@@ -196,7 +237,9 @@ class OutlineStagesPass(ModulePass):
             dropped.add(producer)
         return partial, dropped
 
-    def _outline(self, name, stage, kind, ops, inputs: dict[str, SSAValue], outputs) -> func.FuncOp:
+    def _outline(self, name, group, groups, all_inputs, all_outputs) -> func.FuncOp:
+        stage, kind, _ = group
+        ops, inputs, outputs = groups.get(group, []), all_inputs.get(group, {}), all_outputs.get(group, [])
         arg_types = [v.type for v in inputs.values()]
         body = Block(arg_types=arg_types)
         mapping: dict[SSAValue, SSAValue] = dict(zip(inputs.values(), body.args, strict=True))
