@@ -73,3 +73,53 @@ def test_matches_single_device_training(model_name, mesh_name, sched, opt_name, 
     loss_err, param_err = run_case(model_name, mesh_name, sched, opt_name, device)
     assert loss_err <= TOLERANCE, f"loss relative error {loss_err:.2e}"
     assert param_err <= TOLERANCE, f"parameter relative error {param_err:.2e}"
+
+
+class AnnotatedMLP(torch.nn.Module):
+    """Stages marked in model code with piperc.annotate."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = torch.nn.Linear(8, 16)
+        self.mid = torch.nn.Linear(16, 16)
+        self.out = torch.nn.Linear(16, 4)
+
+    def forward(self, x, y):
+        with piperc.annotate("stage", 0):
+            h = torch.tanh(self.inp(x))
+        with piperc.annotate("stage", 1):
+            h = torch.tanh(self.mid(h))
+            loss = torch.nn.functional.mse_loss(self.out(h), y)
+        return loss
+
+
+def test_stages_from_split_points_match_single_device():
+    model, inputs = gpt.make(n_layers=4)
+    batches = [gpt.make(n_layers=4, seed=200 + s)[1] for s in range(STEPS)]
+    optimizer = OPTIMIZERS["sgd"]
+    compiled = piperc.compile(
+        model, inputs, mesh=piperc.Mesh(pp=2),
+        strategy=[piperc.pipeline(stages=2, microbatches=2, split_at=["blocks.1"])],
+        optimizer=optimizer, keep_ir=False)
+    assert 'rt.state("blocks.0.mlp.fc.weight")' in compiled.files["rank0.py"]
+    assert 'rt.state("blocks.1.mlp.fc.weight")' in compiled.files["rank1.py"]
+    assert 'rt.state("blocks.1.mlp.fc.weight")' not in compiled.files["rank0.py"]
+    result = piperc.launch(compiled, batches, timeout=240)
+    loss_err, param_err = compare(result.losses, result.state_dict, *train_eager(model, batches, optimizer))
+    assert loss_err <= TOLERANCE and param_err <= TOLERANCE, (loss_err, param_err)
+
+
+def test_stages_from_annotate_regions_match_single_device():
+    torch.manual_seed(0)
+    model = AnnotatedMLP()
+    batches = [(torch.randn(8, 8), torch.randn(8, 4)) for _ in range(STEPS)]
+    optimizer = OPTIMIZERS["adamw"]
+    compiled = piperc.compile(
+        model, batches[0], mesh=piperc.Mesh(pp=2),
+        strategy=[piperc.pipeline(stages=2, microbatches=4, region="stage", schedule="gpipe")],
+        optimizer=optimizer, keep_ir=False)
+    assert 'rt.state("inp.weight")' in compiled.files["rank0.py"]
+    assert 'rt.state("mid.weight")' in compiled.files["rank1.py"]
+    result = piperc.launch(compiled, batches, timeout=240)
+    loss_err, param_err = compare(result.losses, result.state_dict, *train_eager(model, batches, optimizer))
+    assert loss_err <= TOLERANCE and param_err <= TOLERANCE, (loss_err, param_err)
