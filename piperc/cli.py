@@ -132,12 +132,14 @@ def _show(overrides: dict[str, object]) -> str:
 
 def capture_command(args: argparse.Namespace) -> int:
     """`piperc capture`: see CAPTURE_HELP."""
+    fn = load_function(args.target)
+    # Imported here, not at the top, so that --help and a mistyped TARGET answer at once.
     from piperc.frontend import capture
     from piperc.ir import print_ir
     from piperc.passmanager import PipelineOptions, parse_pipeline, run_pipeline
 
     passes = parse_pipeline(args.passes)
-    model, example_inputs = build_model(load_function(args.target), dict(args.overrides))
+    model, example_inputs = build_model(fn, dict(args.overrides))
     captured = capture(model, example_inputs)
     if passes:
         options = PipelineOptions(print_ir_after_all=args.print_ir_after_all, dump_dir=args.dump_dir)
