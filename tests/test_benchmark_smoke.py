@@ -1,0 +1,29 @@
+"""benchmarks/pipeline_vs_torch.py runs end to end, as a user runs it, at a tiny size.
+
+Only that it finishes and reports both ratios: step times on shared cores are too noisy to
+assert on.
+"""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--layers", "4", "--d-model", "32", "--steps", "2", "--warmup", "1",
+        "--batch", "8", "--seq", "16", "--microbatches", "4"]  # fmt: skip
+
+
+def test_pipeline_vs_torch_reports_both_ratios():
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "benchmarks/pipeline_vs_torch.py", *TINY],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    for pair in ("pp", "dp"):
+        ratio = re.search(rf"^{pair} ratio piperc/torch: (\d+\.\d+)", result.stdout, re.M)
+        assert ratio, f"no {pair} ratio in:\n{result.stdout}"
+        assert float(ratio.group(1)) > 0
+    assert "command: " in result.stdout
