@@ -132,42 +132,34 @@ DeviceType = _scalar_type("torch.Device", "A torch.device (`!torch.Device`).")
 NumberType = _scalar_type("torch.number", "An int or a float (`!torch.number`).")
 
 
+class _ContainerType(ParametrizedAttribute, TypeAttribute):
+    """A type with one element type, written without its `!torch.` prefix: `<int>`, `<vtensor>`."""
+
+    element: Attribute = param_def()
+
+    @classmethod
+    def parse_parameters(cls, parser: AttrParser) -> Sequence[Attribute]:
+        with parser.in_angle_brackets():
+            return (_parse_torch_type_short(parser),)
+
+    def print_parameters(self, printer: Printer) -> None:
+        printer.print_string("<")
+        _print_torch_type_short(printer, self.element)
+        printer.print_string(">")
+
+
 @irdl_attr_definition
-class ListType(ParametrizedAttribute, TypeAttribute):
+class ListType(_ContainerType):
     """A Python list of one element type (`!torch.list<int>`)."""
 
     name = "torch.list"
 
-    element: Attribute = param_def()
-
-    @classmethod
-    def parse_parameters(cls, parser: AttrParser) -> Sequence[Attribute]:
-        with parser.in_angle_brackets():
-            return (_parse_torch_type_short(parser),)
-
-    def print_parameters(self, printer: Printer) -> None:
-        printer.print_string("<")
-        _print_torch_type_short(printer, self.element)
-        printer.print_string(">")
-
 
 @irdl_attr_definition
-class OptionalType(ParametrizedAttribute, TypeAttribute):
+class OptionalType(_ContainerType):
     """A value that may be None (`!torch.optional<vtensor>`)."""
 
     name = "torch.optional"
-
-    element: Attribute = param_def()
-
-    @classmethod
-    def parse_parameters(cls, parser: AttrParser) -> Sequence[Attribute]:
-        with parser.in_angle_brackets():
-            return (_parse_torch_type_short(parser),)
-
-    def print_parameters(self, printer: Printer) -> None:
-        printer.print_string("<")
-        _print_torch_type_short(printer, self.element)
-        printer.print_string(">")
 
 
 _SHORT_TYPES: dict[str, type[ParametrizedAttribute]] = {
