@@ -26,8 +26,8 @@ from piperc.passes.fold_detach import FoldDetachPass
 from piperc.passes.lower_to_exec import LowerToExecPass
 from piperc.passes.mesh import MeshPass
 from piperc.passes.microbatch import MicrobatchPass
-from piperc.passes.optimizer import OptimizerPass
-from piperc.passes.outline_stages import OutlineStagesPass, arg_keys
+from piperc.passes.optimizer import OptimizerPass, optimizer_state
+from piperc.passes.outline_stages import OutlineStagesPass
 from piperc.passes.pipeline_split import PipelineSplitPass
 from piperc.passes.schedule import SchedulePass, find_schedule
 from piperc.passmanager import PipelineOptions, pipeline_text, run_pipeline
@@ -44,7 +44,6 @@ class Compiled:
     ir_after: list[tuple[str, str]]
     initial_state: dict[str, torch.Tensor]
     aliases: dict[str, str]
-    state_names: list[str]
     schedule: schedules.Schedule
     pipeline: str
 
@@ -194,22 +193,12 @@ def _lower(captured: Captured, passes: list[ModulePass], options: PipelineOption
         cause = e.__cause__
         raise (cause if isinstance(cause, StrategyError) else e) from None
     module = captured.module
-    state_kinds: dict[str, dict] = {}
-    for fn in module.ops:
-        if getattr(fn, "sym_name", None) is None or not fn.sym_name.data.endswith("_update"):
-            continue
-        for key in arg_keys(fn):
-            if key == "state:step":
-                state_kinds["step"] = {"kind": "scalar", "value": 0.0}
-            elif key.startswith("state:"):
-                name = key.removeprefix("state:")
-                state_kinds[name] = {"kind": "zeros", "like": name.rsplit(".", 1)[0]}
-    files = codegen.generate(module, state_kinds)
+    files = codegen.generate(module, optimizer_state(module))
     table = find_schedule(module).table()
     kind = next((p.kind for p in passes if isinstance(p, SchedulePass)), "user")
     sched = schedules.from_lists([[a.compact() for a in table[d]] for d in sorted(table)], name=kind)
     initial = {k: v.detach().clone() for k, v in {**captured.params, **captured.buffers}.items()}
-    return Compiled(files, ir_after, initial, aliases, sorted(state_kinds), sched, pipeline_text(passes))
+    return Compiled(files, ir_after, initial, aliases, sched, pipeline_text(passes))
 
 
 def launch(compiled: Compiled, batches: Sequence[Sequence[torch.Tensor]], *, progress: bool = False,

@@ -36,6 +36,23 @@ from piperc.passes.pipeline_split import NUM_STAGES, STAGE
 STEP_KEY = "state:step"
 
 
+def optimizer_state(module: ModuleOp) -> dict[str, dict]:
+    """How the runtime creates each optimizer state tensor the update functions read.
+
+    `w.exp_avg` -> `{"kind": "zeros", "like": "w"}`; `step` -> `{"kind": "scalar", "value": 0.0}`.
+    """
+    state: dict[str, dict] = {}
+    for stage in range(module.attributes[NUM_STAGES].value.data):
+        for fn in stage_functions(module, stage, PassKind.UPDATE):
+            for key in arg_keys(fn):
+                if key == STEP_KEY:
+                    state["step"] = {"kind": "scalar", "value": 0.0}
+                elif key.startswith("state:"):
+                    name = key.removeprefix("state:")
+                    state[name] = {"kind": "zeros", "like": name.rsplit(".", 1)[0]}
+    return state
+
+
 def stage_parameters(module: ModuleOp, stage: int) -> dict[str, SSAValue]:
     """The parameters a stage reads (`param:` arguments of its F and B), name -> an argument."""
     params: dict[str, SSAValue] = {}
