@@ -68,7 +68,7 @@ def _literal(op: Operation, jit_type=None) -> str | None:
     if isinstance(op, t.ConstantIntOp):
         value = op.value.value.data
         enum = enum_value(jit_type, value) if jit_type is not None else None
-        return _enum_source(enum) if enum is not None else repr(value)
+        return str(enum) if enum is not None else repr(value)  # str(torch.float32) == "torch.float32"
     if isinstance(op, t.ConstantFloatOp):
         value = op.value.value.data
         return repr(value) if value == value and abs(value) != float("inf") else f"float('{value}')"
@@ -81,18 +81,6 @@ def _literal(op: Operation, jit_type=None) -> str | None:
     if isinstance(op, t.ConstantDeviceOp):
         return "DEVICE"
     return None
-
-
-def _enum_source(value) -> str:
-    if isinstance(value, torch_dtype_type()):
-        return str(value)  # "torch.float32"
-    return f"torch.{str(value).removeprefix('torch.')}"
-
-
-def torch_dtype_type():
-    import torch
-
-    return torch.dtype
 
 
 def _function_source(fn: func.FuncOp) -> list[str]:
@@ -163,7 +151,7 @@ def _aten_call(op: t.AtenOp, names: _Names, inline) -> str:
     schema = overload._schema
     args, kwargs = [], []
     for arg, v in zip(schema.arguments, op.operands, strict=True):
-        src = _operand(names, inline, v, arg.type)
+        src = _operand(names, inline, v, arg.real_type)
         if arg.kwarg_only:
             kwargs.append(f"{arg.name}={src}")
         else:

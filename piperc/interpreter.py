@@ -101,7 +101,7 @@ def _aten(op: tdialect.AtenOp, values: list[Any]) -> Sequence[Any]:
     args = []
     kwargs = {}
     for arg, value in zip(overload._schema.arguments, values, strict=True):
-        value = _to_schema(arg.type, value)
+        value = _to_schema(arg.real_type, value)
         if arg.kwarg_only:
             kwargs[arg.name] = value
         else:
@@ -115,8 +115,9 @@ def _aten(op: tdialect.AtenOp, values: list[Any]) -> Sequence[Any]:
 def enum_value(jit_type, value):
     """The torch enum (dtype, layout, memory format) an int literal stands for, or None.
 
-    torch-mlir writes `dtype=torch.float32` as the int 6; the schema's argument
-    type says which enum an int means.
+    torch-mlir writes `dtype=torch.float32` as the int 6; the argument's
+    `real_type` in the schema (`Optional[ScalarType]`; its `type` says `int`)
+    says which enum an int means.
     """
     if not isinstance(value, int) or isinstance(value, bool):
         return None
