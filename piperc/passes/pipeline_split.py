@@ -158,7 +158,8 @@ class PipelineSplitPass(ModulePass):
         if self.stages > 1 and len(units) < self.stages:
             raise self._fail(
                 f"{self.stages} stages but the model has only {len(units)} blocks "
-                f"({', '.join(units) or 'no repeated module list'}); use at most {max(len(units), 1)} stages"
+                f"({', '.join(units) or 'no repeated module list'}); use at most {max(len(units), 1)} "
+                "stages, or mark stages in the model with piperc.annotate('stage', i) and pass region='stage'"
             )
         if self.split_at:
             starts = []
