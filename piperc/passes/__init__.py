@@ -6,35 +6,33 @@ entry imports its module only when the pass is used.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 
 from xdsl.passes import ModulePass
 
 
-def _fold_detach():
-    from piperc.passes.fold_detach import FoldDetachPass
+def _lazy(module: str, cls: str) -> Callable[[], type[ModulePass]]:
+    """A registry entry that imports `module` only when the pass is used."""
 
-    return FoldDetachPass
+    def load() -> type[ModulePass]:
+        return getattr(importlib.import_module(module), cls)
 
-
-def _cse():
-    from xdsl.transforms.common_subexpression_elimination import (
-        CommonSubexpressionElimination,
-    )
-
-    return CommonSubexpressionElimination
-
-
-def _dce():
-    from xdsl.transforms.dead_code_elimination import DeadCodeElimination
-
-    return DeadCodeElimination
+    return load
 
 
 PASSES: dict[str, Callable[[], type[ModulePass]]] = {
-    "fold-detach": _fold_detach,
-    "cse": _cse,
-    "dce": _dce,
+    "fold-detach": _lazy("piperc.passes.fold_detach", "FoldDetachPass"),
+    "mesh": _lazy("piperc.passes.mesh", "MeshPass"),
+    "pipeline-split": _lazy("piperc.passes.pipeline_split", "PipelineSplitPass"),
+    "outline-stages": _lazy("piperc.passes.outline_stages", "OutlineStagesPass"),
+    "optimizer": _lazy("piperc.passes.optimizer", "OptimizerPass"),
+    "data-parallel": _lazy("piperc.passes.data_parallel", "DataParallelPass"),
+    "microbatch": _lazy("piperc.passes.microbatch", "MicrobatchPass"),
+    "schedule": _lazy("piperc.passes.schedule", "SchedulePass"),
+    "lower-to-exec": _lazy("piperc.passes.lower_to_exec", "LowerToExecPass"),
+    "cse": _lazy("xdsl.transforms.common_subexpression_elimination", "CommonSubexpressionElimination"),
+    "dce": _lazy("xdsl.transforms.dead_code_elimination", "DeadCodeElimination"),
 }
 """Every pass a textual pipeline may name, by its registered name."""
 

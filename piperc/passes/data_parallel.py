@@ -25,7 +25,7 @@ from piperc.dialects.torch import ValueTensorType
 from piperc.errors import StrategyError
 from piperc.passes.mesh import MESH_SYMBOL, find_mesh
 from piperc.passes.outline_stages import arg_keys, find_function, function_name
-from piperc.passes.pipeline_split import NUM_STAGES
+from piperc.passes.pipeline_split import NUM_STAGES, module_count
 
 DP_AXIS = "par.dp_axis"
 BUCKET = "par.bucket"
@@ -45,7 +45,7 @@ class DataParallelPass(ModulePass):
     name = "data-parallel"
 
     axis: str = "dp"
-    bucket_mb: float = 25.0
+    bucket_mb: int | float = 25.0
     directive: str = "data-parallel"
 
     def apply(self, ctx: Context, op: ModuleOp) -> None:
@@ -58,7 +58,7 @@ class DataParallelPass(ModulePass):
             raise StrategyError(f"{self.directive}: bucket_mb must be > 0, got {self.bucket_mb}")
         op.attributes[DP_AXIS] = StringAttr(self.axis)
         limit = self.bucket_mb * 2**20
-        for stage in range(op.attributes[NUM_STAGES].value.data):
+        for stage in range(module_count(op, NUM_STAGES, self.directive, "pipeline-split")):
             update = find_function(op, function_name(stage, PassKind.UPDATE))
             block = update.body.block
             grads = [(k, a) for k, a in zip(arg_keys(update), block.args, strict=True) if k.startswith("grad:")]

@@ -49,7 +49,7 @@ from piperc.passes.data_parallel import BUCKET, DP_AXIS
 from piperc.passes.mesh import find_mesh
 from piperc.passes.microbatch import LOSS_SHARE, MICROBATCHES, accumulate_loss_name, accumulate_name
 from piperc.passes.outline_stages import arg_keys, function_name, result_keys, stage_functions
-from piperc.passes.pipeline_split import NUM_STAGES
+from piperc.passes.pipeline_split import NUM_STAGES, module_count
 from piperc.passes.schedule import find_schedule
 
 DEVICE = "exec.device"
@@ -118,9 +118,10 @@ class LowerToExecPass(ModulePass):
     def _plan(self, module: ModuleOp) -> _Plan:
         mesh = find_mesh(module)
         schedule = find_schedule(module)
-        stages = module.attributes[NUM_STAGES].value.data
+        stages = module_count(module, NUM_STAGES, "lower-to-exec", "pipeline-split")
         functions = {f.sym_name.data: f for f in module.ops if isinstance(f, func.FuncOp)}
-        plan = _Plan(mesh, schedule.axis.data, stages, module.attributes[MICROBATCHES].value.data,
+        plan = _Plan(mesh, schedule.axis.data, stages,
+                     module_count(module, MICROBATCHES, "lower-to-exec", "microbatch"),
                      schedule.table(), functions)
         plan.backward = {s: stage_functions(module, s, PassKind.B) for s in range(stages)}
         plan.bucket_of = {s: _buckets_of(plan.fn(s, PassKind.UPDATE)) for s in range(stages)}

@@ -40,7 +40,7 @@ from piperc.passes.outline_stages import (
     result_keys,
     stage_functions,
 )
-from piperc.passes.pipeline_split import NUM_STAGES, STAGE
+from piperc.passes.pipeline_split import NUM_STAGES, STAGE, module_count
 
 MICROBATCHES = "par.microbatches"
 REPLICAS = "par.replicas"
@@ -70,7 +70,7 @@ class MicrobatchPass(ModulePass):
     def apply(self, ctx: Context, op: ModuleOp) -> None:
         if self.count < 1 or self.replicas < 1:
             raise StrategyError(f"{self.directive}: microbatches and replicas must be >= 1")
-        stages = op.attributes[NUM_STAGES].value.data
+        stages = module_count(op, NUM_STAGES, self.directive, "pipeline-split")
         scale = 1.0 / (self.count * self.replicas)
         for backward in stage_functions(op, stages - 1, PassKind.B):
             self._replace_tangents(backward, scale)

@@ -31,7 +31,7 @@ from piperc.dialects.par import PassKind, PassKindAttr
 from piperc.dialects.torch_builder import TorchBuilder, scalar_type
 from piperc.errors import StrategyError
 from piperc.passes.outline_stages import KEY, PASS, arg_keys, function_name, stage_functions
-from piperc.passes.pipeline_split import NUM_STAGES, STAGE
+from piperc.passes.pipeline_split import NUM_STAGES, STAGE, module_count
 
 STEP_KEY = "state:step"
 
@@ -42,7 +42,7 @@ def optimizer_state(module: ModuleOp) -> dict[str, dict]:
     `w.exp_avg` -> `{"kind": "zeros", "like": "w"}`; `step` -> `{"kind": "scalar", "value": 0.0}`.
     """
     state: dict[str, dict] = {}
-    for stage in range(module.attributes[NUM_STAGES].value.data):
+    for stage in range(module_count(module, NUM_STAGES, "optimizer", "pipeline-split")):
         for fn in stage_functions(module, stage, PassKind.UPDATE):
             for key in arg_keys(fn):
                 if key == STEP_KEY:
@@ -74,12 +74,12 @@ class OptimizerPass(ModulePass):
     name = "optimizer"
 
     kind: str = "sgd"
-    lr: float = 1e-3
-    momentum: float = 0.0
-    weight_decay: float = 0.0
-    beta1: float = 0.9
-    beta2: float = 0.999
-    eps: float = 1e-8
+    lr: int | float = 1e-3
+    momentum: int | float = 0.0
+    weight_decay: int | float = 0.0
+    beta1: int | float = 0.9
+    beta2: int | float = 0.999
+    eps: int | float = 1e-8
     directive: str = "optimizer"
 
     def apply(self, ctx: Context, op: ModuleOp) -> None:
@@ -87,9 +87,10 @@ class OptimizerPass(ModulePass):
             raise StrategyError(f"{self.directive}: unknown optimizer '{self.kind}' (known: sgd, adamw)")
         if self.lr <= 0:
             raise StrategyError(f"{self.directive}: lr must be > 0, got {self.lr}")
-        if NUM_STAGES not in op.attributes:
-            raise StrategyError(f"{self.directive}: run pipeline-split and outline-stages first")
-        for stage in range(op.attributes[NUM_STAGES].value.data):
+        stages = module_count(op, NUM_STAGES, self.directive, "pipeline-split")
+        if not stage_functions(op, 0, PassKind.F):
+            raise StrategyError(f"{self.directive}: run outline-stages first (the module has no stage functions)")
+        for stage in range(stages):
             params = stage_parameters(op, stage)
             op.body.block.add_op(self._update(stage, params))
 

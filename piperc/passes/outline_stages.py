@@ -38,7 +38,7 @@ from xdsl.traits import ConstantLike, IsTerminator
 from piperc.dialects.par import OriginAttr, PassKind, PassKindAttr
 from piperc.errors import StrategyError
 from piperc.frontend import ORIGIN, argument_roles, main_function, result_roles
-from piperc.passes.pipeline_split import NUM_STAGES, STAGE, stage_of, unit_of
+from piperc.passes.pipeline_split import NUM_STAGES, STAGE, module_count, stage_of, unit_of
 
 KEY = "piperc.key"
 """The attribute naming a function argument or result in the step's data flow."""
@@ -114,9 +114,7 @@ class OutlineStagesPass(ModulePass):
 
     def apply(self, ctx: Context, op: ModuleOp) -> None:
         main = main_function(op)
-        if NUM_STAGES not in op.attributes:
-            raise StrategyError(f"{self.directive}: run pipeline-split before outline-stages")
-        num_stages = op.attributes[NUM_STAGES].value.data
+        num_stages = module_count(op, NUM_STAGES, self.directive, "pipeline-split")
         block = main.body.block
 
         arg_key: dict[SSAValue, str] = {}

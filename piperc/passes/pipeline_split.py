@@ -48,6 +48,18 @@ def unit_of(path: str) -> str | None:
     return m.group(1) if m else None
 
 
+def module_count(module: ModuleOp, key: str, reader: str, producer: str) -> int:
+    """The int attribute `key` of `module`, which pass `producer` writes.
+
+    A pass (`reader`) that runs before its prerequisite gets a StrategyError
+    naming the pass to run first, not a KeyError.
+    """
+    attr = module.attributes.get(key)
+    if not isinstance(attr, IntegerAttr):
+        raise StrategyError(f"{reader}: run {producer} first (the module has no {key})")
+    return attr.value.data
+
+
 def stage_of(op: Operation) -> int:
     """The stage assigned to `op` by pipeline-split."""
     attr = op.attributes.get(STAGE)

@@ -26,7 +26,7 @@ from piperc.dialects.par import ActionAttr, DeviceOp, PassKind, ScheduleOp
 from piperc.errors import StrategyError
 from piperc.passes.mesh import MESH_SYMBOL, find_mesh
 from piperc.passes.microbatch import MICROBATCHES
-from piperc.passes.pipeline_split import NUM_STAGES
+from piperc.passes.pipeline_split import NUM_STAGES, module_count
 
 SCHEDULE_SYMBOL = "schedule"
 
@@ -54,8 +54,8 @@ class SchedulePass(ModulePass):
         mesh = find_mesh(op)
         if self.axis not in mesh.axis_names():
             raise StrategyError(f"{self.directive}: axis '{self.axis}' is not in the mesh {list(mesh.axis_names())}")
-        stages = op.attributes[NUM_STAGES].value.data
-        microbatches = op.attributes[MICROBATCHES].value.data
+        stages = module_count(op, NUM_STAGES, self.directive, "pipeline-split")
+        microbatches = module_count(op, MICROBATCHES, self.directive, "microbatch")
         if stages != mesh.axis_size(self.axis):
             raise StrategyError(
                 f"{self.directive}: {stages} stages on a '{self.axis}' axis of size "
