@@ -306,3 +306,24 @@ def test_a_failing_pass_is_named_without_a_traceback(
     captured = capsys.readouterr()
     assert captured.out == ""
     assert captured.err.startswith(f"piperc-opt: error: {message}")
+
+
+def test_a_compiled_pipeline_replays_with_piperc_opt(tmp_path, capsys):
+    """`Compiled.dump` writes the pass pipeline it ran; piperc-opt replays it on the
+    captured IR and gets the same final IR."""
+    import piperc
+    from examples import gpt
+
+    model, inputs = gpt.make(n_layers=2)
+    compiled = piperc.compile(
+        model, inputs, mesh=piperc.Mesh(pp=2, dp=2),
+        strategy=[piperc.pipeline(stages=2, microbatches=2), piperc.data_parallel()],
+        optimizer=piperc.optim.AdamW(lr=1e-3))
+    out = compiled.dump(str(tmp_path / "job"))
+    ir_dir = tmp_path / "job" / "ir"
+    pipeline = (tmp_path / "job" / "pipeline.txt").read_text().strip()
+    assert main([str(ir_dir / "00-captured.mlir"), "-p", pipeline, "-o", str(tmp_path / "replay.mlir")]) == 0
+    assert out == str(tmp_path / "job")
+    last = sorted(ir_dir.iterdir())[-1]
+    assert last.name == "09-lower-to-exec.mlir"
+    assert (tmp_path / "replay.mlir").read_text() == last.read_text()
