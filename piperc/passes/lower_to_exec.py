@@ -143,8 +143,9 @@ class LowerToExecPass(ModulePass):
             for consumer in sorted(plan.consumers[key] - {plan.producer[key]}):
                 plan.tags[(key, consumer)] = len(plan.tags)
 
-        for group in mesh.all_groups(plan.pp_axis):
-            plan.groups.setdefault(tuple(group), f"pp_{len(plan.groups)}")
+        if stages > 1:  # a one-stage pipeline sends nothing
+            for group in mesh.all_groups(plan.pp_axis):
+                plan.groups.setdefault(tuple(group), f"pp_{len(plan.groups)}")
         stages_of: dict[str, list[int]] = defaultdict(list)
         for s in range(stages):
             for key in arg_keys(plan.fn(s, PassKind.UPDATE)):
