@@ -305,7 +305,7 @@ class PassKind(StrEnum):
     F = "F"
     """Forward."""
     B = "B"
-    """Backward, gradient with respect to the inputs."""
+    """Backward: input gradients, and weight gradients too unless the schedule splits them off as W."""
     W = "W"
     """Backward, gradient with respect to the weights."""
     UPDATE = "update"
