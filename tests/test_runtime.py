@@ -338,9 +338,28 @@ def test_input_is_the_microbatch_of_this_ranks_dp_shard():
         rt.input(1, 0)
     rt._begin_step((x[:6], x))
     with pytest.raises(
-        RuntimeError, match="6 rows along dim 0, which do not split into dp_size 2 x microbatches 2"
+        RuntimeError, match=r"6 rows along dim 0, which do not split into 2 replica\(s\) x microbatches 2"
     ):
         rt.input(0, 0)
+
+
+def test_a_shard_holds_only_this_replicas_rows():
+    x = torch.arange(16.0).reshape(8, 2)
+    rt = make_runtime(dp_index=1)
+    rt._begin_step((x[4:8], None), shard=True)
+    assert torch.equal(rt.input(0, 0), x[4:6])
+    assert torch.equal(rt.input(0, 1), x[6:8])
+
+
+def test_shard_cuts_a_global_batch_to_what_a_rank_reads():
+    from piperc.runtime import read_manifest, shard
+
+    manifest = read_manifest(PROGRAMS / "mlp_pp2")
+    x, y = torch.arange(16.0).reshape(8, 2), torch.arange(8.0).reshape(8, 1)
+    first, last = shard(manifest, 0, (x, y)), shard(manifest, 1, (x, y))
+    assert [t is None for t in first] == [i not in manifest.ranks[0].inputs for i in range(2)]
+    assert [t is None for t in last] == [i not in manifest.ranks[1].inputs for i in range(2)]
+    assert any(t is None for t in first + last), "a pipeline stage should not receive every input"
 
 
 def test_state_names_and_shapes_are_checked():

@@ -14,7 +14,7 @@ or, from one process on one machine:
 from .comm import Runtime, Work
 from .executor import Executor, load
 from .launch import LaunchError, LaunchResult, launch_dir, progress_bar
-from .manifest import Manifest, ManifestError, read_manifest
+from .manifest import Manifest, ManifestError, read_manifest, shard
 
 __all__ = [
     "Executor",
@@ -28,4 +28,5 @@ __all__ = [
     "load",
     "progress_bar",
     "read_manifest",
+    "shard",
 ]

@@ -101,7 +101,8 @@ class Runtime:
         self._dp_index = dp_index
         self._microbatches = microbatches
         self._state = state
-        self._batch: tuple[torch.Tensor, ...] | None = None
+        self._batch: tuple[torch.Tensor | None, ...] | None = None
+        self._batch_is_shard = False
         self._streams: dict[str, Any] = {}
         self._pending: list[Work] = []
 
@@ -160,14 +161,17 @@ class Runtime:
             )
         tensor = self._batch[index]
         rows = tensor.shape[0]
-        parts = self._dp_size * self._microbatches
+        # A shard holds only this replica's rows; a global batch holds every replica's.
+        replicas = 1 if self._batch_is_shard else self._dp_size
+        parts = replicas * self._microbatches
         if rows % parts:
             raise RuntimeError(
                 f"input {index} ({self._input_name(index)}) has {rows} rows along dim 0, which do not "
-                f"split into dp_size {self._dp_size} x microbatches {self._microbatches} equal slices"
+                f"split into {replicas} replica(s) x microbatches {self._microbatches} equal slices"
             )
         size = rows // parts
-        start = (self._dp_index * self._microbatches + microbatch) * size
+        replica = 0 if self._batch_is_shard else self._dp_index
+        start = (replica * self._microbatches + microbatch) * size
         return tensor.narrow(0, start, size).to(self.device).contiguous()
 
     def _input_name(self, index: int) -> str:
@@ -418,8 +422,9 @@ class Runtime:
 
     # ------------------------------------------------------------ step boundaries (executor)
 
-    def _begin_step(self, batch: tuple[torch.Tensor, ...]) -> None:
+    def _begin_step(self, batch: tuple[torch.Tensor | None, ...], shard: bool = False) -> None:
         self._batch = batch
+        self._batch_is_shard = shard
         self.outputs = {}
         self._pending = []
 

@@ -80,13 +80,28 @@ class Executor:
         """Runs one training step on the full global batch (every rank gets the same
         batch and reads its own slices); returns the global mean loss."""
         batch = tuple(global_batch)
+        self._check_arity(batch, "step()")
+        return self._run(batch, shard=False)
+
+    def step_shard(self, shard: tuple[torch.Tensor | None, ...]) -> float:
+        """Runs one training step on this rank's own data, as `shard()` cuts it
+        (only the inputs its stages read, only its replica's rows); returns the
+        global mean loss."""
+        batch = tuple(shard)
+        self._check_arity(batch, "step_shard()")
+        missing = [i for i in self.plan.inputs if batch[i] is None]
+        if missing:
+            raise ValueError(f"rank {self.rank}: step_shard() got no data for inputs {missing}")
+        return self._run(batch, shard=True)
+
+    def _check_arity(self, batch: tuple, what: str) -> None:
         names = self.manifest.input_names
         if len(batch) != len(names):
-            raise ValueError(
-                f"step() got {len(batch)} inputs, but the model takes {len(names)}: {list(names)}"
-            )
+            raise ValueError(f"{what} got {len(batch)} inputs, but the model takes {len(names)}: {list(names)}")
+
+    def _run(self, batch: tuple, shard: bool) -> float:
         rt = self.runtime
-        rt._begin_step(batch)
+        rt._begin_step(batch, shard=shard)
         self.program.step(rt)
         rt._end_step()
         total = torch.zeros((), dtype=torch.float64, device=rt.device)

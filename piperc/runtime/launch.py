@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .manifest import read_manifest
+from .manifest import read_manifest, shard
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 STEP_PREFIX = "PIPERC_STEP"
@@ -78,11 +78,14 @@ def launch_dir(
     on_step = progress_bar(len(batches)) if progress is True else progress or None
     with tempfile.TemporaryDirectory(prefix="piperc-launch-") as scratch:
         scratch = Path(scratch)
-        torch.save(batches, scratch / "batches.pt")
+        # Each rank receives only its own data: its replica's rows of the inputs it reads.
+        for rank in range(nprocs):
+            shards = [shard(manifest, rank, batch) for batch in batches] if rank < manifest.world_size else []
+            torch.save(shards, scratch / f"batches.rank{rank}.pt")
         result = scratch / "result.pt"
         command = [
             sys.executable, "-m", "piperc.runtime.worker", str(directory),
-            "--batches", str(scratch / "batches.pt"), "--result", str(result),
+            "--batches", str(scratch / "batches.rank{rank}.pt"), "--result", str(result),
         ]  # fmt: skip
         job = _Job(directory, scratch)
         try:

@@ -161,3 +161,17 @@ def _parse_rank(data: dict) -> RankPlan:
         inputs=tuple(int(i) for i in data["inputs"]),
         state=tuple(state),
     )
+
+
+def shard(manifest: Manifest, rank: int, global_batch) -> tuple:
+    """What `rank` needs of one global batch: the inputs its stages read, cut to
+    its data-parallel replica's rows (dim 0); None for the inputs it never reads."""
+    plan = manifest.ranks[rank]
+    out = []
+    for index, tensor in enumerate(global_batch):
+        if index not in plan.inputs:
+            out.append(None)
+            continue
+        rows = tensor.shape[0] // manifest.dp_size
+        out.append(tensor.narrow(0, plan.dp_index * rows, rows).clone())
+    return tuple(out)

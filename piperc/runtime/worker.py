@@ -32,18 +32,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "directory", help="the compiled model directory (manifest.json, rank programs)"
     )
-    parser.add_argument("--batches", required=True, help="torch.save'd list of global batches")
+    parser.add_argument(
+        "--batches", required=True,
+        help="torch.save'd list of global batches; a path with {rank} names one file per rank "
+             "holding only that rank's shards (see piperc.runtime.shard)",
+    )
     parser.add_argument("--result", help="where rank 0 writes the losses and final parameters")
     args = parser.parse_args(argv)
     rank = os.environ.get("RANK", "?")
     try:
         torch.set_num_threads(int(os.environ.get("PIPERC_THREADS") or 1))
-        batches = torch.load(args.batches, weights_only=True)
+        sharded = "{rank}" in args.batches
+        batches = torch.load(args.batches.format(rank=rank), weights_only=True)
         executor = load(args.directory)
         _start_watchdog(executor, rank)
         losses = []
+        step = executor.step_shard if sharded else executor.step
         for i, batch in enumerate(batches):
-            losses.append(executor.step(tuple(batch)))
+            losses.append(step(tuple(batch)))
             if executor.rank == 0:
                 print(f"{STEP_PREFIX} {i} {losses[-1]!r}", flush=True)
         state = executor.state_dict()
