@@ -63,11 +63,13 @@ class Compiled:
 
     def dump(self, path: str) -> str:
         """Writes everything a person reads to `path`: `ir/NN-<pass>.mlir` after every
-        pass, the per-rank programs, the schedule as a table and a picture."""
+        pass (unless compiled with `keep_ir=False`), the per-rank programs, the
+        schedule as a table and a picture."""
         self.save(path)
         ir_dir = os.path.join(path, "ir")
         shutil.rmtree(ir_dir, ignore_errors=True)
-        os.makedirs(ir_dir)
+        if self.ir_after:
+            os.makedirs(ir_dir)
         for i, (name, text) in enumerate(self.ir_after):
             with open(os.path.join(ir_dir, f"{i:02d}-{name}.mlir"), "w") as f:
                 f.write(text)

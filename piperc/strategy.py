@@ -36,10 +36,6 @@ class Mesh:
             n *= s
         return n
 
-    def shape_text(self) -> str:
-        """`pp=2,dp=2`: the mesh pass's option."""
-        return ",".join(f"{a}={s}" for a, s in self.axes.items())
-
     def __repr__(self) -> str:
         return "Mesh(" + ", ".join(f"{a}={s}" for a, s in self.axes.items()) + ")"
 
