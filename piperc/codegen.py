@@ -17,12 +17,13 @@ from typing import Any
 
 from xdsl.dialects import func
 from xdsl.dialects.builtin import ModuleOp
-from xdsl.ir import Block, Operation, SSAValue
+from xdsl.ir import Operation, SSAValue
 from xdsl.traits import IsTerminator
 
 from piperc.dialects import exec as ex
 from piperc.dialects import torch as t
 from piperc.interpreter import enum_value
+from piperc.ir import last_uses
 from piperc.passes.lower_to_exec import DEVICE
 from piperc.passes.mesh import find_mesh
 from piperc.passes.microbatch import MICROBATCHES, REPLICAS
@@ -97,7 +98,7 @@ def _function_source(fn: func.FuncOp) -> list[str]:
     if doc:
         lines.append(f'    """{", ".join(doc).capitalize()}. Returns {", ".join(result_keys(fn))}."""')
     inline: dict[SSAValue, str] = {}
-    last_use = _last_uses(fn.body.block)
+    last_use = last_uses(fn.body.block)
     for op in fn.body.block.ops:
         if op.has_trait(IsTerminator):
             lines.append(f"    return ({', '.join(_operand(names, inline, v) for v in op.operands)}{',' if len(op.operands) == 1 else ''})")
@@ -120,18 +121,6 @@ def _function_source(fn: func.FuncOp) -> list[str]:
         if dead:
             lines.append(f"    del {', '.join(dead)}")
     return lines
-
-
-def _last_uses(block: Block) -> dict[Operation, list[SSAValue]]:
-    last: dict[SSAValue, Operation] = {}
-    for op in block.ops:
-        for v in op.operands:
-            last[v] = op
-    by_op: dict[Operation, list[SSAValue]] = defaultdict(list)
-    for v, op in last.items():
-        if not op.has_trait(IsTerminator):
-            by_op[op].append(v)
-    return by_op
 
 
 def _operand(names: _Names, inline: dict[SSAValue, str], v: SSAValue, jit_type=None) -> str:

@@ -19,6 +19,7 @@ from xdsl.ir import Block, Operation, SSAValue
 from xdsl.traits import IsTerminator
 
 from piperc.dialects import torch as tdialect
+from piperc.ir import last_uses
 
 # torch-mlir writes enum arguments as ints, numbered as in ATen's c10 enums.
 _SCALAR_TYPES = {
@@ -151,7 +152,7 @@ def run_block(block: Block, args: Sequence[Any]) -> list[Any]:
     Values are dropped after their last use, so peak memory follows the program.
     """
     env: dict[SSAValue, Any] = dict(zip(block.args, args, strict=True))
-    last_use = _last_uses(block)
+    last_use = last_uses(block)
     for op in block.ops:
         values = [env[v] for v in op.operands]
         if op.has_trait(IsTerminator):
@@ -162,17 +163,6 @@ def run_block(block: Block, args: Sequence[Any]) -> list[Any]:
         for v in last_use.get(op, ()):
             env.pop(v, None)
     raise InterpreterError("block has no terminator")
-
-
-def _last_uses(block: Block) -> dict[Operation, list[SSAValue]]:
-    last: dict[SSAValue, Operation] = {}
-    for op in block.ops:
-        for v in op.operands:
-            last[v] = op
-    by_op: dict[Operation, list[SSAValue]] = {}
-    for v, op in last.items():
-        by_op.setdefault(op, []).append(v)
-    return by_op
 
 
 def run_function(fn: func.FuncOp, args: Sequence[Any]) -> list[Any]:

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+from collections import defaultdict
 from dataclasses import dataclass
 
 from xdsl.context import Context
 from xdsl.dialects.builtin import Builtin, ModuleOp
 from xdsl.dialects.func import Func
-from xdsl.ir import Operation
+from xdsl.ir import Block, Operation, SSAValue
 from xdsl.parser import Parser
 from xdsl.printer import Printer
+from xdsl.traits import IsTerminator
 
 from piperc.dialects.torch import Torch, aten_op_class
 
@@ -56,6 +58,20 @@ def parse_module(text: str, ctx: Context | None = None, name: str = "<input>") -
     """Parses IR text (generic or custom form) into a module; raises ParseError with line:col."""
     ctx = ctx or make_context()
     return Parser(ctx, text, name).parse_module()
+
+
+def last_uses(block: Block) -> dict[Operation, list[SSAValue]]:
+    """For each op of `block`, the values it is the last user of (its terminator excluded),
+    so an executor can drop a value right after that op."""
+    last: dict[SSAValue, Operation] = {}
+    for op in block.ops:
+        for v in op.operands:
+            last[v] = op
+    by_op: dict[Operation, list[SSAValue]] = defaultdict(list)
+    for v, op in last.items():
+        if not op.has_trait(IsTerminator):
+            by_op[op].append(v)
+    return by_op
 
 
 def print_ir(op: Operation) -> str:
