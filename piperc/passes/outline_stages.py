@@ -156,6 +156,7 @@ class OutlineStagesPass(ModulePass):
 
         # Which values each function needs from elsewhere.
         inputs: dict[tuple[int, PassKind, int], dict[str, SSAValue]] = defaultdict(dict)
+        exported: set[SSAValue] = set()
         for g, ops in groups.items():
             for o in ops:
                 for v in o.operands:
@@ -168,7 +169,8 @@ class OutlineStagesPass(ModulePass):
                     self._check_flow(group_of[producer], g, o, producer)
                     k = cross_key(v)
                     inputs[g][k] = v
-                    if (k, v) not in outputs[group_of[producer]]:
+                    if v not in exported:
+                        exported.add(v)
                         outputs[group_of[producer]].append((k, v))
         for k, v in wanted.items():
             if k.startswith("grad:") and k in partial_grads:
