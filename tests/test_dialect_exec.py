@@ -18,10 +18,10 @@ from xdsl.utils.exceptions import VerifyException
 from piperc.dialects.exec import (
     AllReduceOp,
     Exec,
-    StateOp,
     ProcessGroupOp,
     ProgramOp,
     ReductionKind,
+    StateOp,
     StreamOp,
     WaitOp,
 )
