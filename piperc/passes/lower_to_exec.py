@@ -80,6 +80,7 @@ class _Plan:
     bucket_of: dict[int, dict[str, int]] = field(default_factory=dict)  # stage -> grad key -> bucket
 
     def fn(self, stage: int, kind: PassKind) -> func.FuncOp:
+        """The F or update function of a stage."""
         return self.functions[function_name(stage, kind)]
 
     def action_functions(self, stage: int, kind: PassKind) -> list[func.FuncOp]:
@@ -87,12 +88,15 @@ class _Plan:
         return self.backward[stage] if kind == PassKind.B else [self.fn(stage, kind)]
 
     def tag(self, key: str, consumer: int, microbatch: int) -> int:
+        """The tag of the message carrying `key` of `microbatch` to stage `consumer` (same on both ends)."""
         return self.tags[(key, consumer)] * self.microbatches + microbatch
 
     def peer(self, rank: int, stage: int) -> int:
+        """The rank holding `stage` among `rank`'s pipeline group."""
         return self.mesh.rank_of({**self.mesh.coords(rank), self.pp_axis: stage})
 
     def pp_group(self, rank: int) -> str:
+        """The name of `rank`'s pipeline process group."""
         return self.groups[tuple(self.mesh.group_ranks(self.pp_axis, rank))]
 
 
@@ -220,10 +224,12 @@ class _ProgramBuilder:
         return [(group, keys) for (_, group), keys in sorted(by_bucket.items())]
 
     def add(self, op: Operation) -> Operation:
+        """Appends `op` to the program."""
         self.block.add_op(op)
         return op
 
     def build(self) -> ex.ProgramOp:
+        """The whole program: the schedule row's actions, the update, the loss, frees."""
         self.compute = self.add(ex.StreamOp("compute")).results[0]
         self.comm = self.add(ex.StreamOp("comm")).results[0]
         actions = self.plan.table[self.stage]
@@ -240,6 +246,7 @@ class _ProgramBuilder:
         return ex.ProgramOp(f"rank{self.rank}", self.rank, self.plan.mesh.size(), Region(self.block))
 
     def read_state(self, key: str, type_) -> SSAValue:
+        """This rank's state named by `key`, read once per program."""
         name = state_name(key)
         if name not in self.state:
             self.state[name] = self.add(ex.StateOp(name, type_)).results[0]
@@ -262,6 +269,8 @@ class _ProgramBuilder:
                 self.issue_ready_buckets(grads)
 
     def launch(self, fn: func.FuncOp, action: par.ActionAttr) -> dict[str, SSAValue]:
+        """Gathers `fn`'s arguments (state, inputs, local or received values), launches it,
+        sends the results other stages read; returns its gradients and loss share by key."""
         mb = action.microbatch
         args = []
         for key, arg in zip(arg_keys(fn), fn.args, strict=True):
@@ -295,6 +304,7 @@ class _ProgramBuilder:
         return produced
 
     def receive(self, key: str, mb: int, type_) -> SSAValue:
+        """Receives `key` of microbatch `mb` from the stage that produces it."""
         producer = self.plan.producer.get(key)
         if producer is None:
             raise StrategyError(f"lower-to-exec: value {key} is read by stage {self.stage} but produced nowhere")
@@ -305,6 +315,7 @@ class _ProgramBuilder:
         return recv.results[1]
 
     def accumulate(self, name: str, keys: list[str], produced, action) -> None:
+        """Adds this microbatch's `keys` to their sums (the first microbatch starts them)."""
         if not all(k in self.acc for k in keys):
             self.acc.update({k: produced[k] for k in keys})
             return
