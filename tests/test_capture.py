@@ -9,7 +9,7 @@ import piperc
 from examples import gpt, llama, moe, tied
 from piperc.dialects.par import OriginAttr, PassKind
 from piperc.frontend import argument_roles, result_roles
-from piperc.interpreter import run_function
+from piperc.interpreter import run_module
 
 EXAMPLES = {"gpt": gpt, "llama": llama, "moe": moe, "tied": tied}
 
@@ -31,7 +31,7 @@ def example(request):
 
 def test_interpreter_matches_eager_autograd(example):
     _, model, inputs, captured = example
-    results = run_function(captured.main, captured.arguments(inputs=inputs))
+    results = run_module(captured.module, captured.arguments(inputs=inputs))
     loss, grads = eager_step(model, inputs)
     got = dict(zip(result_roles(captured.main), results, strict=True))
     torch.testing.assert_close(got[("loss", 0)], loss, rtol=1e-6, atol=0)

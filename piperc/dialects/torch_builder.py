@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from xdsl.dialects.builtin import BoolAttr, FloatAttr, StringAttr, f32, f64
+from xdsl.dialects.builtin import FloatAttr, StringAttr, f32, f64
 from xdsl.ir import Attribute, Block, Operation, SSAValue
 
 from piperc.dialects import torch as t
@@ -42,21 +42,9 @@ class TorchBuilder:
         )
         return self._add(op).results[0]
 
-    def bool(self, value: bool) -> SSAValue:
-        """A `torch.constant.bool`."""
-        op = t.ConstantBoolOp.create(
-            properties={"value": BoolAttr.from_bool(value)}, result_types=[t.BoolType()]
-        )
-        return self._add(op).results[0]
-
     def none(self) -> SSAValue:
         """A `torch.constant.none`."""
         return self._add(t.ConstantNoneOp()).results[0]
-
-    def str(self, value: str) -> SSAValue:
-        """A `torch.constant.str`."""
-        op = t.ConstantStrOp.create(properties={"value": StringAttr(value)}, result_types=[t.StrType()])
-        return self._add(op).results[0]
 
     def device(self, value: str = "cpu") -> SSAValue:
         """A `torch.constant.device` (code generation maps it to the rank's device)."""
