@@ -31,8 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from examples import gpt  # noqa: E402
 from piperc import frontend  # noqa: E402
+from piperc.examples import gpt  # noqa: E402
 
 
 @dataclasses.dataclass

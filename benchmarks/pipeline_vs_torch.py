@@ -47,7 +47,7 @@ import torch.distributed as dist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-from examples import gpt  # noqa: E402
+from piperc.examples import gpt  # noqa: E402
 
 WORLD = 4
 N_HEADS = 4

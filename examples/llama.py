@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from examples.gpt import causal_attention, sample_batch
+from piperc.examples.gpt import causal_attention, sample_batch
 
 
 class RMSNorm(nn.Module):

@@ -9,7 +9,7 @@ of top-2 routing.
 import torch
 from torch import nn
 
-from examples.gpt import GPT, MLP, CausalSelfAttention, sample_batch
+from piperc.examples.gpt import GPT, MLP, CausalSelfAttention, sample_batch
 
 TOP_K = 2
 

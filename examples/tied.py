@@ -9,7 +9,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from examples.gpt import GPT, Block, sample_batch
+from piperc.examples.gpt import GPT, Block, sample_batch
 
 
 class TiedGPT(GPT):

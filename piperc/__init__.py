@@ -34,7 +34,13 @@ _LAZY = {
 __all__ = ["annotate", *_LAZY]
 
 
+_SUBPACKAGES = ("runtime", "dialects", "passes", "examples")
+"""Sub-packages reachable as attributes: `import piperc; piperc.runtime.load(...)`."""
+
+
 def __getattr__(name: str):
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f"piperc.{name}")
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'piperc' has no attribute '{name}'")

@@ -1,7 +1,7 @@
 """`piperc`: captures a model's training step as IR, optionally runs a pipeline over it.
 
     piperc capture examples/gpt.py:make --set n_layers=2 --dump-dir out/
-    piperc capture examples.gpt:make -p 'fold-detach,cse' --dump-dir out/
+    piperc capture piperc.examples.gpt:make -p 'fold-detach,cse' --dump-dir out/
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ CAPTURE_HELP = """\
 TARGET names a function that builds the model: FILE.py:FUNC or package.module:FUNC.
 It is called with the --set values as keyword arguments and must return
 (model, example_inputs). The current directory is put on sys.path first, so a
-model file may import from its repository (`from examples.gpt import ...`).
+model file may import from its repository (`from piperc.examples.gpt import ...`).
 
 Where the IR goes:
   without --dump-dir   the IR (after the pipeline, if any) is printed to stdout
@@ -76,7 +76,7 @@ def load_function(target: str) -> Callable:
     where, sep, name = target.rpartition(":")
     if not sep or not where or not name:
         raise PipercError(f"TARGET must be FILE.py:FUNC or package.module:FUNC, got '{target}'")
-    # Model files import from their repository (`from examples.gpt import ...`).
+    # Model files import from their repository (`from piperc.examples.gpt import ...`).
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     module = _load_file(where) if where.endswith(".py") or os.sep in where else _load_module(where)

@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
     import piperc
-    from examples import gpt
+    from piperc.examples import gpt
     from piperc.reference import compare, train_eager
 
     model, inputs = gpt.make(n_layers=4, d_model=64, n_heads=4, seq=32, batch=16)

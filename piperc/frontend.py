@@ -43,22 +43,23 @@ from xdsl.utils.exceptions import ParseError
 
 from piperc.annotate import INDEX_KEY, REGION_KEY
 from piperc.dialects.par import OriginAttr, PassKind
+from piperc.dialects.roles import (  # noqa: F401 - the captured step's conventions, re-exported
+    ARG_ALIASES,
+    ARG_BUFFER,
+    ARG_INPUT,
+    ARG_PARAM,
+    ARG_TANGENT,
+    ORIGIN,
+    RES_GRAD,
+    RES_LOSS,
+    RES_OUTPUT,
+    argument_roles,
+    main_function,
+    result_roles,
+)
 from piperc.dialects.torch import OperatorOp, aten_overload
 from piperc.errors import CaptureError
 from piperc.ir import PipercContext, make_context, parse_module, print_ir
-
-ORIGIN = "piperc.origin"
-"""The attribute on every captured op that says where in the model it came from."""
-
-# Argument and result attributes of the captured function.
-ARG_PARAM = "piperc.param"  # the parameter's name in model.state_dict()
-ARG_BUFFER = "piperc.buffer"
-ARG_INPUT = "piperc.input"  # index into example_inputs
-ARG_TANGENT = "piperc.tangent"  # index of the output it is the tangent of
-ARG_ALIASES = "piperc.aliases"  # other names of a tied parameter
-RES_LOSS = "piperc.loss"
-RES_OUTPUT = "piperc.output"
-RES_GRAD = "piperc.grad"
 
 
 @dataclasses.dataclass
@@ -96,44 +97,6 @@ class Captured:
             buffers if buffers is not None else self.buffers,
             inputs,
         )
-
-
-def main_function(module: ModuleOp) -> func.FuncOp:
-    """The `@main` function of a captured module."""
-    for op in module.ops:
-        if isinstance(op, func.FuncOp) and op.sym_name.data == "main":
-            return op
-    raise CaptureError("the module has no func.func @main")
-
-
-def argument_roles(fn: func.FuncOp) -> list[tuple[str, object]]:
-    """For each argument of a captured function, (role, key): role is one of
-    param, buffer, input, tangent; key is the name or index."""
-    roles = []
-    for i, attrs in enumerate(fn.arg_attrs.data if fn.arg_attrs else ()):
-        for role, key in ((ARG_PARAM, "param"), (ARG_BUFFER, "buffer"), (ARG_INPUT, "input"), (ARG_TANGENT, "tangent")):
-            if role in attrs.data:
-                value = attrs.data[role]
-                roles.append((key, value.data if isinstance(value, StringAttr | IntAttr) else value))
-                break
-        else:
-            raise CaptureError(f"argument {i} of @main has no piperc role attribute")
-    return roles
-
-
-def result_roles(fn: func.FuncOp) -> list[tuple[str, object]]:
-    """For each result of a captured function, (role, key): loss, output (index) or grad (name)."""
-    roles = []
-    for i, attrs in enumerate(fn.res_attrs.data if fn.res_attrs else ()):
-        if RES_LOSS in attrs.data:
-            roles.append(("loss", 0))
-        elif RES_OUTPUT in attrs.data:
-            roles.append(("output", attrs.data[RES_OUTPUT].data))
-        elif RES_GRAD in attrs.data:
-            roles.append(("grad", attrs.data[RES_GRAD].data))
-        else:
-            raise CaptureError(f"result {i} of @main has no piperc role attribute")
-    return roles
 
 
 def bind_arguments(fn: func.FuncOp, params, buffers, inputs: Sequence[torch.Tensor]) -> list:

@@ -6,8 +6,8 @@ import torch
 import torch.nn as nn
 
 import piperc
-from examples import gpt, llama, moe, tied
 from piperc.dialects.par import OriginAttr, PassKind
+from piperc.examples import gpt, llama, moe, tied
 from piperc.frontend import argument_roles, result_roles
 from piperc.interpreter import run_module
 

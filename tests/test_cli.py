@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from examples import gpt
+from piperc.examples import gpt
 from piperc.ir import parse_module
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,7 +37,7 @@ def test_capture_writes_the_captured_ir(tmp_path):
 
 def test_capture_with_a_pipeline_dumps_the_ir_before_and_after_each_pass(tmp_path):
     result = piperc(
-        "capture", "examples.gpt:make", "--set", "n_layers=1", "--set", "d_model=16",
+        "capture", "piperc.examples.gpt:make", "--set", "n_layers=1", "--set", "d_model=16",
         "-p", "fold-detach,cse", "--dump-dir", str(tmp_path),
     )
     assert result.returncode == 0, result.stderr

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from examples import gpt, llama, moe, tied
+from piperc.examples import gpt, llama, moe, tied
 
 EXAMPLES = {"gpt": gpt, "llama": llama, "moe": moe, "tied": tied}
 

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 import piperc
-from examples import gpt
 from piperc.errors import StrategyError
+from piperc.examples import gpt
 from piperc.reference import compare, train_eager
 
 REPO = Path(__file__).resolve().parent.parent

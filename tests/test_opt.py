@@ -312,7 +312,7 @@ def test_a_compiled_pipeline_replays_with_piperc_opt(tmp_path, capsys):
     """`Compiled.dump` writes the pass pipeline it ran; piperc-opt replays it on the
     captured IR and gets the same final IR."""
     import piperc
-    from examples import gpt
+    from piperc.examples import gpt
 
     model, inputs = gpt.make(n_layers=2)
     compiled = piperc.compile(

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import piperc
-from examples import gpt, llama, tied
+from piperc.examples import gpt, llama, tied
 from piperc.reference import compare, train_eager
 
 STEPS = 3

@@ -124,8 +124,8 @@ def test_verification_catches_the_pass_without_its_type_check(clean_registry):
 
 
 def test_doc_mentions_fold_detach_as_the_model():
-    assert "piperc/passes/fold_detach.py" in DOC_TEXT
-    assert (REPO / "piperc/passes/fold_detach.py").exists()
+    assert "passes/fold_detach.py" in DOC_TEXT
+    assert (REPO / "passes/fold_detach.py").exists()
 
 
 def test_files_and_flags_the_doc_names_exist():

@@ -11,6 +11,10 @@ or, from one process on one machine:
     result = piperc.runtime.launch_dir("out/model", batches)
 """
 
+if __name__ != "piperc.runtime":  # one folder, one import name (docs/architecture.md, "Folders")
+    raise ImportError(f"the runtime/ folder is the package piperc.runtime; import it under that name, not {__name__}")
+
+
 from .comm import Runtime, Work
 from .executor import Executor, load
 from .launch import LaunchError, LaunchResult, launch_dir, progress_bar

@@ -30,9 +30,9 @@ from xdsl.passes import ModulePass
 from xdsl.traits import ConstantLike, IsTerminator
 
 from piperc.dialects.par import OriginAttr, PassKind
+from piperc.dialects.roles import ORIGIN, main_function
 from piperc.dialects.torch import ValueTensorType
 from piperc.errors import StrategyError
-from piperc.frontend import ORIGIN, main_function
 
 STAGE = "par.stage"
 """The stage an op of the captured step runs in (i64)."""

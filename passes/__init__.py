@@ -6,6 +6,9 @@ entry imports its module only when the pass is used.
 
 from __future__ import annotations
 
+if __name__ != "piperc.passes":  # one folder, one import name (docs/architecture.md, "Folders")
+    raise ImportError(f"the passes/ folder is the package piperc.passes; import it under that name, not {__name__}")
+
 import importlib
 from collections.abc import Callable
 

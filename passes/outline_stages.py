@@ -36,8 +36,8 @@ from xdsl.passes import ModulePass
 from xdsl.traits import ConstantLike, IsTerminator
 
 from piperc.dialects.par import OriginAttr, PassKind, PassKindAttr
+from piperc.dialects.roles import ORIGIN, argument_roles, main_function, result_roles
 from piperc.errors import StrategyError
-from piperc.frontend import ORIGIN, argument_roles, main_function, result_roles
 from piperc.passes.pipeline_split import NUM_STAGES, STAGE, module_count, stage_of, unit_of
 
 KEY = "piperc.key"

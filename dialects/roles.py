@@ -1,0 +1,63 @@
+"""The captured step's conventions: where ops came from, and the roles of `@main`'s values.
+
+Capture writes them; passes read them. They are attribute names on
+`func.func @main`'s arguments and results, and on every captured op.
+"""
+
+from __future__ import annotations
+
+from xdsl.dialects import func
+from xdsl.dialects.builtin import IntAttr, ModuleOp, StringAttr
+
+from piperc.errors import CaptureError
+
+ORIGIN = "piperc.origin"
+"""The attribute on every captured op that says where in the model it came from."""
+
+# Argument and result attributes of the captured function.
+ARG_PARAM = "piperc.param"  # the parameter's name in model.state_dict()
+ARG_BUFFER = "piperc.buffer"
+ARG_INPUT = "piperc.input"  # index into example_inputs
+ARG_TANGENT = "piperc.tangent"  # index of the output it is the tangent of
+ARG_ALIASES = "piperc.aliases"  # other names of a tied parameter
+RES_LOSS = "piperc.loss"
+RES_OUTPUT = "piperc.output"
+RES_GRAD = "piperc.grad"
+
+
+def main_function(module: ModuleOp) -> func.FuncOp:
+    """The `@main` function of a captured module."""
+    for op in module.ops:
+        if isinstance(op, func.FuncOp) and op.sym_name.data == "main":
+            return op
+    raise CaptureError("the module has no func.func @main")
+
+
+def argument_roles(fn: func.FuncOp) -> list[tuple[str, object]]:
+    """For each argument of a captured function, (role, key): role is one of
+    param, buffer, input, tangent; key is the name or index."""
+    roles = []
+    for i, attrs in enumerate(fn.arg_attrs.data if fn.arg_attrs else ()):
+        for role, key in ((ARG_PARAM, "param"), (ARG_BUFFER, "buffer"), (ARG_INPUT, "input"), (ARG_TANGENT, "tangent")):
+            if role in attrs.data:
+                value = attrs.data[role]
+                roles.append((key, value.data if isinstance(value, StringAttr | IntAttr) else value))
+                break
+        else:
+            raise CaptureError(f"argument {i} of @main has no piperc role attribute")
+    return roles
+
+
+def result_roles(fn: func.FuncOp) -> list[tuple[str, object]]:
+    """For each result of a captured function, (role, key): loss, output (index) or grad (name)."""
+    roles = []
+    for i, attrs in enumerate(fn.res_attrs.data if fn.res_attrs else ()):
+        if RES_LOSS in attrs.data:
+            roles.append(("loss", 0))
+        elif RES_OUTPUT in attrs.data:
+            roles.append(("output", attrs.data[RES_OUTPUT].data))
+        elif RES_GRAD in attrs.data:
+            roles.append(("grad", attrs.data[RES_GRAD].data))
+        else:
+            raise CaptureError(f"result {i} of @main has no piperc role attribute")
+    return roles

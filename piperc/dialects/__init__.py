@@ -1,1 +1,0 @@
-"""piperc's xDSL dialects: `torch` (the model), `par` (parallelism), `exec` (per-device programs)."""
