@@ -1,23 +1,31 @@
-"""How long `piperc.capture` takes on a GPT, stage by stage, and how that grows with depth.
+"""How long `piperc.compile` takes on a GPT, phase by phase, and how that grows with depth.
 
     python benchmarks/compile_time.py [--layers 6,12,24] [--d-model 768] [--repeat N]
 
-Each depth is captured twice per repeat: once step by step, calling the steps of
-`piperc.frontend.capture` in the order it calls them, to time the stages
+Each depth is compiled whole, as a user compiles it: `piperc.compile(..., keep_ir=False)`
+on a mesh pp=4 x dp=2 with a 1F1B pipeline of 4 microbatches, data parallelism and AdamW.
+The phases are timed inside that one call, in CPU seconds of this process (steadier than
+wall-clock time on a shared machine; torch runs single-threaded here):
 
-    export   torch.export + AOTAutograd joint graph (and the fx bookkeeping after it)
-    import   torch-mlir FX importer to generic IR text
-    parse    xDSL parse + verify (and attaching origins and the signature)
+    export           torch.export (non-strict)
+    aot joint graph  AOTAutograd's joint forward+backward graph
+    import           torch-mlir's FX importer (MLIR in memory)
+    build IR         the xDSL module built from it, origins, signature, verification
+    <pass>           each pass of the pipeline, without the verification after it
+    verify           verifying the IR before the first pass and after every pass
+    codegen          the per-rank Python programs and the manifest
+    other            the rest (fx bookkeeping, strategy checks, initial state)
 
-and once as a single `piperc.capture` call (total; `cpu s` is that call's process
-CPU time, so a total well above it means the machine was busy). With --repeat N
-each time is the minimum over N runs. A 1-layer capture runs first, untimed, so one-time costs
-(lazy imports, op classes built from ATen schemas) land in no row.
+`cpu` is the call's CPU time (the phases add up to it) and `wall` its wall-clock time (a
+wall well above cpu means the machine was busy). With --repeat N each number is the minimum over N
+compiles. A 4-layer compile runs first, untimed, so one-time costs (lazy imports, op
+classes built from ATen schemas) land in no column.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import gc
 import os
@@ -31,105 +39,124 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from piperc import frontend  # noqa: E402
+import piperc  # noqa: E402
+from piperc import codegen, frontend, passmanager  # noqa: E402
 from piperc.examples import gpt  # noqa: E402
+
+MESH = {"pp": 4, "dp": 2}
+MICROBATCHES = 4
 
 
 @dataclasses.dataclass
-class Row:
-    """The measurements of one depth; times in seconds."""
+class Run:
+    """One compile: seconds per phase, in the order they ran, and the totals."""
 
-    layers: int
-    params: int
-    fx_nodes: int
-    ops: int
-    export: float
-    import_: float
-    parse: float
-    total: float
-    total_cpu: float
+    phases: dict[str, float]
+    wall: float
+    cpu: float
 
 
-def staged_capture(model, inputs) -> Row:
-    """Captures like `frontend.capture` does, timing export, import and parse apart."""
-    start = time.perf_counter()
-    joint = frontend._joint_graph(model, inputs)
-    gm = joint.graph_module
-    params, _ = frontend._fold_tied_parameters(model, gm)
-    frontend._check_outputs(model, gm)
-    frontend._drop_none_outputs(gm)
-    marks = frontend._node_marks(gm)
-    exported = time.perf_counter()
-    text, op_nodes = frontend._import(gm, marks)
-    imported = time.perf_counter()
-    module, _ = frontend._parse(text)
-    frontend._attach_origins(module, op_nodes, marks)
-    frontend._attach_signature(module, gm)
-    module.verify()
-    parsed = time.perf_counter()
-    return Row(
-        layers=0,
-        params=sum(p.numel() for p in params.values()),
-        fx_nodes=len(gm.graph.nodes),
-        ops=sum(1 for _ in frontend.main_function(module).body.walk()),
-        export=exported - start,
-        import_=imported - exported,
-        parse=parsed - imported,
-        total=0.0,
-        total_cpu=0.0,
-    )
+class Clock:
+    """Start and end times of the calls a compile makes to a few functions."""
+
+    def __init__(self):
+        self.calls: list[tuple[str, float, float]] = []
+        self.passes: list[str] = []
+
+    @contextlib.contextmanager
+    def watch(self, module, name: str):
+        """Records every call of `module.name` while the context is open."""
+        original = getattr(module, name)
+
+        def timed(*args, **kwargs):
+            start = time.process_time()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self.calls.append((name, start, time.process_time()))
+
+        setattr(module, name, timed)
+        try:
+            yield
+        finally:
+            setattr(module, name, original)
+
+    def after_pass(self, p, module) -> None:
+        """PipelineOptions.after_pass: names the pass whose verification just ended."""
+        self.passes.append(p.name)
+
+    def phases(self) -> dict[str, float]:
+        """CPU seconds per phase; a pass runs from the end of one verification to the start of the next."""
+        span = {name: (start, end) for name, start, end in self.calls if name != "_verify"}
+        verifies = [(start, end) for name, start, end in self.calls if name == "_verify"]
+        phases = {
+            "export": span["_export"][1] - span["_export"][0],
+            "aot joint graph": span["_joint_graph"][1] - span["_joint_graph"][0],
+            "import": span["_import"][1] - span["_import"][0],
+            "build IR": verifies[0][0] - span["_import"][1],
+        }
+        for name, before, after in zip(self.passes, verifies[:-1], verifies[1:], strict=True):
+            phases[name] = after[0] - before[1]
+        phases["verify"] = sum(end - start for start, end in verifies)
+        phases["codegen"] = span["generate"][1] - span["generate"][0]
+        return phases
 
 
-def timed_capture(model, inputs) -> tuple[float, float]:
-    """Wall-clock and CPU seconds of one `piperc.capture` call."""
-    start, start_cpu = time.perf_counter(), time.process_time()
-    frontend.capture(model, inputs)
-    return time.perf_counter() - start, time.process_time() - start_cpu
+def compile_once(model, inputs) -> Run:
+    """Compiles `model` once, timing each phase inside the one `piperc.compile` call."""
+    clock = Clock()
+    with contextlib.ExitStack() as stack:
+        for module, name in ((frontend, "_export"), (frontend, "_joint_graph"), (frontend, "_import"),
+                             (passmanager, "_verify"), (codegen, "generate")):
+            stack.enter_context(clock.watch(module, name))
+        start, start_cpu = time.perf_counter(), time.process_time()
+        piperc.compile(
+            model, inputs,
+            mesh=piperc.Mesh(**MESH),
+            strategy=[piperc.pipeline(stages=MESH["pp"], microbatches=MICROBATCHES, schedule="1f1b"),
+                      piperc.data_parallel()],
+            optimizer=piperc.optim.AdamW(lr=1e-3),
+            options=piperc.PipelineOptions(after_pass=clock.after_pass),
+            keep_ir=False,
+        )  # fmt: skip
+        wall, cpu = time.perf_counter() - start, time.process_time() - start_cpu
+    phases = clock.phases()
+    phases["other"] = cpu - sum(phases.values())
+    return Run(phases, wall, cpu)
 
 
-def measure(config: dict, layers: int, repeat: int) -> Row:
-    """The minimum over `repeat` runs of each stage and of the total, at one depth."""
+def measure(config: dict, layers: int, repeat: int) -> Run:
+    """The minimum over `repeat` compiles of each phase and of the totals, at one depth."""
     model, inputs = gpt.make(**config, n_layers=layers)
     runs = []
     for _ in range(repeat):
-        row = staged_capture(model, inputs)
+        runs.append(compile_once(model, inputs))
         gc.collect()
-        row.total, row.total_cpu = timed_capture(model, inputs)
-        gc.collect()
-        runs.append(row)
-    return dataclasses.replace(
-        runs[0],
-        layers=layers,
-        export=min(r.export for r in runs),
-        import_=min(r.import_ for r in runs),
-        parse=min(r.parse for r in runs),
-        total=min(r.total for r in runs),
-        total_cpu=min(r.total_cpu for r in runs),
+    return Run(
+        {name: min(r.phases[name] for r in runs) for name in runs[0].phases},
+        min(r.wall for r in runs),
+        min(r.cpu for r in runs),
     )
 
 
-def format_table(rows: list[Row]) -> str:
-    """The results as a fixed-width table, one line per depth."""
-    lines = [
-        f"{'layers':>6} {'params (M)':>10} {'fx nodes':>9} {'ops':>7} "
-        f"{'export s':>9} {'import s':>9} {'parse s':>8} {'total s':>8} {'cpu s':>6}"
-    ]
-    for r in rows:
-        lines.append(
-            f"{r.layers:>6} {r.params / 1e6:>10.1f} {r.fx_nodes:>9} {r.ops:>7} "
-            f"{r.export:>9.2f} {r.import_:>9.2f} {r.parse:>8.2f} {r.total:>8.2f} {r.total_cpu:>6.2f}"
-        )
+def format_table(layers: list[int], runs: list[Run]) -> str:
+    """One line per phase, one column per depth, seconds."""
+    head = f"{'phase':<18}" + "".join(f"{f'{n} layers':>11}" for n in layers)
+    lines = [head]
+    for name in runs[0].phases:
+        lines.append(f"{name:<18}" + "".join(f"{r.phases[name]:>11.2f}" for r in runs))
+    lines.append(f"{'cpu':<18}" + "".join(f"{r.cpu:>11.2f}" for r in runs))
+    lines.append(f"{'wall':<18}" + "".join(f"{r.wall:>11.2f}" for r in runs))
     return "\n".join(lines)
 
 
-def format_growth(rows: list[Row]) -> str:
-    """How the total grows between consecutive depths, next to linear growth."""
+def format_growth(layers: list[int], runs: list[Run]) -> str:
+    """How the CPU time grows between consecutive depths, next to linear growth."""
     lines = []
-    for small, large in zip(rows, rows[1:], strict=False):
-        lines.append(
-            f"total {large.layers}/{small.layers} layers: {large.total / small.total:.2f}x "
-            f"(linear: {large.layers / small.layers:.2f}x)"
-        )
+    for i in range(1, len(runs)):
+        small, large = layers[i - 1], layers[i]
+        ratio = runs[i].cpu / runs[i - 1].cpu
+        lines.append(f"cpu {large}/{small} layers: {ratio:.2f}x (linear: {large / small:.2f}x)")
     return "\n".join(lines)
 
 
@@ -139,21 +166,23 @@ def parse_layers(text: str) -> list[int]:
         layers = [int(x) for x in text.split(",")]
     except ValueError as e:
         raise argparse.ArgumentTypeError(f"expected comma-separated layer counts, got '{text}'") from e
-    if not layers or min(layers) < 1:
-        raise argparse.ArgumentTypeError(f"layer counts must be positive, got '{text}'")
+    if not layers or min(layers) < MESH["pp"]:
+        raise argparse.ArgumentTypeError(
+            f"layer counts must be at least {MESH['pp']} (one block per pipeline stage), got '{text}'"
+        )
     return layers
 
 
 def main(argv: list[str] | None = None) -> int:
     """Runs the benchmark and prints its table; returns the exit code."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--layers", type=parse_layers, default=[6, 12, 24], help="depths to capture")
+    ap.add_argument("--layers", type=parse_layers, default=[6, 12, 24], help="depths to compile")
     ap.add_argument("--d-model", type=int, default=768)
     ap.add_argument("--n-heads", type=int, help="attention heads (default: d_model / 64)")
     ap.add_argument("--vocab", type=int, default=8192)
     ap.add_argument("--seq", type=int, default=128)
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--repeat", type=int, default=1, help="runs per depth; the minimum is reported")
+    ap.add_argument("--batch", type=int, default=32, help="global batch (split into 2 replicas x 4 microbatches)")
+    ap.add_argument("--repeat", type=int, default=1, help="compiles per depth; the minimum is reported")
     args = ap.parse_args(argv)
     config = {
         "vocab": args.vocab,
@@ -162,21 +191,24 @@ def main(argv: list[str] | None = None) -> int:
         "seq": args.seq,
         "batch": args.batch,
     }
-    print("GPT " + " ".join(f"{k}={v}" for k, v in config.items()) + f", repeat={args.repeat}")
+    print(
+        "GPT " + " ".join(f"{k}={v}" for k, v in config.items())
+        + f"; mesh pp={MESH['pp']} x dp={MESH['dp']}, 1f1b, {MICROBATCHES} microbatches; repeat={args.repeat}"
+    )
     print(
         f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
         f"({torch.get_num_threads()} threads), Python {platform.python_version()}"
     )
     sys.stdout.flush()
 
-    staged_capture(*gpt.make(**config, n_layers=1))
-    rows = []
+    compile_once(*gpt.make(**config, n_layers=MESH["pp"]))
+    runs = []
     for layers in args.layers:
-        rows.append(measure(config, layers, args.repeat))
+        runs.append(measure(config, layers, args.repeat))
         gc.collect()
-    print(format_table(rows))
-    if len(rows) > 1:
-        print(format_growth(rows))
+    print(format_table(args.layers, runs))
+    if len(runs) > 1:
+        print(format_growth(args.layers, runs))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print(f"peak RSS: {peak:.1f} GiB")
     return 0

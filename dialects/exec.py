@@ -70,6 +70,7 @@ from xdsl.traits import (
 from xdsl.utils.exceptions import VerifyException
 from xdsl.utils.str_enum import StrEnum
 
+from piperc.dialects.par import ShardingAttr
 from piperc.dialects.torch import ValueTensorType
 
 # ---------------------------------------------------------------- types and attributes
@@ -243,6 +244,7 @@ class ProgramOp(IRDLOperation):
                     f'"{op.stream_name.data}" is created twice'
                 )
             seen.add(op.stream_name.data)
+        _verify_program_order(self)
 
 
 @irdl_op_definition
@@ -252,22 +254,27 @@ class ProcessGroupOp(IRDLOperation):
     `exec.process_group @dp_0 ranks [0, 2]`. Declared at module level, next to
     the programs, and referenced by symbol from communication ops. Ranks are
     unique and non-negative; their order is the group's rank order.
+    `exec.process_group @dp_0 ranks [0, 1] axis "dp"` is, in addition, the group
+    of its ranks along a mesh axis, in axis order: the group that a collective
+    over that axis inside a stage function uses on those ranks.
     """
 
     name = "exec.process_group"
 
     sym_name = prop_def(SymbolNameConstraint())
     ranks = prop_def(DenseArrayBase[I64])
+    axis = opt_prop_def(StringAttr)
 
     traits = traits_def(SymbolOpInterface())
 
-    assembly_format = "$sym_name `ranks` $ranks attr-dict"
+    assembly_format = "$sym_name `ranks` $ranks (`axis` $axis^)? attr-dict"
 
-    def __init__(self, sym_name: str, ranks: Sequence[int]):
+    def __init__(self, sym_name: str, ranks: Sequence[int], axis: str | None = None):
         super().__init__(
             properties={
                 "sym_name": StringAttr(sym_name),
                 "ranks": DenseArrayBase.from_list(i64, ranks),
+                "axis": None if axis is None else StringAttr(axis),
             }
         )
 
@@ -801,25 +808,182 @@ class RecvOp(PointToPointOp):
         )
 
 
+@irdl_op_definition
+class BatchP2POp(CommunicationOp):
+    """Sends and receives issued together, completing as one work handle.
+
+    `%w, %g = exec.batch_p2p group @pp_0 on %s [send %y to 0 : t1, recv from 0 : t2]`
+
+    The transfers start at once (torch's `batch_isend_irecv`), so a send
+    that waits for its receiver cannot hold back a receive of the same
+    batch: a forward send and a backward receive that two pipeline stages
+    issue in opposite orders go in one batch each. Sends are listed before
+    receives; the sends to one peer keep their order, as do the receives
+    from one peer (point-to-point transfers match in issue order).
+    """
+
+    name = "exec.batch_p2p"
+
+    sends = var_operand_def(ValueTensorType)
+    stream = operand_def(StreamType)
+    send_peers = prop_def(DenseArrayBase[I64])
+    recv_peers = prop_def(DenseArrayBase[I64])
+    work = result_def(WorkType)
+    recvs = var_result_def(ValueTensorType)
+
+    def __init__(
+        self,
+        sends: Sequence[tuple[SSAValue, int]],
+        recvs: Sequence[tuple[int, Attribute]],
+        group: str,
+        stream: SSAValue,
+    ):
+        super().__init__(
+            operands=[[value for value, _ in sends], stream],
+            result_types=[WorkType(), [type_ for _, type_ in recvs]],
+            properties={
+                "group": SymbolRefAttr(group),
+                "send_peers": DenseArrayBase.from_list(i64, [peer for _, peer in sends]),
+                "recv_peers": DenseArrayBase.from_list(i64, [peer for peer, _ in recvs]),
+            },
+        )
+
+    def send_list(self) -> list[tuple[SSAValue, int]]:
+        """(tensor, peer) of every send, in issue order."""
+        return list(zip(self.sends, self.send_peers.get_values(), strict=True))
+
+    def recv_list(self) -> list[tuple[SSAValue, int]]:
+        """(received tensor, peer) of every receive, in issue order."""
+        return list(zip(self.recvs, self.recv_peers.get_values(), strict=True))
+
+    # Custom syntax: each transfer reads as a unit (`send %y to 0 : t`), which
+    # the declarative format cannot zip from three separate lists.
+    @classmethod
+    def parse(cls, parser: Parser) -> BatchP2POp:
+        parser.parse_keyword("group")
+        group = parser.parse_attribute()
+        parser.parse_keyword("on")
+        stream = parser.parse_operand()
+        sends: list[tuple[SSAValue, int]] = []
+        recvs: list[tuple[int, Attribute]] = []
+
+        def parse_transfer() -> None:
+            if parser.parse_optional_keyword("send") is not None:
+                if recvs:
+                    parser.raise_error("exec.batch_p2p: list the sends before the receives")
+                pos = parser.pos
+                value = parser.parse_unresolved_operand()
+                parser.parse_keyword("to")
+                peer = parser.parse_integer()
+                parser.parse_punctuation(":")
+                type_ = parser.parse_type()
+                sends.append((parser.resolve_operands([value], [type_], pos)[0], peer))
+                return
+            parser.parse_keyword("recv")
+            parser.parse_keyword("from")
+            peer = parser.parse_integer()
+            parser.parse_punctuation(":")
+            recvs.append((peer, parser.parse_type()))
+
+        parser.parse_comma_separated_list(parser.Delimiter.SQUARE, parse_transfer)
+        attributes = parser.parse_optional_attr_dict()
+        return cls.build(
+            operands=[[value for value, _ in sends], stream],
+            result_types=[WorkType(), [type_ for _, type_ in recvs]],
+            properties={
+                "group": group,
+                "send_peers": DenseArrayBase.from_list(i64, [peer for _, peer in sends]),
+                "recv_peers": DenseArrayBase.from_list(i64, [peer for peer, _ in recvs]),
+            },
+            attributes=attributes,
+        )
+
+    def print(self, printer: Printer) -> None:
+        printer.print_string(" group ")
+        printer.print_attribute(self.group)
+        printer.print_string(" on ")
+        printer.print_ssa_value(self.stream)
+        printer.print_string(" [")
+        parts = [(v, peer, v.type) for v, peer in self.send_list()]
+        parts += [(None, peer, v.type) for v, peer in self.recv_list()]
+        for i, (value, peer, type_) in enumerate(parts):
+            if i:
+                printer.print_string(", ")
+            if value is not None:
+                printer.print_string("send ")
+                printer.print_ssa_value(value)
+                printer.print_string(f" to {peer} : ")
+            else:
+                printer.print_string(f"recv from {peer} : ")
+            printer.print_attribute(type_)
+        printer.print_string("]")
+        printer.print_op_attributes(self.attributes)
+
+    def verify_(self) -> None:
+        if len(self.send_peers.get_values()) != len(self.sends):
+            raise VerifyException(
+                f"{self.name}: {len(self.sends)} tensors to send but "
+                f"{len(self.send_peers.get_values())} send peers"
+            )
+        if len(self.recv_peers.get_values()) != len(self.recvs):
+            raise VerifyException(
+                f"{self.name}: {len(self.recvs)} tensors received but "
+                f"{len(self.recv_peers.get_values())} receive peers"
+            )
+        if not self.sends and not self.recvs:
+            raise VerifyException(f"{self.name}: a batch needs at least one send or receive")
+        program = self.program()
+        for peer in (*self.send_peers.get_values(), *self.recv_peers.get_values()):
+            self._verify_member("peer", IntegerAttr(peer, i64))
+            if program is not None and program.rank.value.data == peer:
+                raise VerifyException(f"{self.name}: rank {peer} cannot transfer to itself")
+
+
 # ---------------------------------------------------------------- completion and memory
 
 
 @irdl_op_definition
 class WaitOp(IRDLOperation):
-    """Waits for work handles; their results may be read after it: `exec.wait %w1, %w2`."""
+    """Makes a stream wait for work handles: `exec.wait %w1, %w2 on %s`.
+
+    Work results may be read on `%s` after it (on CUDA the stream waits for the
+    work, on CPU the host blocks). A handle is waited once: code generation
+    releases it right after the wait.
+    """
 
     name = "exec.wait"
 
     works = var_operand_def(WorkType)
+    stream = operand_def(StreamType)
 
-    assembly_format = "$works attr-dict"
+    assembly_format = "$works `on` $stream attr-dict"
 
-    def __init__(self, works: Sequence[SSAValue]):
-        super().__init__(operands=[works])
+    def __init__(self, works: Sequence[SSAValue], stream: SSAValue):
+        super().__init__(operands=[works, stream])
 
     def verify_(self) -> None:
         if not self.works:
             raise VerifyException(f"{self.name}: needs at least one work handle")
+
+
+@irdl_op_definition
+class RecordStreamOp(IRDLOperation):
+    """Marks a tensor as used by another stream than the one that made it:
+    `exec.record_stream %x, %comm : !torch.vtensor<[4,16],f32>`.
+
+    On CUDA its memory is not reused until the work queued on `%comm` so far
+    completed (`Tensor.record_stream`); on CPU it does nothing.
+    """
+
+    name = "exec.record_stream"
+
+    tensor = operand_def(ValueTensorType)
+    stream = operand_def(StreamType)
+
+    assembly_format = "$tensor `,` $stream attr-dict `:` type($tensor)"
+
+    def __init__(self, tensor: SSAValue, stream: SSAValue):
+        super().__init__(operands=[tensor, stream])
 
 
 @irdl_op_definition
@@ -847,22 +1011,37 @@ class FreeOp(IRDLOperation):
 class LoadInputOp(IRDLOperation):
     """This rank's slice of one microbatch of a named input.
 
-    `%x = exec.load_input "tokens" microbatch 2 : !torch.vtensor<[2,128],si64>`
+    `%x = exec.load_input "0" microbatch 2 layout #par.sharding<[["dp"], []]> : !torch.vtensor<[2,128],si64>`
+
+    The optional layout says which mesh axes split each dimension of the global
+    input: the runtime cuts the rank's rows by its coordinates along them, then
+    takes microbatch `microbatch` of those rows along dim 0. An input holds no
+    pending sum, so the layout has no `partial` axes.
     """
 
     name = "exec.load_input"
 
     input_name = prop_def(StringAttr, prop_name="name")
     microbatch = prop_def(IntegerAttr[I64])
+    layout = opt_prop_def(ShardingAttr)
     output = result_def(ValueTensorType)
 
-    assembly_format = "$name `microbatch` $microbatch attr-dict `:` type($output)"
+    assembly_format = (
+        "$name `microbatch` $microbatch (`layout` qualified($layout)^)? attr-dict `:` type($output)"
+    )
 
-    def __init__(self, input_name: str, microbatch: int, result_type: Attribute):
+    def __init__(
+        self,
+        input_name: str,
+        microbatch: int,
+        result_type: Attribute,
+        layout: ShardingAttr | None = None,
+    ):
         super().__init__(
             properties={
                 "name": StringAttr(input_name),
                 "microbatch": IntegerAttr(microbatch, i64),
+                "layout": layout,
             },
             result_types=[result_type],
         )
@@ -870,6 +1049,11 @@ class LoadInputOp(IRDLOperation):
     def verify_(self) -> None:
         _verify_nonempty(self, "the input name", self.input_name)
         _verify_nonnegative(self, "microbatch", self.microbatch)
+        if self.layout is not None and self.layout.partial_axes():
+            raise VerifyException(
+                f'{self.name} "{self.input_name.data}": layout {self.layout} has partial axes; '
+                "an input is never a pending sum"
+            )
 
 
 @irdl_op_definition
@@ -932,6 +1116,151 @@ class OutputOp(IRDLOperation):
         _verify_nonempty(self, "the output name", self.output_name)
 
 
+# ---------------------------------------------------------------- ordering rules of a program
+
+
+class _ValueNames:
+    """Names values as the printer does inside one program: `%hint`, or `%<n>` in order."""
+
+    def __init__(self, program: ProgramOp):
+        self.names: dict[SSAValue, str] = {}
+        hints: dict[str, int] = {}
+        counter = 0
+        for op in program.body.block.ops:
+            for value in op.results:
+                hint = value.name_hint
+                if hint is None:
+                    self.names[value] = f"%{counter}"
+                    counter += 1
+                elif hint in hints:
+                    hints[hint] += 1
+                    self.names[value] = f"%{hint}_{hints[hint]}"
+                else:
+                    hints[hint] = 0
+                    self.names[value] = f"%{hint}"
+
+    def __getitem__(self, value: SSAValue) -> str:
+        return self.names.get(value, "%?")
+
+
+def _stream_reads(op: Operation) -> tuple[SSAValue | None, Sequence[SSAValue]]:
+    """The stream an op runs on and the tensors it reads there (none for host ops)."""
+    if isinstance(op, LaunchOp):
+        return op.stream, op.args
+    if isinstance(op, CommunicationOp):
+        return op.stream, [v for v in op.operands if isinstance(v.type, ValueTensorType)]
+    return None, ()
+
+
+def _verify_program_order(program: ProgramOp) -> None:
+    """The ordering rules every rank program keeps, so it runs under NCCL as under gloo.
+
+    - An async op's (send, recv, batch_p2p, collective) tensors are not freed
+      before the `exec.wait` of its work, and its results are not read before it.
+    - A work handle is waited once; nothing is read after its `exec.free`.
+    - A tensor made on stream P and read on stream S != P is ordered after its
+      producer on S (event_record on P after it and event_wait on S, or a
+      wait of its work on S) and was given to `exec.record_stream` on S.
+    """
+    names = _ValueNames(program)
+    where = f"{program.name} @{program.sym_name.data}"
+    ops = list(program.body.block.ops)
+    index = {op: i for i, op in enumerate(ops)}
+    home: dict[SSAValue, SSAValue] = {}  # tensor -> the stream that made it
+    ready: dict[SSAValue, set[SSAValue]] = {}  # tensor -> streams ordered after its producer
+    in_flight: dict[SSAValue, list[tuple[CommunicationOp, str]]] = {}
+    unwaited: dict[SSAValue, CommunicationOp] = {}  # result -> its async op, until waited
+    waited: dict[SSAValue, int] = {}
+    events: dict[SSAValue, set[SSAValue]] = {}
+    recorded: set[tuple[SSAValue, SSAValue]] = set()
+    freed: dict[SSAValue, int] = {}
+
+    def stream_label(stream: SSAValue) -> str:
+        owner = stream.owner
+        return f'"{owner.stream_name.data}"' if isinstance(owner, StreamOp) else names[stream]
+
+    def fail(message: str) -> None:
+        raise VerifyException(f"{where}: {message}")
+
+    for i, op in enumerate(ops):
+        for value in op.operands:
+            if value in freed and not isinstance(op, FreeOp):
+                fail(f"{op.name} at op #{i} reads {names[value]} after its exec.free at op #{freed[value]}")
+        stream, reads = _stream_reads(op)
+        host_reads = [op.value] if isinstance(op, SetStateOp | OutputOp) else []
+        for value in [*reads, *host_reads]:
+            if value in unwaited:
+                producer = unwaited[value]
+                fail(
+                    f"{op.name} at op #{i} reads {names[value]} before the exec.wait of the "
+                    f"{producer.name} at op #{index[producer]} that writes it"
+                )
+        for value in reads:
+            if value not in home or home[value] == stream:
+                continue
+            producer = value.owner
+            made = f"made on stream {stream_label(home[value])} by the {producer.name} at op #{index[producer]}"
+            if stream not in ready[value]:
+                fail(
+                    f"{op.name} at op #{i} reads {names[value]} on stream {stream_label(stream)}, but "
+                    f"{names[value]} is {made} and nothing orders {stream_label(stream)} after it; add "
+                    f"exec.event_record on {stream_label(home[value])} after it and exec.event_wait "
+                    f"on {stream_label(stream)} before op #{i}"
+                )
+            if (value, stream) not in recorded:
+                fail(
+                    f"{op.name} at op #{i} reads {names[value]} on stream {stream_label(stream)}, but "
+                    f"{names[value]} is {made}; add exec.record_stream {names[value]}, "
+                    f"{names[stream]} before op #{i}"
+                )
+        if isinstance(op, LaunchOp):
+            for value in op.outs:
+                home[value] = op.stream
+                ready[value] = {op.stream}
+        elif isinstance(op, CommunicationOp):
+            for value in reads:
+                in_flight.setdefault(value, []).append((op, "reads"))
+            for value in op.results[1:]:
+                home[value] = op.stream
+                ready[value] = set()
+                unwaited[value] = op
+                in_flight.setdefault(value, []).append((op, "writes"))
+        elif isinstance(op, WaitOp):
+            for work in op.works:
+                if work in waited:
+                    fail(
+                        f"exec.wait at op #{i} waits for {names[work]} again; it was waited at "
+                        f"op #{waited[work]} (a handle is waited once)"
+                    )
+                waited[work] = i
+                for value in work.owner.results[1:]:
+                    unwaited.pop(value, None)
+                    ready[value].add(op.stream)
+            done = {work.owner for work in op.works}
+            for value in list(in_flight):
+                in_flight[value] = [(a, how) for a, how in in_flight[value] if a not in done]
+                if not in_flight[value]:
+                    del in_flight[value]
+        elif isinstance(op, EventRecordOp):
+            events[op.event] = {v for v, streams in ready.items() if op.stream in streams}
+        elif isinstance(op, EventWaitOp):
+            for value in events.get(op.event, ()):
+                ready[value].add(op.stream)
+        elif isinstance(op, RecordStreamOp):
+            recorded.add((op.tensor, op.stream))
+        elif isinstance(op, FreeOp):
+            for value in op.buffers:
+                if value in freed:
+                    fail(f"exec.free at op #{i} frees {names[value]} again; it was freed at op #{freed[value]}")
+                if value in in_flight:
+                    async_op, how = in_flight[value][0]
+                    fail(
+                        f"exec.free of {names[value]} at op #{i} comes before the exec.wait of the "
+                        f"{async_op.name} at op #{index[async_op]} that {how} it"
+                    )
+                freed[value] = i
+
+
 Exec = Dialect(
     "exec",
     [
@@ -948,7 +1277,9 @@ Exec = Dialect(
         BroadcastOp,
         SendOp,
         RecvOp,
+        BatchP2POp,
         WaitOp,
+        RecordStreamOp,
         FreeOp,
         LoadInputOp,
         StateOp,

@@ -17,18 +17,21 @@ from abc import ABC
 from collections.abc import Iterable, Sequence
 from typing import ClassVar
 
+from xdsl.dialects import func
 from xdsl.dialects.builtin import (
     I64,
     ArrayAttr,
+    DictionaryAttr,
     FlatSymbolRefAttr,
     IntAttr,
     IntegerAttr,
+    ModuleOp,
     NoneAttr,
     StringAttr,
     SymbolNameConstraint,
 )
 from xdsl.dialects.utils import EnumAttribute
-from xdsl.ir import Attribute, Block, Dialect, ParametrizedAttribute, Region, SSAValue
+from xdsl.ir import Attribute, Block, Dialect, Operation, ParametrizedAttribute, Region, SSAValue
 from xdsl.irdl import (
     IRDLOperation,
     VarConstraint,
@@ -56,7 +59,6 @@ from xdsl.printer import Printer
 from xdsl.traits import (
     HasParent,
     IsolatedFromAbove,
-    IsTerminator,
     NoTerminator,
     Pure,
     SymbolOpInterface,
@@ -627,164 +629,474 @@ class ShardOp(IRDLOperation):
                 )
 
 
-# ---------------------------------------------------------------- tasks
+# ---------------------------------------------------------------- tasks and the step
+
+
+LAYOUT = "par.layout"
+"""The argument and result attribute of stage functions and `@main`: the value's layout."""
+
+
+def layout_of(attrs: DictionaryAttr | None) -> ShardingAttr | None:
+    """The `par.layout` in an argument or result attribute dictionary, if any."""
+    if attrs is None:
+        return None
+    found = attrs.data.get(LAYOUT)
+    return found if isinstance(found, ShardingAttr) else None
+
+
+def verify_layout(layout: Attribute | None, value_type: Attribute, mesh: MeshAttr, what: str) -> None:
+    """Raises VerifyException naming `what` unless `layout` fits a value of `value_type` on `mesh`."""
+    if not isinstance(layout, ShardingAttr):
+        raise VerifyException(f"{what} has no layout; every value that crosses a function "
+                              f"boundary carries `{LAYOUT} = #par.sharding<...>`")
+    if not isinstance(value_type, ValueTensorType) or not value_type.has_shape:
+        return
+    shape = value_type.get_shape()
+    if layout.rank() != len(shape):
+        raise VerifyException(f"{what}: layout {layout} has {layout.rank()} dimensions, "
+                              f"the value {value_type} has {len(shape)}")
+    names = mesh.axis_names()
+    for axis in layout._used_axes():
+        if axis not in names:
+            raise VerifyException(f"{what}: layout {layout} names axis '{axis}', which the mesh "
+                                  f"{mesh} does not have")
+
+
+def verify_function_layouts(fn: func.FuncOp, mesh: MeshAttr) -> None:
+    """Checks that every argument and result of `fn` carries a layout that fits it."""
+    args = fn.arg_attrs.data if fn.arg_attrs else [None] * len(fn.function_type.inputs.data)
+    results = fn.res_attrs.data if fn.res_attrs else [None] * len(fn.function_type.outputs.data)
+    for i, (attrs, type_) in enumerate(zip(args, fn.function_type.inputs.data, strict=True)):
+        verify_layout(layout_of(attrs), type_, mesh, f"@{fn.sym_name.data} argument {i}{_named(attrs)}")
+    for i, (attrs, type_) in enumerate(zip(results, fn.function_type.outputs.data, strict=True)):
+        verify_layout(layout_of(attrs), type_, mesh, f"@{fn.sym_name.data} result {i}{_named(attrs)}")
+
+
+def _named(attrs: DictionaryAttr | None) -> str:
+    name = attrs.data.get("piperc.key") if attrs is not None else None
+    return f" ({name.data})" if isinstance(name, StringAttr) else ""
+
+
+def _module_mesh(op: Operation) -> MeshAttr | None:
+    """The module's `@mesh`, or None when `op` is not in a module that declares one."""
+    module = op.get_toplevel_object()
+    if not isinstance(module, ModuleOp):
+        return None
+    for o in module.ops:
+        if isinstance(o, MeshOp) and o.sym_name.data == "mesh":
+            return o.shape
+    return None
+
+
+def _callee(op: IRDLOperation, callee: FlatSymbolRefAttr) -> func.FuncOp | None:
+    """The function `callee` names; None when `op` is not in a module yet."""
+    module = op.get_toplevel_object()
+    if not isinstance(module, ModuleOp):
+        return None
+    found = SymbolTable.lookup_symbol(module, callee)
+    if not isinstance(found, func.FuncOp):
+        raise VerifyException(f"{op.name}: @{callee.root_reference.data} is not a func.func of the module")
+    return found
+
+
+def _verify_call(op: IRDLOperation, callee: FlatSymbolRefAttr, operands, results, where: str) -> None:
+    fn = _callee(op, callee)
+    if fn is None:
+        return
+    inputs, outputs = fn.function_type.inputs.data, fn.function_type.outputs.data
+    if tuple(operands.types) != tuple(inputs):
+        raise VerifyException(f"{where}: operands ({', '.join(map(str, operands.types))}) do not match "
+                              f"@{fn.sym_name.data}'s arguments ({', '.join(map(str, inputs))})")
+    if tuple(results.types) != tuple(outputs):
+        raise VerifyException(f"{where}: results ({', '.join(map(str, results.types))}) do not match "
+                              f"@{fn.sym_name.data}'s results ({', '.join(map(str, outputs))})")
+    mesh = _module_mesh(op)
+    if mesh is not None:
+        verify_function_layouts(fn, mesh)
 
 
 @irdl_op_definition
 class TaskOp(IRDLOperation):
-    """The compute of one stage, pass and microbatch.
+    """Runs a stage function for one stage, pass and (optionally) microbatch.
 
     ```
-    %r:2 = par.task "s0_F_mb1" stage 0 pass F microbatch 1 (%a, %b) : (T, T) -> (T, T) {
-    ^bb0(%x: T, %y: T):
-      ...
-      par.yield %p, %q : T, T
-    }
+    %r:2 = par.task @s0_F stage 0 pass F (%p, %x) : (T, T) -> (T, T)
+    %g = par.task @s0_B1 stage 0 pass B microbatch 3 (%a, %dy) : (T, T) -> T
     ```
-    Its inputs are explicit: the body's arguments are the operands, one for
-    one, and the body uses no value defined outside it. `par.yield` gives the
-    results. Microbatch -1 means all microbatches (an optimizer update).
+    In `@main` (the step) a task has no microbatch: it stands for every
+    microbatch. In a `par.program`, `expand-schedule` gives each task its
+    microbatch; an optimizer update has none. Operands and results match the
+    callee's signature, whose arguments and results all carry layouts.
     """
 
     name = "par.task"
 
-    sym_name = prop_def(StringAttr)
+    callee = prop_def(FlatSymbolRefAttr)
     stage = prop_def(IntegerAttr[I64])
     pass_kind = prop_def(PassKindAttr)
-    microbatch = prop_def(IntegerAttr[I64])
-    inputs = var_operand_def()
-    outputs = var_result_def()
-    body = region_def("single_block")
-
-    traits = traits_def(IsolatedFromAbove())
+    microbatch = opt_prop_def(IntegerAttr[I64])
+    args = var_operand_def()
+    outs = var_result_def()
 
     assembly_format = (
-        "$sym_name `stage` $stage `pass` custom<EnumKeyword>($pass_kind) `microbatch` $microbatch ` ` "
-        "`(` $inputs `)` attr-dict `:` functional-type($inputs, $outputs) $body"
+        "$callee `stage` $stage `pass` custom<EnumKeyword>($pass_kind) (`microbatch` $microbatch^)? "
+        "` ` `(` $args `)` attr-dict `:` functional-type($args, $outs)"
     )
 
     custom_directives = (EnumKeyword,)
 
-    def __init__(
-        self,
-        name: str,
-        stage: int,
-        pass_kind: PassKind,
-        microbatch: int,
-        inputs: Sequence[SSAValue],
-        result_types: Sequence[Attribute],
-        body: Region | None = None,
-    ):
-        """A task; without `body`, an empty block whose arguments mirror `inputs`."""
-        if body is None:
-            body = Region(Block(arg_types=[v.type for v in inputs]))
+    def __init__(self, callee: str, stage: int, pass_kind: PassKind, args: Sequence[SSAValue],
+                 result_types: Sequence[Attribute], microbatch: int | None = None):
         super().__init__(
-            operands=[inputs],
+            operands=[args],
             result_types=[result_types],
             properties={
-                "sym_name": StringAttr(name),
+                "callee": FlatSymbolRefAttr(callee),
                 "stage": IntegerAttr(stage, 64),
                 "pass_kind": PassKindAttr(pass_kind),
-                "microbatch": IntegerAttr(microbatch, 64),
+                "microbatch": None if microbatch is None else IntegerAttr(microbatch, 64),
             },
-            regions=[body],
         )
 
+    def action(self) -> str:
+        """The task as a schedule action, `0F1` (`0U` for an update)."""
+        letter = _PASS_LETTERS[self.pass_kind.data]
+        mb = "" if self.microbatch is None else str(self.microbatch.value.data)
+        return f"{self.stage.value.data}{letter}{mb}"
+
     def verify_(self) -> None:
-        where = f'{self.name} "{self.sym_name.data}"'
+        where = f"{self.name} @{self.callee.root_reference.data}"
         if self.stage.value.data < 0:
             raise VerifyException(f"{where}: stage {self.stage.value.data} must be >= 0")
-        if self.microbatch.value.data < -1:
-            raise VerifyException(
-                f"{where}: microbatch {self.microbatch.value.data} must be >= 0, "
-                "or -1 for all microbatches"
-            )
-        arg_types = self.body.block.arg_types
-        if arg_types != self.inputs.types:
-            raise VerifyException(
-                f"{where}: body arguments ({', '.join(map(str, arg_types))}) must match "
-                f"the inputs ({', '.join(map(str, self.inputs.types))})"
-            )
-        terminator = self.body.block.last_op
-        if not isinstance(terminator, YieldOp):
-            raise VerifyException(f"{where}: body must end with par.yield")
-        if terminator.values.types != self.outputs.types:
-            raise VerifyException(
-                f"{where}: par.yield gives ({', '.join(map(str, terminator.values.types))}), "
-                f"the task returns ({', '.join(map(str, self.outputs.types))})"
-            )
+        if self.microbatch is not None and self.microbatch.value.data < 0:
+            raise VerifyException(f"{where}: microbatch {self.microbatch.value.data} must be >= 0")
+        _verify_call(self, self.callee, self.args, self.outs, where)
 
 
 @irdl_op_definition
-class YieldOp(IRDLOperation):
-    """Ends a `par.task` and gives its results: `par.yield %p, %q : T, T`."""
+class AccumulateOp(IRDLOperation):
+    """Sums per-microbatch values over the step's microbatches.
 
-    name = "par.yield"
+    `%s:2 = par.accumulate @s0_B1_accumulate stage 0 (%g1, %g2) : T1, T2`: the
+    operands are produced once per microbatch; the results are their sums,
+    computed by the combiner `@fn(acc..., new...) -> acc...`.
+    """
 
-    values = var_operand_def()
+    name = "par.accumulate"
 
-    traits = traits_def(IsTerminator(), HasParent(TaskOp), Pure())
+    callee = prop_def(FlatSymbolRefAttr)
+    stage = prop_def(IntegerAttr[I64])
+    values = var_operand_def(ValueTensorType)
+    sums = var_result_def(ValueTensorType)
 
-    assembly_format = "attr-dict ($values^ `:` type($values))?"
+    def __init__(self, callee: str, stage: int, values: Sequence[SSAValue]):
+        super().__init__(
+            operands=[values],
+            result_types=[[v.type for v in values]],
+            properties={"callee": FlatSymbolRefAttr(callee), "stage": IntegerAttr(stage, 64)},
+        )
 
-    def __init__(self, *values: SSAValue):
-        super().__init__(operands=[values])
+    @classmethod
+    def parse(cls, parser: Parser) -> AccumulateOp:
+        callee = parser.parse_symbol_name()
+        parser.parse_keyword("stage")
+        stage = parser.parse_integer(allow_boolean=False)
+        values = parser.parse_comma_separated_list(parser.Delimiter.PAREN, parser.parse_unresolved_operand)
+        attrs = parser.parse_optional_attr_dict()
+        parser.parse_punctuation(":")
+        types = parser.parse_comma_separated_list(parser.Delimiter.NONE, parser.parse_type)
+        values = [parser.resolve_operand(v, t) for v, t in zip(values, types, strict=True)]
+        op = cls(callee.data, stage, values)
+        op.attributes |= attrs
+        return op
+
+    def print(self, printer: Printer) -> None:
+        printer.print_string(f" @{self.callee.root_reference.data} stage {self.stage.value.data} (")
+        printer.print_list(self.values, printer.print_operand)
+        printer.print_string(")")
+        printer.print_op_attributes(self.attributes)
+        printer.print_string(" : ")
+        printer.print_list(self.values.types, printer.print_attribute)
+
+    def verify_(self) -> None:
+        where = f"{self.name} @{self.callee.root_reference.data}"
+        types = list(self.values.types)
+        fn = _callee(self, self.callee)
+        if fn is None:
+            return
+        if list(fn.function_type.inputs.data) != types + types or list(fn.function_type.outputs.data) != types:
+            raise VerifyException(f"{where}: the combiner must take (acc..., new...) and return acc... "
+                                  f"for the types ({', '.join(map(str, types))})")
+
+
+@irdl_op_definition
+class AllReduceBucketOp(IRDLOperation):
+    """Sums one bucket of gradients over a group of devices, issued as one collective.
+
+    `%r:2 = par.all_reduce_bucket 0 stage 1 (%a, %b) over @mesh ["dp"] stages [1, 3] : T1, T2`:
+    bucket 0 of stage 1's gradients, summed over the devices that differ along
+    `axes` and hold one of `stages` along the pipeline axis (a weight tied
+    across stages sums its partial gradients over every stage that holds it).
+    The results are the sums, replicated over the group.
+    """
+
+    name = "par.all_reduce_bucket"
+
+    bucket = prop_def(IntegerAttr[I64])
+    stage = prop_def(IntegerAttr[I64])
+    mesh = prop_def(FlatSymbolRefAttr)
+    axes = prop_def(ArrayAttr[StringAttr])
+    stages = prop_def(ArrayAttr[IntAttr])
+    values = var_operand_def(ValueTensorType)
+    sums = var_result_def(ValueTensorType)
+
+    def __init__(self, bucket: int, stage: int, values: Sequence[SSAValue], mesh: str,
+                 axes: Sequence[str], stages: Sequence[int]):
+        super().__init__(
+            operands=[values],
+            result_types=[[v.type for v in values]],
+            properties={
+                "bucket": IntegerAttr(bucket, 64),
+                "stage": IntegerAttr(stage, 64),
+                "mesh": FlatSymbolRefAttr(mesh),
+                "axes": ArrayAttr(StringAttr(a) for a in axes),
+                "stages": ArrayAttr(IntAttr(s) for s in stages),
+            },
+        )
+
+    def axis_names(self) -> tuple[str, ...]:
+        """The mesh axes the group spans."""
+        return tuple(a.data for a in self.axes.data)
+
+    def stage_list(self) -> tuple[int, ...]:
+        """The pipeline stages whose devices take part."""
+        return tuple(s.data for s in self.stages.data)
+
+    @classmethod
+    def parse(cls, parser: Parser) -> AllReduceBucketOp:
+        bucket = parser.parse_integer(allow_boolean=False)
+        parser.parse_keyword("stage")
+        stage = parser.parse_integer(allow_boolean=False)
+        values = parser.parse_comma_separated_list(parser.Delimiter.PAREN, parser.parse_unresolved_operand)
+        parser.parse_keyword("over")
+        mesh = parser.parse_symbol_name()
+        axes = parser.parse_comma_separated_list(parser.Delimiter.SQUARE, parser.parse_str_literal)
+        parser.parse_keyword("stages")
+        stages = parser.parse_comma_separated_list(
+            parser.Delimiter.SQUARE, lambda: parser.parse_integer(allow_boolean=False))
+        attrs = parser.parse_optional_attr_dict()
+        parser.parse_punctuation(":")
+        types = parser.parse_comma_separated_list(parser.Delimiter.NONE, parser.parse_type)
+        values = [parser.resolve_operand(v, t) for v, t in zip(values, types, strict=True)]
+        op = cls(bucket, stage, values, mesh.data, axes, stages)
+        op.attributes |= attrs
+        return op
+
+    def print(self, printer: Printer) -> None:
+        printer.print_string(f" {self.bucket.value.data} stage {self.stage.value.data} (")
+        printer.print_list(self.values, printer.print_operand)
+        printer.print_string(f") over @{self.mesh.root_reference.data} [")
+        printer.print_list(self.axis_names(), printer.print_string_literal)
+        printer.print_string(f"] stages [{', '.join(map(str, self.stage_list()))}]")
+        printer.print_op_attributes(self.attributes)
+        printer.print_string(" : ")
+        printer.print_list(self.values.types, printer.print_attribute)
+
+    def verify_(self) -> None:
+        where = f"{self.name} {self.bucket.value.data} of stage {self.stage.value.data}"
+        for axis in self.axis_names():
+            _mesh_axis_size(self, self.mesh, axis)
+        if self.stage.value.data not in self.stage_list():
+            raise VerifyException(f"{where}: its own stage is not among the stages {list(self.stage_list())}")
+        if not self.values:
+            raise VerifyException(f"{where}: a bucket holds at least one gradient")
+
+
+@irdl_op_definition
+class ProgramOp(IRDLOperation):
+    """One device's program along the pipeline axis, in issue order.
+
+    ```
+    par.program @device1 device 1 {
+      %w = par.state "blocks.1.w" : T
+      %x = par.recv from stage 0 name "s0_F#0 mb0" : T
+      %y = par.task @s1_F stage 1 pass F microbatch 0 (%x, %w) : (T, T) -> T
+      ...
+    }
+    ```
+    Written by `expand-schedule` from `@main` and the schedule: tasks with
+    their microbatch, the transfers between stages (`par.send`/`par.recv`,
+    paired in issue order per pair of devices), gradient accumulation and
+    bucketed reductions, and the state it reads and writes. Every data-parallel
+    replica of the device runs the same program (SPMD over the other axes).
+    """
+
+    name = "par.program"
+
+    sym_name = prop_def(SymbolNameConstraint())
+    device = prop_def(IntegerAttr[I64])
+    body = region_def("single_block")
+
+    traits = traits_def(SymbolOpInterface(), NoTerminator(), IsolatedFromAbove())
+
+    assembly_format = "$sym_name `device` $device attr-dict-with-keyword $body"
+
+    def __init__(self, sym_name: str, device: int, body: Region | None = None):
+        super().__init__(
+            properties={"sym_name": StringAttr(sym_name), "device": IntegerAttr(device, 64)},
+            regions=[body if body is not None else Region(Block())],
+        )
+
+
+@irdl_op_definition
+class StateOp(IRDLOperation):
+    """Reads a named state tensor (parameter, buffer, optimizer state) of this device.
+
+    `%w = par.state "blocks.0.w" layout #par.sharding<[[], []]> : T`.
+    """
+
+    name = "par.state"
+
+    state_name = prop_def(StringAttr)
+    layout = prop_def(ShardingAttr)
+    result = result_def(ValueTensorType)
+
+    assembly_format = "$state_name `layout` qualified($layout) attr-dict `:` type($result)"
+
+    def __init__(self, state_name: str, layout: ShardingAttr, result_type: Attribute):
+        super().__init__(result_types=[result_type],
+                         properties={"state_name": StringAttr(state_name), "layout": layout})
+
+    def verify_(self) -> None:
+        mesh = _module_mesh(self)
+        if mesh is not None:
+            verify_layout(self.layout, self.result.type, mesh, f'{self.name} "{self.state_name.data}"')
+
+
+@irdl_op_definition
+class SetStateOp(IRDLOperation):
+    """Stores a named state tensor for the next step: `par.set_state "blocks.0.w", %w : T`."""
+
+    name = "par.set_state"
+
+    state_name = prop_def(StringAttr)
+    value = operand_def(ValueTensorType)
+
+    assembly_format = "$state_name `,` $value attr-dict `:` type($value)"
+
+    def __init__(self, state_name: str, value: SSAValue):
+        super().__init__(operands=[value], properties={"state_name": StringAttr(state_name)})
+
+
+@irdl_op_definition
+class InputOp(IRDLOperation):
+    """Reads this device's rows of one model input for one microbatch.
+
+    `%x = par.input 0 microbatch 1 layout #par.sharding<[["dp"], []]> : T`: the
+    layout says which mesh axes split the global batch, the microbatch which
+    slice of this device's rows; the type is the per-device microbatch.
+    """
+
+    name = "par.input"
+
+    index = prop_def(IntegerAttr[I64])
+    microbatch = prop_def(IntegerAttr[I64])
+    layout = prop_def(ShardingAttr)
+    result = result_def(ValueTensorType)
+
+    assembly_format = "$index `microbatch` $microbatch `layout` qualified($layout) attr-dict `:` type($result)"
+
+    def __init__(self, index: int, microbatch: int, layout: ShardingAttr, result_type: Attribute):
+        super().__init__(result_types=[result_type], properties={
+            "index": IntegerAttr(index, 64), "microbatch": IntegerAttr(microbatch, 64), "layout": layout})
+
+    def verify_(self) -> None:
+        mesh = _module_mesh(self)
+        if mesh is not None:
+            verify_layout(self.layout, self.result.type, mesh, f"{self.name} {self.index.value.data}")
+
+
+@irdl_op_definition
+class OutputOp(IRDLOperation):
+    """Reports a named result of the step, e.g. the loss: `par.output "loss", %l : T`."""
+
+    name = "par.output"
+
+    output_name = prop_def(StringAttr)
+    value = operand_def(ValueTensorType)
+
+    assembly_format = "$output_name `,` $value attr-dict `:` type($value)"
+
+    def __init__(self, output_name: str, value: SSAValue):
+        super().__init__(operands=[value], properties={"output_name": StringAttr(output_name)})
 
 
 # ---------------------------------------------------------------- point to point
 
 
-@irdl_op_definition
-class SendOp(IRDLOperation):
-    """Sends a value to another pipeline stage: `par.send %v to stage 1 tag "act_s0_mb1" : T`.
+class _Transfer(IRDLOperation, ABC):
+    """A point-to-point transfer between two devices along the pipeline axis."""
 
-    The tag pairs it with the `par.recv` of the same tag on the peer.
+    peer = prop_def(IntegerAttr[I64])
+    label = prop_def(StringAttr)
+    batch = opt_prop_def(IntegerAttr[I64])
+
+    def transfer_properties(self) -> None:
+        """Checks the peer and the batch number."""
+        if self.peer.value.data < 0:
+            raise VerifyException(f"{self.name} \"{self.label.data}\": peer device "
+                                  f"{self.peer.value.data} must be >= 0")
+        if self.batch is not None and self.batch.value.data < 0:
+            raise VerifyException(f"{self.name} \"{self.label.data}\": batch must be >= 0")
+
+
+def _transfer_props(peer: int, label: str, batch: int | None) -> dict[str, Attribute | None]:
+    return {"peer": IntegerAttr(peer, 64), "label": StringAttr(label),
+            "batch": None if batch is None else IntegerAttr(batch, 64)}
+
+
+@irdl_op_definition
+class SendOp(_Transfer):
+    """Sends a value to another device along the pipeline axis.
+
+    `par.send %v to 1 "s0_F.0 mb1" batch 3 : T`: sends and receives between two
+    devices pair up in the order each device issues them (the label is only a
+    readable name). Consecutive transfers with the same `batch` are issued
+    together, as one batched p2p, so that a send and a receive that cross
+    between two devices cannot block each other.
     """
 
     name = "par.send"
 
     input = operand_def(ValueTensorType)
-    peer_stage = prop_def(IntegerAttr[I64])
-    tag = prop_def(StringAttr)
 
-    assembly_format = "$input `to` `stage` $peer_stage `tag` $tag attr-dict `:` type($input)"
+    assembly_format = "$input `to` $peer $label (`batch` $batch^)? attr-dict `:` type($input)"
 
-    def __init__(self, input: SSAValue, peer_stage: int, tag: str):
-        super().__init__(
-            operands=[input],
-            properties={"peer_stage": IntegerAttr(peer_stage, 64), "tag": StringAttr(tag)},
-        )
+    def __init__(self, input: SSAValue, peer: int, label: str, batch: int | None = None):
+        super().__init__(operands=[input], properties=_transfer_props(peer, label, batch))
 
     def verify_(self) -> None:
-        if self.peer_stage.value.data < 0:
-            raise VerifyException(
-                f"{self.name}: peer stage {self.peer_stage.value.data} must be >= 0"
-            )
+        self.transfer_properties()
 
 
 @irdl_op_definition
-class RecvOp(IRDLOperation):
-    """Receives a value from another pipeline stage: `%v = par.recv from stage 0 tag "act_s0_mb1" : T`."""
+class RecvOp(_Transfer):
+    """Receives a value from another device along the pipeline axis.
+
+    `%v = par.recv from 0 "s0_F.0 mb1" batch 3 : T` (see `par.send`).
+    """
 
     name = "par.recv"
 
     result = result_def(ValueTensorType)
-    peer_stage = prop_def(IntegerAttr[I64])
-    tag = prop_def(StringAttr)
 
-    assembly_format = "`from` `stage` $peer_stage `tag` $tag attr-dict `:` type($result)"
+    assembly_format = "`from` $peer $label (`batch` $batch^)? attr-dict `:` type($result)"
 
-    def __init__(self, result_type: Attribute, peer_stage: int, tag: str):
-        super().__init__(
-            result_types=[result_type],
-            properties={"peer_stage": IntegerAttr(peer_stage, 64), "tag": StringAttr(tag)},
-        )
+    def __init__(self, result_type: Attribute, peer: int, label: str, batch: int | None = None):
+        super().__init__(result_types=[result_type], properties=_transfer_props(peer, label, batch))
 
     def verify_(self) -> None:
-        if self.peer_stage.value.data < 0:
-            raise VerifyException(
-                f"{self.name}: peer stage {self.peer_stage.value.data} must be >= 0"
-            )
+        self.transfer_properties()
 
 
 # ---------------------------------------------------------------- collectives
@@ -1008,6 +1320,159 @@ def _split(op: CollectiveOp, size: int, n: int, dim: int) -> int:
     return size // n
 
 
+# ---------------------------------------------------------------- resharding
+
+
+@irdl_op_definition
+class AllSliceOp(CollectiveOp):
+    """Keeps this device's piece of a value along `dim`, by its position on a mesh axis.
+
+    `%r = par.all_slice %v over @mesh "dp" dim 0 : !torch.vtensor<[4,8],f32> -> !torch.vtensor<[2,8],f32>`:
+    the device at position i of the n devices of axis "dp" keeps piece i of n
+    along dimension 0. No data moves; it undoes a `par.all_gather` over the
+    same axis and dimension. This is MLIR's `shard.all_slice` (`slice_axis` is
+    `dim`, `grid_axes` the one mesh axis).
+    """
+
+    name = "par.all_slice"
+
+    input = operand_def(ValueTensorType)
+    result = result_def(ValueTensorType)
+    dim = prop_def(IntegerAttr[I64])
+
+    traits = traits_def(Pure())
+
+    assembly_format = (
+        "$input `over` $mesh $axis `dim` $dim attr-dict `:` type($input) `->` type($result)"
+    )
+
+    def __init__(self, input: SSAValue, mesh: str, axis: str, dim: int, result_type: Attribute):
+        super().__init__(
+            operands=[input],
+            result_types=[result_type],
+            properties=self.group_properties(mesh, axis) | {"dim": IntegerAttr(dim, 64)},
+        )
+
+    def verify_(self) -> None:
+        n = self.group_size()
+        dim = self.check_dim(self.input, self.dim, "dim")
+        expected = list(_shape_of(self, self.input))
+        expected[dim] = _split(self, expected[dim], n, dim)
+        self.check_result_shape(self.input, self.result, expected)
+
+
+def value_name(value: SSAValue) -> str:
+    """How messages name a value: its name in the IR text (`%grad_w`), else what defines it."""
+    if value.name_hint:
+        return f"%{value.name_hint}"
+    owner = value.owner
+    if isinstance(owner, Block):
+        return f"block argument {value.index}"
+    return f"result {value.index} of {owner.name}"
+
+
+@irdl_op_definition
+class ReshardOp(IRDLOperation):
+    """Changes how a value is laid out over a mesh, from one sharding to another.
+
+    ```
+    %r = par.reshard %grad_w @mesh from #par.sharding<[[], []], partial = ["dp"]>
+           to #par.sharding<[["dp"], []]> : !torch.vtensor<[8,4],f32> -> !torch.vtensor<[4,4],f32>
+    ```
+    Types are per-device (local) shapes, as for the collectives: the operand is
+    this device's piece of a global tensor laid out as `source` says, the
+    result its piece of the same global tensor laid out as `target` says.
+    `lower-reshard` turns it into collectives. This is DTensor's
+    `redistribute`; in MLIR's `shard` dialect the same change is a
+    `shard.shard` of a value followed by one with `annotate_for_users`, which
+    shard partitioning lowers to `shard.all_reduce`/`all_gather`/`all_slice`/
+    `all_to_all`.
+    """
+
+    name = "par.reshard"
+
+    input = operand_def(ValueTensorType)
+    result = result_def(ValueTensorType)
+    mesh = prop_def(FlatSymbolRefAttr)
+    source = prop_def(ShardingAttr)
+    target = prop_def(ShardingAttr)
+
+    traits = traits_def(Pure())
+
+    assembly_format = (
+        "$input $mesh `from` qualified($source) `to` qualified($target) attr-dict "
+        "`:` type($input) `->` type($result)"
+    )
+
+    def __init__(
+        self,
+        input: SSAValue,
+        mesh: str,
+        source: ShardingAttr,
+        target: ShardingAttr,
+        result_type: Attribute,
+    ):
+        super().__init__(
+            operands=[input],
+            result_types=[result_type],
+            properties={"mesh": FlatSymbolRefAttr(mesh), "source": source, "target": target},
+        )
+
+    def describe(self) -> str:
+        """`par.reshard of %v from <source> to <target>`, for messages."""
+        return f"{self.name} of {value_name(self.input)} from {self.source} to {self.target}"
+
+    def verify_(self) -> None:
+        where = self.describe()
+        local_in, local_out = _shape_of(self, self.input), _shape_of(self, self.result)
+        assert isinstance(self.input.type, ValueTensorType)
+        assert isinstance(self.result.type, ValueTensorType)
+        if self.input.type.dtype != self.result.type.dtype:
+            raise VerifyException(
+                f"{where}: the result dtype {self.result.type.dtype} differs from the operand "
+                f"dtype {self.input.type.dtype}; a reshard moves data, it does not convert it"
+            )
+        for role, layout, local in (("source", self.source, local_in), ("target", self.target, local_out)):
+            if layout.rank() != len(local):
+                raise VerifyException(
+                    f"{where}: the {role} layout has {layout.rank()} dimensions, but "
+                    f"{value_name(self.input)} has rank {len(local)}; give one axis list per dimension"
+                )
+        mesh = lookup_mesh(self, self.mesh)
+        for role, layout in (("source", self.source), ("target", self.target)):
+            used = [a for d in range(layout.rank()) for a in layout.dim_axes(d)]
+            for axis in used + list(layout.partial_axes()):
+                if axis not in mesh.axis_names():
+                    raise VerifyException(
+                        f"{where}: the {role} layout names axis '{axis}', which mesh "
+                        f"@{self.mesh.root_reference.data} does not have "
+                        f"(axes: {', '.join(mesh.axis_names())})"
+                    )
+        expected = []
+        for dim, size in enumerate(self._global_shape(mesh)):
+            axes = self.target.dim_axes(dim)
+            parts = math.prod(mesh.axis_size(a) for a in axes)
+            if size >= 0 and size % parts:
+                raise VerifyException(
+                    f"{where}: dimension {dim} of the global shape has size {size}, which does not "
+                    f"split evenly over the {parts} devices of axes {', '.join(axes)}"
+                )
+            expected.append(size // parts if size >= 0 else -1)
+        if any(e >= 0 and a >= 0 and a != e for a, e in zip(local_out, expected, strict=True)):
+            dims = ",".join("?" if d < 0 else str(d) for d in expected)
+            raise VerifyException(
+                f"{where}: the result type {self.result.type} does not describe the same global "
+                f"tensor as the operand type {self.input.type}; its local shape should be [{dims}]"
+            )
+
+    def _global_shape(self, mesh: MeshAttr) -> list[int]:
+        local = _shape_of(self, self.input)
+        return [
+            size * math.prod(mesh.axis_size(a) for a in self.source.dim_axes(dim)) if size >= 0 else -1
+            for dim, size in enumerate(local)
+        ]
+
+
 # ---------------------------------------------------------------- schedule
 
 
@@ -1162,13 +1627,21 @@ Par = Dialect(
         MeshOp,
         ShardOp,
         TaskOp,
-        YieldOp,
+        AccumulateOp,
+        AllReduceBucketOp,
+        ProgramOp,
+        StateOp,
+        SetStateOp,
+        InputOp,
+        OutputOp,
         SendOp,
         RecvOp,
         AllReduceOp,
         AllGatherOp,
         ReduceScatterOp,
         AllToAllOp,
+        AllSliceOp,
+        ReshardOp,
         ScheduleOp,
         DeviceOp,
     ],

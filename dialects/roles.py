@@ -19,6 +19,7 @@ ARG_PARAM = "piperc.param"  # the parameter's name in model.state_dict()
 ARG_BUFFER = "piperc.buffer"
 ARG_INPUT = "piperc.input"  # index into example_inputs
 ARG_TANGENT = "piperc.tangent"  # index of the output it is the tangent of
+ARG_STATE = "piperc.state"  # optimizer state, added by the optimizer pass
 ARG_ALIASES = "piperc.aliases"  # other names of a tied parameter
 RES_LOSS = "piperc.loss"
 RES_OUTPUT = "piperc.output"
@@ -38,7 +39,8 @@ def argument_roles(fn: func.FuncOp) -> list[tuple[str, object]]:
     param, buffer, input, tangent; key is the name or index."""
     roles = []
     for i, attrs in enumerate(fn.arg_attrs.data if fn.arg_attrs else ()):
-        for role, key in ((ARG_PARAM, "param"), (ARG_BUFFER, "buffer"), (ARG_INPUT, "input"), (ARG_TANGENT, "tangent")):
+        for role, key in ((ARG_PARAM, "param"), (ARG_BUFFER, "buffer"), (ARG_INPUT, "input"), (ARG_TANGENT, "tangent"),
+                          (ARG_STATE, "state")):
             if role in attrs.data:
                 value = attrs.data[role]
                 roles.append((key, value.data if isinstance(value, StringAttr | IntAttr) else value))
@@ -58,6 +60,10 @@ def result_roles(fn: func.FuncOp) -> list[tuple[str, object]]:
             roles.append(("output", attrs.data[RES_OUTPUT].data))
         elif RES_GRAD in attrs.data:
             roles.append(("grad", attrs.data[RES_GRAD].data))
+        elif ARG_PARAM in attrs.data:  # the updated parameter, once the optimizer has run
+            roles.append(("param", attrs.data[ARG_PARAM].data))
+        elif ARG_STATE in attrs.data:
+            roles.append(("state", attrs.data[ARG_STATE].data))
         else:
             raise CaptureError(f"result {i} of @main has no piperc role attribute")
     return roles

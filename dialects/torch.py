@@ -343,7 +343,8 @@ class AtenOp(IRDLOperation):
     One subclass per operator name is made on first use (see `aten_op_class`).
     Operands are the operator's arguments in schema order (literals come from
     `torch.constant.*` ops); results are its returns. The verifier checks both
-    counts and that every value has a torch type.
+    counts and that every value has a torch type. Operators that only compute are
+    `Pure` (see `aten_is_pure`).
     """
 
     name = "torch.aten"
@@ -358,20 +359,29 @@ class AtenOp(IRDLOperation):
         return overload
 
     def verify_(self) -> None:
-        schema = self.aten._schema
-        if len(self.operands) != len(schema.arguments):
+        if self.properties or self.regions or self.successors:
+            raise VerifyException(f"{self.name} has no properties, regions or successors")
+        num_operands, num_results = _arity(self.name)
+        if len(self.operands) != num_operands:
             raise VerifyException(
-                f"{self.name} takes {len(schema.arguments)} operands ({schema}), "
+                f"{self.name} takes {num_operands} operands ({self.aten._schema}), "
                 f"got {len(self.operands)}"
             )
-        if len(self.results) != len(schema.returns):
+        if len(self.results) != num_results:
             raise VerifyException(
-                f"{self.name} returns {len(schema.returns)} results ({schema}), "
+                f"{self.name} returns {num_results} results ({self.aten._schema}), "
                 f"got {len(self.results)}"
             )
         for v in (*self.operands, *self.results):
-            if not is_torch_type(v.type):
+            if not isinstance(v.type, TORCH_TYPES):
                 raise VerifyException(f"{self.name}: {v.type} is not a torch type")
+
+
+@functools.cache
+def _arity(op_name: str) -> tuple[int, int]:
+    """How many arguments and returns the operator's schema has."""
+    schema = aten_overload(op_name)._schema
+    return len(schema.arguments), len(schema.returns)
 
 
 @irdl_op_definition
@@ -425,14 +435,41 @@ def aten_overload(op_name: str) -> torch._ops.OpOverload | None:
     return getattr(packet, overload_name)
 
 
+def aten_is_pure(overload: torch._ops.OpOverload) -> bool:
+    """True if the operator only computes its results from its operands, so an op whose
+    results are unused can be removed (`dce`) and two equal ones merged (`cse`).
+
+    Not pure: operators that write to an argument (an in-place `add_`, `copy_`, an `out=`
+    overload: `Tensor(a!)` in the schema), random ones (dropout, rand, bernoulli: torch
+    tags them `nondeterministic_seeded`), and ones that return nothing (`_assert_async`),
+    which exist only for their effect.
+    """
+    schema = overload._schema
+    return not (
+        schema.is_mutable
+        or schema.name.endswith("_")
+        or not schema.returns
+        or torch.Tag.nondeterministic_seeded in overload.tags
+    )
+
+
 @functools.cache
 def aten_op_class(op_name: str) -> type[AtenOp] | None:
-    """The op class for `torch.aten.*` name, made once from torch's schema."""
-    if aten_overload(op_name) is None:
+    """The op class for `torch.aten.*` name, made once from torch's schema; `Pure` when
+    the operator is (see `aten_is_pure`)."""
+    overload = aten_overload(op_name)
+    if overload is None:
         return None
     cls_name = "Aten_" + op_name.removeprefix("torch.aten.").replace(".", "_") + "Op"
-    cls = type(cls_name, (AtenOp,), {"name": op_name, "__module__": __name__})
-    return irdl_op_definition(cls)
+    fields = {"name": op_name, "__module__": __name__}
+    if aten_is_pure(overload):
+        fields["traits"] = traits_def(Pure())
+    cls = irdl_op_definition(type(cls_name, (AtenOp,), fields))
+    # IRDL's generic checks say nothing for an ATen op (any number of operands and results,
+    # of any type) yet cost most of its verification time, and every pass verifies every
+    # op; AtenOp.verify_ checks what matters against the schema, itself included.
+    cls.verify_ = AtenOp.verify_
+    return cls
 
 
 Torch = Dialect(

@@ -33,7 +33,11 @@ PASSES: dict[str, Callable[[], type[ModulePass]]] = {
     "data-parallel": _lazy("piperc.passes.data_parallel", "DataParallelPass"),
     "microbatch": _lazy("piperc.passes.microbatch", "MicrobatchPass"),
     "schedule": _lazy("piperc.passes.schedule", "SchedulePass"),
+    "expand-schedule": _lazy("piperc.passes.expand_schedule", "ExpandSchedulePass"),
     "lower-to-exec": _lazy("piperc.passes.lower_to_exec", "LowerToExecPass"),
+    "verify-exec": _lazy("piperc.passes.verify_exec", "VerifyExecPass"),
+    "lower-reshard": _lazy("piperc.passes.lower_reshard", "LowerReshardPass"),
+    "lower-collectives": _lazy("piperc.passes.lower_collectives", "LowerCollectivesPass"),
     "cse": _lazy("xdsl.transforms.common_subexpression_elimination", "CommonSubexpressionElimination"),
     "dce": _lazy("xdsl.transforms.dead_code_elimination", "DeadCodeElimination"),
 }

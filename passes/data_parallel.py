@@ -1,12 +1,19 @@
 """data-parallel: replicates every stage along a mesh axis and reduces gradients over it.
 
-Each replica takes an equal slice of the global batch (the loss is scaled by
-the microbatch pass so the sum over replicas is the global mean). The pass
-writes a `par.all_reduce` (sum) over `axis` for every gradient argument of
-each `@s<i>_update`, and numbers them into buckets of at most `bucket-mb`
-MiB, in the order the backward produces them (last stage's last parameters
-first), as `par.bucket` on each all-reduce. Lowering issues each bucket as
-one collective on the communication stream.
+Each replica takes an equal slice of the global batch: the step's inputs get
+the layout "dimension 0 split over `axis`", and so does every activation that
+depends on them (the first dimension that is a multiple of the rows a replica
+holds); the gradients the backward tasks return are partial sums over `axis`
+(`partial = ["dp"]`). The pass then sums them over the axis before each
+stage's update with `par.all_reduce_bucket`, grouping the gradients of a stage
+into buckets of at most `bucket-mb` MiB in the order the backward produces them
+(last parameters first), so each bucket can be issued as soon as its gradients
+are final. A weight tied across stages is summed over its stages too (its
+bucket lists them). The microbatch pass scales the loss so the sum over
+replicas is the global mean.
+
+    %r:2 = par.all_reduce_bucket 0 stage 1 (%g1, %g2) over @mesh ["dp"] stages [1] : T1, T2
+    %u = par.task @s1_update stage 1 pass update (%w1, %r#0, ...) : ...
 
 Options: axis (the mesh axis, default dp), bucket-mb, directive.
 Requires: mesh, outline-stages and optimizer have run.
@@ -17,18 +24,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from xdsl.context import Context
-from xdsl.dialects.builtin import IntegerAttr, ModuleOp, StringAttr
+from xdsl.dialects import func
+from xdsl.dialects.builtin import ArrayAttr, DictionaryAttr, ModuleOp
+from xdsl.ir import BlockArgument, SSAValue
 from xdsl.passes import ModulePass
 
-from piperc.dialects.par import AllReduceOp, PassKind, ReduceKind
+from piperc.dialects.par import LAYOUT, AllReduceBucketOp, PassKind, ShardingAttr, TaskOp
+from piperc.dialects.roles import argument_roles, main_function
 from piperc.dialects.torch import ValueTensorType
 from piperc.errors import StrategyError
 from piperc.passes.mesh import MESH_SYMBOL, find_mesh
-from piperc.passes.outline_stages import arg_keys, find_function, function_name
-from piperc.passes.pipeline_split import NUM_STAGES, module_count
-
-DP_AXIS = "par.dp_axis"
-BUCKET = "par.bucket"
+from piperc.passes.outline_stages import arg_keys, find_function, step_result_layouts, step_tasks
 
 _BYTES = {"f32": 4, "f64": 8, "f16": 2, "bf16": 2, "si64": 8, "si32": 4}
 
@@ -38,9 +44,53 @@ def tensor_bytes(t: ValueTensorType) -> int:
     return t.numel() * _BYTES.get(str(t.dtype), 4)
 
 
+def reduce_gradients(module: ModuleOp, axes: tuple[str, ...], limit_bytes: float, shared_only: bool) -> None:
+    """Sums the gradients each update task reads with `par.all_reduce_bucket` over `axes`
+    and over every stage that holds the same parameter, in buckets of at most `limit_bytes`.
+
+    Buckets written earlier are dissolved first. With `shared_only`, only the
+    gradients of parameters held by several stages (tied weights) are summed.
+    """
+    main = main_function(module)
+    for bucket in [o for o in main.body.block.ops if isinstance(o, AllReduceBucketOp)]:
+        for r, v in zip(bucket.sums, bucket.values, strict=True):
+            r.replace_all_uses_with(v)
+        bucket.detach()
+        bucket.erase()
+    updates = [t for t in step_tasks(module) if t.pass_kind.data == PassKind.UPDATE]
+    holders: dict[SSAValue, list[int]] = {}
+    for task in updates:
+        for v in task.args:
+            if isinstance(v, BlockArgument):
+                holders.setdefault(v, []).append(task.stage.value.data)
+    for task in updates:
+        stage = task.stage.value.data
+        keys = arg_keys(find_function(module, task.callee.root_reference.data))
+        params = {k.removeprefix("param:"): v for k, v in zip(keys, task.args, strict=True) if k.startswith("param:")}
+        grads = [(i, params[k.removeprefix("grad:")]) for i, k in enumerate(keys) if k.startswith("grad:")]
+        buckets: list[tuple[tuple[int, ...], list[int]]] = []
+        open_bucket: dict[tuple[int, ...], tuple[list[int], int]] = {}  # group -> (its bucket, bytes)
+        for index, param in reversed(grads):
+            group = tuple(holders[param])
+            if shared_only and len(group) == 1:
+                continue
+            nbytes = tensor_bytes(task.args[index].type)
+            current, size = open_bucket.get(group, (None, 0))
+            if current is None or size + nbytes > limit_bytes:
+                current, size = [], 0
+                buckets.append((group, current))
+            current.append(index)
+            open_bucket[group] = (current, size + nbytes)
+        for number, (group, indices) in enumerate(buckets):
+            op = AllReduceBucketOp(number, stage, [task.args[i] for i in indices], MESH_SYMBOL, axes, group)
+            main.body.block.insert_op_before(op, task)
+            for i, r in zip(indices, op.sums, strict=True):
+                task.operands[i] = r
+
+
 @dataclass(frozen=True)
 class DataParallelPass(ModulePass):
-    """Adds bucketed gradient all-reduces over `axis` to every stage's update."""
+    """Splits the batch over `axis` (input layouts) and sums gradients over it in buckets."""
 
     name = "data-parallel"
 
@@ -56,19 +106,59 @@ class DataParallelPass(ModulePass):
             )
         if self.bucket_mb <= 0:
             raise StrategyError(f"{self.directive}: bucket_mb must be > 0, got {self.bucket_mb}")
-        op.attributes[DP_AXIS] = StringAttr(self.axis)
-        limit = self.bucket_mb * 2**20
-        for stage in range(module_count(op, NUM_STAGES, self.directive, "pipeline-split")):
-            update = find_function(op, function_name(stage, PassKind.UPDATE))
-            block = update.body.block
-            grads = [(k, a) for k, a in zip(arg_keys(update), block.args, strict=True) if k.startswith("grad:")]
-            bucket, size = 0, 0
-            for _, grad in reversed(grads):
-                nbytes = tensor_bytes(grad.type)
-                if size and size + nbytes > limit:
-                    bucket, size = bucket + 1, 0
-                size += nbytes
-                reduce = AllReduceOp(grad, MESH_SYMBOL, self.axis, ReduceKind.SUM)
-                reduce.attributes[BUCKET] = IntegerAttr(bucket, 64)
-                block.insert_op_before(reduce, block.first_op)
-                grad.replace_uses_with_if(reduce.results[0], lambda use, r=reduce: use.operation is not r)
+        if not any(t.pass_kind.data == PassKind.UPDATE for t in step_tasks(op)):
+            raise StrategyError(f"{self.directive}: run optimizer first (the step has no update tasks)")
+        reduce_gradients(op, (self.axis,), self.bucket_mb * 2**20, shared_only=False)
+        self._split_batch(op)
+        step_result_layouts(op)
+
+    def _split_batch(self, module: ModuleOp) -> None:
+        """Writes the layouts of data parallelism on the step and on every task's function."""
+        main = main_function(module)
+        roles = argument_roles(main)
+        inputs = [a for a, (role, _) in zip(main.args, roles, strict=True) if role == "input"]
+        if not inputs:
+            raise StrategyError(f"{self.directive}: the step reads no model input to split")
+        rows = inputs[0].type.get_shape()[0]
+        batched: set[SSAValue] = set(inputs)
+        main.arg_attrs = ArrayAttr(
+            _set_layout(attrs, self._layout(a.type, rows, a in batched))
+            for attrs, a in zip(main.arg_attrs.data, main.args, strict=True))
+        for task in step_tasks(module):
+            fn = find_function(module, task.callee.root_reference.data)
+            depends = any(v in batched for v in task.args)
+            fn.arg_attrs = ArrayAttr(
+                _set_layout(attrs, self._layout(v.type, rows, v in batched))
+                for attrs, v in zip(fn.arg_attrs.data, task.args, strict=True))
+            if not depends:
+                continue
+            batched.update(task.outs)
+            is_grad = _gradient_results(main, task)
+            fn.res_attrs = ArrayAttr(
+                _set_layout(attrs, self._partial(r.type) if grad else self._layout(r.type, rows, True))
+                for attrs, r, grad in zip(fn.res_attrs.data, task.outs, is_grad, strict=True))
+
+    def _layout(self, type_, rows: int, batched: bool) -> ShardingAttr:
+        """Split over the axis along the first dimension holding whole rows, if `batched`."""
+        shape = type_.get_shape() if isinstance(type_, ValueTensorType) else ()
+        if not batched:
+            return ShardingAttr.replicated(len(shape))
+        for dim, size in enumerate(shape):
+            if size > 0 and size % rows == 0:
+                return ShardingAttr.split(len(shape), dim, self.axis)
+        return self._partial(type_)
+
+    def _partial(self, type_) -> ShardingAttr:
+        return ShardingAttr([[] for _ in type_.get_shape()], partial=[self.axis])
+
+
+def _gradient_results(main: func.FuncOp, task: TaskOp) -> list[bool]:
+    """Which results of `task` are parameter gradients (read by an update or a bucket)."""
+    readers = [[u.operation for u in r.uses] for r in task.outs]
+    return [any(isinstance(o, AllReduceBucketOp) or (isinstance(o, TaskOp) and o.pass_kind.data == PassKind.UPDATE)
+                for o in users) for users in readers]
+
+
+def _set_layout(attrs: DictionaryAttr, layout: ShardingAttr) -> DictionaryAttr:
+    return DictionaryAttr({**attrs.data, LAYOUT: layout})
+

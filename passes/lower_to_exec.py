@@ -1,377 +1,412 @@
-"""lower-to-exec: writes one `exec.program` per rank from the schedule and the stage functions.
+"""lower-to-exec: one `exec.program` per rank, op for op from the device's `par.program`.
 
-For rank r at pipeline position s (and any data-parallel index), the program
-walks row s of `par.schedule` and for each action:
+Each rank of the mesh runs the `par.program` of its coordinate along the
+pipeline axis (every data-parallel replica, i.e. every other coordinate, runs
+the same one). The pass reads only `par.mesh @mesh`, the `par.program` ops, the
+pipeline axis and the signatures of the functions the tasks call; it writes the
+process groups and `exec.program @rank<r>` for every rank, then erases the
+`par.program` ops. Each par op becomes one exec op:
 
-  * reads parameters and optimizer state (`exec.state`), its slice of the
-    inputs (`exec.load_input`), and receives values produced on other stages
-    (`exec.recv` + `exec.wait`, on the `comm` stream);
-  * launches the stage's F or B function on the `compute` stream;
-  * sends each result another stage reads (`exec.send` on `comm`, after an
-    event orders it behind the compute that produced it);
-  * sums gradients (and the loss share) over microbatches with
-    `@s<i>_accumulate`.
+  * `par.state`, `par.set_state`, `par.output` -> `exec.state`, `exec.set_state`, `exec.output`;
+  * `par.input i` -> `exec.load_input "i"` with the input's layout (the runtime cuts
+    the global input by the mesh axes the layout names, then takes the microbatch);
+  * `par.task` -> `exec.launch` on the `compute` stream (callee, stage, pass, microbatch);
+  * `par.send`/`par.recv` -> `exec.send`/`exec.recv` on the `comm` stream, to the
+    rank whose pipeline coordinate is the peer device and whose other coordinates
+    are this rank's, on the rank's pipeline group `@pp_<i>`. The tag is the
+    message's sequence number for its (sender, receiver) pair, so both ends agree.
+    A run of two or more consecutive transfers with the same `batch` becomes one
+    `exec.batch_p2p` (issued together, so crossing transfers cannot block each other);
+  * `par.all_reduce_bucket` -> one bucketed `exec.all_reduce` on `comm` over the ranks
+    that differ from this rank only along the bucket's `axes` and whose pipeline
+    coordinate is one of its `stages` (`@grad_<i>`); a group of one rank reduces
+    nothing, so the sums are the operands and no collective is issued.
 
-A backward action launches the stage's backward chunks in order. In the
-stage's last backward, each gradient bucket (of the data-parallel pass) is
-reduced over every rank that holds its parameters (data-parallel replicas, and
-the stages sharing a tied weight) by one `exec.all_reduce` on `comm` as soon as
-the chunk that completes it has run, so it overlaps the remaining chunks. Then
-the program waits for the buckets, launches `@s<i>_update` and stores the new
-parameters and optimizer state (`exec.set_state`). Every tensor is freed after its last use
-(`exec.free`). The `par.all_reduce` markers are removed from the update
-functions, which then hold torch ops only.
+Then the ordering and lifetime rules that make the program correct under NCCL
+(checked by `exec.program`'s verifier):
 
-Process groups (`exec.process_group`) are declared once at module level:
-`pp_<i>` for each pipeline group and `grad_<i>` for each distinct set of
-ranks that reduce a gradient together. Option: device (cpu | cuda).
-Requires: mesh, pipeline-split, outline-stages, optimizer, microbatch and
-schedule have run (data-parallel when the mesh has a data-parallel axis).
+  * a tensor made on one stream and read on another is ordered after its producer
+    there (`exec.event_record` + `exec.event_wait`, once before a run of comm ops
+    that needs it) and given to `exec.record_stream` for that stream;
+  * the results of an async op (recv, batch_p2p, all_reduce) are waited
+    (`exec.wait` on the stream of their first use; host reads wait on `compute`)
+    before that use;
+  * every tensor is freed (`exec.free`) right after its last use, except that a
+    tensor an async op still reads or writes stays alive until that op's wait: an op
+    with results (all_reduce, recv, batch with receives) is waited where its results
+    are first used, and the tensors it holds are freed right after that wait; an op
+    without results (a send, a batch of sends) is waited on `comm` right where the
+    tensor it reads would be freed;
+  * whatever is still in flight is waited at the end of the program.
+
+Process groups are declared in an order every rank agrees on: `@pp_<i>` for each
+group along the pipeline axis (only when it has more than one device), ordered by
+first rank, then `@grad_<i>` for each distinct bucket group of more than one rank,
+in the order ranks 0, 1, ... meet them in their programs.
+
+Options: device (cpu | cuda, recorded as the module attribute `exec.device`);
+axis, the pipeline axis when the module has no `par.schedule` (default "pp"; with
+a schedule the schedule's axis is used, and an `axis` that differs is an error).
+Requires: `expand-schedule` has written one `par.program @device<d> device d` per
+device 0..n-1 along the pipeline axis.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
-from dataclasses import dataclass, field
+from collections import Counter, defaultdict
+from dataclasses import dataclass
 
 from xdsl.context import Context
-from xdsl.dialects import func
 from xdsl.dialects.builtin import ModuleOp, StringAttr
 from xdsl.ir import Block, Operation, Region, SSAValue
 from xdsl.passes import ModulePass
 
 from piperc.dialects import exec as ex
 from piperc.dialects import par
-from piperc.dialects.par import MeshAttr, PassKind
+from piperc.dialects.par import MeshAttr
 from piperc.dialects.torch import ValueTensorType
 from piperc.errors import StrategyError
-from piperc.passes.data_parallel import BUCKET, DP_AXIS
 from piperc.passes.mesh import find_mesh
-from piperc.passes.microbatch import LOSS_SHARE, MICROBATCHES, accumulate_loss_name, accumulate_name
-from piperc.passes.outline_stages import arg_keys, function_name, result_keys, stage_functions
-from piperc.passes.pipeline_split import NUM_STAGES, module_count
-from piperc.passes.schedule import find_schedule
 
 DEVICE = "exec.device"
 """Module attribute: the device kind the programs run on (cpu or cuda)."""
 
-
-def state_name(key: str) -> str:
-    """The runtime's name for a keyed state value: `param:w` -> `w`, `state:w.exp_avg` -> `w.exp_avg`."""
-    return key.split(":", 1)[1]
-
-
-@dataclass
-class _Plan:
-    """What every program needs to agree on: stages, messages, groups."""
-
-    mesh: MeshAttr
-    pp_axis: str
-    stages: int
-    microbatches: int
-    table: dict[int, list[par.ActionAttr]]
-    functions: dict[str, func.FuncOp]
-    producer: dict[str, int] = field(default_factory=dict)  # key -> producing stage
-    consumers: dict[str, set[int]] = field(default_factory=lambda: defaultdict(set))
-    tags: dict[tuple[str, int], int] = field(default_factory=dict)
-    groups: dict[tuple[int, ...], str] = field(default_factory=dict)
-    owners: dict[str, tuple[int, ...]] = field(default_factory=dict)
-    backward: dict[int, list[func.FuncOp]] = field(default_factory=dict)
-    bucket_of: dict[int, dict[str, int]] = field(default_factory=dict)  # stage -> grad key -> bucket
-
-    def fn(self, stage: int, kind: PassKind) -> func.FuncOp:
-        """The F or update function of a stage."""
-        return self.functions[function_name(stage, kind)]
-
-    def action_functions(self, stage: int, kind: PassKind) -> list[func.FuncOp]:
-        """The functions one action runs: F, or the stage's backward chunks in order."""
-        return self.backward[stage] if kind == PassKind.B else [self.fn(stage, kind)]
-
-    def tag(self, key: str, consumer: int, microbatch: int) -> int:
-        """The tag of the message carrying `key` of `microbatch` to stage `consumer` (same on both ends)."""
-        return self.tags[(key, consumer)] * self.microbatches + microbatch
-
-    def peer(self, rank: int, stage: int) -> int:
-        """The rank holding `stage` among `rank`'s pipeline group."""
-        return self.mesh.rank_of({**self.mesh.coords(rank), self.pp_axis: stage})
-
-    def pp_group(self, rank: int) -> str:
-        """The name of `rank`'s pipeline process group."""
-        return self.groups[tuple(self.mesh.group_ranks(self.pp_axis, rank))]
+_ASYNC = (ex.SendOp, ex.RecvOp, ex.BatchP2POp, ex.AllReduceOp)
 
 
 @dataclass(frozen=True)
 class LowerToExecPass(ModulePass):
-    """Lowers the scheduled stage functions to one `exec.program` per rank."""
+    """Maps each device's `par.program` to one `exec.program` per rank of the mesh."""
 
     name = "lower-to-exec"
 
     device: str = "cpu"
+    axis: str | None = None
 
     def apply(self, ctx: Context, op: ModuleOp) -> None:
         if self.device not in ("cpu", "cuda"):
             raise StrategyError(f"lower-to-exec: device must be cpu or cuda, got '{self.device}'")
-        plan = self._plan(op)
-        self._strip_reduce_markers(plan)
-        for ranks, name in plan.groups.items():
-            op.body.block.add_op(ex.ProcessGroupOp(name, ranks))
-        for rank in range(plan.mesh.size()):
-            op.body.block.add_op(_ProgramBuilder(plan, rank).build())
+        mesh = find_mesh(op)
+        axis = self._pipeline_axis(op, mesh)
+        programs = _device_programs(op, mesh, axis)
+        pipeline_groups = _pipeline_groups(mesh, axis)
+        grad_groups = _grad_groups(mesh, axis, programs)
+        for groups in (pipeline_groups, grad_groups):
+            for ranks, name in groups.items():
+                op.body.block.add_op(ex.ProcessGroupOp(name, ranks))
+        for rank in range(mesh.size()):
+            builder = _RankProgram(mesh, axis, rank, pipeline_groups, grad_groups)
+            op.body.block.add_op(builder.build(programs[mesh.coords(rank)[axis]]))
+        for program in programs:
+            program.detach()
+            program.erase()
         op.attributes[DEVICE] = StringAttr(self.device)
 
-    def _plan(self, module: ModuleOp) -> _Plan:
-        mesh = find_mesh(module)
-        schedule = find_schedule(module)
-        stages = module_count(module, NUM_STAGES, "lower-to-exec", "pipeline-split")
-        functions = {f.sym_name.data: f for f in module.ops if isinstance(f, func.FuncOp)}
-        plan = _Plan(mesh, schedule.axis.data, stages,
-                     module_count(module, MICROBATCHES, "lower-to-exec", "microbatch"),
-                     schedule.table(), functions)
-        plan.backward = {s: stage_functions(module, s, PassKind.B) for s in range(stages)}
-        plan.bucket_of = {s: _buckets_of(plan.fn(s, PassKind.UPDATE)) for s in range(stages)}
-        dp_axis = module.attributes.get(DP_AXIS)
-        unused = [a for a in mesh.axis_names()
-                  if mesh.axis_size(a) > 1 and a not in (plan.pp_axis, dp_axis.data if dp_axis else None)]
-        if unused:
-            raise StrategyError(f"mesh axis '{unused[0]}' is used by no directive")
-
-        for s in range(stages):
-            for fn in plan.action_functions(s, PassKind.F) + plan.action_functions(s, PassKind.B):
-                for key in result_keys(fn):
-                    if key.startswith("v"):
-                        plan.producer[key] = s
-                for key in arg_keys(fn):
-                    if key.startswith("v"):
-                        plan.consumers[key].add(s)
-        for key in sorted(plan.producer, key=lambda k: int(k[1:])):
-            for consumer in sorted(plan.consumers[key] - {plan.producer[key]}):
-                plan.tags[(key, consumer)] = len(plan.tags)
-
-        if stages > 1:  # a one-stage pipeline sends nothing
-            for group in mesh.all_groups(plan.pp_axis):
-                plan.groups.setdefault(tuple(group), f"pp_{len(plan.groups)}")
-        stages_of: dict[str, list[int]] = defaultdict(list)
-        for s in range(stages):
-            for key in arg_keys(plan.fn(s, PassKind.UPDATE)):
-                if key.startswith("param:"):
-                    stages_of[key.removeprefix("param:")].append(s)
-        n_grad = 0
-        for rank in range(mesh.size()):
-            coords = mesh.coords(rank)
-            for name, holders in stages_of.items():
-                if coords[plan.pp_axis] not in holders:
-                    continue
-                owners = tuple(sorted(
-                    r for r in range(mesh.size())
-                    if mesh.coords(r)[plan.pp_axis] in holders
-                    and all(mesh.coords(r)[a] == coords[a] for a in mesh.axis_names()
-                            if a not in (plan.pp_axis, dp_axis.data if dp_axis else None))
-                ))
-                plan.owners.setdefault(name, owners)
-                if len(owners) > 1 and owners not in plan.groups:
-                    plan.groups[owners] = f"grad_{n_grad}"
-                    n_grad += 1
-        return plan
-
-    def _strip_reduce_markers(self, plan: _Plan) -> None:
-        for s in range(plan.stages):
-            block = plan.fn(s, PassKind.UPDATE).body.block
-            for o in list(block.ops):
-                if isinstance(o, par.AllReduceOp):
-                    o.results[0].replace_all_uses_with(o.operands[0])
-                    o.detach()
-                    o.erase()
+    def _pipeline_axis(self, module: ModuleOp, mesh: MeshAttr) -> str:
+        """The schedule's axis; without a schedule, the `axis` option or "pp"."""
+        schedule = next((o for o in module.ops if isinstance(o, par.ScheduleOp)), None)
+        axis = schedule.axis.data if schedule is not None else (self.axis or "pp")
+        if self.axis is not None and self.axis != axis:
+            raise StrategyError(f"lower-to-exec: axis '{self.axis}' differs from the pipeline axis "
+                                f"'{axis}' of par.schedule @{schedule.sym_name.data}; drop the option")
+        if axis not in mesh.axis_names():
+            raise StrategyError(f"lower-to-exec: the pipeline axis '{axis}' is not in the mesh "
+                                f"{list(mesh.axis_names())}; name it with lower-to-exec{{axis=...}}")
+        return axis
 
 
-def _buckets_of(update: func.FuncOp) -> dict[str, int]:
-    """grad key -> bucket number, from the data-parallel pass's markers (all 0 without it)."""
-    buckets = {}
-    for o in update.body.block.ops:
-        if isinstance(o, par.AllReduceOp):
-            arg_index = update.body.block.args.index(o.operands[0])
-            buckets[arg_keys(update)[arg_index]] = o.attributes[BUCKET].value.data
-    return buckets
+def _device_programs(module: ModuleOp, mesh: MeshAttr, axis: str) -> list[par.ProgramOp]:
+    """The `par.program` of each device 0..n-1 along `axis`, in device order."""
+    devices = mesh.axis_size(axis)
+    found: dict[int, par.ProgramOp] = {}
+    for program in module.ops:
+        if not isinstance(program, par.ProgramOp):
+            continue
+        device = program.device.value.data
+        if not 0 <= device < devices:
+            raise StrategyError(f"lower-to-exec: par.program @{program.sym_name.data} is for device {device}, "
+                                f"but the pipeline axis '{axis}' has devices 0..{devices - 1}")
+        if device in found:
+            raise StrategyError(f"lower-to-exec: par.program @{found[device].sym_name.data} and "
+                                f"@{program.sym_name.data} are both for device {device}")
+        found[device] = program
+    if not found:
+        raise StrategyError("lower-to-exec: the module has no par.program; run expand-schedule first")
+    missing = [d for d in range(devices) if d not in found]
+    if missing:
+        raise StrategyError(f"lower-to-exec: no par.program for device(s) {missing} of the pipeline axis "
+                            f"'{axis}' ({devices} devices); expand-schedule writes one per device")
+    return [found[d] for d in range(devices)]
 
 
-class _ProgramBuilder:
-    """Builds the `exec.program` of one rank."""
+def _pipeline_groups(mesh: MeshAttr, axis: str) -> dict[tuple[int, ...], str]:
+    """`pp_<i>` for every group of ranks along the pipeline axis; none for a one-device axis."""
+    if mesh.axis_size(axis) == 1:
+        return {}
+    return {ranks: f"pp_{i}" for i, ranks in enumerate(mesh.all_groups(axis))}
 
-    def __init__(self, plan: _Plan, rank: int):
-        self.plan = plan
-        self.rank = rank
-        self.stage = plan.mesh.coords(rank)[plan.pp_axis]
-        self.block = Block()
-        self.values: dict[tuple[str, int], SSAValue] = {}
-        self.state: dict[str, SSAValue] = {}
-        self.acc: dict[str, SSAValue] = {}
-        self.sends: list[SSAValue] = []
-        self.reduced: dict[str, SSAValue] = {}
-        self.reductions: list[SSAValue] = []
-        self.final: set[str] = set()
-        self.pending = self._buckets()
 
-    def _buckets(self) -> list[tuple[str, list[str]]]:
-        """(group, gradient keys) per bucket to reduce, in bucket order."""
-        update = self.plan.fn(self.stage, PassKind.UPDATE)
-        bucket_of = self.plan.bucket_of[self.stage]
-        by_bucket: dict[tuple[int, str], list[str]] = defaultdict(list)
-        for key in arg_keys(update):
-            if not key.startswith("grad:"):
+def bucket_ranks(mesh: MeshAttr, axis: str, rank: int, bucket: par.AllReduceBucketOp) -> tuple[int, ...]:
+    """The ranks `rank` sums `bucket` with: those that differ from it only along the bucket's
+    axes and the pipeline axis `axis`, and whose pipeline coordinate is one of its stages."""
+    coords = mesh.coords(rank)
+    fixed = [a for a in mesh.axis_names() if a != axis and a not in bucket.axis_names()]
+    return tuple(
+        r for r in range(mesh.size())
+        if mesh.coords(r)[axis] in bucket.stage_list() and all(mesh.coords(r)[a] == coords[a] for a in fixed)
+    )
+
+
+def _grad_groups(mesh: MeshAttr, axis: str, programs: list[par.ProgramOp]) -> dict[tuple[int, ...], str]:
+    """`grad_<i>` for every distinct bucket group of more than one rank, numbered in the
+    order ranks 0, 1, ... meet them in their programs (the same on every rank)."""
+    groups: dict[tuple[int, ...], str] = {}
+    for rank in range(mesh.size()):
+        for bucket in programs[mesh.coords(rank)[axis]].body.block.ops:
+            if not isinstance(bucket, par.AllReduceBucketOp):
                 continue
-            owners = self.plan.owners[key.removeprefix("grad:")]
-            if len(owners) > 1:
-                by_bucket[(bucket_of.get(key, 0), self.plan.groups[owners])].append(key)
-        return [(group, keys) for (_, group), keys in sorted(by_bucket.items())]
+            ranks = bucket_ranks(mesh, axis, rank, bucket)
+            if len(ranks) > 1 and ranks not in groups:
+                groups[ranks] = f"grad_{len(groups)}"
+    return groups
+
+
+def _holds_results(op: Operation) -> bool:
+    """Whether an async op writes tensors (and so is waited where they are first used)."""
+    return any(isinstance(r.type, ValueTensorType) for r in op.results)
+
+
+class _RankProgram:
+    """Builds the `exec.program` of one rank from its device's `par.program`."""
+
+    def __init__(self, mesh: MeshAttr, axis: str, rank: int,
+                 pipeline_groups: dict[tuple[int, ...], str], grad_groups: dict[tuple[int, ...], str]):
+        self.mesh = mesh
+        self.axis = axis
+        self.rank = rank
+        self.coords = mesh.coords(rank)
+        self.pp_group = pipeline_groups.get(mesh.group_ranks(axis, rank))
+        self.grad_groups = grad_groups
+        self.ops: list[Operation] = []
+        self.values: dict[SSAValue, SSAValue] = {}  # par value -> exec value
+        self.home: dict[SSAValue, SSAValue] = {}  # tensor -> the stream that made it
+        self.ready: dict[SSAValue, set[SSAValue]] = {}  # tensor -> streams ordered after its producer
+        self.unwaited: dict[SSAValue, Operation] = {}  # async result -> its op, until waited
+        self.recorded: set[tuple[SSAValue, SSAValue]] = set()
+        self.sent: Counter[int] = Counter()  # peer device -> messages sent to it so far
+        self.received: Counter[int] = Counter()
 
     def add(self, op: Operation) -> Operation:
         """Appends `op` to the program."""
-        self.block.add_op(op)
+        self.ops.append(op)
         return op
 
-    def build(self) -> ex.ProgramOp:
-        """The whole program: the schedule row's actions, the update, the loss, frees."""
+    def build(self, program: par.ProgramOp) -> ex.ProgramOp:
+        """The rank's program: streams, the lowered ops in order, then waits and frees."""
+        self.where = f"par.program @{program.sym_name.data}"
         self.compute = self.add(ex.StreamOp("compute")).results[0]
         self.comm = self.add(ex.StreamOp("comm")).results[0]
-        actions = self.plan.table[self.stage]
-        last_backward = max(i for i, a in enumerate(actions) if a.pass_kind == PassKind.B)
-        for i, action in enumerate(actions):
-            self.run(action, final=i == last_backward)
-            if i == last_backward:
-                self.update()
-        if LOSS_SHARE in self.acc:
-            self.add(ex.OutputOp("loss", self.acc[LOSS_SHARE]))
-        if self.sends:
-            self.add(ex.WaitOp(self.sends))
-        _insert_frees(self.block)
-        return ex.ProgramOp(f"rank{self.rank}", self.rank, self.plan.mesh.size(), Region(self.block))
-
-    def read_state(self, key: str, type_) -> SSAValue:
-        """This rank's state named by `key`, read once per program."""
-        name = state_name(key)
-        if name not in self.state:
-            self.state[name] = self.add(ex.StateOp(name, type_)).results[0]
-        return self.state[name]
-
-    def run(self, action: par.ActionAttr, final: bool) -> None:
-        """One schedule action: its function (or backward chunks, in order) with their messages.
-
-        In the stage's last backward (`final`), each gradient bucket is issued
-        as soon as the chunk that completes it has run.
-        """
-        for fn in self.plan.action_functions(self.stage, action.pass_kind):
-            produced = self.launch(fn, action)
-            grads = [k for k in produced if k.startswith("grad:")]
-            if grads:
-                self.accumulate(accumulate_name(fn.sym_name.data), grads, produced, action)
-            if LOSS_SHARE in produced:
-                self.accumulate(accumulate_loss_name(self.stage), [LOSS_SHARE], produced, action)
-            if final:
-                self.issue_ready_buckets(grads)
-
-    def launch(self, fn: func.FuncOp, action: par.ActionAttr) -> dict[str, SSAValue]:
-        """Gathers `fn`'s arguments (state, inputs, local or received values), launches it,
-        sends the results other stages read; returns its gradients and loss share by key."""
-        mb = action.microbatch
-        args = []
-        for key, arg in zip(arg_keys(fn), fn.args, strict=True):
-            if key.startswith(("param:", "buffer:")):
-                args.append(self.read_state(key, arg.type))
-            elif key.startswith("input:"):
-                args.append(self.add(ex.LoadInputOp(key.removeprefix("input:"), mb, arg.type)).results[0])
-            elif (key, mb) in self.values:
-                args.append(self.values[(key, mb)])
+        ops = list(program.body.block.ops)
+        i = 0
+        while i < len(ops):
+            run = [ops[i]]
+            if isinstance(ops[i], par.SendOp | par.RecvOp):
+                while (ops[i].batch is not None and i + len(run) < len(ops)
+                       and isinstance(ops[i + len(run)], par.SendOp | par.RecvOp)
+                       and ops[i + len(run)].batch == ops[i].batch):
+                    run.append(ops[i + len(run)])
+                self.transfer(run)
             else:
-                args.append(self.receive(key, mb, arg.type))
-        launch = self.add(ex.LaunchOp(fn.sym_name.data, args, self.compute, list(fn.function_type.outputs.data),
-                                      stage=self.stage, pass_kind=action.pass_kind.value, microbatch=mb))
-        produced: dict[str, SSAValue] = {}
-        event = None
-        for key, value in zip(result_keys(fn), launch.results, strict=True):
-            if key.startswith("grad:") or key == LOSS_SHARE:
-                produced[key] = value
-                continue
-            if not key.startswith("v"):
-                continue
-            self.values[(key, mb)] = value
-            for consumer in sorted(self.plan.consumers[key] - {self.stage}):
-                if event is None:
-                    event = self.add(ex.EventRecordOp(self.compute)).results[0]
-                    self.add(ex.EventWaitOp(self.comm, event))
-                tag = self.plan.tag(key, consumer, mb)
-                send = ex.SendOp(value, self.plan.peer(self.rank, consumer), self.plan.pp_group(self.rank),
-                                 tag, self.comm)
-                self.sends.append(self.add(send).results[0])
-        return produced
+                self.lower(ops[i])
+            i += len(run)
+        block = Block(_with_lifetimes(self.ops, self.comm))
+        return ex.ProgramOp(f"rank{self.rank}", self.rank, self.mesh.size(), Region(block))
 
-    def receive(self, key: str, mb: int, type_) -> SSAValue:
-        """Receives `key` of microbatch `mb` from the stage that produces it."""
-        producer = self.plan.producer.get(key)
-        if producer is None:
-            raise StrategyError(f"lower-to-exec: value {key} is read by stage {self.stage} but produced nowhere")
-        recv = self.add(ex.RecvOp(self.plan.peer(self.rank, producer), self.plan.pp_group(self.rank),
-                                  self.plan.tag(key, self.stage, mb), self.comm, type_))
-        self.add(ex.WaitOp([recv.results[0]]))
-        self.values[(key, mb)] = recv.results[1]
-        return recv.results[1]
+    # ------------------------------------------------------------ one op
 
-    def accumulate(self, name: str, keys: list[str], produced, action) -> None:
-        """Adds this microbatch's `keys` to their sums (the first microbatch starts them)."""
-        if not all(k in self.acc for k in keys):
-            self.acc.update({k: produced[k] for k in keys})
+    def lower(self, op: Operation) -> None:
+        """Lowers one par op other than a transfer."""
+        if isinstance(op, par.StateOp):
+            self.define(op.result, self.add(ex.StateOp(op.state_name.data, op.result.type)).results[0])
+        elif isinstance(op, par.InputOp):
+            load = ex.LoadInputOp(str(op.index.value.data), op.microbatch.value.data, op.result.type, op.layout)
+            self.define(op.result, self.add(load).results[0])
+        elif isinstance(op, par.TaskOp):
+            args = self.read(op.args, self.compute)
+            launch = self.add(ex.LaunchOp(
+                op.callee.root_reference.data, args, self.compute, list(op.outs.types),
+                stage=op.stage.value.data, pass_kind=op.pass_kind.data.value,
+                microbatch=None if op.microbatch is None else op.microbatch.value.data))
+            for old, new in zip(op.outs, launch.results, strict=True):
+                self.define(old, new, self.compute)
+        elif isinstance(op, par.SetStateOp):
+            self.add(ex.SetStateOp(op.state_name.data, self.read([op.value], None)[0]))
+        elif isinstance(op, par.OutputOp):
+            self.add(ex.OutputOp(op.output_name.data, self.read([op.value], None)[0]))
+        elif isinstance(op, par.AllReduceBucketOp):
+            self.all_reduce(op)
+        else:
+            raise StrategyError(f"lower-to-exec: {op.name} in {self.where} has no lowering; a par.program "
+                                "holds state, input, task, set_state, output, send, recv and "
+                                "all_reduce_bucket ops")
+
+    def all_reduce(self, op: par.AllReduceBucketOp) -> None:
+        """One bucketed all-reduce over the bucket's group; nothing for a group of one rank."""
+        ranks = bucket_ranks(self.mesh, self.axis, self.rank, op)
+        if len(ranks) == 1:
+            for total, value in zip(op.sums, op.values, strict=True):
+                self.values[total] = self.values[value]
             return
-        fn = self.plan.functions[name]
-        args = [self.acc[k] for k in keys] + [produced[k] for k in keys]
-        launch = self.add(ex.LaunchOp(name, args, self.compute, list(fn.function_type.outputs.data),
-                                      stage=self.stage, pass_kind=action.pass_kind.value,
-                                      microbatch=action.microbatch))
-        self.acc.update(zip(keys, launch.results, strict=True))
+        reduce = self.add(ex.AllReduceOp(self.read(op.values, self.comm), self.grad_groups[ranks], self.comm))
+        for old, new in zip(op.sums, reduce.outputs, strict=True):
+            self.define(old, new, self.comm, reduce)
 
-    def issue_ready_buckets(self, finished: list[str]) -> None:
-        """All-reduces, on `comm`, every bucket whose gradients are all final."""
-        self.final |= set(finished)
-        ready = [(g, keys) for g, keys in self.pending if set(keys) <= self.final]
-        if not ready:
+    def transfer(self, run: list[par.SendOp | par.RecvOp]) -> None:
+        """A send or receive, or a batch of them issued together."""
+        if self.pp_group is None:
+            raise StrategyError(f"lower-to-exec: {run[0].name} \"{run[0].label.data}\" in {self.where}: the "
+                                f"pipeline axis '{self.axis}' has one device, so there is no peer")
+        sends = []
+        send_ops = [o for o in run if isinstance(o, par.SendOp)]
+        recv_ops = [o for o in run if isinstance(o, par.RecvOp)]
+        inputs = self.read([o.input for o in send_ops], self.comm)
+        for o, value in zip(send_ops, inputs, strict=True):
+            sends.append((value, self.peer(o), self.tag(self.sent, o)))
+        recvs = [(self.peer(o), self.tag(self.received, o), o) for o in recv_ops]
+        if len(run) > 1:
+            batch = self.add(ex.BatchP2POp([(v, peer) for v, peer, _ in sends],
+                                           [(peer, o.result.type) for peer, _, o in recvs], self.pp_group, self.comm))
+            for (_, _, o), new in zip(recvs, batch.recvs, strict=True):
+                self.define(o.result, new, self.comm, batch)
+        elif sends:
+            value, peer, tag = sends[0]
+            self.add(ex.SendOp(value, peer, self.pp_group, tag, self.comm))
+        else:
+            peer, tag, o = recvs[0]
+            recv = self.add(ex.RecvOp(peer, self.pp_group, tag, self.comm, o.result.type))
+            self.define(o.result, recv.output, self.comm, recv)
+
+    def peer(self, op: par.SendOp | par.RecvOp) -> int:
+        """The rank of the transfer's peer device, in this rank's pipeline group."""
+        device = op.peer.value.data
+        devices = self.mesh.axis_size(self.axis)
+        if not 0 <= device < devices or device == self.coords[self.axis]:
+            raise StrategyError(f"lower-to-exec: {op.name} \"{op.label.data}\" in {self.where}: peer device "
+                                f"{device} must be another device of 0..{devices - 1} along '{self.axis}'")
+        return self.mesh.rank_of(self.coords | {self.axis: device})
+
+    def tag(self, count: Counter[int], op: par.SendOp | par.RecvOp) -> int:
+        """The message's sequence number between this device and its peer, in one direction."""
+        device = op.peer.value.data
+        count[device] += 1
+        return count[device] - 1
+
+    # ------------------------------------------------------------ values, streams, waits
+
+    def define(self, old: SSAValue, new: SSAValue, stream: SSAValue | None = None,
+               async_op: Operation | None = None) -> None:
+        """Maps par value `old` to `new`, made on `stream` (by `async_op`, not yet waited)."""
+        self.values[old] = new
+        if stream is None:
             return
-        event = self.add(ex.EventRecordOp(self.compute)).results[0]
-        self.add(ex.EventWaitOp(self.comm, event))
-        for group, keys in ready:
-            reduce = self.add(ex.AllReduceOp([self.acc[k] for k in keys], group, self.comm))
-            self.reductions.append(reduce.results[0])
-            self.reduced.update(zip(keys, reduce.results[1:], strict=True))
-            self.pending.remove((group, keys))
+        self.home[new] = stream
+        if async_op is None:
+            self.ready[new] = {stream}
+        else:
+            self.ready[new] = set()
+            self.unwaited[new] = async_op
 
-    def update(self) -> None:
-        """Waits for the gradient buckets, launches the update and stores the new state."""
-        if self.pending:
-            raise StrategyError(f"lower-to-exec: gradients {self.pending[0][1]} are never final on stage {self.stage}")
-        if self.reductions:
-            self.add(ex.WaitOp(self.reductions))
-        update = self.plan.fn(self.stage, PassKind.UPDATE)
-        args = []
-        for key, arg in zip(arg_keys(update), update.args, strict=True):
-            if key.startswith("grad:"):
-                args.append(self.reduced.get(key, self.acc.get(key)))
-            else:
-                args.append(self.read_state(key, arg.type))
-        launch = self.add(ex.LaunchOp(update.sym_name.data, args, self.compute,
-                                      list(update.function_type.outputs.data),
-                                      stage=self.stage, pass_kind="update"))
-        for key, value in zip(result_keys(update), launch.results, strict=True):
-            self.add(ex.SetStateOp(state_name(key), value))
+    def read(self, values, stream: SSAValue | None) -> list[SSAValue]:
+        """The exec values of par `values`, made readable on `stream` (None: by the host):
+        waits for async results, orders the stream after other streams' producers and
+        records the tensors on it."""
+        exec_values = [self.values[v] for v in values]
+        pending = list(dict.fromkeys(self.unwaited[v] for v in exec_values if v in self.unwaited))
+        if pending:
+            self.wait(pending, stream or self.compute)
+        if stream is None:
+            return exec_values
+        producers = list(dict.fromkeys(self.home[v] for v in exec_values
+                                       if v in self.home and stream not in self.ready[v]))
+        for producer in producers:
+            event = self.add(ex.EventRecordOp(producer)).results[0]
+            self.add(ex.EventWaitOp(stream, event))
+            for streams in self.ready.values():
+                if producer in streams:
+                    streams.add(stream)
+        for v in dict.fromkeys(exec_values):
+            if v in self.home and self.home[v] != stream and (v, stream) not in self.recorded:
+                self.add(ex.RecordStreamOp(v, stream))
+                self.recorded.add((v, stream))
+        return exec_values
+
+    def wait(self, ops: list[Operation], stream: SSAValue) -> None:
+        """Waits on `stream` for async `ops`; their results become readable there."""
+        self.add(ex.WaitOp([o.results[0] for o in ops], stream))
+        for o in ops:
+            for result in o.results[1:]:
+                self.unwaited.pop(result, None)
+                self.ready[result].add(stream)
 
 
-def _insert_frees(block: Block) -> None:
-    """Inserts `exec.free` after the last use of every tensor defined in `block`."""
-    last_use: dict[SSAValue, Operation] = {}
-    for o in block.ops:
-        for v in o.operands:
+def _with_lifetimes(ops: list[Operation], comm: SSAValue) -> list[Operation]:
+    """`ops` with `exec.free` after each tensor's last use, and the waits that lifetime needs.
+
+    A tensor an async op still reads or writes is not freed before that op's wait: an op
+    with results is waited where the results are first used (already in `ops`), so its
+    tensors are freed right after that wait; an op without results (a send) is waited on
+    `comm` right where its input would be freed. What is still in flight at the end is
+    waited there, and the tensors it held are freed after.
+    """
+    order: dict[SSAValue, int] = {}
+    last_use: dict[SSAValue, int] = {}
+    holders: dict[SSAValue, list[Operation]] = defaultdict(list)  # tensor -> async ops holding it
+    for i, op in enumerate(ops):
+        for v in op.results:
             if isinstance(v.type, ValueTensorType):
-                last_use[v] = o
-        for r in o.results:
-            if isinstance(r.type, ValueTensorType):
-                last_use.setdefault(r, o)
-    dying: dict[Operation, list[SSAValue]] = defaultdict(list)
-    for v, o in last_use.items():
-        dying[o].append(v)
-    for o, values in dying.items():
-        block.insert_op_after(ex.FreeOp(values), o)
+                order[v] = len(order)
+                last_use[v] = i
+                if isinstance(op, _ASYNC):
+                    holders[v].append(op)
+        for v in op.operands:
+            if isinstance(v.type, ValueTensorType):
+                last_use[v] = i
+                if isinstance(op, _ASYNC):
+                    holders[v].append(op)
+    dying: dict[int, list[SSAValue]] = defaultdict(list)
+    for v, i in last_use.items():
+        dying[i].append(v)
+
+    out: list[Operation] = []
+    in_flight: list[Operation] = []
+    held: dict[SSAValue, set[Operation]] = {}  # dead tensor -> async ops it waits for
+
+    def done(finished: set[Operation]) -> list[SSAValue]:
+        in_flight[:] = [o for o in in_flight if o not in finished]
+        released = []
+        for v, waiting in list(held.items()):
+            waiting -= finished
+            if not waiting:
+                released.append(v)
+                del held[v]
+        return released
+
+    def free(values: list[SSAValue]) -> None:
+        if values:
+            out.append(ex.FreeOp(sorted(values, key=order.__getitem__)))
+
+    for i, op in enumerate(ops):
+        out.append(op)
+        if isinstance(op, _ASYNC):
+            in_flight.append(op)
+        finished = {w.owner for w in op.works} if isinstance(op, ex.WaitOp) else set()
+        for v in dying[i]:
+            held[v] = {o for o in holders[v] if o in in_flight}
+        sends = [o for o in in_flight if not _holds_results(o) and any(o in held[v] for v in dying[i])]
+        if sends:
+            out.append(ex.WaitOp([o.results[0] for o in sends], comm))
+        free(done(finished | set(sends)))
+    if in_flight:
+        out.append(ex.WaitOp([o.results[0] for o in in_flight], comm))
+        free(done(set(in_flight)))
+    return out

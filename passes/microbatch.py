@@ -9,9 +9,11 @@ the global mean loss and its gradient, this pass
   * zeroes the tangents of further outputs;
   * makes the last stage's forward also return `loss_share`, the loss times
     the same factor;
-  * adds `@<backward>_accumulate(acc..., new...) -> (acc + new)...` for the
-    gradients each backward function sums over microbatches, and
-    `@s<last>_accumulate_loss` for the loss shares.
+  * sums what the step reads once (gradients, the loss share) over
+    microbatches: `%s:2 = par.accumulate @s0_B_accumulate stage 0 (%g1, %g2)`
+    after the task that makes them, with the combiner
+    `@s0_B_accumulate(acc..., new...) -> (acc + new)...`; buckets, updates and
+    the step's results read the sums.
 
 The loss must be a mean over the batch dimension (as `F.cross_entropy` is).
 Options: count (microbatches), replicas (data-parallel size), directive.
@@ -24,42 +26,37 @@ from dataclasses import dataclass
 
 from xdsl.context import Context
 from xdsl.dialects import func
-from xdsl.dialects.builtin import ArrayAttr, DictionaryAttr, IntegerAttr, ModuleOp, StringAttr
+from xdsl.dialects.builtin import ArrayAttr, IntegerAttr, ModuleOp
 from xdsl.ir import Block, Region
 from xdsl.passes import ModulePass
 
-from piperc.dialects.par import PassKind
+from piperc.dialects.par import AccumulateOp, AllReduceBucketOp, PassKind, TaskOp, layout_of
+from piperc.dialects.roles import argument_roles, main_function, result_roles
 from piperc.dialects.torch import ValueTensorType
 from piperc.dialects.torch_builder import TorchBuilder
 from piperc.errors import StrategyError
 from piperc.passes.outline_stages import (
-    KEY,
-    arg_keys,
     find_function,
-    function_name,
+    named,
     result_keys,
-    stage_functions,
+    step_result_layouts,
+    step_tasks,
 )
-from piperc.passes.pipeline_split import NUM_STAGES, STAGE, module_count
+from piperc.passes.pipeline_split import NUM_STAGES, module_count
 
 MICROBATCHES = "par.microbatches"
 REPLICAS = "par.replicas"
 LOSS_SHARE = "loss_share"
 
 
-def accumulate_name(backward: str) -> str:
-    """`s0_B2_accumulate`: the function that sums one backward function's gradients over microbatches."""
-    return f"{backward}_accumulate"
-
-
-def accumulate_loss_name(stage: int) -> str:
-    """`s1_accumulate_loss`: sums the last stage's per-microbatch loss shares."""
-    return f"s{stage}_accumulate_loss"
+def accumulate_name(function: str) -> str:
+    """`s0_B_blocks_1_accumulate`: sums one function's per-microbatch results over microbatches."""
+    return f"{function}_accumulate"
 
 
 @dataclass(frozen=True)
 class MicrobatchPass(ModulePass):
-    """Scales the loss for `count` microbatches x `replicas` and adds accumulate functions."""
+    """Scales the loss for `count` microbatches x `replicas` and sums per-microbatch results."""
 
     name = "microbatch"
 
@@ -70,77 +67,117 @@ class MicrobatchPass(ModulePass):
     def apply(self, ctx: Context, op: ModuleOp) -> None:
         if self.count < 1 or self.replicas < 1:
             raise StrategyError(f"{self.directive}: microbatches and replicas must be >= 1")
-        stages = module_count(op, NUM_STAGES, self.directive, "pipeline-split")
+        module_count(op, NUM_STAGES, self.directive, "pipeline-split")
+        if not step_tasks(op):
+            raise StrategyError(f"{self.directive}: run outline-stages first (the step has no tasks)")
         scale = 1.0 / (self.count * self.replicas)
-        for backward in stage_functions(op, stages - 1, PassKind.B):
-            self._replace_tangents(backward, scale)
-        last_f = find_function(op, function_name(stages - 1, PassKind.F))
-        self._add_loss_share(last_f, scale)
-        for stage in range(stages):
-            for fn in self._accumulate(op, stage):
-                op.body.block.add_op(fn)
+        main = main_function(op)
+        self._replace_tangents(op, main, scale)
+        self._add_loss_share(op, main, scale)
+        for task in step_tasks(op):
+            if task.pass_kind.data != PassKind.UPDATE:
+                self._accumulate(op, main, task)
+        step_result_layouts(op)
         op.attributes[MICROBATCHES] = IntegerAttr(self.count, 64)
         op.attributes[REPLICAS] = IntegerAttr(self.replicas, 64)
 
-    def _replace_tangents(self, fn: func.FuncOp, scale: float) -> None:
-        keys = arg_keys(fn)
-        block = fn.body.block
-        for index in reversed(range(len(keys))):
-            if not keys[index].startswith("tangent:"):
+    def _replace_tangents(self, module: ModuleOp, main: func.FuncOp, scale: float) -> None:
+        """Replaces the tangent arguments of the step by constants: 1/(replicas*microbatches)
+        for the loss, zero for further outputs."""
+        roles = argument_roles(main)
+        tangents = [a for a, (role, _) in zip(main.args, roles, strict=True) if role == "tangent"]
+        for task in step_tasks(module):
+            keep = [i for i, v in enumerate(task.args) if v not in tangents]
+            if len(keep) == len(task.args):
                 continue
-            arg = block.args[index]
-            b = TorchBuilder(block, before=block.first_op)
-            value = scale if keys[index] == "tangent:0" else 0.0
-            shape = arg.type.get_shape()
-            dtype = b.int(_dtype_code(arg.type))
-            c = b.aten(
-                "torch.aten.full",
-                [b.int_list(shape), b.float(value), dtype, b.none(), b.device(), b.none()],
-                [arg.type],
-            )
-            arg.replace_all_uses_with(c)
-            _remove_argument(fn, index)
+            fn = find_function(module, task.callee.root_reference.data)
+            block = fn.body.block
+            for index in reversed(range(len(task.args))):
+                if index in keep:
+                    continue
+                arg = block.args[index]
+                value = scale if roles[task.args[index].index][1] == 0 else 0.0
+                b = TorchBuilder(block, before=block.first_op)
+                c = b.aten(
+                    "torch.aten.full",
+                    [b.int_list(arg.type.get_shape()), b.float(value), b.int(_dtype_code(arg.type)),
+                     b.none(), b.device(), b.none()],
+                    [arg.type],
+                )
+                arg.replace_all_uses_with(c)
+                _remove_argument(fn, index)
+            rebuild_task(task, [task.args[i] for i in keep], list(fn.function_type.outputs.data))
+        for arg in reversed(tangents):
+            _remove_argument(main, arg.index)
 
-    def _add_loss_share(self, fn: func.FuncOp, scale: float) -> None:
-        keys = result_keys(fn)
-        if "loss" not in keys:
-            raise StrategyError(f"{self.directive}: the last stage does not compute the loss")
-        ret = fn.body.block.last_op
-        loss = ret.operands[keys.index("loss")]
-        b = TorchBuilder(fn.body.block, before=ret)
-        share = b.aten("torch.aten.mul.Scalar", [loss, b.float(scale)])
+    def _add_loss_share(self, module: ModuleOp, main: func.FuncOp, scale: float) -> None:
+        """The task computing the loss also returns `loss_share`, the loss times `scale`;
+        the step reports the sum of the shares."""
+        ret = main.body.block.last_op
+        loss = ret.operands[0]
+        task = loss.owner
+        if result_roles(main)[0][0] != "loss" or not isinstance(task, TaskOp):
+            raise StrategyError(f"{self.directive}: no stage computes the loss")
+        fn = find_function(module, task.callee.root_reference.data)
+        fret = fn.body.block.last_op
+        b = TorchBuilder(fn.body.block, before=fret)
+        share = b.aten("torch.aten.mul.Scalar", [fret.operands[loss.index], b.float(scale)])
         _add_result(fn, share, LOSS_SHARE)
+        new = rebuild_task(task, list(task.args), list(fn.function_type.outputs.data))
+        ret.operands = [new.outs[-1], *ret.operands[1:]]
 
-    def _accumulate(self, module: ModuleOp, stage: int) -> list[func.FuncOp]:
-        fns = []
-        for backward in stage_functions(module, stage, PassKind.B):
-            grads = [k for k in result_keys(backward) if k.startswith("grad:")]
-            if grads:
-                fns.append(_sum_function(accumulate_name(backward.sym_name.data), stage, grads, backward))
-        forward = find_function(module, function_name(stage, PassKind.F))
-        if LOSS_SHARE in result_keys(forward):
-            fns.append(_sum_function(accumulate_loss_name(stage), stage, [LOSS_SHARE], forward))
-        return fns
+    def _accumulate(self, module: ModuleOp, main: func.FuncOp, task: TaskOp) -> None:
+        """Sums the results of `task` that the step reads once (gradients, the loss share)
+        over microbatches with `par.accumulate`."""
+        per_step = [r for r in task.outs if any(_reads_once_per_step(u.operation) for u in r.uses)]
+        if not per_step:
+            return
+        fn = find_function(module, task.callee.root_reference.data)
+        keys = [result_keys(fn)[r.index] for r in per_step]
+        layouts = [layout_of(fn.res_attrs.data[r.index]) for r in per_step]
+        combiner = _sum_function(accumulate_name(fn.sym_name.data), keys, [r.type for r in per_step], layouts)
+        module.body.block.insert_op_before(combiner, main)
+        acc = AccumulateOp(combiner.sym_name.data, task.stage.value.data, per_step)
+        main.body.block.insert_op_after(acc, task)
+        for r, total in zip(per_step, acc.sums, strict=True):
+            r.replace_uses_with_if(total, lambda use: _reads_once_per_step(use.operation))
 
 
-def _sum_function(name: str, stage: int, keys: list[str], producer: func.FuncOp) -> func.FuncOp:
-    """`@name(acc..., new...) -> (acc + new)...` over the results `keys` of `producer`."""
-    produced = result_keys(producer)
-    types = [producer.function_type.outputs.data[produced.index(k)] for k in keys]
+def _reads_once_per_step(op) -> bool:
+    """Whether `op` runs once per step rather than once per microbatch."""
+    return isinstance(op, AllReduceBucketOp | func.ReturnOp) or (
+        isinstance(op, TaskOp) and op.pass_kind.data == PassKind.UPDATE)
+
+
+def rebuild_task(task: TaskOp, args, result_types) -> TaskOp:
+    """Replaces `task` by the same task with new operands and result types (results in
+    common keep their uses)."""
+    new = TaskOp(task.callee.root_reference.data, task.stage.value.data, task.pass_kind.data, args,
+                 result_types)
+    task.parent_block().insert_op_before(new, task)
+    for old, r in zip(task.outs, new.outs, strict=False):
+        old.replace_all_uses_with(r)
+        r.name_hint = old.name_hint
+    task.detach()
+    task.erase()
+    return new
+
+
+def _sum_function(name: str, keys: list[str], types: list, layouts: list) -> func.FuncOp:
+    """`@name(acc..., new...) -> (acc + new)...`, each value laid out as what it sums."""
     block = Block(arg_types=[*types, *types])
     b = TorchBuilder(block)
     n = len(keys)
     sums = [b.aten("torch.aten.add.Tensor", [block.args[i], block.args[n + i], b.float(1.0)]) for i in range(n)]
     block.add_op(func.ReturnOp(*sums))
-    fn = func.FuncOp(
+    return func.FuncOp(
         name,
         ([*types, *types], types),
         Region(block),
-        arg_attrs=ArrayAttr(DictionaryAttr({KEY: StringAttr(k)}) for k in [*keys, *keys]),
-        res_attrs=ArrayAttr(DictionaryAttr({KEY: StringAttr(k)}) for k in keys),
+        arg_attrs=ArrayAttr(named(k, t, lay) for k, t, lay in zip([*keys, *keys], [*types, *types],
+                                                                  [*layouts, *layouts], strict=True)),
+        res_attrs=ArrayAttr(named(k, t, lay) for k, t, lay in zip(keys, types, layouts, strict=True)),
     )
-    fn.attributes[STAGE] = IntegerAttr(stage, 64)
-    return fn
 
 
 # ATen's ScalarType numbering, as torch-mlir writes dtypes.
@@ -167,4 +204,11 @@ def _add_result(fn: func.FuncOp, value, key: str) -> None:
     ret.operands = [*ret.operands, value]
     outputs = [*fn.function_type.outputs.data, value.type]
     fn.function_type = func.FunctionType.from_lists(list(fn.function_type.inputs.data), outputs)
-    fn.res_attrs = ArrayAttr([*fn.res_attrs.data, DictionaryAttr({KEY: StringAttr(key)})])
+    fn.res_attrs = ArrayAttr([*fn.res_attrs.data, named(key, value.type, _share_layout(fn))])
+
+
+def _share_layout(fn: func.FuncOp):
+    """The loss share is partial wherever the loss is (over the data-parallel axis)."""
+    layouts = [layout_of(a) for a in fn.res_attrs.data]
+    return next((lay for lay, t in zip(layouts, fn.function_type.outputs.data, strict=True)
+                 if lay is not None and not t.get_shape()), None)

@@ -19,19 +19,30 @@ runtime only stores named tensors. Requires: outline-stages has run.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from xdsl.context import Context
 from xdsl.dialects import func
-from xdsl.dialects.builtin import ArrayAttr, DictionaryAttr, IntegerAttr, ModuleOp, StringAttr
-from xdsl.ir import Block, Region, SSAValue
+from xdsl.dialects.builtin import ArrayAttr, DictionaryAttr, ModuleOp, StringAttr
+from xdsl.ir import Block, BlockArgument, Region, SSAValue
 from xdsl.passes import ModulePass
 
-from piperc.dialects.par import PassKind, PassKindAttr
+from piperc.dialects.par import PassKind, TaskOp
+from piperc.dialects.roles import argument_roles, main_function, result_roles
 from piperc.dialects.torch_builder import TorchBuilder, scalar_type
 from piperc.errors import StrategyError
-from piperc.passes.outline_stages import KEY, PASS, arg_keys, function_name, stage_functions
-from piperc.passes.pipeline_split import NUM_STAGES, STAGE, module_count
+from piperc.passes.data_parallel import reduce_gradients
+from piperc.passes.outline_stages import (
+    arg_keys,
+    function_name,
+    named,
+    result_keys,
+    stage_functions,
+    step_tasks,
+    with_layout,
+)
+from piperc.passes.pipeline_split import NUM_STAGES, module_count
 
 STEP_KEY = "state:step"
 
@@ -53,14 +64,29 @@ def optimizer_state(module: ModuleOp) -> dict[str, dict]:
     return state
 
 
-def stage_parameters(module: ModuleOp, stage: int) -> dict[str, SSAValue]:
-    """The parameters a stage reads (`param:` arguments of its F and B), name -> an argument."""
-    params: dict[str, SSAValue] = {}
-    for fn in stage_functions(module, stage, PassKind.F) + stage_functions(module, stage, PassKind.B):
-        for key, arg in zip(arg_keys(fn), fn.args, strict=True):
-            if key.startswith("param:"):
-                params.setdefault(key.removeprefix("param:"), arg)
+def stage_parameters(module: ModuleOp, stage: int) -> dict[str, BlockArgument]:
+    """The parameters a stage's forward and backward tasks read: name -> `@main` argument."""
+    main = main_function(module)
+    roles = argument_roles(main)
+    params: dict[str, BlockArgument] = {}
+    for task in step_tasks(module):
+        if task.stage.value.data != stage or task.pass_kind.data not in (PassKind.F, PassKind.B):
+            continue
+        for v in task.args:
+            if isinstance(v, BlockArgument) and v.owner is main.body.block and roles[v.index][0] == "param":
+                params.setdefault(roles[v.index][1], v)
     return params
+
+
+def stage_gradients(module: ModuleOp, stage: int) -> dict[str, SSAValue]:
+    """The gradients the step returns from a stage's backward tasks: parameter name -> value."""
+    main = main_function(module)
+    ret = main.body.block.last_op
+    grads = {}
+    for (role, name), v in zip(result_roles(main), ret.operands, strict=True):
+        if role == "grad" and isinstance(v.owner, TaskOp) and v.owner.stage.value.data == stage:
+            grads[name] = v
+    return grads
 
 
 @dataclass(frozen=True)
@@ -90,9 +116,45 @@ class OptimizerPass(ModulePass):
         stages = module_count(op, NUM_STAGES, self.directive, "pipeline-split")
         if not stage_functions(op, 0, PassKind.F):
             raise StrategyError(f"{self.directive}: run outline-stages first (the module has no stage functions)")
+        main = main_function(op)
+        updates = []
         for stage in range(stages):
             params = stage_parameters(op, stage)
-            op.body.block.add_op(self._update(stage, params))
+            update = self._update(stage, params)
+            op.body.block.insert_op_before(update, main)
+            updates.append((stage, update, params))
+        self._add_update_tasks(main, updates, stage_gradients_of={s: stage_gradients(op, s) for s in range(stages)})
+        reduce_gradients(op, (), math.inf, shared_only=True)
+
+    def _add_update_tasks(self, main: func.FuncOp, updates, stage_gradients_of) -> None:
+        """Runs each stage's update in the step; the step then returns the new parameters and state."""
+        block = main.body.block
+        ret = block.last_op
+        state_args: dict[str, BlockArgument] = {}
+        results, res_attrs = [ret.operands[0]], [main.res_attrs.data[0]]
+        for stage, update, params in updates:
+            args = []
+            for key, type_ in zip(arg_keys(update), update.function_type.inputs.data, strict=True):
+                role, _, name = key.partition(":")
+                if role == "param":
+                    args.append(params[name])
+                elif role == "grad":
+                    args.append(stage_gradients_of[stage][name])
+                else:
+                    if name not in state_args:
+                        state_args[name] = _add_state_argument(main, name, type_)
+                    args.append(state_args[name])
+            task = TaskOp(update.sym_name.data, stage, PassKind.UPDATE, args,
+                          list(update.function_type.outputs.data))
+            block.insert_op_before(task, ret)
+            for key, r in zip(result_keys(update), task.outs, strict=True):
+                role, _, name = key.partition(":")
+                results.append(r)
+                res_attrs.append(with_layout(DictionaryAttr({f"piperc.{role}": StringAttr(name)}), r.type))
+        ret.operands = results
+        main.function_type = func.FunctionType.from_lists(list(main.function_type.inputs.data),
+                                                         [r.type for r in results])
+        main.res_attrs = ArrayAttr(res_attrs)
 
     def _update(self, stage: int, params: dict[str, SSAValue]) -> func.FuncOp:
         arg_keys_: list[str] = []
@@ -150,14 +212,22 @@ class OptimizerPass(ModulePass):
             function_name(stage, PassKind.UPDATE),
             (arg_types, [out[k].type for k in result_keys]),
             Region(block),
-            arg_attrs=ArrayAttr(DictionaryAttr({KEY: StringAttr(k)}) for k in arg_keys_),
-            res_attrs=ArrayAttr(DictionaryAttr({KEY: StringAttr(k)}) for k in result_keys),
+            arg_attrs=ArrayAttr(named(k, t) for k, t in zip(arg_keys_, arg_types, strict=True)),
+            res_attrs=ArrayAttr(named(k, out[k].type) for k in result_keys),
         )
-        fn.attributes[STAGE] = IntegerAttr(stage, 64)
-        fn.attributes[PASS] = PassKindAttr(PassKind.UPDATE)
         return fn
 
     def _slots(self) -> tuple[str, ...]:
         if self.kind == "adamw":
             return ("exp_avg", "exp_avg_sq")
         return ("momentum",) if self.momentum else ()
+
+
+def _add_state_argument(main: func.FuncOp, name: str, type_) -> BlockArgument:
+    """Appends an optimizer-state argument (`piperc.state = name`) to the step."""
+    arg = main.body.block.insert_arg(type_, len(main.body.block.args))
+    main.function_type = func.FunctionType.from_lists([*main.function_type.inputs.data, type_],
+                                                     list(main.function_type.outputs.data))
+    main.arg_attrs = ArrayAttr([*main.arg_attrs.data, with_layout(
+        DictionaryAttr({"piperc.state": StringAttr(name)}), type_)])
+    return arg

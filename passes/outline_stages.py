@@ -25,26 +25,25 @@ are reduced). Requires: pipeline-split has run.
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from dataclasses import dataclass
 
 from xdsl.context import Context
 from xdsl.dialects import func
-from xdsl.dialects.builtin import ArrayAttr, DictionaryAttr, IntegerAttr, ModuleOp, StringAttr
+from xdsl.dialects.builtin import ArrayAttr, DictionaryAttr, ModuleOp, StringAttr
 from xdsl.ir import Block, BlockArgument, Operation, Region, SSAValue
 from xdsl.passes import ModulePass
 from xdsl.traits import ConstantLike, IsTerminator
 
-from piperc.dialects.par import OriginAttr, PassKind, PassKindAttr
+from piperc.dialects.par import LAYOUT, AccumulateOp, OriginAttr, PassKind, ShardingAttr, TaskOp
 from piperc.dialects.roles import ORIGIN, argument_roles, main_function, result_roles
+from piperc.dialects.torch import ValueTensorType
 from piperc.errors import StrategyError
-from piperc.passes.pipeline_split import NUM_STAGES, STAGE, module_count, stage_of, unit_of
+from piperc.passes.pipeline_split import NUM_STAGES, module_count, stage_of, unit_of
 
 KEY = "piperc.key"
 """The attribute naming a function argument or result in the step's data flow."""
-
-PASS = "par.pass"
-
 
 def key_of(attrs: DictionaryAttr) -> str:
     """The `piperc.key` of an argument or result attribute dictionary."""
@@ -64,26 +63,48 @@ def result_keys(fn: func.FuncOp) -> list[str]:
     return [key_of(a) for a in fn.res_attrs.data] if fn.res_attrs else []
 
 
-CHUNK = "par.chunk"
-"""On a backward function: its position among the stage's backward chunks."""
+def function_name(stage: int, kind: PassKind, chunk: str | None = None) -> str:
+    """`s1_F`, `s0_B`, `s0_B_blocks_2`, `s2_update`: the function of one stage, pass and
+    backward chunk (named after the block whose backward it runs)."""
+    return f"s{stage}_{kind.value}" + ("" if chunk is None else f"_{chunk}")
 
 
-def function_name(stage: int, kind: PassKind, chunk: int | None = None) -> str:
-    """`s1_F`, `s0_B`, `s0_B2`, `s2_update`: the function of one stage, pass and chunk."""
-    return f"s{stage}_{kind.value}" + ("" if chunk is None else str(chunk))
+def step_tasks(module: ModuleOp) -> list[TaskOp]:
+    """The `par.task` ops of the step `@main`, in the order the step runs them."""
+    return [o for o in main_function(module).body.block.ops if isinstance(o, TaskOp)]
 
 
 def stage_functions(module: ModuleOp, stage: int, kind: PassKind) -> list[func.FuncOp]:
-    """The functions of one stage and pass, in execution order (backward chunks in order)."""
-    found = []
-    for op in module.ops:
-        if not isinstance(op, func.FuncOp):
-            continue
-        s, k = op.attributes.get(STAGE), op.attributes.get(PASS)
-        if s is not None and k is not None and s.value.data == stage and k.data == kind:
-            chunk = op.attributes.get(CHUNK)
-            found.append((chunk.value.data if chunk is not None else 0, op))
-    return [f for _, f in sorted(found, key=lambda item: item[0])]
+    """The functions the step runs for one stage and pass, in order (backward chunks in order)."""
+    names = [t.callee.root_reference.data for t in step_tasks(module)
+             if t.stage.value.data == stage and t.pass_kind.data == kind]
+    return [find_function(module, n) for n in dict.fromkeys(names)]
+
+
+def with_layout(attrs: DictionaryAttr, type_, layout: ShardingAttr | None = None) -> DictionaryAttr:
+    """`attrs` with `par.layout` set: `layout`, or replicated over the mesh."""
+    if layout is None:
+        layout = ShardingAttr.replicated(len(type_.get_shape()) if isinstance(type_, ValueTensorType) else 0)
+    return DictionaryAttr({**attrs.data, LAYOUT: layout})
+
+
+def named(key: str, type_, layout: ShardingAttr | None = None) -> DictionaryAttr:
+    """The attributes of a function argument or result: its readable name and its layout."""
+    return with_layout(DictionaryAttr({KEY: StringAttr(key)}), type_, layout)
+
+
+def step_result_layouts(module: ModuleOp) -> None:
+    """Gives each result of the step `@main` the layout its producer's function declares
+    (a pass that changes function layouts calls it to keep the step's results in line)."""
+    main = main_function(module)
+    attrs = []
+    for a, v in zip(main.res_attrs.data, main.body.block.last_op.operands, strict=True):
+        owner = v.owner
+        if isinstance(owner, TaskOp | AccumulateOp):
+            fn = find_function(module, owner.callee.root_reference.data)
+            a = DictionaryAttr({**a.data, LAYOUT: fn.res_attrs.data[v.index].data[LAYOUT]})
+        attrs.append(a)
+    main.res_attrs = ArrayAttr(attrs)
 
 
 def find_function(module: ModuleOp, name: str) -> func.FuncOp:
@@ -131,7 +152,9 @@ class OutlineStagesPass(ModulePass):
 
         groups: dict[tuple[int, PassKind, int], list[Operation]] = defaultdict(list)
         chunk = {s: (0, None) for s in range(num_stages)}  # stage -> (chunk, its block)
-        for o in block.ops:
+        chunk_paths: dict[tuple[int, int], str | None] = {}
+        first_op_index: dict[tuple[int, PassKind, int], int] = {}
+        for position, o in enumerate(block.ops):
             if o is ret or o.has_trait(ConstantLike) or o in dropped:
                 continue
             stage, kind = stage_of(o), _pass_of(o)
@@ -143,6 +166,9 @@ class OutlineStagesPass(ModulePass):
                 if block_path is not None and block_path != current:
                     index = index + 1 if current is not None else index
                     chunk[stage] = (index, block_path)
+                if chunk_paths.get((stage, index)) is None:
+                    chunk_paths[(stage, index)] = block_path
+            first_op_index.setdefault((stage, kind, index), position)
             groups[(stage, kind, index)].append(o)
         group_of = {o: g for g, ops in groups.items() for o in ops}
 
@@ -183,20 +209,57 @@ class OutlineStagesPass(ModulePass):
                 )
             outputs[group_of[v.owner]].append((k, v))
 
-        new_funcs = []
-        for stage in range(num_stages):
-            new_funcs.append(self._outline(function_name(stage, PassKind.F), (stage, PassKind.F, 0),
-                                           groups, inputs, outputs))
-            chunks = sorted(c for s_, k, c in groups if s_ == stage and k == PassKind.B) or [0]
-            for c in chunks:
-                name = function_name(stage, PassKind.B, c if len(chunks) > 1 else None)
-                fn = self._outline(name, (stage, PassKind.B, c), groups, inputs, outputs)
-                fn.attributes[CHUNK] = IntegerAttr(c, 64)
-                new_funcs.append(fn)
-        main.detach()
-        main.erase()
-        for f in new_funcs:
-            op.body.block.add_op(f)
+        order = sorted(groups, key=lambda g: first_op_index[g])
+        names = self._function_names(order, chunk_paths)
+        new_funcs = [self._outline(names[g], g, groups, inputs, outputs) for g in order]
+        for fn in new_funcs:
+            op.body.block.insert_op_before(fn, main)
+        self._rewrite_step(main, order, names, new_funcs, inputs, outputs, wanted, partial_grads)
+
+    def _function_names(self, order, chunk_paths) -> dict:
+        """F and B function names; a stage's backward chunks are named after their blocks."""
+        names = {}
+        for stage, kind, index in order:
+            chunks = [c for s_, k, c in order if s_ == stage and k == kind]
+            if kind != PassKind.B or len(chunks) == 1:
+                names[(stage, kind, index)] = function_name(stage, kind)
+                continue
+            path = chunk_paths.get((stage, index))
+            same = [c for c in chunks if chunk_paths.get((stage, c)) == path]
+            label = re.sub(r"\W", "_", path) if path and len(same) == 1 else f"chunk{index}"
+            names[(stage, kind, index)] = function_name(stage, kind, label)
+        return names
+
+    def _rewrite_step(self, main, order, names, functions, inputs, outputs, wanted, partial_grads) -> None:
+        """Makes `@main` the step as a graph of tasks: one `par.task` per function, data flow as SSA."""
+        block = main.body.block
+        produced: dict[SSAValue, SSAValue] = {}
+        new_ops: list[Operation] = []
+        for group, fn in zip(order, functions, strict=True):
+            stage, kind, _ = group
+            args = [v if isinstance(v, BlockArgument) else produced[v] for v in inputs.get(group, {}).values()]
+            task = TaskOp(names[group], stage, kind, args, list(fn.function_type.outputs.data))
+            new_ops.append(task)
+            for (_, v), r in zip(outputs.get(group, []), task.outs, strict=True):
+                produced.setdefault(v, r)
+                if isinstance(r.type, ValueTensorType):
+                    r.name_hint = v.name_hint
+        results, res_attrs = [], []
+        for attrs, (key, v) in zip(main.res_attrs.data, wanted.items(), strict=True):
+            for part in partial_grads.get(key, [v]):
+                results.append(part if isinstance(part, BlockArgument) else produced[part])
+                res_attrs.append(attrs)
+        for o in reversed(list(block.ops)):
+            o.detach()
+            o.erase(safe_erase=False)
+        for o in new_ops:
+            block.add_op(o)
+        block.add_op(func.ReturnOp(*results))
+        main.function_type = func.FunctionType.from_lists(list(main.function_type.inputs.data),
+                                                         [r.type for r in results])
+        main.res_attrs = ArrayAttr(with_layout(a, r.type) for a, r in zip(res_attrs, results, strict=True))
+        main.arg_attrs = ArrayAttr(with_layout(a, t) for a, t in zip(main.arg_attrs.data,
+                                                                     main.function_type.inputs.data, strict=True))
 
     def _check_flow(self, src, dst, consumer: Operation, producer: Operation) -> None:
         (s1, k1, c1), (s2, k2, c2) = src, dst
@@ -238,7 +301,6 @@ class OutlineStagesPass(ModulePass):
         return partial, dropped
 
     def _outline(self, name, group, groups, all_inputs, all_outputs) -> func.FuncOp:
-        stage, kind, _ = group
         ops, inputs, outputs = groups.get(group, []), all_inputs.get(group, {}), all_outputs.get(group, [])
         arg_types = [v.type for v in inputs.values()]
         body = Block(arg_types=arg_types)
@@ -258,9 +320,7 @@ class OutlineStagesPass(ModulePass):
             name,
             (arg_types, [v.type for _, v in outputs]),
             Region(body),
-            arg_attrs=ArrayAttr(DictionaryAttr({KEY: StringAttr(k)}) for k in inputs),
-            res_attrs=ArrayAttr(DictionaryAttr({KEY: StringAttr(k)}) for k, _ in outputs),
+            arg_attrs=ArrayAttr(named(k, v.type) for k, v in inputs.items()),
+            res_attrs=ArrayAttr(named(k, v.type) for k, v in outputs),
         )
-        fn.attributes[STAGE] = IntegerAttr(stage, 64)
-        fn.attributes[PASS] = PassKindAttr(kind)
         return fn

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+import textwrap
 from collections import defaultdict
 from typing import Any
 
@@ -21,12 +22,13 @@ from xdsl.ir import Operation, SSAValue
 from xdsl.traits import IsTerminator
 
 from piperc.dialects import exec as ex
+from piperc.dialects import par
 from piperc.dialects import torch as t
 from piperc.interpreter import enum_value
 from piperc.ir import last_uses
 from piperc.passes.lower_to_exec import DEVICE
 from piperc.passes.mesh import find_mesh
-from piperc.passes.microbatch import MICROBATCHES, REPLICAS
+from piperc.passes.microbatch import MICROBATCHES
 from piperc.passes.outline_stages import arg_keys, result_keys
 
 _DTYPES = {"f32": "torch.float32", "f64": "torch.float64", "f16": "torch.float16",
@@ -84,19 +86,20 @@ def _literal(op: Operation, jit_type=None) -> str | None:
     return None
 
 
-def _function_source(fn: func.FuncOp) -> list[str]:
+_PASS_WORDS = {"F": "forward", "B": "backward", "W": "weight gradient", "update": "optimizer update"}
+
+
+def _function_source(fn: func.FuncOp, launch: ex.LaunchOp) -> list[str]:
+    """The Python function for `fn`; `launch` (its first launch) says its stage and pass."""
     names = _Names()
     keys = arg_keys(fn)
     params = [names.bind(a, python_name(k)) for a, k in zip(fn.args, keys, strict=True)]
     lines = [f"def {fn.sym_name.data}({', '.join(params)}):"]
-    stage, kind = fn.attributes.get("par.stage"), fn.attributes.get("par.pass")
-    doc = []
-    if stage is not None:
-        doc.append(f"stage {stage.value.data}")
-    if kind is not None:
-        doc.append({"F": "forward", "B": "backward", "W": "weight gradient", "update": "optimizer update"}[kind.data.value])
-    if doc:
-        lines.append(f'    """{", ".join(doc).capitalize()}. Returns {", ".join(result_keys(fn))}."""')
+    doc = f"Stage {launch.stage.value.data}, {_PASS_WORDS.get(launch.pass_kind.data, launch.pass_kind.data)}. "
+    doc += f"Returns {', '.join(result_keys(fn))}."
+    first, *rest = textwrap.wrap(doc, MAX_LINE - 10)
+    lines += ['    """' + first, *("    " + line for line in rest)]
+    lines[-1] += '"""'
     inline: dict[SSAValue, str] = {}
     last_use = last_uses(fn.body.block)
     for op in fn.body.block.ops:
@@ -115,12 +118,63 @@ def _function_source(fn: func.FuncOp) -> list[str]:
             lines.append(f"    {lhs} = {_operand(names, inline, op.operands[0])}")
         elif isinstance(op, t.AtenOp):
             lines.append(f"    {lhs} = {_aten_call(op, names, inline)}")
+        elif isinstance(op, par.CollectiveOp):
+            lines += _collective_statements(op, lhs, names[op.operands[0]])
         else:
             raise NotImplementedError(f"code generation has no rule for {op.name}")
         dead = [names[v] for v in last_use.get(op, ()) if v in names.names and v not in fn.args]
         if dead:
             lines.append(f"    del {', '.join(dead)}")
     return lines
+
+
+def _collective_statements(op: par.CollectiveOp, result: str, source: str) -> list[str]:
+    """A collective inside a stage function, on this rank's group along its mesh axis
+    (`AXIS_GROUPS`, see `_axis_group_tables`): issued through the step's runtime `RT` on
+    the stream the function runs on (`stream=None`), then waited for."""
+    axis = op.axis.data
+    group = f'group=AXIS_GROUPS["{axis}"]'
+    if isinstance(op, par.AllSliceOp):
+        return [f'    {result} = aten.chunk.default({source}, {op.group_size()}, {op.dim.value.data})'
+                f'[AXIS_INDEX["{axis}"]]']
+    if isinstance(op, par.AllReduceOp):
+        return [f'    work, ({result},) = RT.all_reduce([{source}], {group}, op="{op.reduce.data.value}", stream=None)',
+                "    RT.wait(work)"]
+    if isinstance(op, par.AllGatherOp):
+        call = f"RT.all_gather({source}, {group}, dim={op.dim.value.data}, stream=None)"
+    elif isinstance(op, par.ReduceScatterOp):
+        call = (f'RT.reduce_scatter({source}, {group}, dim={op.dim.value.data}, '
+                f'op="{op.reduce.data.value}", stream=None)')
+    elif isinstance(op, par.AllToAllOp):
+        call = (f"RT.all_to_all({source}, {group}, split_dim={op.split_dim.value.data}, "
+                f"concat_dim={op.concat_dim.value.data}, stream=None)")
+    else:
+        raise NotImplementedError(f"code generation has no rule for {op.name}")
+    return [f"    work, {result} = {call}", "    RT.wait(work)"]
+
+
+def _axis_groups(program: ex.ProgramOp) -> list[ex.ProcessGroupOp]:
+    """The axis-tagged process groups holding `program`'s rank (from lower-collectives)."""
+    rank = program.rank.value.data
+    module = program.parent_op()
+    assert isinstance(module, ModuleOp)
+    return [g for g in module.ops if isinstance(g, ex.ProcessGroupOp) and g.axis is not None
+            and rank in g.rank_list()]
+
+
+def _axis_group_tables(program: ex.ProgramOp) -> list[str]:
+    """Module-level names the collectives of stage functions use: `RT` (the running step's
+    runtime), `AXIS_GROUPS` (this rank's group along each mesh axis) and `AXIS_INDEX` (its
+    position in that group). None when no stage function communicates."""
+    rank = program.rank.value.data
+    groups = _axis_groups(program)
+    if not groups:
+        return []
+    table = ", ".join(f'"{g.axis.data}": "{g.sym_name.data}"' for g in groups)
+    index = ", ".join(f'"{g.axis.data}": {g.rank_list().index(rank)}' for g in groups)
+    return ["# Stage functions issue collectives through the runtime of the running step, on this",
+            "# rank's process group along each mesh axis; AXIS_INDEX is the rank's position in it.",
+            "RT = None", f"AXIS_GROUPS = {{{table}}}", f"AXIS_INDEX = {{{index}}}", "", ""]
 
 
 def _operand(names: _Names, inline: dict[SSAValue, str], v: SSAValue, jit_type=None) -> str:
@@ -150,12 +204,66 @@ def _aten_call(op: t.AtenOp, names: _Names, inline) -> str:
 
 
 def _program_source(program: ex.ProgramOp, functions: dict[str, func.FuncOp], header: str) -> str:
-    used = [op.callee.root_reference.data for op in program.walk() if isinstance(op, ex.LaunchOp)]
+    first_launch = {}
+    for op in program.walk():
+        if isinstance(op, ex.LaunchOp):
+            first_launch.setdefault(op.callee.root_reference.data, op)
     lines = [header, "import torch", "", "aten = torch.ops.aten", 'DEVICE = torch.device("cpu")', "", ""]
-    for name in dict.fromkeys(used):
-        lines += _function_source(functions[name]) + ["", ""]
+    lines += _axis_group_tables(program)
+    for name, launch in first_launch.items():
+        lines += _function_source(functions[name], launch) + ["", ""]
     lines += _step_source(program, functions)
-    return "\n".join(lines) + "\n"
+    return "\n".join(wrapped for line in lines for wrapped in wrap_line(line)) + "\n"
+
+
+MAX_LINE = 120
+"""No line of a generated program is longer (long calls and signatures are wrapped)."""
+
+
+def wrap_line(line: str) -> list[str]:
+    """`line` as lines of at most MAX_LINE characters, broken after commas inside brackets
+    (a tuple on the left of `=`, and the targets of `del`, are bracketed first); a line that cannot break is kept."""
+    if len(line) <= MAX_LINE:
+        return [line]
+    indent = line[: len(line) - len(line.lstrip())]
+    if line.lstrip().startswith("del "):
+        line = f"{indent}del ({line.lstrip()[4:]})"
+    lhs, eq, rhs = line.lstrip().partition(" = ")
+    if eq and _top_level_comma(lhs) and not lhs.startswith(("(", "def ", "return")):
+        line = f"{indent}({lhs}) = {rhs}"
+    breaks, depth, quote = [], 0, ""
+    for i, ch in enumerate(line):
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "\"'":
+            quote = ch
+        elif ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+        elif ch == "," and depth > 0:
+            breaks.append(i + 1)
+    out, start, last = [], 0, None
+    prefix = ""
+    for b in [*breaks, len(line)]:
+        if len(prefix) + b - start > MAX_LINE and last is not None:
+            out.append(prefix + line[start:last].rstrip())
+            start, prefix = last, indent + "        "
+            while start < len(line) and line[start] == " ":
+                start += 1
+        last = b
+    out.append(prefix + line[start:])
+    return out
+
+
+def _top_level_comma(text: str) -> bool:
+    depth = 0
+    for ch in text:
+        depth += ch in "([{"
+        depth -= ch in ")]}"
+        if ch == "," and depth == 0:
+            return True
+    return False
 
 
 def _step_source(program: ex.ProgramOp, functions: dict[str, func.FuncOp]) -> list[str]:
@@ -167,6 +275,8 @@ def _step_source(program: ex.ProgramOp, functions: dict[str, func.FuncOp]) -> li
         "    global DEVICE",
         "    DEVICE = rt.device",
     ]
+    if _axis_groups(program):
+        lines += ["    global RT", "    RT = rt"]
     for op in program.body.block.ops:
         lines += ["    " + line for line in _exec_statement(op, names, functions)]
     return lines
@@ -191,7 +301,8 @@ def _exec_statement(op: Operation, names: _Names, functions: dict[str, func.Func
         return [f'rt.set_state("{op.state_name.data}", {n(op.value)})']
     if isinstance(op, ex.LoadInputOp):
         mb = op.microbatch.value.data
-        return [f"{names.bind(op.results[0], f'input{op.input_name.data}_mb{mb}')} = rt.input({op.input_name.data}, {mb})"]
+        value = names.bind(op.results[0], f"input{op.input_name.data}_mb{mb}")
+        return [f"{value} = rt.input({op.input_name.data}, {mb})  # layout {json.dumps(_layout_json(op))}"]
     if isinstance(op, ex.LaunchOp):
         callee = op.callee.root_reference.data
         kind = op.pass_kind.data
@@ -212,8 +323,11 @@ def _exec_statement(op: Operation, names: _Names, functions: dict[str, func.Func
         results = [names.bind(r, python_name(k) + suffix) for r, k in zip(op.outs, keys, strict=True)]
         lhs = (", ".join(results) + ("," if len(results) == 1 else "")) if results else "_"
         args = ", ".join(n(a) for a in op.args)
-        return ["", f"# {action} ({callee}): {where}, stream {n(op.stream)}",
-                f"with rt.on({n(op.stream)}):", f"    {lhs} = {callee}({args})"]
+        lines = ["", f"# {action} ({callee}): {where}, stream {n(op.stream)}",
+                 f"with rt.on({n(op.stream)}):", f"    {lhs} = {callee}({args})"]
+        if results and kind != "update":
+            lines.append(f"rt.produced({', '.join(results)})")
+        return lines
     if isinstance(op, ex.SendOp):
         group = op.group.root_reference.data
         return [f'{names.bind(op.work, "w")} = rt.send({n(op.input)}, dst={op.peer.value.data}, group="{group}", '
@@ -232,13 +346,47 @@ def _exec_statement(op: Operation, names: _Names, functions: dict[str, func.Func
         return ["", f"# gradient bucket of {len(outs)} tensor(s), group {group}",
                 f'{w}, ({", ".join(outs)},) = rt.all_reduce([{ins}], group="{group}", '
                 f'op="{op.reduction.data.value}", stream={n(op.stream)})']
+    if isinstance(op, ex.BatchP2POp):
+        group = op.group.root_reference.data
+        w = names.bind(op.work, "w")
+        sends = ", ".join(f"({n(v)}, {peer})" for v, peer in op.send_list())
+        recvs = ", ".join(f"({_type_args(v.type)}, {peer})" for v, peer in op.recv_list())
+        outs = [names.bind(v, "recv") for v in op.recvs]
+        lhs = f"{w}, ({', '.join(outs)},)" if outs else f"{w}, _"
+        return [f'{lhs} = rt.batch_p2p(sends=[{sends}], recvs=[{recvs}], group="{group}", stream={n(op.stream)})']
     if isinstance(op, ex.WaitOp):
-        return [f"rt.wait({', '.join(n(w) for w in op.works)})"]
+        works = ", ".join(n(w) for w in op.works)
+        return [f"rt.wait({works}, stream={n(op.stream)})", f"del {works}"]
+    if isinstance(op, ex.RecordStreamOp):
+        return [f"rt.record_stream({n(op.tensor)}, {n(op.stream)})"]
     if isinstance(op, ex.FreeOp):
-        return [f"del {', '.join(n(b) for b in op.buffers)}"]
+        buffers = ", ".join(n(b) for b in op.buffers)
+        return [f"rt.free({buffers})", f"del {buffers}"]
     if isinstance(op, ex.OutputOp):
         return [f'rt.output("{op.output_name.data}", {n(op.value)})']
     raise NotImplementedError(f"code generation has no rule for {op.name}")
+
+
+def _layout_json(op: ex.LoadInputOp) -> list[list[str]]:
+    """The input's layout as the manifest writes it: per dimension, the mesh axes that split it."""
+    if op.layout is None:
+        raise ValueError(f'exec.load_input "{op.input_name.data}" has no layout; the runtime cuts '
+                         "inputs by it (lower-to-exec writes one from par.input)")
+    return [list(op.layout.dim_axes(d)) for d in range(op.layout.rank())]
+
+
+def _input_layouts(programs: list[ex.ProgramOp]) -> dict[int, list[list[str]]]:
+    """Input index -> its layout, which every rank that loads the input must agree on."""
+    layouts: dict[int, list[list[str]]] = {}
+    for program in programs:
+        for op in program.walk():
+            if not isinstance(op, ex.LoadInputOp):
+                continue
+            index, layout = int(op.input_name.data), _layout_json(op)
+            if layouts.setdefault(index, layout) != layout:
+                raise ValueError(f"input {index} is loaded with layout {layout} on @{program.sym_name.data} "
+                                 f"but {layouts[index]} elsewhere; an input has one layout")
+    return layouts
 
 
 def generate(module: ModuleOp, state_kinds: dict[str, dict[str, Any]]) -> dict[str, str]:
@@ -270,22 +418,16 @@ def generate(module: ModuleOp, state_kinds: dict[str, dict[str, Any]]) -> dict[s
                 if state_kinds.get(name, {"kind": "param"})["kind"] == "param":
                     owners[name].append(rank)
         inputs = sorted({int(op.input_name.data) for op in program.walk() if isinstance(op, ex.LoadInputOp)})
-        dp_axis = module.attributes.get("par.dp_axis")
-        ranks.append({
-            "rank": rank, "program": f"rank{rank}.py", "coords": coords,
-            "dp_index": coords[dp_axis.data] if dp_axis else 0,
-            "inputs": inputs, "state": state,
-        })
+        ranks.append({"rank": rank, "program": f"rank{rank}.py", "coords": coords, "inputs": inputs, "state": state})
     world = list(range(mesh.size()))
-    input_indices = sorted({i for r in ranks for i in r["inputs"]})
+    layouts = _input_layouts(programs)
     manifest = {
-        "format": 1,
+        "format": 2,
         "world_size": mesh.size(),
         "mesh": [[a, mesh.axis_size(a)] for a in mesh.axis_names()],
         "device": device,
         "groups": [["world", world], *groups],
-        "inputs": [{"index": i, "name": f"input{i}"} for i in input_indices],
-        "dp_size": module.attributes[REPLICAS].value.data,
+        "inputs": [{"index": i, "name": f"input{i}", "layout": layout} for i, layout in sorted(layouts.items())],
         "microbatches": module.attributes[MICROBATCHES].value.data,
         "ranks": ranks,
         "params": {name: {"owners": r} for name, r in sorted(owners.items())},

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 import shutil
 import tempfile
@@ -18,20 +19,22 @@ import torch
 from xdsl.passes import ModulePass
 
 from piperc import codegen, schedules
-from piperc.errors import PipercError, StrategyError
+from piperc.errors import PassError, StrategyError
 from piperc.frontend import ARG_ALIASES, Captured, capture, main_function
 from piperc.ir import print_ir
-from piperc.passes.data_parallel import DataParallelPass
 from piperc.passes.fold_detach import FoldDetachPass
+from piperc.passes.lower_collectives import LowerCollectivesPass
+from piperc.passes.lower_reshard import LowerReshardPass
 from piperc.passes.lower_to_exec import LowerToExecPass
 from piperc.passes.mesh import MeshPass
 from piperc.passes.microbatch import MicrobatchPass
-from piperc.passes.optimizer import OptimizerPass, optimizer_state
+from piperc.passes.optimizer import optimizer_state
 from piperc.passes.outline_stages import OutlineStagesPass
 from piperc.passes.pipeline_split import PipelineSplitPass
 from piperc.passes.schedule import SchedulePass, find_schedule
+from piperc.passes.verify_exec import VerifyExecPass
 from piperc.passmanager import PipelineOptions, pipeline_text, run_pipeline
-from piperc.strategy import SGD, AdamW, DataParallel, Mesh, Pipeline
+from piperc.strategy import Directive, Fragment, Mesh, Optimizer, StrategyContext, schedule_fragment
 
 _PP = "pp"
 
@@ -82,38 +85,29 @@ class Compiled:
         return path
 
 
-def _check_strategy(mesh: Mesh, strategy: Sequence[object], optimizer) -> tuple[Pipeline | None, DataParallel | None]:
+def _check_strategy(mesh: Mesh, strategy: Sequence[object], optimizer: object, device: str) -> StrategyContext:
     if not isinstance(mesh, Mesh):
         raise StrategyError(f"mesh must be a piperc.Mesh, got {type(mesh).__name__}")
-    if not isinstance(optimizer, SGD | AdamW):
+    if not isinstance(optimizer, Optimizer):
         raise StrategyError(f"optimizer must be piperc.optim.SGD or piperc.optim.AdamW, got {optimizer!r}")
-    pp, dp = None, None
-    used: dict[str, object] = {}
+    used: dict[str, Directive] = {}
     for d in strategy:
-        if not isinstance(d, Pipeline | DataParallel):
-            raise StrategyError(f"unknown directive {d!r}; use piperc.pipeline(...) or piperc.data_parallel(...)")
-        if d.axis not in mesh.axes:
-            raise StrategyError(f"{d}: axis '{d.axis}' is not in {mesh!r}")
-        if d.axis in used:
-            raise StrategyError(f"{d}: axis '{d.axis}' is already used by {used[d.axis]}")
-        used[d.axis] = d
-        if isinstance(d, Pipeline):
-            if pp is not None:
-                raise StrategyError(f"{d}: only one pipeline directive is allowed")
-            if d.stages != mesh.axes[d.axis]:
-                raise StrategyError(
-                    f"{d}: {d.stages} stages on axis '{d.axis}' of size {mesh.axes[d.axis]}; "
-                    "piperc runs one stage per device"
-                )
-            if d.microbatches < 1:
-                raise StrategyError(f"{d}: microbatches must be >= 1")
-            pp = d
-        else:
-            dp = d
+        if not isinstance(d, Directive):
+            raise StrategyError(f"unknown directive {d!r}; use piperc.pipeline(...) or piperc.data_parallel(...), "
+                                "or subclass piperc.Directive")
+        for axis in d.mesh_axes():
+            if axis not in mesh.axes:
+                raise StrategyError(f"{d}: axis '{axis}' is not in {mesh!r}")
+            if axis in used:
+                raise StrategyError(f"{d}: axis '{axis}' is already used by {used[axis]}")
+            used[axis] = d
+    ctx = StrategyContext(mesh, (*strategy, optimizer), device)
+    for d in ctx.directives:
+        d.check(ctx)
     for axis, size in mesh.axes.items():
         if axis not in used and size > 1:
             raise StrategyError(f"{mesh!r}: axis '{axis}' (size {size}) is used by no directive")
-    return pp, dp
+    return ctx
 
 
 def compile(  # noqa: A001 - the public name users expect
@@ -121,8 +115,8 @@ def compile(  # noqa: A001 - the public name users expect
     example_inputs: Sequence[torch.Tensor],
     *,
     mesh: Mesh,
-    strategy: Sequence[object],
-    optimizer: SGD | AdamW,
+    strategy: Sequence[Directive],
+    optimizer: Optimizer,
     device: str = "cpu",
     world_size: int | None = None,
     options: PipelineOptions | None = None,
@@ -130,51 +124,124 @@ def compile(  # noqa: A001 - the public name users expect
 ) -> Compiled:
     """Compiles one training step of `model` for `mesh` under `strategy`.
 
-    `example_inputs` is one global batch (dim 0 is the batch). Raises
-    StrategyError naming the directive for a strategy that cannot apply,
-    CaptureError for a model that cannot be captured. `world_size`, when
-    given, must equal the mesh size. `options` observe the pass pipeline
-    (`print_ir_after_all`, `dump_dir`, `time_passes`, ...). `keep_ir=False`
-    skips keeping the IR after every pass (faster; `dump` then writes no `ir/`).
+    `example_inputs` is one global batch (dim 0 is the batch). Each directive
+    (and the optimizer) contributes its passes as fragments; they run with
+    piperc's own (fold-detach, mesh, microbatch, lower-to-exec) in the order
+    their `requires`/`provides` facts give (see `assemble_pipeline`).
+    Raises StrategyError naming the directive for a strategy that cannot
+    apply, CaptureError for a model that cannot be captured, PassError naming
+    the pass (its cause chained) for any other failure inside a pass.
+    `world_size`, when given, must equal the mesh size. `options` observe the
+    pass pipeline (`print_ir_after_all`, `dump_dir`, `time_passes`, ...).
+    `keep_ir=False` skips keeping the IR after every pass (faster; `dump`
+    then writes no `ir/`).
     """
-    pp, dp = _check_strategy(mesh, strategy, optimizer)
+    ctx = _check_strategy(mesh, strategy, optimizer, device)
     if world_size is not None and world_size != mesh.size:
         raise StrategyError(f"{mesh!r} has {mesh.size} ranks but the world size is {world_size}")
-    replicas = mesh.axes[dp.axis] if dp else 1
-    microbatches = pp.microbatches if pp else 1
     batch = example_inputs[0].shape[0]
     for i, x in enumerate(example_inputs):
         if x.dim() == 0 or x.shape[0] != batch:
             raise StrategyError(f"example input {i} does not share the batch dimension 0 of size {batch}")
-    if batch % (replicas * microbatches):
-        who = pp if pp else dp
+    if batch % (ctx.replicas * ctx.microbatches):
         raise StrategyError(
-            f"{who}: the global batch of {batch} rows does not split into {replicas} replica(s) x "
-            f"{microbatches} microbatch(es); the per-rank batch is {batch / replicas:g} rows"
+            f"{ctx.batch_directive}: the global batch of {batch} rows does not split into {ctx.replicas} "
+            f"replica(s) x {ctx.microbatches} microbatch(es); the per-rank batch is {batch / ctx.replicas:g} rows"
         )
-    rows = batch // (replicas * microbatches)
+    passes = assemble_pipeline(ctx)
+    rows = batch // (ctx.replicas * ctx.microbatches)
     captured = capture(model, tuple(x[:rows] for x in example_inputs))
-
-    axes = dict(mesh.axes)
-    pp_axis = pp.axis if pp else _PP
-    if pp_axis not in axes:
-        axes = {pp_axis: 1, **axes}
-    shape = ",".join(f"{a}={s}" for a, s in axes.items())
-    passes: list[ModulePass] = [
-        FoldDetachPass(),
-        MeshPass(shape=shape),
-        PipelineSplitPass(stages=pp.stages if pp else 1, split_at=pp.split_at if pp else (),
-                          region=pp.region if pp else "", directive=str(pp) if pp else "pipeline-split"),
-        OutlineStagesPass(directive=str(pp) if pp else "outline-stages"),
-        OptimizerPass(**optimizer.pass_options(), directive=repr(optimizer)),
-    ]
-    if dp:
-        passes.append(DataParallelPass(axis=dp.axis, bucket_mb=dp.bucket_mb, directive=str(dp)))
-    passes.append(MicrobatchPass(count=microbatches, replicas=replicas, directive=str(pp or dp or "microbatch")))
-    passes.append(SchedulePass(**(pp.schedule_options() if pp else {"kind": "gpipe"}), axis=pp_axis,
-                               directive=str(pp) if pp else "schedule"))
-    passes.append(LowerToExecPass(device=device))
     return _lower(captured, passes, options, keep_ir)
+
+
+def assemble_pipeline(ctx: StrategyContext) -> list[ModulePass]:
+    """The compile pipeline for `ctx`: every directive's fragments and piperc's own, ordered.
+
+    A fragment runs after every fragment that provides a fact it requires.
+    Among fragments free to run, the one listed first runs first: piperc's
+    front fragments (fold-detach, mesh), the directives' in strategy order
+    (the optimizer last), then piperc's back fragments (microbatch, lowering).
+    Raises StrategyError naming the directive whose fragment requires a fact
+    no fragment provides, or the directives whose requirements form a cycle.
+    """
+    contributed = [(str(d), f) for d in ctx.directives for f in d.fragments(ctx)]
+    provided = {fact for _, f in contributed for fact in f.provides}
+    fragments = [*_own(_front_fragments(ctx, provided)), *contributed, *_own(_back_fragments(ctx))]
+    return [p for f in _order(fragments) for p in f.passes]
+
+
+def _front_fragments(ctx: StrategyContext, provided: set[str]) -> list[Fragment]:
+    """fold-detach and the mesh; without a pipeline directive, one stage on a size-1 pp axis."""
+    axes = dict(ctx.mesh.axes)
+    single_stage = "stages" not in provided
+    if single_stage and _PP not in axes:
+        axes = {_PP: 1, **axes}
+    front = [
+        Fragment((FoldDetachPass(),)),
+        Fragment((MeshPass(shape=",".join(f"{a}={s}" for a, s in axes.items())),), provides=("mesh",)),
+    ]
+    if single_stage:
+        front += [
+            Fragment((PipelineSplitPass(stages=1), OutlineStagesPass()), provides=("stages",)),
+            schedule_fragment({"kind": "gpipe"}, _PP, "schedule"),
+        ]
+    return front
+
+
+def _back_fragments(ctx: StrategyContext) -> list[Fragment]:
+    """Microbatching for the strategy's batch split, then lowering to one program per rank."""
+    return [
+        Fragment((MicrobatchPass(count=ctx.microbatches, replicas=ctx.replicas,
+                                 directive=str(ctx.batch_directive or "microbatch")),),
+                 requires=("stages",), provides=("microbatches",)),
+        Fragment((LowerReshardPass(), LowerToExecPass(device=ctx.device), LowerCollectivesPass(),
+                  VerifyExecPass()),
+                 requires=("mesh", "update", "microbatches", "schedule"), provides=("exec",)),
+    ]
+
+
+def _own(fragments: list[Fragment]) -> list[tuple[str, Fragment]]:
+    """piperc's own fragments, named in errors by their passes."""
+    return [("piperc's " + ", ".join(p.name for p in f.passes), f) for f in fragments]
+
+
+def _order(fragments: list[tuple[str, Fragment]]) -> list[Fragment]:
+    """A stable topological order of `fragments` (owner, fragment) by their facts."""
+    providers: dict[str, list[int]] = {}
+    for i, (_, f) in enumerate(fragments):
+        for fact in f.provides:
+            providers.setdefault(fact, []).append(i)
+    after: list[set[int]] = []
+    for i, (owner, f) in enumerate(fragments):
+        for fact in f.requires:
+            if fact not in providers:
+                known = ", ".join(sorted(providers))
+                raise StrategyError(f"{owner}: its passes require '{fact}', which no directive provides "
+                                    f"(provided: {known})")
+        after.append({j for fact in f.requires for j in providers[fact] if j != i})
+    done: list[int] = []
+    while len(done) < len(fragments):
+        ready = next((i for i in range(len(fragments)) if i not in done and after[i] <= set(done)), None)
+        if ready is None:
+            raise StrategyError(_cycle(fragments, after, done))
+        done.append(ready)
+    return [fragments[i][1] for i in done]
+
+
+def _cycle(fragments: list[tuple[str, Fragment]], after: list[set[int]], done: list[int]) -> str:
+    """Names the fragments of one requirement cycle among those not yet ordered."""
+    path = [next(i for i in range(len(fragments)) if i not in done)]
+    while True:
+        nxt = min(after[path[-1]] - set(done))
+        if nxt in path:
+            path = path[path.index(nxt):] + [nxt]
+            break
+        path.append(nxt)
+    steps = []
+    for i, j in itertools.pairwise(path):
+        facts = sorted(set(fragments[i][1].requires) & set(fragments[j][1].provides))
+        steps.append(f"{fragments[i][0]} requires '{facts[0]}' from {fragments[j][0]}")
+    return "the strategy's passes cannot be ordered, their requirements form a cycle: " + "; ".join(steps)
 
 
 def _lower(captured: Captured, passes: list[ModulePass], options: PipelineOptions | None,
@@ -191,9 +258,10 @@ def _lower(captured: Captured, passes: list[ModulePass], options: PipelineOption
         options.after_pass = lambda p, m: ir_after.append((p.name, print_ir(m)))
     try:
         run_pipeline(captured.module, captured.ctx, passes, options)
-    except PipercError as e:
-        cause = e.__cause__
-        raise (cause if isinstance(cause, StrategyError) else e) from None
+    except PassError as e:
+        if isinstance(e.__cause__, StrategyError):
+            raise e.__cause__ from e.__cause__.__cause__
+        raise
     module = captured.module
     files = codegen.generate(module, optimizer_state(module))
     table = find_schedule(module).table()

@@ -50,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     result = piperc.launch(compiled, batches, progress=True)
     elapsed = time.perf_counter() - start
     print(f"  trained {args.steps} steps on {compiled.world_size} processes in {elapsed:.1f} s")
+    peaks = ", ".join(f"{b / 2**20:.2f}" for b in result.peak_live_bytes)
+    print(f"  peak live activation MiB per rank (the runtime's count): {peaks}")
 
     torch.set_num_threads(1)
     ref_losses, ref_state = train_eager(model, batches, optimizer)

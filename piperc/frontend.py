@@ -3,8 +3,8 @@
     model, example inputs
       -> torch.export (non-strict)            module paths, annotate regions
       -> AOTAutograd joint graph (fx)         forward + backward, seq_nr pairs them
-      -> torch-mlir FX importer               generic `torch` dialect text
-      -> xDSL module (piperc.ir context)      typed, verified, marked with origins
+      -> torch-mlir FX importer               `torch` dialect (MLIR, in memory)
+      -> xDSL module (piperc.ir context)      built op by op: typed, verified, with origins
 
 The captured `func.func @main` takes the parameters, buffers, user inputs and
 the tangents of the outputs (1.0 for the loss) as arguments, and returns the
@@ -38,8 +38,9 @@ from xdsl.dialects.builtin import (
     StringAttr,
     UnitAttr,
 )
-from xdsl.rewriter import Rewriter
-from xdsl.utils.exceptions import ParseError
+from xdsl.ir import Attribute, Block, Operation, Region, SSAValue
+from xdsl.irdl import IRDLOperation
+from xdsl.parser import Parser
 
 from piperc.annotate import INDEX_KEY, REGION_KEY
 from piperc.dialects.par import OriginAttr, PassKind
@@ -59,7 +60,7 @@ from piperc.dialects.roles import (  # noqa: F401 - the captured step's conventi
 )
 from piperc.dialects.torch import OperatorOp, aten_overload
 from piperc.errors import CaptureError
-from piperc.ir import PipercContext, make_context, parse_module, print_ir
+from piperc.ir import PipercContext, cycle_collection_paused, make_context, print_ir
 
 
 @dataclasses.dataclass
@@ -130,35 +131,42 @@ def capture(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor]) -> C
         if not isinstance(x, torch.Tensor):
             raise CaptureError(f"example input {i} is a {type(x).__name__}; inputs must be tensors")
 
-    joint = _joint_graph(model, example_inputs)
-    gm = joint.graph_module
+    exported = _export(model, example_inputs)
+    gm = _joint_graph(model, exported, example_inputs)
     params, buffers = _fold_tied_parameters(model, gm)
     num_outputs = _check_outputs(model, gm)
     _drop_none_outputs(gm)
     marks = _node_marks(gm)
-    mlir_text, op_nodes = _import(gm, marks)
-    module, ctx = _parse(mlir_text)
-    _attach_origins(module, op_nodes, marks)
-    _attach_signature(module, gm)
-    module.verify()
+    with cycle_collection_paused():
+        module, ctx = _build(_import(gm), marks)
+        _attach_signature(module, gm)
+        module.verify()
     return Captured(module, ctx, params, buffers, len(example_inputs), num_outputs)
 
 
 # ---------------------------------------------------------------- torch side
 
 
-def _joint_graph(model, example_inputs):
+def _export(model: torch.nn.Module, example_inputs: tuple) -> torch.export.ExportedProgram:
+    """torch.export of `model` (non-strict), keeping `piperc.annotate` marks on the nodes."""
     with fx_traceback.preserve_node_meta():
         try:
-            exported = torch.export.export(model, example_inputs, strict=False)
+            return torch.export.export(model, example_inputs, strict=False)
         except Exception as e:  # torch.export raises many types; all mean "cannot trace"
             raise CaptureError(
                 f"torch.export cannot trace {type(model).__name__}: {_first_line(e)}"
                 f"{_model_frame(e, model)}"
             ) from e
+
+
+def _joint_graph(model: torch.nn.Module, exported: torch.export.ExportedProgram,
+                 example_inputs: tuple) -> torch.fx.GraphModule:
+    """AOTAutograd's joint forward+backward graph of the exported model."""
+    with fx_traceback.preserve_node_meta():
         try:
             with contextlib.ExitStack() as stack:
-                return aot_export_joint_with_descriptors(stack, exported.module(), example_inputs)
+                joint = aot_export_joint_with_descriptors(stack, exported.module(), example_inputs)
+                return joint.graph_module
         except Exception as e:
             raise CaptureError(
                 f"AOTAutograd cannot build the backward of {type(model).__name__}: "
@@ -307,71 +315,138 @@ class _NodeNamingContextCache(ContextCache):
         return mlir_ir.Location.name(_NODE_LOC + node.name, context=self._c)
 
 
-def _import(gm: torch.fx.GraphModule, marks) -> tuple[str, list[str | None]]:
-    """Imports the joint graph; returns generic IR text and each op's fx node name (walk order)."""
+def _import(gm: torch.fx.GraphModule) -> mlir_ir.Module:
+    """Imports the joint graph with torch-mlir; each op's location names its fx node."""
     context = mlir_ir.Context()
     torch_mlir_dialect.register_dialect(context)
     importer = FxImporter(context=context)
     importer._cc.__class__ = _NodeNamingContextCache
     importer.import_stateless_graph(gm.graph, func_name="main")
-
-    op_nodes: list[str | None] = []
-
-    def visit(op):
-        loc = str(op.location)
-        m = re.match(r'loc\("' + re.escape(_NODE_LOC) + r'([^"]+)"', loc)
-        node = m.group(1) if m else None
-        if op.operation.name == "torch.operator" and aten_overload(_string(op.attributes["name"])) is None:
-            name = _string(op.attributes["name"])
-            mark = marks.get(node)
-            where = f" in '{mark.path}'" if mark and mark.path else ""
-            src = f" ({mark.source})" if mark and mark.source else ""
-            raise CaptureError(
-                f"op {name} (fx node '{node}'){where}{src} cannot be represented: "
-                "it is not an ATen operator, and piperc's `torch` dialect holds ATen "
-                "operators only. Rewrite that part of the model with ATen operators."
-            )
-        op_nodes.append(node)
-        for region in op.regions:
-            for block in region.blocks:
-                for inner in block.operations:
-                    visit(inner)
-
-    visit(importer.module.operation)
-    text = importer.module.operation.get_asm(print_generic_op_form=True, large_resource_limit=0)
-    return text, op_nodes
+    return importer.module
 
 
-def _string(attr) -> str:
-    """The Python str of a torch-mlir StringAttr."""
-    return mlir_ir.StringAttr(attr).value
+def _build(mlir_module: mlir_ir.Module, marks: dict[str, _Mark]) -> tuple[ModuleOp, PipercContext]:
+    """The xDSL module equal to torch-mlir's, built op by op from its in-memory IR.
 
-
-def _parse(text: str) -> tuple[ModuleOp, PipercContext]:
+    `torch.operator` ops become the `torch.aten.*` ops they name; every op
+    made for an fx node carries that node's `piperc.origin`.
+    """
     ctx = make_context()
-    try:
-        module = parse_module(text, ctx, "captured")
-    except ParseError as e:
-        op = re.search(r'"(torch\.[\w.]+)"', str(e))
-        raise CaptureError(
-            f"the captured graph uses {op.group(1) if op else 'an op'} that piperc's "
-            f"`torch` dialect cannot represent:\n{e}"
-        ) from e
-    for op in list(module.walk()):
-        if isinstance(op, OperatorOp):
-            aten = op.as_aten_op()
-            Rewriter.replace_op(op, aten)
+    module = _Builder(ctx, marks).op(mlir_module.operation)
+    assert isinstance(module, ModuleOp)
     return module, ctx
 
 
-def _attach_origins(module: ModuleOp, op_nodes: list[str | None], marks) -> None:
-    ops = list(module.walk())
-    assert len(ops) == len(op_nodes), "torch-mlir and xDSL disagree on the op count"
-    for op, node in zip(ops, op_nodes, strict=True):
-        mark = marks.get(node) if node else None
-        if mark is None:
-            continue
-        op.attributes[ORIGIN] = OriginAttr(mark.path, mark.pass_kind, mark.region, mark.region_index)
+class _Builder:
+    """Turns torch-mlir's ops, values, types and attributes into their xDSL equals.
+
+    Types and attributes are uniqued in an MLIR context, so each distinct one
+    is converted once, through its text (the text piperc's dialects parse).
+    """
+
+    def __init__(self, ctx: PipercContext, marks: dict[str, _Mark]):
+        self.ctx = ctx
+        self.marks = marks
+        self.values: dict[mlir_ir.Value, SSAValue] = {}
+        self.types: dict[mlir_ir.Type, Attribute] = {}
+        self.attrs: dict[mlir_ir.Attribute, Attribute] = {}
+        self.origins: dict[tuple, OriginAttr] = {}
+
+    def op(self, mlir_op) -> Operation:
+        """The xDSL op for `mlir_op` (an Operation or OpView), its regions built too."""
+        mlir_op = mlir_op.operation
+        name = mlir_op.name
+        node = _node_name(mlir_op.location)
+        cls = self.ctx.get_optional_op(name)
+        if cls is None:
+            raise CaptureError(
+                f"the captured graph uses {name}{self._where(node)} that piperc's `torch` "
+                "dialect cannot represent"
+            )
+        properties, attributes = self._attributes(mlir_op, cls, node)
+        op = cls.create(
+            operands=[self.values[v] for v in mlir_op.operands],
+            result_types=[self.type(r.type) for r in mlir_op.results],
+            properties=properties,
+            attributes=attributes,
+            regions=[self._region(r) for r in mlir_op.regions],
+        )
+        if isinstance(op, OperatorOp):
+            op = op.as_aten_op()
+        mark = self.marks.get(node) if node else None
+        if mark is not None:
+            op.attributes[ORIGIN] = self.origin(mark)
+        self.values.update(zip(mlir_op.results, op.results, strict=True))
+        return op
+
+    def origin(self, mark: _Mark) -> OriginAttr:
+        """The `piperc.origin` of an op made for a node with `mark` (one attribute per origin)."""
+        key = (mark.path, mark.pass_kind, mark.region, mark.region_index)
+        origin = self.origins.get(key)
+        if origin is None:
+            origin = self.origins[key] = OriginAttr(*key)
+        return origin
+
+    def type(self, mlir_type: mlir_ir.Type) -> Attribute:
+        """The xDSL type equal to an MLIR type."""
+        t = self.types.get(mlir_type)
+        if t is None:
+            t = self.types[mlir_type] = Parser(self.ctx, str(mlir_type)).parse_type()
+        return t
+
+    def attribute(self, mlir_attr: mlir_ir.Attribute) -> Attribute:
+        """The xDSL attribute equal to an MLIR attribute."""
+        a = self.attrs.get(mlir_attr)
+        if a is None:
+            a = self.attrs[mlir_attr] = Parser(self.ctx, str(mlir_attr)).parse_attribute()
+        return a
+
+    def _attributes(self, mlir_op, cls: type[Operation], node: str | None):
+        """An op's attributes, split as xDSL's parser splits them: the ones its
+        class declares as properties, and the others."""
+        declared = cls.get_irdl_definition().properties if issubclass(cls, IRDLOperation) else {}
+        properties: dict[str, Attribute] = {}
+        attributes: dict[str, Attribute] = {}
+        mlir_attributes = mlir_op.attributes
+        for i in range(len(mlir_attributes)):
+            named = mlir_attributes[i]
+            attr = self.attribute(named.attr)
+            (properties if named.name in declared else attributes)[named.name] = attr
+        if cls is OperatorOp and aten_overload(properties["name"].data) is None:
+            raise CaptureError(
+                f"op {properties['name'].data}{self._where(node)} cannot be represented: "
+                "it is not an ATen operator, and piperc's `torch` dialect holds ATen "
+                "operators only. Rewrite that part of the model with ATen operators."
+            )
+        return properties, attributes
+
+    def _where(self, node: str | None) -> str:
+        """' (fx node 'n') in 'path' (file:line)' for an op made for fx node `node`."""
+        if node is None:
+            return ""
+        mark = self.marks.get(node)
+        where = f" in '{mark.path}'" if mark and mark.path else ""
+        src = f" ({mark.source})" if mark and mark.source else ""
+        return f" (fx node '{node}'){where}{src}"
+
+    def _region(self, mlir_region) -> Region:
+        region = Region()
+        for mlir_block in mlir_region.blocks:
+            block = Block(arg_types=[self.type(a.type) for a in mlir_block.arguments])
+            for i, (mlir_arg, arg) in enumerate(zip(mlir_block.arguments, block.args, strict=True)):
+                arg.name_hint = f"arg{i}"  # as torch-mlir names them in its text
+                self.values[mlir_arg] = arg
+            block.add_ops(self.op(o) for o in mlir_block.operations)
+            region.add_block(block)
+        return region
+
+
+def _node_name(location) -> str | None:
+    """The fx node an op was made for, from the location `_import` gave it."""
+    name = getattr(location, "name_str", None)
+    if name is None or not name.startswith(_NODE_LOC):
+        return None
+    return name.removeprefix(_NODE_LOC)
 
 
 def _attach_signature(module: ModuleOp, gm: torch.fx.GraphModule) -> None:

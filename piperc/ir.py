@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import gc
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from xdsl.context import Context
@@ -81,3 +84,21 @@ def print_ir(op: Operation) -> str:
     out = io.StringIO()
     Printer(stream=out).print_op(op)
     return out.getvalue() + "\n"
+
+
+@contextlib.contextmanager
+def cycle_collection_paused() -> Iterator[None]:
+    """Pauses Python's cyclic garbage collector while building or rewriting IR.
+
+    Making and verifying ops allocates objects by the hundred thousand; each allocation
+    burst sets off a collection that walks every live object (the model, its fx graphs,
+    the whole module), which cost as much as the building itself. The cycles a rewrite
+    leaves behind (erased ops) are collected when the collector resumes.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()

@@ -22,7 +22,7 @@ from xdsl.utils.arg_spec import parse_pipeline as parse_pipeline_spec
 from xdsl.utils.exceptions import ArgSpecParseError, VerifyException
 
 from piperc.errors import PassError
-from piperc.ir import print_ir
+from piperc.ir import cycle_collection_paused, print_ir
 from piperc.passes import PASSES
 
 
@@ -95,7 +95,8 @@ def run_pipeline(
             _print(out, f"IR Dump Before {p.name}", module)
         start = time.perf_counter()
         try:
-            p.apply(ctx, module)
+            with cycle_collection_paused():
+                p.apply(ctx, module)
         except PassError:
             raise
         except Exception as e:
@@ -115,7 +116,8 @@ def run_pipeline(
 
 def _verify(module: ModuleOp, after: str) -> None:
     try:
-        module.verify()
+        with cycle_collection_paused():
+            module.verify()
     except VerifyException as e:
         raise PassError(f"IR after {after} does not verify: {e}") from e
 

@@ -5,16 +5,29 @@
               piperc.data_parallel(axis="dp")]
     optimizer=piperc.optim.AdamW(lr=1e-3, weight_decay=0.1)
 
-Each directive becomes one or more passes (`Directive.passes`); its `str()`
-is how errors quote it.
+Each directive (a `Directive`) contributes its passes as `Fragment`s
+(`Directive.fragments`): passes that run together, with the facts they need
+(`requires`) and the facts they establish (`provides`). `piperc.compile`
+orders the fragments of all directives and its own by those facts, so a new
+strategy is a new directive class and its passes. A directive's `str()` is
+how errors quote it.
 """
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 from collections.abc import Sequence
 
+from xdsl.passes import ModulePass
+
 from piperc.errors import StrategyError
+from piperc.passes.data_parallel import DataParallelPass
+from piperc.passes.expand_schedule import ExpandSchedulePass
+from piperc.passes.optimizer import OptimizerPass
+from piperc.passes.outline_stages import OutlineStagesPass
+from piperc.passes.pipeline_split import PipelineSplitPass
+from piperc.passes.schedule import SchedulePass
 
 
 class Mesh:
@@ -41,7 +54,104 @@ class Mesh:
 
 
 @dataclasses.dataclass(frozen=True)
-class Pipeline:
+class Fragment:
+    """Passes that run together, in this order, as one step of the compile pipeline.
+
+    `requires` names the facts the passes need established first: the fragment
+    runs after every fragment that `provides` one of them. The facts piperc's
+    own fragments and directives use:
+
+      mesh          `par.mesh @mesh` declares the mesh (piperc's `mesh`)
+      stages        `@s<i>_F` / `@s<i>_B` stage functions (a pipeline's
+                    pipeline-split, outline-stages)
+      update        `@s<i>_update` per stage (the optimizer)
+      microbatches  scaled loss and accumulate functions (piperc's `microbatch`)
+      schedule      `par.schedule @schedule` and a `par.program` per device
+                    (a pipeline's schedule, expand-schedule)
+      exec          one verified `exec.program` per rank (piperc's lowering)
+
+    A new fact is any new name a fragment provides.
+    """
+
+    passes: tuple[ModulePass, ...]
+    requires: tuple[str, ...] = ()
+    provides: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class StrategyContext:
+    """What a directive sees when it checks itself and contributes its passes."""
+
+    mesh: Mesh
+    directives: tuple[Directive, ...]
+    """The whole strategy, the optimizer last."""
+    device: str
+
+    @property
+    def replicas(self) -> int:
+        """How many model replicas share one global batch (product over the directives)."""
+        n = 1
+        for d in self.directives:
+            n *= d.batch_split(self.mesh)[0]
+        return n
+
+    @property
+    def microbatches(self) -> int:
+        """How many microbatches each replica's share of the batch is cut into."""
+        n = 1
+        for d in self.directives:
+            n *= d.batch_split(self.mesh)[1]
+        return n
+
+    @property
+    def batch_directive(self) -> Directive | None:
+        """The directive errors about the batch split quote: the first that cuts
+        microbatches, else the first that replicates."""
+        splits = [(d, d.batch_split(self.mesh)) for d in self.directives]
+        cutting = [d for d, (_, microbatches) in splits if microbatches > 1]
+        replicating = [d for d, (replicas, _) in splits if replicas > 1]
+        return next(iter(cutting + replicating), None)
+
+
+class Directive(abc.ABC):
+    """One entry of a strategy: it checks itself against the mesh and contributes fragments.
+
+    Subclass it (a frozen dataclass reads best) to add a strategy: `fragments`
+    returns its passes and their ordering facts, `check` rejects what cannot
+    apply with a StrategyError quoting `str(self)`.
+    """
+
+    @abc.abstractmethod
+    def fragments(self, ctx: StrategyContext) -> list[Fragment]:
+        """The passes this directive adds to the pipeline, with their ordering facts."""
+
+    def check(self, ctx: StrategyContext) -> None:  # noqa: B027 - an optional hook; most directives need none
+        """Raises StrategyError if the directive cannot apply to `ctx.mesh` or next to the others.
+
+        Its mesh axes are checked before (they exist and no other directive uses them).
+        """
+
+    def mesh_axes(self) -> tuple[str, ...]:
+        """The mesh axes this directive uses: each must exist, and no other directive may use it."""
+        return ()
+
+    def batch_split(self, mesh: Mesh) -> tuple[int, int]:
+        """(replicas, microbatches): how this directive cuts each global batch."""
+        return 1, 1
+
+
+def schedule_fragment(options: dict[str, str], axis: str, directive: str) -> Fragment:
+    """The passes that build a pipeline schedule along `axis` (SchedulePass `options`)
+    and expand it into one program of tasks and transfers per device."""
+    return Fragment(
+        (SchedulePass(**options, axis=axis, directive=directive), ExpandSchedulePass(directive=directive)),
+        requires=("mesh", "stages", "microbatches"),
+        provides=("schedule",),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Pipeline(Directive):
     """Pipeline parallelism: `stages` stages along `axis`, `microbatches` per step."""
 
     axis: str
@@ -67,9 +177,39 @@ class Pipeline:
             return {"kind": "user", "table": ";".join(" ".join(r.replace(",", " ").split()) for r in rows)}
         return {"kind": "user", "table": ";".join(" ".join(str(a) for a in row) for row in self.schedule)}
 
+    def mesh_axes(self) -> tuple[str, ...]:
+        """The pipeline axis: one stage per device along it."""
+        return (self.axis,)
+
+    def check(self, ctx: StrategyContext) -> None:
+        """One pipeline per strategy, one stage per device of its axis, at least one microbatch."""
+        if next(d for d in ctx.directives if isinstance(d, Pipeline)) is not self:
+            raise StrategyError(f"{self}: only one pipeline directive is allowed")
+        if self.stages != ctx.mesh.axes[self.axis]:
+            raise StrategyError(
+                f"{self}: {self.stages} stages on axis '{self.axis}' of size {ctx.mesh.axes[self.axis]}; "
+                "piperc runs one stage per device"
+            )
+        if self.microbatches < 1:
+            raise StrategyError(f"{self}: microbatches must be >= 1")
+
+    def batch_split(self, mesh: Mesh) -> tuple[int, int]:
+        """Each replica's batch is cut into `microbatches`."""
+        return 1, self.microbatches
+
+    def fragments(self, ctx: StrategyContext) -> list[Fragment]:
+        """pipeline-split and outline-stages (the stages), then the schedule."""
+        stages = Fragment(
+            (PipelineSplitPass(stages=self.stages, split_at=self.split_at, region=self.region,
+                               directive=str(self)),
+             OutlineStagesPass(directive=str(self))),
+            provides=("stages",),
+        )
+        return [stages, schedule_fragment(self.schedule_options(), self.axis, str(self))]
+
 
 @dataclasses.dataclass(frozen=True)
-class DataParallel:
+class DataParallel(Directive):
     """Data parallelism: replicate along `axis`, all-reduce gradients in buckets."""
 
     axis: str = "dp"
@@ -77,6 +217,19 @@ class DataParallel:
 
     def __str__(self) -> str:
         return f"data_parallel(axis={self.axis!r})"
+
+    def mesh_axes(self) -> tuple[str, ...]:
+        """The data-parallel axis: one replica per device along it."""
+        return (self.axis,)
+
+    def batch_split(self, mesh: Mesh) -> tuple[int, int]:
+        """One replica per device along `axis`."""
+        return mesh.axes[self.axis], 1
+
+    def fragments(self, ctx: StrategyContext) -> list[Fragment]:
+        """data-parallel: bucketed gradient all-reduces in every stage's update."""
+        return [Fragment((DataParallelPass(axis=self.axis, bucket_mb=self.bucket_mb, directive=str(self)),),
+                         requires=("mesh", "update"))]
 
 
 def pipeline(axis: str = "pp", stages: int = 2, microbatches: int = 1,
@@ -98,8 +251,26 @@ def data_parallel(axis: str = "dp", bucket_mb: float = 25.0) -> DataParallel:
     return DataParallel(axis, bucket_mb)
 
 
+class Optimizer(Directive):
+    """An optimizer: the directive that writes each stage's parameter update."""
+
+    @abc.abstractmethod
+    def pass_options(self) -> dict:
+        """The optimizer pass's options."""
+
+    def check(self, ctx: StrategyContext) -> None:
+        """One optimizer per strategy."""
+        if next(d for d in ctx.directives if isinstance(d, Optimizer)) is not self:
+            raise StrategyError(f"{self!r}: only one optimizer is allowed; pass it as optimizer=")
+
+    def fragments(self, ctx: StrategyContext) -> list[Fragment]:
+        """optimizer: `@s<i>_update` for every stage."""
+        return [Fragment((OptimizerPass(**self.pass_options(), directive=repr(self)),),
+                         requires=("stages",), provides=("update",))]
+
+
 @dataclasses.dataclass(frozen=True)
-class SGD:
+class SGD(Optimizer):
     """torch.optim.SGD's update (momentum, weight decay), written as IR."""
 
     lr: float
@@ -112,7 +283,7 @@ class SGD:
 
 
 @dataclasses.dataclass(frozen=True)
-class AdamW:
+class AdamW(Optimizer):
     """torch.optim.AdamW's update, written as IR."""
 
     lr: float = 1e-3

@@ -2,15 +2,21 @@
 
 `Runtime` gives a program its inputs and state, streams and events, and
 asynchronous point-to-point and collective communication on named process
-groups. Every communication returns a `Work`; its result tensors hold their
-values once `rt.wait(work)` returned. On CUDA, streams and events are real and
-communication goes through NCCL; on CPU (gloo) streams and events are named
-placeholders, so the same program runs unchanged on both.
+groups. Every communication returns a `Work`; its result tensors may be read
+on a stream once `rt.wait(work, stream=s)` ran. On CUDA, streams and events are
+real, communication goes through NCCL and a wait only makes the stream wait;
+on CPU (gloo) streams and events are named placeholders and a wait blocks, so
+the same program runs unchanged on both.
+
+It also counts live activation bytes: tensors made by launches (`rt.produced`),
+receives and collectives, minus those released by `rt.free`, with the peak
+over the steps run so far (`peak_live_bytes`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -19,6 +25,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from .manifest import Layout, local_part
 
 REDUCE_OPS = ("sum", "avg", "max")
 
@@ -48,7 +56,11 @@ class CpuEvent:
 
 
 class Work:
-    """One communication in flight. Pass it to `Runtime.wait`."""
+    """One communication in flight. Pass it to `Runtime.wait`.
+
+    `handle` is a torch work handle, or a list of them for a batch of transfers
+    issued together (`batch_isend_irecv`), which completes when all have.
+    """
 
     def __init__(
         self,
@@ -58,11 +70,18 @@ class Work:
         finish: Callable[[], None] | None = None,
     ):
         self.what = what
-        self.handle = handle
+        self.handles = list(handle) if isinstance(handle, list | tuple) else [handle]
         # Holding the tensors keeps their buffers alive until the transfer completed.
         self.outputs = tuple(outputs)
         self.finish = finish
         self.done = False
+        self.completed = False
+
+    def is_completed(self) -> bool:
+        """Whether the communication finished (a query: it never blocks)."""
+        if not self.completed:
+            self.completed = all(h.is_completed() for h in self.handles)
+        return self.completed
 
     def __repr__(self) -> str:
         return f"<Work {self.what}{' (done)' if self.done else ''}>"
@@ -82,8 +101,8 @@ class Runtime:
         timeout: float,
         input_names: Sequence[str],
         readable_inputs: Sequence[int],
-        dp_size: int,
-        dp_index: int,
+        mesh: dict[str, int],
+        input_layouts: Sequence[Layout],
         microbatches: int,
         state: dict[str, torch.Tensor],
     ):
@@ -97,14 +116,20 @@ class Runtime:
         self._groups = groups
         self._input_names = tuple(input_names)
         self._readable_inputs = frozenset(readable_inputs)
-        self._dp_size = dp_size
-        self._dp_index = dp_index
+        self._mesh = dict(mesh)
+        self._input_layouts = tuple(input_layouts)
         self._microbatches = microbatches
         self._state = state
         self._batch: tuple[torch.Tensor | None, ...] | None = None
         self._batch_is_shard = False
         self._streams: dict[str, Any] = {}
         self._pending: list[Work] = []
+        self._sequence = {}
+        self._outstanding: list[Work] = []
+        self._outstanding_lock = threading.Lock()
+        self._live: dict[int, tuple[int, int]] = {}  # storage address -> (bytes, references)
+        self.live_bytes = 0
+        self.peak_live_bytes = 0
 
     # ------------------------------------------------------------ streams and events
 
@@ -142,12 +167,45 @@ class Runtime:
         if self._cuda:
             stream.wait_event(event)
 
+    def record_stream(self, tensor: torch.Tensor, stream) -> None:
+        """Marks `tensor`, made on another stream, as used by `stream`: on CUDA its
+        memory is not reused before the work queued on `stream` so far is done."""
+        if self._cuda:
+            tensor.record_stream(stream)
+
+    # ------------------------------------------------------------ live activation bytes
+
+    def produced(self, *tensors: torch.Tensor) -> None:
+        """Counts tensors a launch made as live (a storage shared by several counts once)."""
+        for tensor in tensors:
+            key = tensor.untyped_storage().data_ptr()
+            size, refs = self._live.get(key, (tensor.untyped_storage().nbytes(), 0))
+            if refs == 0:
+                self.live_bytes += size
+                self.peak_live_bytes = max(self.peak_live_bytes, self.live_bytes)
+            self._live[key] = (size, refs + 1)
+
+    def free(self, *tensors: torch.Tensor) -> None:
+        """Releases the count of tensors the program frees (`exec.free`); tensors
+        that were never counted (state, inputs) are ignored."""
+        for tensor in tensors:
+            key = tensor.untyped_storage().data_ptr()
+            if key not in self._live:
+                continue
+            size, refs = self._live[key]
+            if refs > 1:
+                self._live[key] = (size, refs - 1)
+                continue
+            del self._live[key]
+            self.live_bytes -= size
+
     # ------------------------------------------------------------ inputs, state, outputs
 
     def input(self, index: int, microbatch: int) -> torch.Tensor:
         """This rank's microbatch `microbatch` of global input `index` for this step:
-        dp shard `dp_index` of `dp_size` along dim 0, then microbatch `microbatch`
-        of `microbatches` equal slices of that shard."""
+        the rank's part under the input's layout (each dimension cut by the mesh axes
+        the layout names, at this rank's coordinates), then microbatch `microbatch`
+        of `microbatches` equal slices of that part along dim 0."""
         if self._batch is None:
             raise RuntimeError(f"rank {self.rank}: rt.input() called outside a training step")
         if index not in self._readable_inputs:
@@ -160,19 +218,22 @@ class Runtime:
                 f"rank {self.rank}: microbatch {microbatch} is outside 0..{self._microbatches - 1}"
             )
         tensor = self._batch[index]
+        # A shard (`shard()`) is already this rank's part; a global batch is cut here.
+        if not self._batch_is_shard:
+            try:
+                tensor = local_part(tensor, self._input_layouts[index], self._mesh, self.coords)
+            except ValueError as e:
+                raise RuntimeError(
+                    f"rank {self.rank}: input {index} ({self._input_name(index)}): {e}"
+                ) from None
         rows = tensor.shape[0]
-        # A shard holds only this replica's rows; a global batch holds every replica's.
-        replicas = 1 if self._batch_is_shard else self._dp_size
-        parts = replicas * self._microbatches
-        if rows % parts:
+        if rows % self._microbatches:
             raise RuntimeError(
-                f"input {index} ({self._input_name(index)}) has {rows} rows along dim 0, which do not "
-                f"split into {replicas} replica(s) x microbatches {self._microbatches} equal slices"
+                f"rank {self.rank}: input {index} ({self._input_name(index)}) has {rows} rows on "
+                f"this rank, which do not split into {self._microbatches} microbatches"
             )
-        size = rows // parts
-        replica = 0 if self._batch_is_shard else self._dp_index
-        start = (replica * self._microbatches + microbatch) * size
-        return tensor.narrow(0, start, size).to(self.device).contiguous()
+        size = rows // self._microbatches
+        return tensor.narrow(0, microbatch * size, size).to(self.device).contiguous()
 
     def _input_name(self, index: int) -> str:
         return self._input_names[index] if 0 <= index < len(self._input_names) else "?"
@@ -202,9 +263,11 @@ class Runtime:
     # ------------------------------------------------------------ point-to-point
 
     def send(self, tensor: torch.Tensor, dst: int, group: str, tag: int, stream) -> Work:
-        """Starts sending `tensor` to global rank `dst` of `group`."""
+        """Starts sending `tensor` to global rank `dst` of `group`. Transfers between
+        two ranks match in issue order (NCCL ignores `tag`)."""
         what = f"send to rank {dst} (tag {tag}, group {group})"
         handle = self._member(group, what, peer=dst)
+        self._next_tag(dst, self.rank)
         tensor = tensor.contiguous()
         with self.on(stream):
             work = dist.isend(tensor, dst, group=handle, tag=tag)
@@ -216,10 +279,56 @@ class Runtime:
         """Starts receiving a `shape` x `dtype` tensor from global rank `src` of `group`."""
         what = f"recv from rank {src} (tag {tag}, group {group})"
         handle = self._member(group, what, peer=src)
+        self._next_tag(self.rank, src)
         with self.on(stream):
             buffer = torch.empty(tuple(shape), dtype=dtype, device=self.device)
             work = dist.irecv(buffer, src, group=handle, tag=tag)
+        self.produced(buffer)
         return self._track(Work(what, work, [buffer])), buffer
+
+    def _next_tag(self, to: int, sender: int) -> int:
+        """The sequence number of the next message from `sender` to `to` in this step.
+
+        Messages between two ranks pair up in issue order; gloo pairs them by
+        tag, so every message (plain or batched) carries its sequence number,
+        which the compiler also writes as the tag of plain sends and receives.
+        """
+        key = (sender, to)
+        self._sequence[key] = self._sequence.get(key, -1) + 1
+        return self._sequence[key]
+
+    def batch_p2p(
+        self,
+        sends: Sequence[tuple[torch.Tensor, int]],
+        recvs: Sequence[tuple[Sequence[int], torch.dtype, int]],
+        group: str,
+        stream,
+    ) -> tuple[Work, list[torch.Tensor]]:
+        """Starts sends `(tensor, dst)` and receives `(shape, dtype, src)` on `group`
+        together (`batch_isend_irecv`), so none waits for another to be matched;
+        returns one work for all of them and the receive buffers."""
+        peers = sorted({dst for _, dst in sends} | {src for _, _, src in recvs})
+        what = (
+            f"batch of {len(sends)} send(s) and {len(recvs)} recv(s) with ranks {peers} "
+            f"(group {group})"
+        )
+        handle = self._member(group, what)
+        for peer in peers:
+            self._member(group, what, peer=peer)
+        with self.on(stream):
+            sent = [(tensor.contiguous(), dst) for tensor, dst in sends]
+            buffers = [
+                torch.empty(tuple(shape), dtype=dtype, device=self.device) for shape, dtype, _ in recvs
+            ]
+            ops = [dist.P2POp(dist.isend, t, dst, group=handle, tag=self._next_tag(dst, self.rank))
+                   for t, dst in sent]
+            ops += [
+                dist.P2POp(dist.irecv, b, src, group=handle, tag=self._next_tag(self.rank, src))
+                for b, (_, _, src) in zip(buffers, recvs, strict=True)
+            ]
+            works = dist.batch_isend_irecv(ops)
+        self.produced(*buffers)
+        return self._track(Work(what, works, [t for t, _ in sent] + buffers)), buffers
 
     # ------------------------------------------------------------ collectives
 
@@ -243,6 +352,7 @@ class Runtime:
             flat = torch.cat([t.reshape(-1) for t in tensors])
             torch_op, finish = self._reduction(op, flat, group, what)
             work = dist.all_reduce(flat, op=torch_op, group=handle, async_op=True)
+        self.produced(flat)
         views = [
             v.view(t.shape)
             for v, t in zip(flat.split([t.numel() for t in tensors]), tensors, strict=True)
@@ -261,6 +371,7 @@ class Runtime:
         shape[dim] *= n
         with self.on(stream):
             out = torch.empty(shape, dtype=tensor.dtype, device=self.device)
+            self.produced(out)
             if dim == 0:
                 work = dist.all_gather_single(out, tensor.contiguous(), group=handle, async_op=True)
                 return self._track(Work(what, work, [out])), out
@@ -301,8 +412,10 @@ class Runtime:
                 piece, source, op=torch_op, group=handle, async_op=True
             )
             if dim == 0:
+                self.produced(piece)
                 return self._track(Work(what, work, [piece, source], reduce_finish)), piece
             out = torch.empty(shape, dtype=tensor.dtype, device=self.device)
+            self.produced(out)
 
         def finish() -> None:
             if reduce_finish is not None:
@@ -333,6 +446,7 @@ class Runtime:
             shape = list(pieces[0].shape)
             shape[concat_dim] *= n
             out = torch.empty(shape, dtype=tensor.dtype, device=self.device)
+            self.produced(out)
 
         def finish() -> None:
             torch.cat(pieces, dim=concat_dim, out=out)
@@ -349,6 +463,7 @@ class Runtime:
         with self.on(stream):
             buffer = tensor.contiguous() if src == self.rank else torch.empty_like(tensor)
             work = dist.broadcast(buffer, src, group=handle, async_op=True)
+        self.produced(buffer)
         return self._track(Work(what, work, [buffer])), buffer
 
     def _reduction(self, op: str, buffer: torch.Tensor, group: str, what: str):
@@ -367,35 +482,65 @@ class Runtime:
 
     # ------------------------------------------------------------ waiting
 
-    def wait(self, *works: Work) -> None:
-        """Blocks until each work completed (on CUDA: until the current stream waits
-        for it), then makes its results valid. Raises RuntimeError naming the op and
-        this rank when the work failed or did not complete within the timeout."""
+    def wait(self, *works: Work, stream=None) -> None:
+        """Makes `stream` (default: the current stream) wait for each work; its
+        results may be read there afterwards.
+
+        On CUDA the host does not block: the stream waits for the NCCL work (NCCL's
+        watchdog enforces the timeout). On CPU the host blocks, and RuntimeError
+        names the op and this rank when the work failed or did not complete within
+        the timeout. A waited work is no longer outstanding for `_end_step`.
+        """
         for work in works:
             if work.done:
                 continue
-            try:
-                if self._cuda:
-                    # NCCL: the current stream waits; the NCCL watchdog enforces the timeout.
-                    work.handle.wait()
-                elif work.handle.wait(timeout=timedelta(seconds=self.timeout)) is False:
-                    raise RuntimeError(f"timed out after {self.timeout:g} s")
-            except RuntimeError as e:
-                # The message carries the backend's error; its chained traceback adds nothing.
-                raise RuntimeError(
-                    f"rank {self.rank}: {work.what} failed (timeout {self.timeout:g} s): {e}"
-                ) from None
-            if work.finish is not None:
-                work.finish()
-            if self._cuda:
-                current = torch.cuda.current_stream(self.device)
-                for tensor in work.outputs:
-                    tensor.record_stream(current)
+            with self.on(stream) if stream is not None else contextlib.nullcontext():
+                self._wait_one(work)
             work.done = True
+        self._pending = [w for w in self._pending if not w.done]
+
+    def _wait_one(self, work: Work) -> None:
+        try:
+            for handle in work.handles:
+                if self._cuda:
+                    handle.wait()
+                elif handle.wait(timeout=timedelta(seconds=self.timeout)) is False:
+                    raise RuntimeError(f"timed out after {self.timeout:g} s")
+        except RuntimeError as e:
+            # The message carries the backend's error; its chained traceback adds nothing.
+            raise RuntimeError(
+                f"rank {self.rank}: {work.what} failed (timeout {self.timeout:g} s): {e}"
+            ) from None
+        if work.finish is not None:
+            work.finish()
+        if self._cuda:
+            current = torch.cuda.current_stream(self.device)
+            for tensor in work.outputs:
+                tensor.record_stream(current)
+            return
+        work.completed = True
+        self.last_progress = time.monotonic()
+
+    def poll_progress(self) -> float:
+        """`last_progress`, after checking outstanding work for completion.
+
+        On CUDA `wait` returns before the work is done, so progress is a work
+        seen complete here (`is_completed()`, which never blocks), not the host
+        returning from a wait. Safe to call from another thread (the watchdog).
+        """
+        with self._outstanding_lock:
+            outstanding = list(self._outstanding)
+        finished = [w for w in outstanding if w.is_completed()]
+        if finished:
             self.last_progress = time.monotonic()
+            with self._outstanding_lock:
+                self._outstanding = [w for w in self._outstanding if not w.completed]
+        return self.last_progress
 
     def _track(self, work: Work) -> Work:
         self._pending.append(work)
+        with self._outstanding_lock:
+            self._outstanding.append(work)
         return work
 
     def _member(self, group: str, what: str, peer: int | None = None, peer_may_be_self=False):
@@ -427,10 +572,12 @@ class Runtime:
         self._batch_is_shard = shard
         self.outputs = {}
         self._pending = []
+        self._sequence: dict[tuple[int, int], int] = {}
+        self._live = {}
+        self.live_bytes = 0
 
     def _end_step(self) -> None:
         """Waits for work the program left in flight (sends nobody waited for)."""
         self.wait(*self._pending)
-        self._pending = []
         self._batch = None
         self.last_progress = time.monotonic()

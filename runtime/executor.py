@@ -63,8 +63,8 @@ class Executor:
             timeout=self.timeout,
             input_names=self.manifest.input_names,
             readable_inputs=self.plan.inputs,
-            dp_size=self.manifest.dp_size,
-            dp_index=self.plan.dp_index,
+            mesh=self.manifest.mesh,
+            input_layouts=self.manifest.input_layouts,
             microbatches=self.manifest.microbatches,
             state=_load_state(self.directory / "state.pt", self.plan, device),
         )
@@ -73,8 +73,9 @@ class Executor:
 
     @property
     def last_progress(self) -> float:
-        """time.monotonic() of the last completed communication or step."""
-        return self.runtime.last_progress
+        """time.monotonic() of the last communication seen complete, or step finished
+        (polls outstanding work: on CUDA a wait returns before the work is done)."""
+        return self.runtime.poll_progress()
 
     def step(self, global_batch: tuple[torch.Tensor, ...]) -> float:
         """Runs one training step on the full global batch (every rank gets the same
@@ -136,6 +137,14 @@ class Executor:
         for part in gathered:
             merged.update(part)
         return {name: merged[name] for name in params}
+
+    def peak_live_bytes(self) -> list[int]:
+        """Per rank, the peak of its live activation bytes over the steps run so far
+        (launch, receive and collective results not yet freed). Collective: every
+        rank must call it; every rank gets the whole list."""
+        peaks: list[int | None] = [None] * self.manifest.world_size
+        dist.all_gather_object(peaks, self.runtime.peak_live_bytes)
+        return [int(p) for p in peaks]
 
     def close(self) -> None:
         """Destroys the process groups this executor created (the default group too,

@@ -45,10 +45,12 @@ class LaunchError(RuntimeError):
 
 @dataclass
 class LaunchResult:
-    """What a finished job reports: the loss of every step and the final parameters."""
+    """What a finished job reports: the loss of every step, the final parameters,
+    and per rank the peak of live activation bytes (see `Runtime.produced`)."""
 
     losses: list[float]
     state_dict: dict[str, torch.Tensor]
+    peak_live_bytes: list[int]
 
 
 def launch_dir(
@@ -96,7 +98,11 @@ def launch_dir(
         if not result.is_file():
             raise LaunchError(f"{directory}: every rank exited cleanly but rank 0 wrote no result")
         saved = torch.load(result, weights_only=True)
-    return LaunchResult(losses=list(saved["losses"]), state_dict=dict(saved["state_dict"]))
+    return LaunchResult(
+        losses=list(saved["losses"]),
+        state_dict=dict(saved["state_dict"]),
+        peak_live_bytes=list(saved["peak_live_bytes"]),
+    )
 
 
 def progress_bar(total: int, width: int = 30) -> OnStep:

@@ -9,11 +9,18 @@ field named, not in the middle of a training step.
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-FORMAT = 1
+import torch
+
+FORMAT = 2
 STATE_KINDS = ("param", "zeros", "scalar")
+
+Layout = tuple[tuple[str, ...], ...]
+"""How a global input is split over the mesh: per dimension, the mesh axes that cut it, outermost first."""
 
 
 class ManifestError(ValueError):
@@ -37,7 +44,6 @@ class RankPlan:
     rank: int
     program: str
     coords: dict[str, int]
-    dp_index: int
     inputs: tuple[int, ...]
     state: tuple[StateEntry, ...]
 
@@ -49,9 +55,10 @@ class Manifest:
     path: Path
     world_size: int
     device: str
+    mesh: dict[str, int]
     groups: tuple[tuple[str, tuple[int, ...]], ...]
     input_names: tuple[str, ...]
-    dp_size: int
+    input_layouts: tuple[Layout, ...]
     microbatches: int
     ranks: tuple[RankPlan, ...]
     params: dict[str, tuple[int, ...]]
@@ -82,11 +89,13 @@ def _parse(path: Path, data: dict) -> Manifest:
             )
         world_size = int(data["world_size"])
         device = str(data["device"])
+        mesh = {str(axis): int(size) for axis, size in data["mesh"]}
         groups = tuple((str(name), tuple(int(r) for r in ranks)) for name, ranks in data["groups"])
-        input_names = tuple(
-            str(i["name"]) for i in sorted(data["inputs"], key=lambda i: i["index"])
+        inputs = sorted(data["inputs"], key=lambda i: i["index"])
+        input_names = tuple(str(i["name"]) for i in inputs)
+        input_layouts = tuple(
+            tuple(tuple(str(a) for a in axes) for axes in i["layout"]) for i in inputs
         )
-        dp_size = int(data["dp_size"])
         microbatches = int(data["microbatches"])
         ranks = tuple(_parse_rank(r) for r in data["ranks"])
         params = {str(n): tuple(int(o) for o in p["owners"]) for n, p in data["params"].items()}
@@ -99,8 +108,14 @@ def _parse(path: Path, data: dict) -> Manifest:
 
     if device not in ("cpu", "cuda"):
         raise fail(f"device {device!r} is not supported; use 'cpu' or 'cuda'")
-    if world_size < 1 or dp_size < 1 or microbatches < 1:
-        raise fail("world_size, dp_size and microbatches must be >= 1")
+    if world_size < 1 or microbatches < 1:
+        raise fail("world_size and microbatches must be >= 1")
+    if math.prod(mesh.values()) != world_size:
+        raise fail(f"mesh {mesh} has {math.prod(mesh.values())} devices, world_size is {world_size}")
+    for name, layout in zip(input_names, input_layouts, strict=True):
+        unknown = [a for axes in layout for a in axes if a not in mesh]
+        if unknown:
+            raise fail(f"input {name!r}: layout names axes {unknown} that the mesh {mesh} lacks")
     if [r.rank for r in ranks] != list(range(world_size)):
         raise fail(
             f"'ranks' must list ranks 0..{world_size - 1} in order, got {[r.rank for r in ranks]}"
@@ -114,8 +129,8 @@ def _parse(path: Path, data: dict) -> Manifest:
         if bad or not members:
             raise fail(f"group {name!r} has ranks {list(members)} outside 0..{world_size - 1}")
     for plan in ranks:
-        if not 0 <= plan.dp_index < dp_size:
-            raise fail(f"rank {plan.rank}: dp_index {plan.dp_index} is outside 0..{dp_size - 1}")
+        if set(plan.coords) != set(mesh):
+            raise fail(f"rank {plan.rank}: coords {plan.coords} must name the mesh axes {list(mesh)}")
         bad = [i for i in plan.inputs if not 0 <= i < len(input_names)]
         if bad:
             raise fail(f"rank {plan.rank}: inputs {bad} are not listed in 'inputs'")
@@ -129,7 +144,7 @@ def _parse(path: Path, data: dict) -> Manifest:
             if name not in owned[owner]:
                 raise fail(f"param {name!r}: owner rank {owner} has no 'param' state entry for it")
     return Manifest(
-        path, world_size, device, groups, input_names, dp_size, microbatches, ranks, params
+        path, world_size, device, mesh, groups, input_names, input_layouts, microbatches, ranks, params
     )
 
 
@@ -157,21 +172,47 @@ def _parse_rank(data: dict) -> RankPlan:
         rank=int(data["rank"]),
         program=str(data["program"]),
         coords={str(k): int(v) for k, v in data.get("coords", {}).items()},
-        dp_index=int(data.get("dp_index", 0)),
         inputs=tuple(int(i) for i in data["inputs"]),
         state=tuple(state),
     )
 
 
+def local_part(
+    tensor: torch.Tensor, layout: Layout, mesh: Mapping[str, int], coords: Mapping[str, int]
+) -> torch.Tensor:
+    """The part of a global `tensor` that the rank at `coords` holds under `layout`: each
+    dimension cut into equal slices over the mesh axes that split it (outermost first,
+    row-major over their coordinates). Raises ValueError when a dimension does not split."""
+    if len(layout) != tensor.dim():
+        raise ValueError(
+            f"layout {[list(a) for a in layout]} has {len(layout)} dimensions, "
+            f"the tensor has {tensor.dim()} (shape {tuple(tensor.shape)})"
+        )
+    for dim, axes in enumerate(layout):
+        parts, index = 1, 0
+        for axis in axes:
+            parts *= mesh[axis]
+            index = index * mesh[axis] + coords[axis]
+        size = tensor.shape[dim]
+        if size % parts:
+            raise ValueError(
+                f"dim {dim} of size {size} does not split into {parts} equal slices "
+                f"over mesh axes {list(axes)}"
+            )
+        tensor = tensor.narrow(dim, index * (size // parts), size // parts)
+    return tensor
+
+
 def shard(manifest: Manifest, rank: int, global_batch) -> tuple:
-    """What `rank` needs of one global batch: the inputs its stages read, cut to
-    its data-parallel replica's rows (dim 0); None for the inputs it never reads."""
+    """What `rank` needs of one global batch: the inputs its stages read, each cut to
+    the rank's part under the input's layout (`local_part`); None for the inputs it
+    never reads."""
     plan = manifest.ranks[rank]
     out = []
     for index, tensor in enumerate(global_batch):
         if index not in plan.inputs:
             out.append(None)
             continue
-        rows = tensor.shape[0] // manifest.dp_size
-        out.append(tensor.narrow(0, plan.dp_index * rows, rows).clone())
+        layout = manifest.input_layouts[index]
+        out.append(local_part(tensor, layout, manifest.mesh, plan.coords).clone())
     return tuple(out)

@@ -5,7 +5,8 @@
 
 `FILE` given to --batches holds `torch.save(list_of_global_batches)`, each a
 tuple of tensors. Every rank runs every step; rank 0 prints `PIPERC_STEP i loss`
-after each and writes `{"losses", "state_dict"}` to the --result file. A
+after each and writes `{"losses", "state_dict", "peak_live_bytes"}` (the last
+one per rank) to the --result file. A
 failing rank prints its traceback to stderr, each line prefixed `[rank R]`, and
 exits with status 1 at once, so a collective stuck in another thread cannot
 keep it alive.
@@ -53,23 +54,29 @@ def main(argv: list[str] | None = None) -> None:
             if executor.rank == 0:
                 print(f"{STEP_PREFIX} {i} {losses[-1]!r}", flush=True)
         state = executor.state_dict()
+        peaks = executor.peak_live_bytes()
         if executor.rank == 0 and args.result:
-            _write_result(args.result, losses, state)
+            _write_result(args.result, losses, state, peaks)
         executor.close()
     except BaseException:
         _exit(1, "".join(f"[rank {rank}] {line}\n" for line in traceback.format_exc().splitlines()))
     _exit(0, "")
 
 
-def _write_result(path: str, losses: list[float], state: dict[str, torch.Tensor]) -> None:
+def _write_result(
+    path: str, losses: list[float], state: dict[str, torch.Tensor], peaks: list[int]
+) -> None:
     partial = f"{path}.partial"
-    torch.save({"losses": losses, "state_dict": state}, partial)
+    torch.save({"losses": losses, "state_dict": state, "peak_live_bytes": peaks}, partial)
     os.replace(partial, path)
 
 
 def _start_watchdog(executor: Executor, rank: str) -> None:
     """Last resort against a hang the communication timeouts do not catch (a peer
-    stuck in its own code): exits when nothing progressed for twice the timeout."""
+    stuck in its own code): exits when nothing progressed for twice the timeout.
+
+    Progress is a communication seen complete (polled, so asynchronous CUDA waits
+    count only once their work is done) or a finished step."""
     limit = 2 * executor.timeout
 
     def watch() -> None:

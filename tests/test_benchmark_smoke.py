@@ -1,6 +1,6 @@
-"""benchmarks/pipeline_vs_torch.py runs end to end, as a user runs it, at a tiny size.
+"""The benchmarks run end to end, as a user runs them, at a tiny size.
 
-Only that it finishes and reports both ratios: step times on shared cores are too noisy to
+Only that they finish and report what they promise: times on shared cores are too noisy to
 assert on.
 """
 
@@ -27,3 +27,18 @@ def test_pipeline_vs_torch_reports_both_ratios():
         assert ratio, f"no {pair} ratio in:\n{result.stdout}"
         assert float(ratio.group(1)) > 0
     assert "command: " in result.stdout
+
+
+def test_compile_time_reports_every_phase_by_depth():
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "benchmarks/compile_time.py", "--layers", "4,8", "--d-model", "32",
+         "--vocab", "64", "--seq", "16", "--batch", "8"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert re.search(r"^phase +4 layers +8 layers$", result.stdout, re.M), result.stdout
+    for phase in ("export", "aot joint graph", "import", "build IR", "pipeline-split",
+                  "lower-to-exec", "verify", "codegen", "cpu", "wall"):  # fmt: skip
+        assert re.search(rf"^{phase} +\d+\.\d\d +\d+\.\d\d$", result.stdout, re.M), f"no {phase} row in:\n{result.stdout}"
+    assert "cpu 8/4 layers: " in result.stdout

@@ -4,12 +4,18 @@ and each op says where in the model it came from."""
 import pytest
 import torch
 import torch.nn as nn
+from torch_mlir.ir import WalkOrder, WalkResult
+from xdsl.dialects.builtin import ModuleOp
+from xdsl.rewriter import Rewriter
 
 import piperc
+from piperc import frontend
 from piperc.dialects.par import OriginAttr, PassKind
+from piperc.dialects.torch import OperatorOp
 from piperc.examples import gpt, llama, moe, tied
-from piperc.frontend import argument_roles, result_roles
+from piperc.frontend import ORIGIN, argument_roles, result_roles
 from piperc.interpreter import run_module
+from piperc.ir import parse_module, print_ir
 
 EXAMPLES = {"gpt": gpt, "llama": llama, "moe": moe, "tied": tied}
 
@@ -120,3 +126,41 @@ def test_captured_ir_prints_with_typed_tensors():
     assert "!torch.vtensor<[8,16,32],f32>" in text
     assert 'piperc.param = "blocks.0.attn.qkv.weight"' in text
     assert '#par.origin<"blocks.0.attn.qkv", F>' in text
+
+
+def parsed_from_text(mlir_module, marks) -> ModuleOp:
+    """The capture path before the direct build, kept here as the oracle: torch-mlir's
+    generic text parsed by xDSL, `torch.operator` rewritten to its ATen op, and origins
+    attached in walk order."""
+    text = mlir_module.operation.get_asm(print_generic_op_form=True, large_resource_limit=0)
+    module = parse_module(text)
+    for op in list(module.walk()):
+        if isinstance(op, OperatorOp):
+            Rewriter.replace_op(op, op.as_aten_op())
+    nodes = []
+
+    def record(op):
+        nodes.append(frontend._node_name(op.location))
+        return WalkResult.ADVANCE
+
+    mlir_module.operation.walk(record, WalkOrder.PRE_ORDER)
+    for op, node in zip(module.walk(), nodes, strict=True):
+        mark = marks.get(node)
+        if mark is not None:
+            op.attributes[ORIGIN] = OriginAttr(mark.path, mark.pass_kind, mark.region, mark.region_index)
+    return module
+
+
+@pytest.mark.parametrize("name", sorted(EXAMPLES))
+def test_ir_built_from_torch_mlir_equals_its_text_parsed(name):
+    model, inputs = EXAMPLES[name].make(n_layers=1)
+    gm = frontend._joint_graph(model, frontend._export(model, inputs), inputs)
+    frontend._fold_tied_parameters(model, gm)
+    frontend._drop_none_outputs(gm)
+    marks = frontend._node_marks(gm)
+    mlir_module = frontend._import(gm)
+    built, _ = frontend._build(mlir_module, marks)
+    built.verify()
+    expected = print_ir(parsed_from_text(mlir_module, marks))
+    assert ORIGIN in expected and "torch.operator" not in expected
+    assert print_ir(built) == expected

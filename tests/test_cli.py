@@ -60,15 +60,3 @@ def test_a_target_that_does_not_exist_is_a_one_line_error(target, message):
     assert result.returncode == 1
     assert result.stderr.startswith(f"piperc: error: {message}")
     assert "Traceback" not in result.stderr
-
-
-def test_compile_time_benchmark_prints_its_table():
-    result = run("benchmarks/compile_time.py", "--layers", "1,2", "--d-model", "64")
-    assert result.returncode == 0, result.stderr
-    lines = result.stdout.splitlines()
-    header = next(i for i, line in enumerate(lines) if line.split()[:1] == ["layers"])
-    assert lines[header].split() == [
-        "layers", "params", "(M)", "fx", "nodes", "ops", "export", "s", "import", "s", "parse", "s", "total", "s", "cpu", "s",
-    ]
-    assert [line.split()[0] for line in lines[header + 1 : header + 3]] == ["1", "2"]
-    assert "total 2/1 layers:" in result.stdout

@@ -88,16 +88,20 @@ builtin.module {
     %b = exec.state "head.bias" : !torch.vtensor<[16],f32>
     %labels = exec.load_input "labels" microbatch 0 : !torch.vtensor<[4],si64>
     %recv_h, %h = exec.recv from 0 group @pp_0 tag 0 on %comm : !torch.vtensor<[4,16],f32>
-    exec.wait %recv_h
+    exec.wait %recv_h on %compute
+    exec.record_stream %h, %compute : !torch.vtensor<[4,16],f32>
     %loss = exec.launch @s1_F_mb0(%h, %w, %b, %labels) on %compute stage 1 pass "F" microbatch 0 : (!torch.vtensor<[4,16],f32>, !torch.vtensor<[16,16],f32>, !torch.vtensor<[16],f32>, !torch.vtensor<[4],si64>) -> !torch.vtensor<[],f32>
     exec.output "loss", %loss : !torch.vtensor<[],f32>
     %dh, %dw, %db = exec.launch @s1_B_mb0(%h, %w, %loss) on %compute stage 1 pass "B" microbatch 0 : (!torch.vtensor<[4,16],f32>, !torch.vtensor<[16,16],f32>, !torch.vtensor<[],f32>) -> (!torch.vtensor<[4,16],f32>, !torch.vtensor<[16,16],f32>, !torch.vtensor<[16],f32>)
     exec.free %h, %labels, %loss : !torch.vtensor<[4,16],f32>, !torch.vtensor<[4],si64>, !torch.vtensor<[],f32>
     %grads_ready = exec.event_record %compute
     exec.event_wait %comm, %grads_ready
+    exec.record_stream %dh, %comm : !torch.vtensor<[4,16],f32>
+    exec.record_stream %dw, %comm : !torch.vtensor<[16,16],f32>
+    exec.record_stream %db, %comm : !torch.vtensor<[16],f32>
     %send_dh = exec.send %dh to 0 group @pp_0 tag 1 on %comm : !torch.vtensor<[4,16],f32>
     %sync, %dw_avg, %db_avg = exec.all_reduce %dw, %db group @dp_1 avg on %comm : !torch.vtensor<[16,16],f32>, !torch.vtensor<[16],f32>
-    exec.wait %send_dh, %sync
+    exec.wait %send_dh, %sync on %comm
     exec.free %dh : !torch.vtensor<[4,16],f32>
     exec.set_state "head.weight", %dw_avg : !torch.vtensor<[16,16],f32>
     exec.set_state "head.bias", %db_avg : !torch.vtensor<[16],f32>
@@ -119,7 +123,7 @@ def test_python_builders_make_the_same_ir(ctx: Context):
     comm = StreamOp("comm", priority=-1)
     param = StateOp("head.bias", grad)
     sync = AllReduceOp([param.output], "dp_1", comm.stream, ReductionKind.AVG)
-    body = Block([comm, param, sync, WaitOp([sync.work])])
+    body = Block([comm, param, sync, WaitOp([sync.work], comm.stream)])
     module = ModuleOp([ProcessGroupOp("dp_1", [1, 3]), ProgramOp("rank1", 1, 4, Region(body))])
     module.verify()
     assert show(module) == show(
@@ -131,7 +135,7 @@ exec.program @rank1 rank 1 world 4 {
   %0 = exec.stream "comm" priority -1
   %1 = exec.state "head.bias" : !torch.vtensor<[16],f32>
   %2, %3 = exec.all_reduce %1 group @dp_1 avg on %0 : !torch.vtensor<[16],f32>
-  exec.wait %2
+  exec.wait %2 on %0
 }""",
         )
     )
@@ -149,8 +153,9 @@ exec.program @rank1 rank 1 world 4 {{
   %x = exec.state "x" : !torch.vtensor<[4,16],f32>
   %b = exec.state "b" : !torch.vtensor<[16],f32>
   %z = exec.state "z" : !torch.vtensor<[3],f32>
+  %v = exec.state "v" : !torch.vtensor<[4,16],f32>
   %w0, %h = exec.recv from 0 group @pp_0 tag 0 on %s : !torch.vtensor<[4,16],f32>
-  %w1 = exec.send %x to 0 group @pp_0 tag 1 on %s : !torch.vtensor<[4,16],f32>
+  %w1 = exec.send %v to 0 group @pp_0 tag 1 on %s : !torch.vtensor<[4,16],f32>
   {op}
 }}"""
 
@@ -227,12 +232,28 @@ OPS = [
         '%got, %g = "exec.recv"(%s) <{peer = 0 : i64, group = @pp_0, tag = 7 : i64}> : (!exec.stream) -> (!exec.work, !torch.vtensor<[4,16],f32>)',
     ),
     (
-        "exec.wait %w0",
-        '"exec.wait"(%w0) : (!exec.work) -> ()',
+        "%bp, %g = exec.batch_p2p group @pp_0 on %s [send %x to 0 : !torch.vtensor<[4,16],f32>, send %b to 0 : !torch.vtensor<[16],f32>, recv from 0 : !torch.vtensor<[4,16],f32>]",
+        '%bp, %g = "exec.batch_p2p"(%x, %b, %s) <{group = @pp_0, send_peers = array<i64: 0, 0>, recv_peers = array<i64: 0>}> : (!torch.vtensor<[4,16],f32>, !torch.vtensor<[16],f32>, !exec.stream) -> (!exec.work, !torch.vtensor<[4,16],f32>)',
     ),
     (
-        "exec.wait %w0, %w1",
-        '"exec.wait"(%w0, %w1) : (!exec.work, !exec.work) -> ()',
+        "%bp = exec.batch_p2p group @pp_0 on %s [send %x to 0 : !torch.vtensor<[4,16],f32>]",
+        '%bp = "exec.batch_p2p"(%x, %s) <{group = @pp_0, send_peers = array<i64: 0>, recv_peers = array<i64>}> : (!torch.vtensor<[4,16],f32>, !exec.stream) -> !exec.work',
+    ),
+    (
+        "%bp, %g = exec.batch_p2p group @pp_0 on %s [recv from 0 : !torch.vtensor<[4,16],f32>]",
+        '%bp, %g = "exec.batch_p2p"(%s) <{group = @pp_0, send_peers = array<i64>, recv_peers = array<i64: 0>}> : (!exec.stream) -> (!exec.work, !torch.vtensor<[4,16],f32>)',
+    ),
+    (
+        "exec.wait %w0 on %s",
+        '"exec.wait"(%w0, %s) : (!exec.work, !exec.stream) -> ()',
+    ),
+    (
+        "exec.wait %w0, %w1 on %s",
+        '"exec.wait"(%w0, %w1, %s) : (!exec.work, !exec.work, !exec.stream) -> ()',
+    ),
+    (
+        "exec.record_stream %x, %s : !torch.vtensor<[4,16],f32>",
+        '"exec.record_stream"(%x, %s) : (!torch.vtensor<[4,16],f32>, !exec.stream) -> ()',
     ),
     (
         "exec.free %x, %b : !torch.vtensor<[4,16],f32>, !torch.vtensor<[16],f32>",
@@ -406,7 +427,23 @@ def test_module_level_verifiers(ctx: Context, module: str, message: str):
             "%got, %g = exec.recv from 2 group @pp_0 tag 0 on %s : !torch.vtensor<[4,16],f32>",
             "exec.recv: peer rank 2 is not in process group @pp_0 with ranks [0, 1]",
         ),
-        ('"exec.wait"() : () -> ()', "exec.wait: needs at least one work handle"),
+        ('"exec.wait"(%s) : (!exec.stream) -> ()', "exec.wait: needs at least one work handle"),
+        (
+            '%bp = "exec.batch_p2p"(%s) <{group = @pp_0, send_peers = array<i64>, recv_peers = array<i64>}> : (!exec.stream) -> !exec.work',
+            "exec.batch_p2p: a batch needs at least one send or receive",
+        ),
+        (
+            "%bp = exec.batch_p2p group @pp_0 on %s [send %x to 1 : !torch.vtensor<[4,16],f32>]",
+            "exec.batch_p2p: rank 1 cannot transfer to itself",
+        ),
+        (
+            "%bp, %g = exec.batch_p2p group @pp_0 on %s [recv from 3 : !torch.vtensor<[4,16],f32>]",
+            "exec.batch_p2p: peer rank 3 is not in process group @pp_0 with ranks [0, 1]",
+        ),
+        (
+            '%bp = "exec.batch_p2p"(%x, %s) <{group = @pp_0, send_peers = array<i64>, recv_peers = array<i64>}> : (!torch.vtensor<[4,16],f32>, !exec.stream) -> !exec.work',
+            "exec.batch_p2p: 1 tensors to send but 0 send peers",
+        ),
         ('"exec.free"() : () -> ()', "exec.free: needs at least one buffer"),
         (
             '%t = exec.load_input "tokens" microbatch -1 : !torch.vtensor<[2,128],si64>',

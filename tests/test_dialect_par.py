@@ -3,34 +3,42 @@ every verifier rejects what it should, and the mesh and schedule helpers compute
 what their docstrings say."""
 
 import io
+import re
 import textwrap
 
 import pytest
-from xdsl.dialects.builtin import ModuleOp, f32
+from xdsl.dialects import func
+from xdsl.dialects.builtin import ArrayAttr, DictionaryAttr, FunctionType, ModuleOp, f32
 from xdsl.ir import Attribute
 from xdsl.parser import Parser
 from xdsl.printer import Printer
 from xdsl.utils.exceptions import ParseError, VerifyException
 
 from piperc.dialects.par import (
+    AccumulateOp,
     ActionAttr,
     AllGatherOp,
+    AllReduceBucketOp,
     AllReduceOp,
     AllToAllOp,
     DeviceOp,
+    InputOp,
     MeshAttr,
     MeshOp,
     OriginAttr,
+    OutputOp,
     PassKind,
+    ProgramOp,
     RecvOp,
     ReduceKind,
     ReduceScatterOp,
     ScheduleOp,
     SendOp,
+    SetStateOp,
     ShardingAttr,
     ShardOp,
+    StateOp,
     TaskOp,
-    YieldOp,
 )
 from piperc.dialects.torch import ValueTensorType
 from piperc.ir import make_context
@@ -79,6 +87,7 @@ def verify_error(text: str, match: str) -> None:
 
 T = "!torch.vtensor<[8,16],f32>"
 T6 = "!torch.vtensor<[6,16],f32>"
+TR, T6R = re.escape(T), re.escape(T6)  # the types as regex patterns, for error messages
 
 
 # ---------------------------------------------------------------- #par.mesh, par.mesh
@@ -263,132 +272,213 @@ def test_action_attr_rejects():
         Parser(make_context(), "#par.action<0F>").parse_attribute()
 
 
-# ---------------------------------------------------------------- par.task, par.yield
+# ---------------------------------------------------------------- stage functions and par.program
+
+# A stage function as outline-stages writes it: every argument and result carries a
+# layout, the input split over "dp", the parameter replicated.
+RL = "{par.layout = #par.sharding<[[], []]>}"
+DL = '{par.layout = #par.sharding<[["dp"], []]>}'
+STAGE_FUNCTIONS = f"""
+  par.mesh @mesh #par.mesh<["pp"=2, "dp"=2]>
+  func.func @s0_F(%x: {T} {{par.layout = #par.sharding<[["dp"], []]>, piperc.key = "input:0"}}, %w: {T} {RL}) -> ({T} {DL}) {{
+    func.return %x : {T}
+  }}
+  func.func @s0_B_accumulate(%acc: {T} {RL}, %new: {T} {RL}) -> ({T} {RL}) {{
+    func.return %acc : {T}
+  }}
+"""
 
 
-def test_task_roundtrip():
+def test_program_roundtrip():
     check_roundtrip(
         f"""
         builtin.module {{
-          func.func @f(%a: {T}, %b: {T}) {{
-            %p, %q = par.task "s0_F_mb1" stage 0 pass F microbatch 1 (%a, %b) : ({T}, {T}) -> ({T}, {T}) {{
-            ^bb0(%x: {T}, %y: {T}):
-              par.yield %y, %x : {T}, {T}
-            }}
-            par.task "s0_U" stage 0 pass update microbatch -1 () : () -> () {{
-              par.yield
-            }}
-            func.return
+          par.mesh @mesh #par.mesh<["pp"=2, "dp"=2]>
+          func.func @s0_F(%x: {T} {{par.layout = #par.sharding<[["dp"], []]>, piperc.key = "input:0"}}, %w: {T} {RL}) -> ({T} {DL}) {{
+            func.return %x : {T}
+          }}
+          func.func @s0_B_accumulate(%acc: {T} {RL}, %new: {T} {RL}) -> ({T} {RL}) {{
+            func.return %acc : {T}
+          }}
+          par.program @device0 device 0 {{
+            %w = par.state "blocks.0.w" layout #par.sharding<[[], []]> : {T}
+            %x = par.input 0 microbatch 1 layout #par.sharding<[["dp"], []]> : {T}
+            %y = par.task @s0_F stage 0 pass F microbatch 1 (%x, %w) : ({T}, {T}) -> {T}
+            %z = par.task @s0_F stage 0 pass F (%x, %w) : ({T}, {T}) -> {T}
+            par.send %y to 1 "s0_F.0 mb1" batch 3 : {T}
+            %dy = par.recv from 1 "s1_B.0 mb0" batch 3 : {T}
+            par.send %z to 1 "s0_F.0 mb0" : {T}
+            %dz = par.recv from 1 "s1_B.0 mb1" : {T}
+            %g = par.accumulate @s0_B_accumulate stage 0 (%dy) : {T}
+            %r, %s = par.all_reduce_bucket 0 stage 0 (%g, %dz) over @mesh ["dp"] stages [0, 1] : {T}, {T}
+            par.set_state "blocks.0.w", %r : {T}
+            par.output "loss", %s : {T}
           }}
         }}
         """,
         f"""
         "builtin.module"() ({{
-          "func.func"() <{{sym_name = "f", function_type = ({T}, {T}) -> ()}}> ({{
-          ^bb0(%a: {T}, %b: {T}):
-            %p, %q = "par.task"(%a, %b) <{{sym_name = "s0_F_mb1", stage = 0 : i64, pass_kind = #par.pass<F>, microbatch = 1 : i64}}> ({{
-            ^bb0(%x: {T}, %y: {T}):
-              "par.yield"(%y, %x) : ({T}, {T}) -> ()
-            }}) : ({T}, {T}) -> ({T}, {T})
-            "par.task"() <{{sym_name = "s0_U", stage = 0 : i64, pass_kind = #par.pass<update>, microbatch = -1 : i64}}> ({{
-              "par.yield"() : () -> ()
-            }}) : () -> ()
-            "func.return"() : () -> ()
+          "par.mesh"() <{{sym_name = "mesh", shape = #par.mesh<["pp"=2, "dp"=2]>}}> : () -> ()
+          "func.func"() <{{sym_name = "s0_F", function_type = ({T}, {T}) -> {T}, arg_attrs = [{{par.layout = #par.sharding<[["dp"], []]>, piperc.key = "input:0"}}, {RL}], res_attrs = [{DL}]}}> ({{
+          ^bb0(%x: {T}, %w: {T}):
+            "func.return"(%x) : ({T}) -> ()
+          }}) : () -> ()
+          "func.func"() <{{sym_name = "s0_B_accumulate", function_type = ({T}, {T}) -> {T}, arg_attrs = [{RL}, {RL}], res_attrs = [{RL}]}}> ({{
+          ^bb0(%acc: {T}, %new: {T}):
+            "func.return"(%acc) : ({T}) -> ()
+          }}) : () -> ()
+          "par.program"() <{{sym_name = "device0", device = 0 : i64}}> ({{
+            %w = "par.state"() <{{state_name = "blocks.0.w", layout = #par.sharding<[[], []]>}}> : () -> {T}
+            %x = "par.input"() <{{index = 0 : i64, microbatch = 1 : i64, layout = #par.sharding<[["dp"], []]>}}> : () -> {T}
+            %y = "par.task"(%x, %w) <{{callee = @s0_F, stage = 0 : i64, pass_kind = #par.pass<F>, microbatch = 1 : i64}}> : ({T}, {T}) -> {T}
+            %z = "par.task"(%x, %w) <{{callee = @s0_F, stage = 0 : i64, pass_kind = #par.pass<F>}}> : ({T}, {T}) -> {T}
+            "par.send"(%y) <{{peer = 1 : i64, label = "s0_F.0 mb1", batch = 3 : i64}}> : ({T}) -> ()
+            %dy = "par.recv"() <{{peer = 1 : i64, label = "s1_B.0 mb0", batch = 3 : i64}}> : () -> {T}
+            "par.send"(%z) <{{peer = 1 : i64, label = "s0_F.0 mb0"}}> : ({T}) -> ()
+            %dz = "par.recv"() <{{peer = 1 : i64, label = "s1_B.0 mb1"}}> : () -> {T}
+            %g = "par.accumulate"(%dy) <{{callee = @s0_B_accumulate, stage = 0 : i64}}> : ({T}) -> {T}
+            %r, %s = "par.all_reduce_bucket"(%g, %dz) <{{bucket = 0 : i64, stage = 0 : i64, mesh = @mesh, axes = ["dp"], stages = [#builtin.int<0>, #builtin.int<1>]}}> : ({T}, {T}) -> ({T}, {T})
+            "par.set_state"(%r) <{{state_name = "blocks.0.w"}}> : ({T}) -> ()
+            "par.output"(%s) <{{output_name = "loss"}}> : ({T}) -> ()
           }}) : () -> ()
         }}) : () -> ()
         """,
     )
 
 
+def test_task_action():
+    module = parse(f"""
+        {STAGE_FUNCTIONS}
+        par.program @device0 device 0 {{
+          %w = par.state "blocks.0.w" layout #par.sharding<[[], []]> : {T}
+          %y = par.task @s0_F stage 0 pass F microbatch 3 (%w, %w) : ({T}, {T}) -> {T}
+          %u = par.task @s0_F stage 0 pass update (%w, %w) : ({T}, {T}) -> {T}
+        }}
+        """)
+    program = next(op for op in module.ops if isinstance(op, ProgramOp))
+    assert [op.action() for op in program.body.ops if isinstance(op, TaskOp)] == ["0F3", "0U"]
+
+
 @pytest.mark.parametrize(
-    "task, match",
+    "op, match",
     [
         (
-            f"""%r = par.task "t" stage 0 pass F microbatch 0 (%a) : ({T}) -> !torch.vtensor<[8],f32> {{
-              ^bb0(%x: !torch.vtensor<[8],f32>):
-                par.yield %x : !torch.vtensor<[8],f32>
-              }}""",
-            r'par.task "t": body arguments \(!torch.vtensor<\[8\],f32>\) must match the inputs',
+            f"%y = par.task @s0_F stage 0 pass F (%w) : ({T}) -> {T}",
+            rf"par.task @s0_F: operands \({TR}\) do not match @s0_F's arguments \({TR}, {TR}\)",
         ),
         (
-            f"""%r = par.task "t" stage 0 pass F microbatch 0 (%a) : ({T}) -> {T} {{
-              ^bb0(%x: {T}):
-                par.yield %x, %x : {T}, {T}
-              }}""",
-            r'par.task "t": par.yield gives \(.*, .*\), the task returns \(.*\)',
+            f"%y = par.task @s0_F stage 0 pass F (%w, %w) : ({T}, {T}) -> {T6}",
+            rf"par.task @s0_F: results \({T6R}\) do not match @s0_F's results \({TR}\)",
         ),
         (
-            f"""%r = par.task "t" stage 0 pass F microbatch 0 () : () -> {T} {{
-                par.yield %a : {T}
-              }}""",
-            "value defined out of its IsolatedFromAbove parent",
+            f"%y = par.task @nowhere stage 0 pass F (%w) : ({T}) -> {T}",
+            "par.task: @nowhere is not a func.func of the module",
         ),
         (
-            """par.task "t" stage -1 pass F microbatch 0 () : () -> () {
-                par.yield
-              }""",
-            'par.task "t": stage -1 must be >= 0',
+            f"%y = par.task @s0_F stage 0 pass F microbatch -1 (%w, %w) : ({T}, {T}) -> {T}",
+            "par.task @s0_F: microbatch -1 must be >= 0",
         ),
         (
-            """par.task "t" stage 0 pass F microbatch -2 () : () -> () {
-                par.yield
-              }""",
-            'par.task "t": microbatch -2 must be >= 0, or -1 for all microbatches',
+            f"%y = par.task @s0_F stage -1 pass F (%w, %w) : ({T}, {T}) -> {T}",
+            "par.task @s0_F: stage -1 must be >= 0",
+        ),
+        (
+            f"%g, %h = par.accumulate @s0_F stage 0 (%w, %w) : {T}, {T}",
+            r"par.accumulate @s0_F: the combiner must take \(acc..., new...\) and return acc... "
+            rf"for the types \({TR}, {TR}\)",
+        ),
+        (
+            f'%r = par.all_reduce_bucket 0 stage 1 (%w) over @mesh ["dp"] stages [0] : {T}',
+            r"par.all_reduce_bucket 0 of stage 1: its own stage is not among the stages \[0\]",
+        ),
+        (
+            f'%r = par.all_reduce_bucket 0 stage 0 (%w) over @mesh ["tp"] stages [0] : {T}',
+            "par.all_reduce_bucket: mesh @mesh has no axis 'tp'",
+        ),
+        (
+            f'par.send %w to -1 "s0_F.0 mb0" : {T}',
+            'par.send "s0_F.0 mb0": peer device -1 must be >= 0',
+        ),
+        (
+            f'%r = par.recv from -2 "s1_B.0 mb0" : {T}',
+            'par.recv "s1_B.0 mb0": peer device -2 must be >= 0',
+        ),
+        (
+            f'%r = par.recv from 1 "s1_B.0 mb0" batch -1 : {T}',
+            'par.recv "s1_B.0 mb0": batch must be >= 0',
+        ),
+        (
+            f'%s = par.state "blocks.0.w" layout #par.sharding<[[]]> : {T}',
+            rf'par.state "blocks.0.w": layout #par.sharding<\[\[\]\]> has 1 dimensions, the value {TR} has 2',
+        ),
+        (
+            f'%x = par.input 0 microbatch 0 layout #par.sharding<[["tp"], []]> : {T}',
+            r"""par.input 0: layout #par.sharding<\[\["tp"\], \[\]\]> names axis 'tp', which the mesh""",
         ),
     ],
 )
-def test_task_rejects(task, match):
+def test_program_ops_reject(op, match):
     verify_error(
         f"""
-        func.func @f(%a: {T}) {{
-          {task}
-          func.return
+        {STAGE_FUNCTIONS}
+        par.program @device0 device 0 {{
+          %w = par.state "blocks.0.w" layout #par.sharding<[[], []]> : {T}
+          {op}
         }}
         """,
         match,
     )
 
 
-def test_yield_outside_a_task_is_rejected():
-    verify_error("par.yield", "'par.yield' expects parent op 'par.task'")
-
-
-# ---------------------------------------------------------------- par.send, par.recv
-
-
-def test_send_recv_roundtrip():
-    check_roundtrip(
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (
+            f"%x: {T} {{piperc.key = \"input:0\"}}, %w: {T} {RL}",
+            r"@s0_F argument 0 \(input:0\) has no layout; every value that crosses a function "
+            r"boundary carries `par.layout = #par.sharding<...>`",
+        ),
+        (
+            f"%x: {T} {DL}, %w: {T} {{par.layout = #par.sharding<[[]]>, piperc.key = \"param:blocks.0.w\"}}",
+            rf"@s0_F argument 1 \(param:blocks.0.w\): layout #par.sharding<\[\[\]\]> has 1 dimensions, "
+            rf"the value {TR} has 2",
+        ),
+        (
+            f"%x: {T} {{par.layout = #par.sharding<[[\"tp\"], []]>}}, %w: {T} {RL}",
+            r"""@s0_F argument 0: layout #par.sharding<\[\["tp"\], \[\]\]> names axis 'tp', which the mesh """
+            r"""#par.mesh<\["pp"=2, "dp"=2\]> does not have""",
+        ),
+    ],
+)
+def test_task_rejects_a_callee_without_fitting_layouts(args, match):
+    verify_error(
         f"""
-        builtin.module {{
-          func.func @f(%a: {T}) {{
-            par.send %a to stage 1 tag "act_s0_mb1" : {T}
-            %0 = par.recv from stage 0 tag "act_s0_mb1" : {T}
-            func.return
-          }}
+        par.mesh @mesh #par.mesh<["pp"=2, "dp"=2]>
+        func.func @s0_F({args}) -> ({T} {DL}) {{
+          func.return %x : {T}
+        }}
+        par.program @device0 device 0 {{
+          %w = par.state "blocks.0.w" layout #par.sharding<[[], []]> : {T}
+          %y = par.task @s0_F stage 0 pass F microbatch 0 (%w, %w) : ({T}, {T}) -> {T}
         }}
         """,
-        f"""
-        "builtin.module"() ({{
-          "func.func"() <{{sym_name = "f", function_type = ({T}) -> ()}}> ({{
-          ^bb0(%a: {T}):
-            "par.send"(%a) <{{peer_stage = 1 : i64, tag = "act_s0_mb1"}}> : ({T}) -> ()
-            %0 = "par.recv"() <{{peer_stage = 0 : i64, tag = "act_s0_mb1"}}> : () -> {T}
-            "func.return"() : () -> ()
-          }}) : () -> ()
-        }}) : () -> ()
-        """,
+        match,
     )
 
 
-def test_send_rejects_a_negative_stage():
+def test_task_rejects_a_callee_result_without_a_layout():
     verify_error(
         f"""
-        func.func @f(%a: {T}) {{
-          par.send %a to stage -1 tag "x" : {T}
-          func.return
+        par.mesh @mesh #par.mesh<["pp"=2]>
+        func.func @s1_F(%x: {T} {RL}) -> {T} {{
+          func.return %x : {T}
+        }}
+        func.func @main(%x: {T}) -> {T} {{
+          %y = par.task @s1_F stage 1 pass F (%x) : ({T}) -> {T}
+          func.return %y : {T}
         }}
         """,
-        "par.send: peer stage -1 must be >= 0",
+        "@s1_F result 0 has no layout",
     )
 
 
@@ -543,16 +633,30 @@ def test_schedule_rejects(devices, match):
 
 def test_ops_build_from_python():
     t = ValueTensorType([8, 16], f32)
-    task = TaskOp("s1_F_mb0", 1, PassKind.F, 0, [], [t])
-    recv = RecvOp(t, 0, "act_s0_mb0")
-    shard = ShardOp(recv.result, "mesh", ShardingAttr.split(2, 0, "dp"))
+    replicated, split = ShardingAttr.replicated(2), ShardingAttr.split(2, 0, "dp")
+    layout = DictionaryAttr({"par.layout": replicated})
+    stage_fn = func.FuncOp("s1_F", FunctionType.from_lists([t, t], [t]), arg_attrs=ArrayAttr([layout, layout]),
+                           res_attrs=ArrayAttr([layout]))
+    stage_fn.body.block.add_op(func.ReturnOp(stage_fn.args[0]))
+    combiner = func.FuncOp("s1_accumulate", FunctionType.from_lists([t, t], [t]))
+    combiner.body.block.add_op(func.ReturnOp(combiner.args[0]))
+    state = StateOp("blocks.1.w", replicated, t)
+    data = InputOp(0, 1, split, t)
+    recv = RecvOp(t, 0, "s0_F.0 mb1", batch=2)
+    shard = ShardOp(recv.result, "mesh", split)
     reduced = AllReduceOp(shard.result, "mesh", "dp", ReduceKind.AVG)
     gathered = AllGatherOp(reduced.result, "mesh", "dp", 0, ValueTensorType([16, 16], f32))
     scattered = ReduceScatterOp(gathered.result, "mesh", "dp", 0, t)
     swapped = AllToAllOp(scattered.result, "mesh", "dp", 0, 1, ValueTensorType([4, 32], f32))
-    send = SendOp(swapped.result, 2, "act_s1_mb0")
-    task.body.block.add_ops([recv, shard, reduced, gathered, scattered, swapped, send])
-    task.body.block.add_op(YieldOp(scattered.result))
+    task = TaskOp("s1_F", 1, PassKind.F, [scattered.result, state.result], [t], microbatch=1)
+    accumulated = AccumulateOp("s1_accumulate", 1, [task.outs[0]])
+    bucket = AllReduceBucketOp(0, 1, [accumulated.sums[0], data.result], "mesh", ["dp"], [1])
+    send = SendOp(swapped.result, 0, "s1_B.0 mb1")
+    program = ProgramOp("device1", 1)
+    program.body.block.add_ops([
+        state, data, recv, shard, reduced, gathered, scattered, swapped, task, accumulated, bucket, send,
+        SetStateOp("blocks.1.w", bucket.sums[0]), OutputOp("loss", bucket.sums[1]),
+    ])
     schedule = ScheduleOp(
         "sched",
         "mesh",
@@ -567,21 +671,33 @@ def test_ops_build_from_python():
         ],
     )
     mesh = MeshOp("mesh", MeshAttr([("pp", 2), ("dp", 2)]))
-    module = ModuleOp([mesh, task, schedule])
+    module = ModuleOp([mesh, stage_fn, combiner, program, schedule])
     module.verify()
     assert show(module) == ir(
         f"""
         builtin.module {{
           par.mesh @mesh #par.mesh<["pp"=2, "dp"=2]>
-          %0 = par.task "s1_F_mb0" stage 1 pass F microbatch 0 () : () -> {T} {{
-            %1 = par.recv from stage 0 tag "act_s0_mb0" : {T}
-            %2 = par.shard %1 @mesh #par.sharding<[["dp"], []]> : {T}
-            %3 = par.all_reduce %2 over @mesh "dp" avg : {T}
-            %4 = par.all_gather %3 over @mesh "dp" dim 0 : {T} -> !torch.vtensor<[16,16],f32>
-            %5 = par.reduce_scatter %4 over @mesh "dp" dim 0 sum : !torch.vtensor<[16,16],f32> -> {T}
-            %6 = par.all_to_all %5 over @mesh "dp" split 0 concat 1 : {T} -> !torch.vtensor<[4,32],f32>
-            par.send %6 to stage 2 tag "act_s1_mb0" : !torch.vtensor<[4,32],f32>
-            par.yield %5 : {T}
+          func.func @s1_F(%0: {T} {RL}, %1: {T} {RL}) -> ({T} {RL}) {{
+            func.return %0 : {T}
+          }}
+          func.func @s1_accumulate(%0: {T}, %1: {T}) -> {T} {{
+            func.return %0 : {T}
+          }}
+          par.program @device1 device 1 {{
+            %0 = par.state "blocks.1.w" layout #par.sharding<[[], []]> : {T}
+            %1 = par.input 0 microbatch 1 layout #par.sharding<[["dp"], []]> : {T}
+            %2 = par.recv from 0 "s0_F.0 mb1" batch 2 : {T}
+            %3 = par.shard %2 @mesh #par.sharding<[["dp"], []]> : {T}
+            %4 = par.all_reduce %3 over @mesh "dp" avg : {T}
+            %5 = par.all_gather %4 over @mesh "dp" dim 0 : {T} -> !torch.vtensor<[16,16],f32>
+            %6 = par.reduce_scatter %5 over @mesh "dp" dim 0 sum : !torch.vtensor<[16,16],f32> -> {T}
+            %7 = par.all_to_all %6 over @mesh "dp" split 0 concat 1 : {T} -> !torch.vtensor<[4,32],f32>
+            %8 = par.task @s1_F stage 1 pass F microbatch 1 (%6, %0) : ({T}, {T}) -> {T}
+            %9 = par.accumulate @s1_accumulate stage 1 (%8) : {T}
+            %10, %11 = par.all_reduce_bucket 0 stage 1 (%9, %1) over @mesh ["dp"] stages [1] : {T}, {T}
+            par.send %7 to 0 "s1_B.0 mb1" : !torch.vtensor<[4,32],f32>
+            par.set_state "blocks.1.w", %10 : {T}
+            par.output "loss", %11 : {T}
           }}
           par.schedule @sched mesh @mesh axis "pp" {{
             par.device 0 [0F0, 0B0]

@@ -11,6 +11,7 @@ from xdsl.dialects.builtin import ModuleOp, NoneAttr, bf16, f32
 from xdsl.ir import Attribute
 from xdsl.parser import Parser
 from xdsl.printer import Printer
+from xdsl.traits import Pure
 from xdsl.utils.exceptions import ParseError, VerifyException
 
 from piperc.dialects.torch import (
@@ -25,8 +26,10 @@ from piperc.dialects.torch import (
     OptionalType,
     StrType,
     ValueTensorType,
+    aten_op_class,
 )
 from piperc.ir import make_context, parse_module, print_ir
+from piperc.passmanager import run_pipeline
 
 BARE_VTENSOR = ValueTensorType.new((NoneAttr(), NoneAttr()))
 
@@ -369,6 +372,70 @@ def test_torch_operator_and_its_aten_equivalent():
     aten.verify()
 
 
+def run(pipeline: str, text: str) -> str:
+    """Parses `text`, runs `pipeline` on it, prints the result."""
+    ctx = make_context()
+    module = parse_module(ir(text), ctx)
+    run_pipeline(module, ctx, pipeline)
+    return print_ir(module)
+
+
+def test_dce_removes_dead_pure_aten_ops_and_keeps_mutating_and_random_ones():
+    assert run(
+        "dce",
+        """
+        func.func @main(%x: !torch.vtensor<[4],f32>, %y: !torch.vtensor<[4],f32>) -> !torch.vtensor<[4],f32> {
+          %dead = "torch.aten.mul.Tensor"(%x, %y) : (!torch.vtensor<[4],f32>, !torch.vtensor<[4],f32>) -> !torch.vtensor<[4],f32>
+          %dead_view = "torch.aten.t"(%x) : (!torch.vtensor<[4],f32>) -> !torch.vtensor<[4],f32>
+          %false = "torch.constant.bool"() <{value = false}> : () -> !torch.bool
+          %copied = "torch.aten.copy_"(%x, %y, %false) : (!torch.vtensor<[4],f32>, !torch.vtensor<[4],f32>, !torch.bool) -> !torch.vtensor<[4],f32>
+          %none = "torch.constant.none"() : () -> !torch.none
+          %coin = "torch.aten.bernoulli"(%x, %none) : (!torch.vtensor<[4],f32>, !torch.none) -> !torch.vtensor<[4],f32>
+          %p = "torch.constant.float"() <{value = 5.000000e-01 : f64}> : () -> !torch.float
+          %true = "torch.constant.bool"() <{value = true}> : () -> !torch.bool
+          %kept, %mask = "torch.aten.native_dropout"(%x, %p, %true) : (!torch.vtensor<[4],f32>, !torch.float, !torch.bool) -> (!torch.vtensor<[4],f32>, !torch.vtensor<[4],i1>)
+          %sum = "torch.aten.add.Tensor"(%x, %y, %p) : (!torch.vtensor<[4],f32>, !torch.vtensor<[4],f32>, !torch.float) -> !torch.vtensor<[4],f32>
+          func.return %sum : !torch.vtensor<[4],f32>
+        }
+        """,
+    ) == ir(
+        """
+        builtin.module {
+          func.func @main(%x: !torch.vtensor<[4],f32>, %y: !torch.vtensor<[4],f32>) -> !torch.vtensor<[4],f32> {
+            %false = "torch.constant.bool"() <{value = false}> : () -> !torch.bool
+            %copied = "torch.aten.copy_"(%x, %y, %false) : (!torch.vtensor<[4],f32>, !torch.vtensor<[4],f32>, !torch.bool) -> !torch.vtensor<[4],f32>
+            %none = "torch.constant.none"() : () -> !torch.none
+            %coin = "torch.aten.bernoulli"(%x, %none) : (!torch.vtensor<[4],f32>, !torch.none) -> !torch.vtensor<[4],f32>
+            %p = "torch.constant.float"() <{value = 5.000000e-01 : f64}> : () -> !torch.float
+            %true = "torch.constant.bool"() <{value = true}> : () -> !torch.bool
+            %kept, %mask = "torch.aten.native_dropout"(%x, %p, %true) : (!torch.vtensor<[4],f32>, !torch.float, !torch.bool) -> (!torch.vtensor<[4],f32>, !torch.vtensor<[4],i1>)
+            %sum = "torch.aten.add.Tensor"(%x, %y, %p) : (!torch.vtensor<[4],f32>, !torch.vtensor<[4],f32>, !torch.float) -> !torch.vtensor<[4],f32>
+            func.return %sum : !torch.vtensor<[4],f32>
+          }
+        }
+        """
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "pure"),
+    [
+        ("torch.aten.mul.Tensor", True),
+        ("torch.aten.view", True),  # an alias (`Tensor(a)`) but no write: a value in value semantics
+        ("torch.aten.add_.Tensor", False),  # in place: `Tensor(a!) self`
+        ("torch.aten.add.out", False),  # writes `out`
+        ("torch.aten.copy_", False),
+        ("torch.aten.dropout", False),
+        ("torch.aten.native_dropout", False),
+        ("torch.aten.rand", False),
+        ("torch.aten.bernoulli", False),
+        ("torch.aten._assert_async", False),  # returns nothing: it exists for its effect
+    ],
+)
+def test_aten_ops_are_pure_unless_they_mutate_draw_random_numbers_or_return_nothing(name, pure):
+    assert aten_op_class(name).has_trait(Pure) is pure
+
+
 # ---------------------------------------------------------------- verifiers
 
 
@@ -381,6 +448,18 @@ def test_aten_op_with_the_wrong_operand_count():
         }
         """,
         re.escape("torch.aten.relu takes 1 operands (aten::relu(Tensor self) -> Tensor), got 2"),
+    )
+
+
+def test_aten_op_with_a_property():
+    verify_error(
+        """
+        func.func @main(%arg0: !torch.vtensor<[4],f32>) {
+          %0 = "torch.aten.relu"(%arg0) <{alpha = 1 : i64}> : (!torch.vtensor<[4],f32>) -> !torch.vtensor<[4],f32>
+          func.return
+        }
+        """,
+        "torch.aten.relu has no properties, regions or successors",
     )
 
 

@@ -3,8 +3,9 @@
 Every test starts from TWO_BLOCKS, a hand-written captured step of a two-block model
 (`loss = sum(x @ w0 @ w1)`, forward ops first, then backward), runs a textual pipeline
 that ends with the pass under test, and compares the printed IR with the IR the pass
-should write. Where a module grows long, the test compares the function or program the
-pass writes. The error tests show the message a user sees for input a pass rejects.
+should write. Where a module grows long, the test compares the function, the step (`@main`)
+or the device program the pass writes. The error tests show the message a user sees for
+input a pass rejects.
 """
 
 import re
@@ -16,6 +17,7 @@ from piperc.errors import PassError, StrategyError
 from piperc.ir import make_context, parse_module, print_ir
 from piperc.passes import PASSES
 from piperc.passes.data_parallel import DataParallelPass
+from piperc.passes.expand_schedule import ExpandSchedulePass
 from piperc.passes.lower_to_exec import LowerToExecPass
 from piperc.passes.mesh import MeshPass
 from piperc.passes.microbatch import MicrobatchPass
@@ -26,7 +28,7 @@ from piperc.passes.schedule import SchedulePass
 from piperc.passmanager import parse_pipeline, run_pipeline
 
 STRATEGY_PASSES = (MeshPass, PipelineSplitPass, OutlineStagesPass, OptimizerPass,
-                   DataParallelPass, MicrobatchPass, SchedulePass, LowerToExecPass)
+                   DataParallelPass, MicrobatchPass, SchedulePass, ExpandSchedulePass, LowerToExecPass)
 
 
 def ir(text: str) -> str:
@@ -42,7 +44,7 @@ def run(pipeline: str) -> str:
 
 
 def section(text: str, head: str) -> str:
-    """The op of `text` that begins with `head` (`func.func @s0_B`, `exec.program @rank0`),
+    """The op of `text` that begins with `head` (`func.func @main`, `par.program @device0`),
     through its closing brace, dedented."""
     lines = text.splitlines()
     start = next(i for i, line in enumerate(lines) if re.match(rf"\s*{re.escape(head)}[( ]", line))
@@ -153,46 +155,55 @@ def test_pipeline_split_balances_equal_blocks_into_one_block_per_stage():
 
 # ---------------------------------------------------------------- outline-stages
 
-# One F and one B function per stage. Keys connect them: "v0" (h0) goes from s0_F to
-# s1_F and is also the activation s1_B reads; "v1" (the gradient of h0) goes from s1_B
-# to s0_B. Constants are re-created where they are used.
+# One F and one B function per stage, and `@main` rewritten into the step: one par.task per
+# function, with the data flow between them as SSA values (h0 goes from s0_F to s1_F and
+# is also the activation s1_B reads; g0, the gradient of h0, goes from s1_B to s0_B).
+# Keys name what each argument/result is; every argument/result carries a layout
+# (replicated here: the mesh has no data-parallel axis). Constants are re-created where used.
 AFTER_OUTLINE_STAGES = ir(
     """
-    builtin.module attributes {par.num_stages = 2 : i64} {
-      par.mesh @mesh #par.mesh<["pp"=2]>
-      func.func @s0_F(%0: !torch.vtensor<[2,4],f32> {piperc.key = "input:0"}, %1: !torch.vtensor<[4,4],f32> {piperc.key = "param:blocks.0.w"}) -> (!torch.vtensor<[2,4],f32> {piperc.key = "v0"}) attributes {par.stage = 0 : i64, par.pass = #par.pass<F>} {
-        %h0 = "torch.aten.mm"(%0, %1) {piperc.origin = #par.origin<"blocks.0.lin", F>, par.stage = 0 : i64} : (!torch.vtensor<[2,4],f32>, !torch.vtensor<[4,4],f32>) -> !torch.vtensor<[2,4],f32>
-        func.return %h0 : !torch.vtensor<[2,4],f32>
-      }
-      func.func @s0_B(%0: !torch.vtensor<[2,4],f32> {piperc.key = "input:0"}, %1: !torch.vtensor<[2,4],f32> {piperc.key = "v1"}) -> (!torch.vtensor<[4,4],f32> {piperc.key = "grad:blocks.0.w"}) attributes {par.stage = 0 : i64, par.pass = #par.pass<B>, par.chunk = 0 : i64} {
-        %xt = "torch.aten.t"(%0) {piperc.origin = #par.origin<"blocks.0.lin", B>, par.stage = 0 : i64} : (!torch.vtensor<[2,4],f32>) -> !torch.vtensor<[4,2],f32>
-        %dw0 = "torch.aten.mm"(%xt, %1) {piperc.origin = #par.origin<"blocks.0.lin", B>, par.stage = 0 : i64} : (!torch.vtensor<[4,2],f32>, !torch.vtensor<[2,4],f32>) -> !torch.vtensor<[4,4],f32>
-        func.return %dw0 : !torch.vtensor<[4,4],f32>
-      }
-      func.func @s1_F(%0: !torch.vtensor<[2,4],f32> {piperc.key = "v0"}, %1: !torch.vtensor<[4,4],f32> {piperc.key = "param:blocks.1.w"}) -> (!torch.vtensor<[],f32> {piperc.key = "loss"}) attributes {par.stage = 1 : i64, par.pass = #par.pass<F>} {
-        %h1 = "torch.aten.mm"(%0, %1) {piperc.origin = #par.origin<"blocks.1.lin", F>, par.stage = 1 : i64} : (!torch.vtensor<[2,4],f32>, !torch.vtensor<[4,4],f32>) -> !torch.vtensor<[2,4],f32>
-        %none = "torch.constant.none"() {piperc.origin = #par.origin<"", F>, par.stage = 1 : i64} : () -> !torch.none
-        %loss = "torch.aten.sum"(%h1, %none) {piperc.origin = #par.origin<"", F>, par.stage = 1 : i64} : (!torch.vtensor<[2,4],f32>, !torch.none) -> !torch.vtensor<[],f32>
-        func.return %loss : !torch.vtensor<[],f32>
-      }
-      func.func @s1_B(%0: !torch.vtensor<[],f32> {piperc.key = "tangent:0"}, %1: !torch.vtensor<[2,4],f32> {piperc.key = "v0"}, %2: !torch.vtensor<[4,4],f32> {piperc.key = "param:blocks.1.w"}) -> (!torch.vtensor<[2,4],f32> {piperc.key = "v1"}, !torch.vtensor<[4,4],f32> {piperc.key = "grad:blocks.1.w"}) attributes {par.stage = 1 : i64, par.pass = #par.pass<B>, par.chunk = 0 : i64} {
-        %c2 = "torch.constant.int"() <{value = 2 : i64}> {piperc.origin = #par.origin<"", B>, par.stage = 1 : i64} : () -> !torch.int
-        %c4 = "torch.constant.int"() <{value = 4 : i64}> {piperc.origin = #par.origin<"", B>, par.stage = 1 : i64} : () -> !torch.int
-        %size = "torch.prim.ListConstruct"(%c2, %c4) {piperc.origin = #par.origin<"", B>, par.stage = 1 : i64} : (!torch.int, !torch.int) -> !torch.list<int>
-        %false = "torch.constant.bool"() <{value = false}> {piperc.origin = #par.origin<"", B>, par.stage = 1 : i64} : () -> !torch.bool
-        %g1 = "torch.aten.expand"(%0, %size, %false) {piperc.origin = #par.origin<"", B>, par.stage = 1 : i64} : (!torch.vtensor<[],f32>, !torch.list<int>, !torch.bool) -> !torch.vtensor<[2,4],f32>
-        %h0t = "torch.aten.t"(%1) {piperc.origin = #par.origin<"blocks.1.lin", B>, par.stage = 1 : i64} : (!torch.vtensor<[2,4],f32>) -> !torch.vtensor<[4,2],f32>
-        %dw1 = "torch.aten.mm"(%h0t, %g1) {piperc.origin = #par.origin<"blocks.1.lin", B>, par.stage = 1 : i64} : (!torch.vtensor<[4,2],f32>, !torch.vtensor<[2,4],f32>) -> !torch.vtensor<[4,4],f32>
-        %w1t = "torch.aten.t"(%2) {piperc.origin = #par.origin<"blocks.1.lin", B>, par.stage = 1 : i64} : (!torch.vtensor<[4,4],f32>) -> !torch.vtensor<[4,4],f32>
-        %g0 = "torch.aten.mm"(%g1, %w1t) {piperc.origin = #par.origin<"blocks.1.lin", B>, par.stage = 1 : i64} : (!torch.vtensor<[2,4],f32>, !torch.vtensor<[4,4],f32>) -> !torch.vtensor<[2,4],f32>
-        func.return %g0, %dw1 : !torch.vtensor<[2,4],f32>, !torch.vtensor<[4,4],f32>
-      }
-    }
+        builtin.module attributes {par.num_stages = 2 : i64} {
+          par.mesh @mesh #par.mesh<["pp"=2]>
+          func.func @s0_F(%0: !torch.vtensor<[2,4],f32> {piperc.key = "input:0", par.layout = #par.sharding<[[], []]>}, %1: !torch.vtensor<[4,4],f32> {piperc.key = "param:blocks.0.w", par.layout = #par.sharding<[[], []]>}) -> (!torch.vtensor<[2,4],f32> {piperc.key = "v0", par.layout = #par.sharding<[[], []]>}) {
+            %h0 = "torch.aten.mm"(%0, %1) {piperc.origin = #par.origin<"blocks.0.lin", F>, par.stage = 0 : i64} : (!torch.vtensor<[2,4],f32>, !torch.vtensor<[4,4],f32>) -> !torch.vtensor<[2,4],f32>
+            func.return %h0 : !torch.vtensor<[2,4],f32>
+          }
+          func.func @s1_F(%0: !torch.vtensor<[2,4],f32> {piperc.key = "v0", par.layout = #par.sharding<[[], []]>}, %1: !torch.vtensor<[4,4],f32> {piperc.key = "param:blocks.1.w", par.layout = #par.sharding<[[], []]>}) -> (!torch.vtensor<[],f32> {piperc.key = "loss", par.layout = #par.sharding<[]>}) {
+            %h1 = "torch.aten.mm"(%0, %1) {piperc.origin = #par.origin<"blocks.1.lin", F>, par.stage = 1 : i64} : (!torch.vtensor<[2,4],f32>, !torch.vtensor<[4,4],f32>) -> !torch.vtensor<[2,4],f32>
+            %none = "torch.constant.none"() {piperc.origin = #par.origin<"", F>, par.stage = 1 : i64} : () -> !torch.none
+            %loss = "torch.aten.sum"(%h1, %none) {piperc.origin = #par.origin<"", F>, par.stage = 1 : i64} : (!torch.vtensor<[2,4],f32>, !torch.none) -> !torch.vtensor<[],f32>
+            func.return %loss : !torch.vtensor<[],f32>
+          }
+          func.func @s1_B(%0: !torch.vtensor<[],f32> {piperc.key = "tangent:0", par.layout = #par.sharding<[]>}, %1: !torch.vtensor<[2,4],f32> {piperc.key = "v0", par.layout = #par.sharding<[[], []]>}, %2: !torch.vtensor<[4,4],f32> {piperc.key = "param:blocks.1.w", par.layout = #par.sharding<[[], []]>}) -> (!torch.vtensor<[2,4],f32> {piperc.key = "v1", par.layout = #par.sharding<[[], []]>}, !torch.vtensor<[4,4],f32> {piperc.key = "grad:blocks.1.w", par.layout = #par.sharding<[[], []]>}) {
+            %c2 = "torch.constant.int"() <{value = 2 : i64}> {piperc.origin = #par.origin<"", B>, par.stage = 1 : i64} : () -> !torch.int
+            %c4 = "torch.constant.int"() <{value = 4 : i64}> {piperc.origin = #par.origin<"", B>, par.stage = 1 : i64} : () -> !torch.int
+            %size = "torch.prim.ListConstruct"(%c2, %c4) {piperc.origin = #par.origin<"", B>, par.stage = 1 : i64} : (!torch.int, !torch.int) -> !torch.list<int>
+            %false = "torch.constant.bool"() <{value = false}> {piperc.origin = #par.origin<"", B>, par.stage = 1 : i64} : () -> !torch.bool
+            %g1 = "torch.aten.expand"(%0, %size, %false) {piperc.origin = #par.origin<"", B>, par.stage = 1 : i64} : (!torch.vtensor<[],f32>, !torch.list<int>, !torch.bool) -> !torch.vtensor<[2,4],f32>
+            %h0t = "torch.aten.t"(%1) {piperc.origin = #par.origin<"blocks.1.lin", B>, par.stage = 1 : i64} : (!torch.vtensor<[2,4],f32>) -> !torch.vtensor<[4,2],f32>
+            %dw1 = "torch.aten.mm"(%h0t, %g1) {piperc.origin = #par.origin<"blocks.1.lin", B>, par.stage = 1 : i64} : (!torch.vtensor<[4,2],f32>, !torch.vtensor<[2,4],f32>) -> !torch.vtensor<[4,4],f32>
+            %w1t = "torch.aten.t"(%2) {piperc.origin = #par.origin<"blocks.1.lin", B>, par.stage = 1 : i64} : (!torch.vtensor<[4,4],f32>) -> !torch.vtensor<[4,4],f32>
+            %g0 = "torch.aten.mm"(%g1, %w1t) {piperc.origin = #par.origin<"blocks.1.lin", B>, par.stage = 1 : i64} : (!torch.vtensor<[2,4],f32>, !torch.vtensor<[4,4],f32>) -> !torch.vtensor<[2,4],f32>
+            func.return %g0, %dw1 : !torch.vtensor<[2,4],f32>, !torch.vtensor<[4,4],f32>
+          }
+          func.func @s0_B(%0: !torch.vtensor<[2,4],f32> {piperc.key = "input:0", par.layout = #par.sharding<[[], []]>}, %1: !torch.vtensor<[2,4],f32> {piperc.key = "v1", par.layout = #par.sharding<[[], []]>}) -> (!torch.vtensor<[4,4],f32> {piperc.key = "grad:blocks.0.w", par.layout = #par.sharding<[[], []]>}) {
+            %xt = "torch.aten.t"(%0) {piperc.origin = #par.origin<"blocks.0.lin", B>, par.stage = 0 : i64} : (!torch.vtensor<[2,4],f32>) -> !torch.vtensor<[4,2],f32>
+            %dw0 = "torch.aten.mm"(%xt, %1) {piperc.origin = #par.origin<"blocks.0.lin", B>, par.stage = 0 : i64} : (!torch.vtensor<[4,2],f32>, !torch.vtensor<[2,4],f32>) -> !torch.vtensor<[4,4],f32>
+            func.return %dw0 : !torch.vtensor<[4,4],f32>
+          }
+          func.func @main(%w0: !torch.vtensor<[4,4],f32> {piperc.param = "blocks.0.w", par.layout = #par.sharding<[[], []]>}, %w1: !torch.vtensor<[4,4],f32> {piperc.param = "blocks.1.w", par.layout = #par.sharding<[[], []]>}, %x: !torch.vtensor<[2,4],f32> {piperc.input = #builtin.int<0>, par.layout = #par.sharding<[[], []]>}, %dloss: !torch.vtensor<[],f32> {piperc.tangent = #builtin.int<0>, par.layout = #par.sharding<[]>}) -> (!torch.vtensor<[],f32> {piperc.loss, par.layout = #par.sharding<[]>}, !torch.vtensor<[4,4],f32> {piperc.grad = "blocks.0.w", par.layout = #par.sharding<[[], []]>}, !torch.vtensor<[4,4],f32> {piperc.grad = "blocks.1.w", par.layout = #par.sharding<[[], []]>}) {
+            %h0 = par.task @s0_F stage 0 pass F (%x, %w0) : (!torch.vtensor<[2,4],f32>, !torch.vtensor<[4,4],f32>) -> !torch.vtensor<[2,4],f32>
+            %loss = par.task @s1_F stage 1 pass F (%h0, %w1) : (!torch.vtensor<[2,4],f32>, !torch.vtensor<[4,4],f32>) -> !torch.vtensor<[],f32>
+            %g0, %dw1 = par.task @s1_B stage 1 pass B (%dloss, %h0, %w1) : (!torch.vtensor<[],f32>, !torch.vtensor<[2,4],f32>, !torch.vtensor<[4,4],f32>) -> (!torch.vtensor<[2,4],f32>, !torch.vtensor<[4,4],f32>)
+            %dw0 = par.task @s0_B stage 0 pass B (%x, %g0) : (!torch.vtensor<[2,4],f32>, !torch.vtensor<[2,4],f32>) -> !torch.vtensor<[4,4],f32>
+            func.return %loss, %dw0, %dw1 : !torch.vtensor<[],f32>, !torch.vtensor<[4,4],f32>, !torch.vtensor<[4,4],f32>
+          }
+        }
     """
 )
 
 
-def test_outline_stages_writes_an_f_and_a_b_function_per_stage():
+def test_outline_stages_writes_stage_functions_and_the_step():
     out = run('mesh{shape="pp=2"},pipeline-split{stages=2 split-at="blocks.1"},outline-stages')
     assert out == AFTER_OUTLINE_STAGES
 
@@ -200,20 +211,40 @@ def test_outline_stages_writes_an_f_and_a_b_function_per_stage():
 def test_outline_stages_cuts_a_stage_backward_into_one_chunk_per_block():
     out = run("pipeline-split{stages=1},outline-stages")
     # The backward runs blocks.1 (with the loss gradient before it) then blocks.0.
-    assert functions(out) == ["s0_F", "s0_B0", "s0_B1"]
-    assert section(out, "func.func @s0_B1") == ir(
+    assert section(out, "func.func @s0_B_blocks_0") == ir(
         """
-        func.func @s0_B1(%0: !torch.vtensor<[2,4],f32> {piperc.key = "input:0"}, %1: !torch.vtensor<[2,4],f32> {piperc.key = "v1"}) -> (!torch.vtensor<[4,4],f32> {piperc.key = "grad:blocks.0.w"}) attributes {par.stage = 0 : i64, par.pass = #par.pass<B>, par.chunk = 1 : i64} {
+        func.func @s0_B_blocks_0(%0: !torch.vtensor<[2,4],f32> {piperc.key = "input:0", par.layout = #par.sharding<[[], []]>}, %1: !torch.vtensor<[2,4],f32> {piperc.key = "v1", par.layout = #par.sharding<[[], []]>}) -> (!torch.vtensor<[4,4],f32> {piperc.key = "grad:blocks.0.w", par.layout = #par.sharding<[[], []]>}) {
           %xt = "torch.aten.t"(%0) {piperc.origin = #par.origin<"blocks.0.lin", B>, par.stage = 0 : i64} : (!torch.vtensor<[2,4],f32>) -> !torch.vtensor<[4,2],f32>
           %dw0 = "torch.aten.mm"(%xt, %1) {piperc.origin = #par.origin<"blocks.0.lin", B>, par.stage = 0 : i64} : (!torch.vtensor<[4,2],f32>, !torch.vtensor<[2,4],f32>) -> !torch.vtensor<[4,4],f32>
           func.return %dw0 : !torch.vtensor<[4,4],f32>
         }
-        """
+    """
     )
     whole = run("pipeline-split{stages=1},outline-stages{split-backward=false}")
-    assert functions(whole) == ["s0_F", "s0_B"]
-    assert header(section(whole, "func.func @s0_B")) == (
-        'func.func @s0_B(%0: !torch.vtensor<[],f32> {piperc.key = "tangent:0"}, %1: !torch.vtensor<[2,4],f32> {piperc.key = "v0"}, %2: !torch.vtensor<[4,4],f32> {piperc.key = "param:blocks.1.w"}, %3: !torch.vtensor<[2,4],f32> {piperc.key = "input:0"}) -> (!torch.vtensor<[4,4],f32> {piperc.key = "grad:blocks.0.w"}, !torch.vtensor<[4,4],f32> {piperc.key = "grad:blocks.1.w"}) attributes {par.stage = 0 : i64, par.pass = #par.pass<B>, par.chunk = 0 : i64} {'
+    assert functions(whole) == ["s0_F", "s0_B", "main"]
+    assert section(whole, "func.func @main") == ir(
+        """
+        func.func @main(%w0: !torch.vtensor<[4,4],f32> {piperc.param = "blocks.0.w", par.layout = #par.sharding<[[], []]>}, %w1: !torch.vtensor<[4,4],f32> {piperc.param = "blocks.1.w", par.layout = #par.sharding<[[], []]>}, %x: !torch.vtensor<[2,4],f32> {piperc.input = #builtin.int<0>, par.layout = #par.sharding<[[], []]>}, %dloss: !torch.vtensor<[],f32> {piperc.tangent = #builtin.int<0>, par.layout = #par.sharding<[]>}) -> (!torch.vtensor<[],f32> {piperc.loss, par.layout = #par.sharding<[]>}, !torch.vtensor<[4,4],f32> {piperc.grad = "blocks.0.w", par.layout = #par.sharding<[[], []]>}, !torch.vtensor<[4,4],f32> {piperc.grad = "blocks.1.w", par.layout = #par.sharding<[[], []]>}) {
+          %h0, %loss = par.task @s0_F stage 0 pass F (%x, %w0, %w1) : (!torch.vtensor<[2,4],f32>, !torch.vtensor<[4,4],f32>, !torch.vtensor<[4,4],f32>) -> (!torch.vtensor<[2,4],f32>, !torch.vtensor<[],f32>)
+          %dw0, %dw1 = par.task @s0_B stage 0 pass B (%dloss, %h0, %w1, %x) : (!torch.vtensor<[],f32>, !torch.vtensor<[2,4],f32>, !torch.vtensor<[4,4],f32>, !torch.vtensor<[2,4],f32>) -> (!torch.vtensor<[4,4],f32>, !torch.vtensor<[4,4],f32>)
+          func.return %loss, %dw0, %dw1 : !torch.vtensor<[],f32>, !torch.vtensor<[4,4],f32>, !torch.vtensor<[4,4],f32>
+        }
+    """
+    )
+
+
+def test_outline_stages_names_each_backward_chunk_after_its_block():
+    out = run("pipeline-split{stages=1},outline-stages")
+    assert functions(out) == ["s0_F", "s0_B_blocks_1", "s0_B_blocks_0", "main"]
+    assert section(out, "func.func @main") == ir(
+        """
+        func.func @main(%w0: !torch.vtensor<[4,4],f32> {piperc.param = "blocks.0.w", par.layout = #par.sharding<[[], []]>}, %w1: !torch.vtensor<[4,4],f32> {piperc.param = "blocks.1.w", par.layout = #par.sharding<[[], []]>}, %x: !torch.vtensor<[2,4],f32> {piperc.input = #builtin.int<0>, par.layout = #par.sharding<[[], []]>}, %dloss: !torch.vtensor<[],f32> {piperc.tangent = #builtin.int<0>, par.layout = #par.sharding<[]>}) -> (!torch.vtensor<[],f32> {piperc.loss, par.layout = #par.sharding<[]>}, !torch.vtensor<[4,4],f32> {piperc.grad = "blocks.0.w", par.layout = #par.sharding<[[], []]>}, !torch.vtensor<[4,4],f32> {piperc.grad = "blocks.1.w", par.layout = #par.sharding<[[], []]>}) {
+          %h0, %loss = par.task @s0_F stage 0 pass F (%x, %w0, %w1) : (!torch.vtensor<[2,4],f32>, !torch.vtensor<[4,4],f32>, !torch.vtensor<[4,4],f32>) -> (!torch.vtensor<[2,4],f32>, !torch.vtensor<[],f32>)
+          %g0, %dw1 = par.task @s0_B_blocks_1 stage 0 pass B (%dloss, %h0, %w1) : (!torch.vtensor<[],f32>, !torch.vtensor<[2,4],f32>, !torch.vtensor<[4,4],f32>) -> (!torch.vtensor<[2,4],f32>, !torch.vtensor<[4,4],f32>)
+          %dw0 = par.task @s0_B_blocks_0 stage 0 pass B (%x, %g0) : (!torch.vtensor<[2,4],f32>, !torch.vtensor<[2,4],f32>) -> !torch.vtensor<[4,4],f32>
+          func.return %loss, %dw0, %dw1 : !torch.vtensor<[],f32>, !torch.vtensor<[4,4],f32>, !torch.vtensor<[4,4],f32>
+        }
+    """
     )
 
 
@@ -224,11 +255,11 @@ OUTLINED = 'mesh{shape="pp=2"},pipeline-split{stages=2 split-at="blocks.1"},outl
 
 def test_optimizer_sgd_with_momentum_and_weight_decay():
     out = run(OUTLINED + ',optimizer{kind="sgd" lr=0.1 momentum=0.9 weight-decay=0.01}')
-    assert functions(out) == ["s0_F", "s0_B", "s1_F", "s1_B", "s0_update", "s1_update"]
+    assert functions(out) == ["s0_F", "s1_F", "s1_B", "s0_B", "s0_update", "s1_update", "main"]
     # d = g + 0.01*p;  m = 0.9*m + d;  p = p - 0.1*m
     assert section(out, "func.func @s0_update") == ir(
         """
-        func.func @s0_update(%0: !torch.vtensor<[4,4],f32> {piperc.key = "param:blocks.0.w"}, %1: !torch.vtensor<[4,4],f32> {piperc.key = "grad:blocks.0.w"}, %2: !torch.vtensor<[4,4],f32> {piperc.key = "state:blocks.0.w.momentum"}) -> (!torch.vtensor<[4,4],f32> {piperc.key = "param:blocks.0.w"}, !torch.vtensor<[4,4],f32> {piperc.key = "state:blocks.0.w.momentum"}) attributes {par.stage = 0 : i64, par.pass = #par.pass<update>} {
+        func.func @s0_update(%0: !torch.vtensor<[4,4],f32> {piperc.key = "param:blocks.0.w", par.layout = #par.sharding<[[], []]>}, %1: !torch.vtensor<[4,4],f32> {piperc.key = "grad:blocks.0.w", par.layout = #par.sharding<[[], []]>}, %2: !torch.vtensor<[4,4],f32> {piperc.key = "state:blocks.0.w.momentum", par.layout = #par.sharding<[[], []]>}) -> (!torch.vtensor<[4,4],f32> {piperc.key = "param:blocks.0.w", par.layout = #par.sharding<[[], []]>}, !torch.vtensor<[4,4],f32> {piperc.key = "state:blocks.0.w.momentum", par.layout = #par.sharding<[[], []]>}) {
           %3 = "torch.constant.float"() <{value = 1.000000e-02 : f64}> : () -> !torch.float
           %4 = "torch.aten.add.Tensor"(%1, %0, %3) : (!torch.vtensor<[4,4],f32>, !torch.vtensor<[4,4],f32>, !torch.float) -> !torch.vtensor<[4,4],f32>
           %5 = "torch.constant.float"() <{value = 9.000000e-01 : f64}> : () -> !torch.float
@@ -239,12 +270,26 @@ def test_optimizer_sgd_with_momentum_and_weight_decay():
           %10 = "torch.aten.add.Tensor"(%0, %8, %9) : (!torch.vtensor<[4,4],f32>, !torch.vtensor<[4,4],f32>, !torch.float) -> !torch.vtensor<[4,4],f32>
           func.return %10, %8 : !torch.vtensor<[4,4],f32>, !torch.vtensor<[4,4],f32>
         }
-        """
+    """
     )
-    assert header(section(out, "func.func @s1_update")).startswith(
-        'func.func @s1_update(%0: !torch.vtensor<[4,4],f32> {piperc.key = "param:blocks.1.w"}, '
-        '%1: !torch.vtensor<[4,4],f32> {piperc.key = "grad:blocks.1.w"}, '
-        '%2: !torch.vtensor<[4,4],f32> {piperc.key = "state:blocks.1.w.momentum"})'
+    assert header(section(out, "func.func @s1_update")) == (
+        "func.func @s1_update(%0: !torch.vtensor<[4,4],f32> {piperc.key = \"param:blocks.1.w\", par.layout = #par.sharding<[[], []]>}, %1: !torch.vtensor<[4,4],f32> {piperc.key = \"grad:blocks.1.w\", par.layout = #par.sharding<[[], []]>}, %2: !torch.vtensor<[4,4],f32> {piperc.key = \"state:blocks.1.w.momentum\", par.layout = #par.sharding<[[], []]>}) -> (!torch.vtensor<[4,4],f32> {piperc.key = \"param:blocks.1.w\", par.layout = #par.sharding<[[], []]>}, !torch.vtensor<[4,4],f32> {piperc.key = \"state:blocks.1.w.momentum\", par.layout = #par.sharding<[[], []]>}) {"
+    )
+    # The momentum buffers become step arguments (piperc.state); each stage's update task
+    # reads its parameter, its gradient and its state, and the step returns the loss and
+    # the new parameters and state.
+    assert section(out, "func.func @main") == ir(
+        """
+        func.func @main(%w0: !torch.vtensor<[4,4],f32> {piperc.param = "blocks.0.w", par.layout = #par.sharding<[[], []]>}, %w1: !torch.vtensor<[4,4],f32> {piperc.param = "blocks.1.w", par.layout = #par.sharding<[[], []]>}, %x: !torch.vtensor<[2,4],f32> {piperc.input = #builtin.int<0>, par.layout = #par.sharding<[[], []]>}, %dloss: !torch.vtensor<[],f32> {piperc.tangent = #builtin.int<0>, par.layout = #par.sharding<[]>}, %0: !torch.vtensor<[4,4],f32> {piperc.state = "blocks.0.w.momentum", par.layout = #par.sharding<[[], []]>}, %1: !torch.vtensor<[4,4],f32> {piperc.state = "blocks.1.w.momentum", par.layout = #par.sharding<[[], []]>}) -> (!torch.vtensor<[],f32> {piperc.loss, par.layout = #par.sharding<[]>}, !torch.vtensor<[4,4],f32> {piperc.param = "blocks.0.w", par.layout = #par.sharding<[[], []]>}, !torch.vtensor<[4,4],f32> {piperc.state = "blocks.0.w.momentum", par.layout = #par.sharding<[[], []]>}, !torch.vtensor<[4,4],f32> {piperc.param = "blocks.1.w", par.layout = #par.sharding<[[], []]>}, !torch.vtensor<[4,4],f32> {piperc.state = "blocks.1.w.momentum", par.layout = #par.sharding<[[], []]>}) {
+          %h0 = par.task @s0_F stage 0 pass F (%x, %w0) : (!torch.vtensor<[2,4],f32>, !torch.vtensor<[4,4],f32>) -> !torch.vtensor<[2,4],f32>
+          %loss = par.task @s1_F stage 1 pass F (%h0, %w1) : (!torch.vtensor<[2,4],f32>, !torch.vtensor<[4,4],f32>) -> !torch.vtensor<[],f32>
+          %g0, %dw1 = par.task @s1_B stage 1 pass B (%dloss, %h0, %w1) : (!torch.vtensor<[],f32>, !torch.vtensor<[2,4],f32>, !torch.vtensor<[4,4],f32>) -> (!torch.vtensor<[2,4],f32>, !torch.vtensor<[4,4],f32>)
+          %dw0 = par.task @s0_B stage 0 pass B (%x, %g0) : (!torch.vtensor<[2,4],f32>, !torch.vtensor<[2,4],f32>) -> !torch.vtensor<[4,4],f32>
+          %2, %3 = par.task @s0_update stage 0 pass update (%w0, %dw0, %0) : (!torch.vtensor<[4,4],f32>, !torch.vtensor<[4,4],f32>, !torch.vtensor<[4,4],f32>) -> (!torch.vtensor<[4,4],f32>, !torch.vtensor<[4,4],f32>)
+          %4, %5 = par.task @s1_update stage 1 pass update (%w1, %dw1, %1) : (!torch.vtensor<[4,4],f32>, !torch.vtensor<[4,4],f32>, !torch.vtensor<[4,4],f32>) -> (!torch.vtensor<[4,4],f32>, !torch.vtensor<[4,4],f32>)
+          func.return %loss, %2, %3, %4, %5 : !torch.vtensor<[],f32>, !torch.vtensor<[4,4],f32>, !torch.vtensor<[4,4],f32>, !torch.vtensor<[4,4],f32>, !torch.vtensor<[4,4],f32>
+        }
+    """
     )
 
 
@@ -255,7 +300,7 @@ def test_optimizer_adamw():
     # p = p - (m / (sqrt(v) / bc2_sqrt + 1e-8)) * step_size
     assert section(out, "func.func @s1_update") == ir(
         """
-        func.func @s1_update(%0: !torch.vtensor<[4,4],f32> {piperc.key = "param:blocks.1.w"}, %1: !torch.vtensor<[4,4],f32> {piperc.key = "grad:blocks.1.w"}, %2: !torch.vtensor<[4,4],f32> {piperc.key = "state:blocks.1.w.exp_avg"}, %3: !torch.vtensor<[4,4],f32> {piperc.key = "state:blocks.1.w.exp_avg_sq"}, %4: !torch.vtensor<[],f64> {piperc.key = "state:step"}) -> (!torch.vtensor<[],f64> {piperc.key = "state:step"}, !torch.vtensor<[4,4],f32> {piperc.key = "param:blocks.1.w"}, !torch.vtensor<[4,4],f32> {piperc.key = "state:blocks.1.w.exp_avg"}, !torch.vtensor<[4,4],f32> {piperc.key = "state:blocks.1.w.exp_avg_sq"}) attributes {par.stage = 1 : i64, par.pass = #par.pass<update>} {
+        func.func @s1_update(%0: !torch.vtensor<[4,4],f32> {piperc.key = "param:blocks.1.w", par.layout = #par.sharding<[[], []]>}, %1: !torch.vtensor<[4,4],f32> {piperc.key = "grad:blocks.1.w", par.layout = #par.sharding<[[], []]>}, %2: !torch.vtensor<[4,4],f32> {piperc.key = "state:blocks.1.w.exp_avg", par.layout = #par.sharding<[[], []]>}, %3: !torch.vtensor<[4,4],f32> {piperc.key = "state:blocks.1.w.exp_avg_sq", par.layout = #par.sharding<[[], []]>}, %4: !torch.vtensor<[],f64> {piperc.key = "state:step", par.layout = #par.sharding<[]>}) -> (!torch.vtensor<[],f64> {piperc.key = "state:step", par.layout = #par.sharding<[]>}, !torch.vtensor<[4,4],f32> {piperc.key = "param:blocks.1.w", par.layout = #par.sharding<[[], []]>}, !torch.vtensor<[4,4],f32> {piperc.key = "state:blocks.1.w.exp_avg", par.layout = #par.sharding<[[], []]>}, !torch.vtensor<[4,4],f32> {piperc.key = "state:blocks.1.w.exp_avg_sq", par.layout = #par.sharding<[[], []]>}) {
           %5 = "torch.constant.float"() <{value = 1.000000e+00 : f64}> : () -> !torch.float
           %6 = "torch.constant.float"() <{value = 1.000000e+00 : f64}> : () -> !torch.float
           %7 = "torch.aten.add.Scalar"(%4, %5, %6) : (!torch.vtensor<[],f64>, !torch.float, !torch.float) -> !torch.vtensor<[],f64>
@@ -292,7 +337,7 @@ def test_optimizer_adamw():
           %38 = "torch.aten.sub.Tensor"(%23, %36, %37) : (!torch.vtensor<[4,4],f32>, !torch.vtensor<[4,4],f32>, !torch.float) -> !torch.vtensor<[4,4],f32>
           func.return %7, %38, %25, %29 : !torch.vtensor<[],f64>, !torch.vtensor<[4,4],f32>, !torch.vtensor<[4,4],f32>, !torch.vtensor<[4,4],f32>
         }
-        """
+    """
     )
 
 
@@ -302,26 +347,26 @@ def test_optimizer_adamw():
 def test_data_parallel_reduces_every_update_gradient_over_the_axis():
     out = run('mesh{shape="pp=2,dp=2"},pipeline-split{stages=2 split-at="blocks.1"},outline-stages,'
               'optimizer{lr=0.1},data-parallel{axis="dp"}')
-    assert header(out) == 'builtin.module attributes {par.num_stages = 2 : i64, par.dp_axis = "dp"} {'
-    assert section(out, "func.func @s0_update") == ir(
-        """
-        func.func @s0_update(%0: !torch.vtensor<[4,4],f32> {piperc.key = "param:blocks.0.w"}, %1: !torch.vtensor<[4,4],f32> {piperc.key = "grad:blocks.0.w"}) -> (!torch.vtensor<[4,4],f32> {piperc.key = "param:blocks.0.w"}) attributes {par.stage = 0 : i64, par.pass = #par.pass<update>} {
-          %2 = par.all_reduce %1 over @mesh "dp" sum {par.bucket = 0 : i64} : !torch.vtensor<[4,4],f32>
-          %3 = "torch.constant.float"() <{value = -1.000000e-01 : f64}> : () -> !torch.float
-          %4 = "torch.aten.add.Tensor"(%0, %2, %3) : (!torch.vtensor<[4,4],f32>, !torch.vtensor<[4,4],f32>, !torch.float) -> !torch.vtensor<[4,4],f32>
-          func.return %4 : !torch.vtensor<[4,4],f32>
-        }
-        """
+    # The input and the activations are split over dp, the loss and the gradients are
+    # partial sums over dp, the parameters are replicated.
+    assert header(section(out, "func.func @s1_B")) == (
+        "func.func @s1_B(%0: !torch.vtensor<[],f32> {piperc.key = \"tangent:0\", par.layout = #par.sharding<[]>}, %1: !torch.vtensor<[2,4],f32> {piperc.key = \"v0\", par.layout = #par.sharding<[[\"dp\"], []]>}, %2: !torch.vtensor<[4,4],f32> {piperc.key = \"param:blocks.1.w\", par.layout = #par.sharding<[[], []]>}) -> (!torch.vtensor<[2,4],f32> {piperc.key = \"v1\", par.layout = #par.sharding<[[\"dp\"], []]>}, !torch.vtensor<[4,4],f32> {piperc.key = \"grad:blocks.1.w\", par.layout = #par.sharding<[[], []], partial = [\"dp\"]>}) {"
     )
-    assert section(out, "func.func @s1_update") == ir(
+    # Each stage's gradients are summed over dp in a bucket before its update.
+    assert section(out, "func.func @main") == ir(
         """
-        func.func @s1_update(%0: !torch.vtensor<[4,4],f32> {piperc.key = "param:blocks.1.w"}, %1: !torch.vtensor<[4,4],f32> {piperc.key = "grad:blocks.1.w"}) -> (!torch.vtensor<[4,4],f32> {piperc.key = "param:blocks.1.w"}) attributes {par.stage = 1 : i64, par.pass = #par.pass<update>} {
-          %2 = par.all_reduce %1 over @mesh "dp" sum {par.bucket = 0 : i64} : !torch.vtensor<[4,4],f32>
-          %3 = "torch.constant.float"() <{value = -1.000000e-01 : f64}> : () -> !torch.float
-          %4 = "torch.aten.add.Tensor"(%0, %2, %3) : (!torch.vtensor<[4,4],f32>, !torch.vtensor<[4,4],f32>, !torch.float) -> !torch.vtensor<[4,4],f32>
-          func.return %4 : !torch.vtensor<[4,4],f32>
+        func.func @main(%w0: !torch.vtensor<[4,4],f32> {piperc.param = "blocks.0.w", par.layout = #par.sharding<[[], []]>}, %w1: !torch.vtensor<[4,4],f32> {piperc.param = "blocks.1.w", par.layout = #par.sharding<[[], []]>}, %x: !torch.vtensor<[2,4],f32> {piperc.input = #builtin.int<0>, par.layout = #par.sharding<[["dp"], []]>}, %dloss: !torch.vtensor<[],f32> {piperc.tangent = #builtin.int<0>, par.layout = #par.sharding<[]>}) -> (!torch.vtensor<[],f32> {piperc.loss, par.layout = #par.sharding<[], partial = ["dp"]>}, !torch.vtensor<[4,4],f32> {piperc.param = "blocks.0.w", par.layout = #par.sharding<[[], []]>}, !torch.vtensor<[4,4],f32> {piperc.param = "blocks.1.w", par.layout = #par.sharding<[[], []]>}) {
+          %h0 = par.task @s0_F stage 0 pass F (%x, %w0) : (!torch.vtensor<[2,4],f32>, !torch.vtensor<[4,4],f32>) -> !torch.vtensor<[2,4],f32>
+          %loss = par.task @s1_F stage 1 pass F (%h0, %w1) : (!torch.vtensor<[2,4],f32>, !torch.vtensor<[4,4],f32>) -> !torch.vtensor<[],f32>
+          %g0, %dw1 = par.task @s1_B stage 1 pass B (%dloss, %h0, %w1) : (!torch.vtensor<[],f32>, !torch.vtensor<[2,4],f32>, !torch.vtensor<[4,4],f32>) -> (!torch.vtensor<[2,4],f32>, !torch.vtensor<[4,4],f32>)
+          %dw0 = par.task @s0_B stage 0 pass B (%x, %g0) : (!torch.vtensor<[2,4],f32>, !torch.vtensor<[2,4],f32>) -> !torch.vtensor<[4,4],f32>
+          %0 = par.all_reduce_bucket 0 stage 0 (%dw0) over @mesh ["dp"] stages [0] : !torch.vtensor<[4,4],f32>
+          %1 = par.task @s0_update stage 0 pass update (%w0, %0) : (!torch.vtensor<[4,4],f32>, !torch.vtensor<[4,4],f32>) -> !torch.vtensor<[4,4],f32>
+          %2 = par.all_reduce_bucket 0 stage 1 (%dw1) over @mesh ["dp"] stages [1] : !torch.vtensor<[4,4],f32>
+          %3 = par.task @s1_update stage 1 pass update (%w1, %2) : (!torch.vtensor<[4,4],f32>, !torch.vtensor<[4,4],f32>) -> !torch.vtensor<[4,4],f32>
+          func.return %loss, %1, %3 : !torch.vtensor<[],f32>, !torch.vtensor<[4,4],f32>, !torch.vtensor<[4,4],f32>
         }
-        """
+    """
     )
 
 
@@ -330,38 +375,31 @@ def test_data_parallel_numbers_buckets_in_the_order_the_backward_produces_gradie
     # bucket. The backward finishes blocks.1.w first, so it is bucket 0.
     out = run('mesh{shape="pp=1,dp=2"},pipeline-split,outline-stages,optimizer{lr=0.1},'
               'data-parallel{axis="dp" bucket-mb=0.0001}')
-    assert section(out, "func.func @s0_update") == ir(
-        """
-        func.func @s0_update(%0: !torch.vtensor<[4,4],f32> {piperc.key = "param:blocks.0.w"}, %1: !torch.vtensor<[4,4],f32> {piperc.key = "grad:blocks.0.w"}, %2: !torch.vtensor<[4,4],f32> {piperc.key = "param:blocks.1.w"}, %3: !torch.vtensor<[4,4],f32> {piperc.key = "grad:blocks.1.w"}) -> (!torch.vtensor<[4,4],f32> {piperc.key = "param:blocks.0.w"}, !torch.vtensor<[4,4],f32> {piperc.key = "param:blocks.1.w"}) attributes {par.stage = 0 : i64, par.pass = #par.pass<update>} {
-          %4 = par.all_reduce %1 over @mesh "dp" sum {par.bucket = 1 : i64} : !torch.vtensor<[4,4],f32>
-          %5 = par.all_reduce %3 over @mesh "dp" sum {par.bucket = 0 : i64} : !torch.vtensor<[4,4],f32>
-          %6 = "torch.constant.float"() <{value = -1.000000e-01 : f64}> : () -> !torch.float
-          %7 = "torch.aten.add.Tensor"(%0, %4, %6) : (!torch.vtensor<[4,4],f32>, !torch.vtensor<[4,4],f32>, !torch.float) -> !torch.vtensor<[4,4],f32>
-          %8 = "torch.constant.float"() <{value = -1.000000e-01 : f64}> : () -> !torch.float
-          %9 = "torch.aten.add.Tensor"(%2, %5, %8) : (!torch.vtensor<[4,4],f32>, !torch.vtensor<[4,4],f32>, !torch.float) -> !torch.vtensor<[4,4],f32>
-          func.return %7, %9 : !torch.vtensor<[4,4],f32>, !torch.vtensor<[4,4],f32>
-        }
-        """
-    )
+    step = section(out, "func.func @main").splitlines()
+    assert [line.strip() for line in step if "all_reduce_bucket" in line or "@s0_update" in line] == [
+        "%0 = par.all_reduce_bucket 0 stage 0 (%dw1) over @mesh [\"dp\"] stages [0] : !torch.vtensor<[4,4],f32>",
+        "%1 = par.all_reduce_bucket 1 stage 0 (%dw0) over @mesh [\"dp\"] stages [0] : !torch.vtensor<[4,4],f32>",
+        "%2, %3 = par.task @s0_update stage 0 pass update (%w0, %1, %w1, %0) : (!torch.vtensor<[4,4],f32>, !torch.vtensor<[4,4],f32>, !torch.vtensor<[4,4],f32>, !torch.vtensor<[4,4],f32>) -> (!torch.vtensor<[4,4],f32>, !torch.vtensor<[4,4],f32>)",
+    ]
 
 
 # ---------------------------------------------------------------- microbatch
+
+MICROBATCHED_DP = ('mesh{shape="pp=2,dp=2"},pipeline-split{stages=2 split-at="blocks.1"},outline-stages,'
+                   'optimizer{lr=0.1},data-parallel{axis="dp"},microbatch{count=2 replicas=2}')
 
 
 def test_microbatch_scales_the_loss_and_adds_accumulate_functions():
     # 2 microbatches x 2 replicas: the loss tangent becomes full([], 0.25) and the last
     # stage's forward also returns loss_share = loss * 0.25.
-    out = run('mesh{shape="pp=2,dp=2"},pipeline-split{stages=2 split-at="blocks.1"},outline-stages,'
-              'optimizer{lr=0.1},microbatch{count=2 replicas=2}')
+    out = run(MICROBATCHED_DP)
     assert header(out) == ("builtin.module attributes {par.num_stages = 2 : i64, "
                            "par.microbatches = 2 : i64, par.replicas = 2 : i64} {")
-    assert functions(out) == ["s0_F", "s0_B", "s1_F", "s1_B", "s0_update", "s1_update",
-                              "s0_B_accumulate", "s1_B_accumulate", "s1_accumulate_loss"]
-    assert section(out, "func.func @s0_F") == section(AFTER_OUTLINE_STAGES, "func.func @s0_F")
-    assert section(out, "func.func @s0_B") == section(AFTER_OUTLINE_STAGES, "func.func @s0_B")
+    assert functions(out) == ["s0_F", "s1_F", "s1_B", "s0_B", "s0_update", "s1_update",
+                              "s1_F_accumulate", "s1_B_accumulate", "s0_B_accumulate", "main"]
     assert section(out, "func.func @s1_F") == ir(
         """
-        func.func @s1_F(%0: !torch.vtensor<[2,4],f32> {piperc.key = "v0"}, %1: !torch.vtensor<[4,4],f32> {piperc.key = "param:blocks.1.w"}) -> (!torch.vtensor<[],f32> {piperc.key = "loss"}, !torch.vtensor<[],f32> {piperc.key = "loss_share"}) attributes {par.stage = 1 : i64, par.pass = #par.pass<F>} {
+        func.func @s1_F(%0: !torch.vtensor<[2,4],f32> {piperc.key = "v0", par.layout = #par.sharding<[["dp"], []]>}, %1: !torch.vtensor<[4,4],f32> {piperc.key = "param:blocks.1.w", par.layout = #par.sharding<[[], []]>}) -> (!torch.vtensor<[],f32> {piperc.key = "loss", par.layout = #par.sharding<[], partial = ["dp"]>}, !torch.vtensor<[],f32> {piperc.key = "loss_share", par.layout = #par.sharding<[], partial = ["dp"]>}) {
           %h1 = "torch.aten.mm"(%0, %1) {piperc.origin = #par.origin<"blocks.1.lin", F>, par.stage = 1 : i64} : (!torch.vtensor<[2,4],f32>, !torch.vtensor<[4,4],f32>) -> !torch.vtensor<[2,4],f32>
           %none = "torch.constant.none"() {piperc.origin = #par.origin<"", F>, par.stage = 1 : i64} : () -> !torch.none
           %loss = "torch.aten.sum"(%h1, %none) {piperc.origin = #par.origin<"", F>, par.stage = 1 : i64} : (!torch.vtensor<[2,4],f32>, !torch.none) -> !torch.vtensor<[],f32>
@@ -369,19 +407,19 @@ def test_microbatch_scales_the_loss_and_adds_accumulate_functions():
           %3 = "torch.aten.mul.Scalar"(%loss, %2) : (!torch.vtensor<[],f32>, !torch.float) -> !torch.vtensor<[],f32>
           func.return %loss, %3 : !torch.vtensor<[],f32>, !torch.vtensor<[],f32>
         }
-        """
+    """
     )
     # The tangent argument is gone; full(size=[], 0.25, dtype=6 (f32), layout, device, pin_memory).
     assert section(out, "func.func @s1_B") == ir(
         """
-        func.func @s1_B(%0: !torch.vtensor<[2,4],f32> {piperc.key = "v0"}, %1: !torch.vtensor<[4,4],f32> {piperc.key = "param:blocks.1.w"}) -> (!torch.vtensor<[2,4],f32> {piperc.key = "v1"}, !torch.vtensor<[4,4],f32> {piperc.key = "grad:blocks.1.w"}) attributes {par.stage = 1 : i64, par.pass = #par.pass<B>, par.chunk = 0 : i64} {
-          %2 = "torch.constant.int"() <{value = 6 : i64}> : () -> !torch.int
-          %3 = "torch.prim.ListConstruct"() : () -> !torch.list<int>
-          %4 = "torch.constant.float"() <{value = 2.500000e-01 : f64}> : () -> !torch.float
+        func.func @s1_B(%0: !torch.vtensor<[2,4],f32> {piperc.key = "v0", par.layout = #par.sharding<[["dp"], []]>}, %1: !torch.vtensor<[4,4],f32> {piperc.key = "param:blocks.1.w", par.layout = #par.sharding<[[], []]>}) -> (!torch.vtensor<[2,4],f32> {piperc.key = "v1", par.layout = #par.sharding<[["dp"], []]>}, !torch.vtensor<[4,4],f32> {piperc.key = "grad:blocks.1.w", par.layout = #par.sharding<[[], []], partial = ["dp"]>}) {
+          %2 = "torch.prim.ListConstruct"() : () -> !torch.list<int>
+          %3 = "torch.constant.float"() <{value = 2.500000e-01 : f64}> : () -> !torch.float
+          %4 = "torch.constant.int"() <{value = 6 : i64}> : () -> !torch.int
           %5 = "torch.constant.none"() : () -> !torch.none
           %6 = "torch.constant.device"() <{value = "cpu"}> : () -> !torch.Device
           %7 = "torch.constant.none"() : () -> !torch.none
-          %8 = "torch.aten.full"(%3, %4, %2, %5, %6, %7) : (!torch.list<int>, !torch.float, !torch.int, !torch.none, !torch.Device, !torch.none) -> !torch.vtensor<[],f32>
+          %8 = "torch.aten.full"(%2, %3, %4, %5, %6, %7) : (!torch.list<int>, !torch.float, !torch.int, !torch.none, !torch.Device, !torch.none) -> !torch.vtensor<[],f32>
           %c2 = "torch.constant.int"() <{value = 2 : i64}> {piperc.origin = #par.origin<"", B>, par.stage = 1 : i64} : () -> !torch.int
           %c4 = "torch.constant.int"() <{value = 4 : i64}> {piperc.origin = #par.origin<"", B>, par.stage = 1 : i64} : () -> !torch.int
           %size = "torch.prim.ListConstruct"(%c2, %c4) {piperc.origin = #par.origin<"", B>, par.stage = 1 : i64} : (!torch.int, !torch.int) -> !torch.list<int>
@@ -393,25 +431,50 @@ def test_microbatch_scales_the_loss_and_adds_accumulate_functions():
           %g0 = "torch.aten.mm"(%g1, %w1t) {piperc.origin = #par.origin<"blocks.1.lin", B>, par.stage = 1 : i64} : (!torch.vtensor<[2,4],f32>, !torch.vtensor<[4,4],f32>) -> !torch.vtensor<[2,4],f32>
           func.return %g0, %dw1 : !torch.vtensor<[2,4],f32>, !torch.vtensor<[4,4],f32>
         }
-        """
+    """
     )
+    # The step sums the loss shares and each gradient over the microbatches right after
+    # the task that makes them, then reduces the sums over dp and updates; it returns the
+    # summed loss share as the loss.
+    assert section(out, "func.func @main") == ir(
+        """
+        func.func @main(%w0: !torch.vtensor<[4,4],f32> {piperc.param = "blocks.0.w", par.layout = #par.sharding<[[], []]>}, %w1: !torch.vtensor<[4,4],f32> {piperc.param = "blocks.1.w", par.layout = #par.sharding<[[], []]>}, %x: !torch.vtensor<[2,4],f32> {piperc.input = #builtin.int<0>, par.layout = #par.sharding<[["dp"], []]>}) -> (!torch.vtensor<[],f32> {piperc.loss, par.layout = #par.sharding<[], partial = ["dp"]>}, !torch.vtensor<[4,4],f32> {piperc.param = "blocks.0.w", par.layout = #par.sharding<[[], []]>}, !torch.vtensor<[4,4],f32> {piperc.param = "blocks.1.w", par.layout = #par.sharding<[[], []]>}) {
+          %h0 = par.task @s0_F stage 0 pass F (%x, %w0) : (!torch.vtensor<[2,4],f32>, !torch.vtensor<[4,4],f32>) -> !torch.vtensor<[2,4],f32>
+          %loss, %0 = par.task @s1_F stage 1 pass F (%h0, %w1) : (!torch.vtensor<[2,4],f32>, !torch.vtensor<[4,4],f32>) -> (!torch.vtensor<[],f32>, !torch.vtensor<[],f32>)
+          %1 = par.accumulate @s1_F_accumulate stage 1 (%0) : !torch.vtensor<[],f32>
+          %g0, %dw1 = par.task @s1_B stage 1 pass B (%h0, %w1) : (!torch.vtensor<[2,4],f32>, !torch.vtensor<[4,4],f32>) -> (!torch.vtensor<[2,4],f32>, !torch.vtensor<[4,4],f32>)
+          %dw1_1 = par.accumulate @s1_B_accumulate stage 1 (%dw1) : !torch.vtensor<[4,4],f32>
+          %dw0 = par.task @s0_B stage 0 pass B (%x, %g0) : (!torch.vtensor<[2,4],f32>, !torch.vtensor<[2,4],f32>) -> !torch.vtensor<[4,4],f32>
+          %dw0_1 = par.accumulate @s0_B_accumulate stage 0 (%dw0) : !torch.vtensor<[4,4],f32>
+          %2 = par.all_reduce_bucket 0 stage 0 (%dw0_1) over @mesh ["dp"] stages [0] : !torch.vtensor<[4,4],f32>
+          %3 = par.task @s0_update stage 0 pass update (%w0, %2) : (!torch.vtensor<[4,4],f32>, !torch.vtensor<[4,4],f32>) -> !torch.vtensor<[4,4],f32>
+          %4 = par.all_reduce_bucket 0 stage 1 (%dw1_1) over @mesh ["dp"] stages [1] : !torch.vtensor<[4,4],f32>
+          %5 = par.task @s1_update stage 1 pass update (%w1, %4) : (!torch.vtensor<[4,4],f32>, !torch.vtensor<[4,4],f32>) -> !torch.vtensor<[4,4],f32>
+          func.return %1, %3, %5 : !torch.vtensor<[],f32>, !torch.vtensor<[4,4],f32>, !torch.vtensor<[4,4],f32>
+        }
+    """
+    )
+
+
+def test_microbatch_combiners_carry_the_layout_of_what_they_sum():
+    out = run(MICROBATCHED_DP)
     assert section(out, "func.func @s1_B_accumulate") == ir(
         """
-        func.func @s1_B_accumulate(%0: !torch.vtensor<[4,4],f32> {piperc.key = "grad:blocks.1.w"}, %1: !torch.vtensor<[4,4],f32> {piperc.key = "grad:blocks.1.w"}) -> (!torch.vtensor<[4,4],f32> {piperc.key = "grad:blocks.1.w"}) attributes {par.stage = 1 : i64} {
+        func.func @s1_B_accumulate(%0: !torch.vtensor<[4,4],f32> {piperc.key = "grad:blocks.1.w", par.layout = #par.sharding<[[], []], partial = ["dp"]>}, %1: !torch.vtensor<[4,4],f32> {piperc.key = "grad:blocks.1.w", par.layout = #par.sharding<[[], []], partial = ["dp"]>}) -> (!torch.vtensor<[4,4],f32> {piperc.key = "grad:blocks.1.w", par.layout = #par.sharding<[[], []], partial = ["dp"]>}) {
           %2 = "torch.constant.float"() <{value = 1.000000e+00 : f64}> : () -> !torch.float
           %3 = "torch.aten.add.Tensor"(%0, %1, %2) : (!torch.vtensor<[4,4],f32>, !torch.vtensor<[4,4],f32>, !torch.float) -> !torch.vtensor<[4,4],f32>
           func.return %3 : !torch.vtensor<[4,4],f32>
         }
-        """
+    """
     )
-    assert section(out, "func.func @s1_accumulate_loss") == ir(
+    assert section(out, "func.func @s1_F_accumulate") == ir(
         """
-        func.func @s1_accumulate_loss(%0: !torch.vtensor<[],f32> {piperc.key = "loss_share"}, %1: !torch.vtensor<[],f32> {piperc.key = "loss_share"}) -> (!torch.vtensor<[],f32> {piperc.key = "loss_share"}) attributes {par.stage = 1 : i64} {
+        func.func @s1_F_accumulate(%0: !torch.vtensor<[],f32> {piperc.key = "loss_share", par.layout = #par.sharding<[], partial = ["dp"]>}, %1: !torch.vtensor<[],f32> {piperc.key = "loss_share", par.layout = #par.sharding<[], partial = ["dp"]>}) -> (!torch.vtensor<[],f32> {piperc.key = "loss_share", par.layout = #par.sharding<[], partial = ["dp"]>}) {
           %2 = "torch.constant.float"() <{value = 1.000000e+00 : f64}> : () -> !torch.float
           %3 = "torch.aten.add.Tensor"(%0, %1, %2) : (!torch.vtensor<[],f32>, !torch.vtensor<[],f32>, !torch.float) -> !torch.vtensor<[],f32>
           func.return %3 : !torch.vtensor<[],f32>
         }
-        """
+    """
     )
 
 
@@ -460,151 +523,91 @@ def test_schedule_writes_one_row_of_actions_per_device(options, schedule):
     assert section(out, "par.schedule @schedule") == ir(schedule)
 
 
-# ---------------------------------------------------------------- lower-to-exec
+# ---------------------------------------------------------------- expand-schedule
+
+PIPELINED_DP = ('mesh{shape="pp=2,dp=2"},pipeline-split{stages=2 split-at="blocks.1"},outline-stages,'
+                'optimizer{lr=0.1},data-parallel,microbatch{count=2}')
+
+# Device 0 under both schedules: each forward's send follows its task; the receive of
+# g0 mb0 is issued with the send of h0 mb1 as one batch (they cross between the
+# devices); the combiner sums the gradients from the second microbatch on; the bucket,
+# the update and the store follow.
+DEVICE0_PROGRAM = ir(
+    """
+    par.program @device0 device 0 {
+      %0 = par.input 0 microbatch 0 layout #par.sharding<[["dp"], []]> : !torch.vtensor<[2,4],f32>
+      %w0 = par.state "blocks.0.w" layout #par.sharding<[[], []]> : !torch.vtensor<[4,4],f32>
+      %h0 = par.task @s0_F stage 0 pass F microbatch 0 (%0, %w0) : (!torch.vtensor<[2,4],f32>, !torch.vtensor<[4,4],f32>) -> !torch.vtensor<[2,4],f32>
+      par.send %h0 to 1 "h0 mb0" batch 0 : !torch.vtensor<[2,4],f32>
+      %1 = par.input 0 microbatch 1 layout #par.sharding<[["dp"], []]> : !torch.vtensor<[2,4],f32>
+      %h0_1 = par.task @s0_F stage 0 pass F microbatch 1 (%1, %w0) : (!torch.vtensor<[2,4],f32>, !torch.vtensor<[4,4],f32>) -> !torch.vtensor<[2,4],f32>
+      par.send %h0_1 to 1 "h0 mb1" batch 1 : !torch.vtensor<[2,4],f32>
+      %g0 = par.recv from 1 "g0 mb0" batch 1 : !torch.vtensor<[2,4],f32>
+      %dw0 = par.task @s0_B stage 0 pass B microbatch 0 (%0, %g0) : (!torch.vtensor<[2,4],f32>, !torch.vtensor<[2,4],f32>) -> !torch.vtensor<[4,4],f32>
+      %g0_1 = par.recv from 1 "g0 mb1" batch 2 : !torch.vtensor<[2,4],f32>
+      %dw0_1 = par.task @s0_B stage 0 pass B microbatch 1 (%1, %g0_1) : (!torch.vtensor<[2,4],f32>, !torch.vtensor<[2,4],f32>) -> !torch.vtensor<[4,4],f32>
+      %dw0_2 = par.task @s0_B_accumulate stage 0 pass B microbatch 1 (%dw0, %dw0_1) : (!torch.vtensor<[4,4],f32>, !torch.vtensor<[4,4],f32>) -> !torch.vtensor<[4,4],f32>
+      %2 = par.all_reduce_bucket 0 stage 0 (%dw0_2) over @mesh ["dp"] stages [0] : !torch.vtensor<[4,4],f32>
+      %3 = par.task @s0_update stage 0 pass update (%w0, %2) : (!torch.vtensor<[4,4],f32>, !torch.vtensor<[4,4],f32>) -> !torch.vtensor<[4,4],f32>
+      par.set_state "blocks.0.w", %3 : !torch.vtensor<[4,4],f32>
+    }
+"""
+)
 
 
-def test_lower_to_exec_writes_a_program_per_rank_with_sends_and_receives():
-    # Two stages, two microbatches, GPipe. Tags: v0 to stage 1 is message 0, v1 to stage 0
-    # is message 1; tag = message * 2 + microbatch.
-    out = run(MICROBATCHED + ',schedule{kind="gpipe"},lower-to-exec')
-    assert header(out) == ('builtin.module attributes {par.num_stages = 2 : i64, par.microbatches = 2 : i64, '
-                           'par.replicas = 1 : i64, exec.device = "cpu"} {')
-    assert "\n  exec.process_group @pp_0 ranks [0, 1]\n  exec.program @rank0 " in out
-    assert out.count("exec.process_group") == 1
-    assert section(out, "exec.program @rank0") == ir(
+def test_expand_schedule_gpipe():
+    out = run(PIPELINED_DP + ',schedule{kind="gpipe"},expand-schedule')
+    assert section(out, "par.program @device0") == DEVICE0_PROGRAM
+    # Device 1 receives in the order device 0 sends, runs both forwards, reports the
+    # summed loss share, then sends the gradients in the order device 0 receives them.
+    assert section(out, "par.program @device1") == ir(
         """
-        exec.program @rank0 rank 0 world 2 {
-          %0 = exec.stream "compute"
-          %1 = exec.stream "comm"
-          %2 = exec.load_input "0" microbatch 0 : !torch.vtensor<[2,4],f32>
-          %3 = exec.state "blocks.0.w" : !torch.vtensor<[4,4],f32>
-          %4 = exec.launch @s0_F(%2, %3) on %0 stage 0 pass "F" microbatch 0 : (!torch.vtensor<[2,4],f32>, !torch.vtensor<[4,4],f32>) -> !torch.vtensor<[2,4],f32>
-          exec.free %2 : !torch.vtensor<[2,4],f32>
-          %5 = exec.event_record %0
-          exec.event_wait %1, %5
-          %6 = exec.send %4 to 1 group @pp_0 tag 0 on %1 : !torch.vtensor<[2,4],f32>
-          exec.free %4 : !torch.vtensor<[2,4],f32>
-          %7 = exec.load_input "0" microbatch 1 : !torch.vtensor<[2,4],f32>
-          %8 = exec.launch @s0_F(%7, %3) on %0 stage 0 pass "F" microbatch 1 : (!torch.vtensor<[2,4],f32>, !torch.vtensor<[4,4],f32>) -> !torch.vtensor<[2,4],f32>
-          exec.free %7 : !torch.vtensor<[2,4],f32>
-          %9 = exec.event_record %0
-          exec.event_wait %1, %9
-          %10 = exec.send %8 to 1 group @pp_0 tag 1 on %1 : !torch.vtensor<[2,4],f32>
-          exec.free %8 : !torch.vtensor<[2,4],f32>
-          %11 = exec.load_input "0" microbatch 0 : !torch.vtensor<[2,4],f32>
-          %12, %13 = exec.recv from 1 group @pp_0 tag 2 on %1 : !torch.vtensor<[2,4],f32>
-          exec.wait %12
-          %14 = exec.launch @s0_B(%11, %13) on %0 stage 0 pass "B" microbatch 0 : (!torch.vtensor<[2,4],f32>, !torch.vtensor<[2,4],f32>) -> !torch.vtensor<[4,4],f32>
-          exec.free %11, %13 : !torch.vtensor<[2,4],f32>, !torch.vtensor<[2,4],f32>
-          %15 = exec.load_input "0" microbatch 1 : !torch.vtensor<[2,4],f32>
-          %16, %17 = exec.recv from 1 group @pp_0 tag 3 on %1 : !torch.vtensor<[2,4],f32>
-          exec.wait %16
-          %18 = exec.launch @s0_B(%15, %17) on %0 stage 0 pass "B" microbatch 1 : (!torch.vtensor<[2,4],f32>, !torch.vtensor<[2,4],f32>) -> !torch.vtensor<[4,4],f32>
-          exec.free %15, %17 : !torch.vtensor<[2,4],f32>, !torch.vtensor<[2,4],f32>
-          %19 = exec.launch @s0_B_accumulate(%14, %18) on %0 stage 0 pass "B" microbatch 1 : (!torch.vtensor<[4,4],f32>, !torch.vtensor<[4,4],f32>) -> !torch.vtensor<[4,4],f32>
-          exec.free %14, %18 : !torch.vtensor<[4,4],f32>, !torch.vtensor<[4,4],f32>
-          %20 = exec.launch @s0_update(%3, %19) on %0 stage 0 pass "update" : (!torch.vtensor<[4,4],f32>, !torch.vtensor<[4,4],f32>) -> !torch.vtensor<[4,4],f32>
-          exec.free %3, %19 : !torch.vtensor<[4,4],f32>, !torch.vtensor<[4,4],f32>
-          exec.set_state "blocks.0.w", %20 : !torch.vtensor<[4,4],f32>
-          exec.free %20 : !torch.vtensor<[4,4],f32>
-          exec.wait %6, %10
+        par.program @device1 device 1 {
+          %h0 = par.recv from 0 "h0 mb0" batch 0 : !torch.vtensor<[2,4],f32>
+          %w1 = par.state "blocks.1.w" layout #par.sharding<[[], []]> : !torch.vtensor<[4,4],f32>
+          %loss, %0 = par.task @s1_F stage 1 pass F microbatch 0 (%h0, %w1) : (!torch.vtensor<[2,4],f32>, !torch.vtensor<[4,4],f32>) -> (!torch.vtensor<[],f32>, !torch.vtensor<[],f32>)
+          %h0_1 = par.recv from 0 "h0 mb1" batch 1 : !torch.vtensor<[2,4],f32>
+          %loss_1, %1 = par.task @s1_F stage 1 pass F microbatch 1 (%h0_1, %w1) : (!torch.vtensor<[2,4],f32>, !torch.vtensor<[4,4],f32>) -> (!torch.vtensor<[],f32>, !torch.vtensor<[],f32>)
+          %2 = par.task @s1_F_accumulate stage 1 pass F microbatch 1 (%0, %1) : (!torch.vtensor<[],f32>, !torch.vtensor<[],f32>) -> !torch.vtensor<[],f32>
+          par.output "loss", %2 : !torch.vtensor<[],f32>
+          %g0, %dw1 = par.task @s1_B stage 1 pass B microbatch 0 (%h0, %w1) : (!torch.vtensor<[2,4],f32>, !torch.vtensor<[4,4],f32>) -> (!torch.vtensor<[2,4],f32>, !torch.vtensor<[4,4],f32>)
+          par.send %g0 to 0 "g0 mb0" batch 2 : !torch.vtensor<[2,4],f32>
+          %g0_1, %dw1_1 = par.task @s1_B stage 1 pass B microbatch 1 (%h0_1, %w1) : (!torch.vtensor<[2,4],f32>, !torch.vtensor<[4,4],f32>) -> (!torch.vtensor<[2,4],f32>, !torch.vtensor<[4,4],f32>)
+          par.send %g0_1 to 0 "g0 mb1" batch 3 : !torch.vtensor<[2,4],f32>
+          %dw1_2 = par.task @s1_B_accumulate stage 1 pass B microbatch 1 (%dw1, %dw1_1) : (!torch.vtensor<[4,4],f32>, !torch.vtensor<[4,4],f32>) -> !torch.vtensor<[4,4],f32>
+          %3 = par.all_reduce_bucket 0 stage 1 (%dw1_2) over @mesh ["dp"] stages [1] : !torch.vtensor<[4,4],f32>
+          %4 = par.task @s1_update stage 1 pass update (%w1, %3) : (!torch.vtensor<[4,4],f32>, !torch.vtensor<[4,4],f32>) -> !torch.vtensor<[4,4],f32>
+          par.set_state "blocks.1.w", %4 : !torch.vtensor<[4,4],f32>
         }
-        """
-    )
-    # Stage 1 keeps the activation it received for its backward, sums the loss shares
-    # and reports the loss.
-    assert section(out, "exec.program @rank1") == ir(
-        """
-        exec.program @rank1 rank 1 world 2 {
-          %0 = exec.stream "compute"
-          %1 = exec.stream "comm"
-          %2, %3 = exec.recv from 0 group @pp_0 tag 0 on %1 : !torch.vtensor<[2,4],f32>
-          exec.wait %2
-          %4 = exec.state "blocks.1.w" : !torch.vtensor<[4,4],f32>
-          %5, %6 = exec.launch @s1_F(%3, %4) on %0 stage 1 pass "F" microbatch 0 : (!torch.vtensor<[2,4],f32>, !torch.vtensor<[4,4],f32>) -> (!torch.vtensor<[],f32>, !torch.vtensor<[],f32>)
-          exec.free %5 : !torch.vtensor<[],f32>
-          %7, %8 = exec.recv from 0 group @pp_0 tag 1 on %1 : !torch.vtensor<[2,4],f32>
-          exec.wait %7
-          %9, %10 = exec.launch @s1_F(%8, %4) on %0 stage 1 pass "F" microbatch 1 : (!torch.vtensor<[2,4],f32>, !torch.vtensor<[4,4],f32>) -> (!torch.vtensor<[],f32>, !torch.vtensor<[],f32>)
-          exec.free %9 : !torch.vtensor<[],f32>
-          %11 = exec.launch @s1_accumulate_loss(%6, %10) on %0 stage 1 pass "F" microbatch 1 : (!torch.vtensor<[],f32>, !torch.vtensor<[],f32>) -> !torch.vtensor<[],f32>
-          exec.free %6, %10 : !torch.vtensor<[],f32>, !torch.vtensor<[],f32>
-          %12, %13 = exec.launch @s1_B(%3, %4) on %0 stage 1 pass "B" microbatch 0 : (!torch.vtensor<[2,4],f32>, !torch.vtensor<[4,4],f32>) -> (!torch.vtensor<[2,4],f32>, !torch.vtensor<[4,4],f32>)
-          exec.free %3 : !torch.vtensor<[2,4],f32>
-          %14 = exec.event_record %0
-          exec.event_wait %1, %14
-          %15 = exec.send %12 to 0 group @pp_0 tag 2 on %1 : !torch.vtensor<[2,4],f32>
-          exec.free %12 : !torch.vtensor<[2,4],f32>
-          %16, %17 = exec.launch @s1_B(%8, %4) on %0 stage 1 pass "B" microbatch 1 : (!torch.vtensor<[2,4],f32>, !torch.vtensor<[4,4],f32>) -> (!torch.vtensor<[2,4],f32>, !torch.vtensor<[4,4],f32>)
-          exec.free %8 : !torch.vtensor<[2,4],f32>
-          %18 = exec.event_record %0
-          exec.event_wait %1, %18
-          %19 = exec.send %16 to 0 group @pp_0 tag 3 on %1 : !torch.vtensor<[2,4],f32>
-          exec.free %16 : !torch.vtensor<[2,4],f32>
-          %20 = exec.launch @s1_B_accumulate(%13, %17) on %0 stage 1 pass "B" microbatch 1 : (!torch.vtensor<[4,4],f32>, !torch.vtensor<[4,4],f32>) -> !torch.vtensor<[4,4],f32>
-          exec.free %13, %17 : !torch.vtensor<[4,4],f32>, !torch.vtensor<[4,4],f32>
-          %21 = exec.launch @s1_update(%4, %20) on %0 stage 1 pass "update" : (!torch.vtensor<[4,4],f32>, !torch.vtensor<[4,4],f32>) -> !torch.vtensor<[4,4],f32>
-          exec.free %4, %20 : !torch.vtensor<[4,4],f32>, !torch.vtensor<[4,4],f32>
-          exec.set_state "blocks.1.w", %21 : !torch.vtensor<[4,4],f32>
-          exec.free %21 : !torch.vtensor<[4,4],f32>
-          exec.output "loss", %11 : !torch.vtensor<[],f32>
-          exec.free %11 : !torch.vtensor<[],f32>
-          exec.wait %15, %19
-        }
-        """
+    """
     )
 
 
-def test_lower_to_exec_reduces_each_bucket_as_soon_as_its_backward_chunk_has_run():
-    # One stage on two data-parallel ranks; the backward has two chunks (s0_B0: blocks.1,
-    # s0_B1: blocks.0) and each gradient has its own bucket, so blocks.1.w is reduced
-    # while s0_B1 still computes.
-    out = run('mesh{shape="pp=1,dp=2"},pipeline-split,outline-stages,optimizer{lr=0.1},'
-              'data-parallel{axis="dp" bucket-mb=0.0001},microbatch{replicas=2},'
-              'schedule{kind="gpipe"},lower-to-exec')
-    # One stage sends nothing, so only the gradient group is declared.
-    assert re.findall(r"^  exec\.process_group .*$", out, re.MULTILINE) == [
-        "  exec.process_group @grad_0 ranks [0, 1]",
-    ]
-    assert "par.all_reduce" not in out
-    assert section(out, "exec.program @rank0") == ir(
+def test_expand_schedule_1f1b():
+    out = run(PIPELINED_DP + ',schedule{kind="1f1b"},expand-schedule')
+    assert section(out, "par.program @device0") == DEVICE0_PROGRAM
+    # Device 1 alternates: the send of g0 mb0 and the receive of h0 mb1 are one batch.
+    assert section(out, "par.program @device1") == ir(
         """
-        exec.program @rank0 rank 0 world 2 {
-          %0 = exec.stream "compute"
-          %1 = exec.stream "comm"
-          %2 = exec.load_input "0" microbatch 0 : !torch.vtensor<[2,4],f32>
-          %3 = exec.state "blocks.0.w" : !torch.vtensor<[4,4],f32>
-          %4 = exec.state "blocks.1.w" : !torch.vtensor<[4,4],f32>
-          %5, %6, %7 = exec.launch @s0_F(%2, %3, %4) on %0 stage 0 pass "F" microbatch 0 : (!torch.vtensor<[2,4],f32>, !torch.vtensor<[4,4],f32>, !torch.vtensor<[4,4],f32>) -> (!torch.vtensor<[2,4],f32>, !torch.vtensor<[],f32>, !torch.vtensor<[],f32>)
-          exec.free %2, %6 : !torch.vtensor<[2,4],f32>, !torch.vtensor<[],f32>
-          %8, %9 = exec.launch @s0_B0(%5, %4) on %0 stage 0 pass "B" microbatch 0 : (!torch.vtensor<[2,4],f32>, !torch.vtensor<[4,4],f32>) -> (!torch.vtensor<[2,4],f32>, !torch.vtensor<[4,4],f32>)
-          exec.free %5 : !torch.vtensor<[2,4],f32>
-          %10 = exec.event_record %0
-          exec.event_wait %1, %10
-          %11, %12 = exec.all_reduce %9 group @grad_0 sum on %1 : !torch.vtensor<[4,4],f32>
-          exec.free %9 : !torch.vtensor<[4,4],f32>
-          %13 = exec.load_input "0" microbatch 0 : !torch.vtensor<[2,4],f32>
-          %14 = exec.launch @s0_B1(%13, %8) on %0 stage 0 pass "B" microbatch 0 : (!torch.vtensor<[2,4],f32>, !torch.vtensor<[2,4],f32>) -> !torch.vtensor<[4,4],f32>
-          exec.free %8, %13 : !torch.vtensor<[2,4],f32>, !torch.vtensor<[2,4],f32>
-          %15 = exec.event_record %0
-          exec.event_wait %1, %15
-          %16, %17 = exec.all_reduce %14 group @grad_0 sum on %1 : !torch.vtensor<[4,4],f32>
-          exec.free %14 : !torch.vtensor<[4,4],f32>
-          exec.wait %11, %16
-          %18, %19 = exec.launch @s0_update(%3, %17, %4, %12) on %0 stage 0 pass "update" : (!torch.vtensor<[4,4],f32>, !torch.vtensor<[4,4],f32>, !torch.vtensor<[4,4],f32>, !torch.vtensor<[4,4],f32>) -> (!torch.vtensor<[4,4],f32>, !torch.vtensor<[4,4],f32>)
-          exec.free %3, %4, %12, %17 : !torch.vtensor<[4,4],f32>, !torch.vtensor<[4,4],f32>, !torch.vtensor<[4,4],f32>, !torch.vtensor<[4,4],f32>
-          exec.set_state "blocks.0.w", %18 : !torch.vtensor<[4,4],f32>
-          exec.free %18 : !torch.vtensor<[4,4],f32>
-          exec.set_state "blocks.1.w", %19 : !torch.vtensor<[4,4],f32>
-          exec.free %19 : !torch.vtensor<[4,4],f32>
-          exec.output "loss", %7 : !torch.vtensor<[],f32>
-          exec.free %7 : !torch.vtensor<[],f32>
+        par.program @device1 device 1 {
+          %h0 = par.recv from 0 "h0 mb0" batch 0 : !torch.vtensor<[2,4],f32>
+          %w1 = par.state "blocks.1.w" layout #par.sharding<[[], []]> : !torch.vtensor<[4,4],f32>
+          %loss, %0 = par.task @s1_F stage 1 pass F microbatch 0 (%h0, %w1) : (!torch.vtensor<[2,4],f32>, !torch.vtensor<[4,4],f32>) -> (!torch.vtensor<[],f32>, !torch.vtensor<[],f32>)
+          %g0, %dw1 = par.task @s1_B stage 1 pass B microbatch 0 (%h0, %w1) : (!torch.vtensor<[2,4],f32>, !torch.vtensor<[4,4],f32>) -> (!torch.vtensor<[2,4],f32>, !torch.vtensor<[4,4],f32>)
+          par.send %g0 to 0 "g0 mb0" batch 1 : !torch.vtensor<[2,4],f32>
+          %h0_1 = par.recv from 0 "h0 mb1" batch 1 : !torch.vtensor<[2,4],f32>
+          %loss_1, %1 = par.task @s1_F stage 1 pass F microbatch 1 (%h0_1, %w1) : (!torch.vtensor<[2,4],f32>, !torch.vtensor<[4,4],f32>) -> (!torch.vtensor<[],f32>, !torch.vtensor<[],f32>)
+          %2 = par.task @s1_F_accumulate stage 1 pass F microbatch 1 (%0, %1) : (!torch.vtensor<[],f32>, !torch.vtensor<[],f32>) -> !torch.vtensor<[],f32>
+          par.output "loss", %2 : !torch.vtensor<[],f32>
+          %g0_1, %dw1_1 = par.task @s1_B stage 1 pass B microbatch 1 (%h0_1, %w1) : (!torch.vtensor<[2,4],f32>, !torch.vtensor<[4,4],f32>) -> (!torch.vtensor<[2,4],f32>, !torch.vtensor<[4,4],f32>)
+          par.send %g0_1 to 0 "g0 mb1" batch 2 : !torch.vtensor<[2,4],f32>
+          %dw1_2 = par.task @s1_B_accumulate stage 1 pass B microbatch 1 (%dw1, %dw1_1) : (!torch.vtensor<[4,4],f32>, !torch.vtensor<[4,4],f32>) -> !torch.vtensor<[4,4],f32>
+          %3 = par.all_reduce_bucket 0 stage 1 (%dw1_2) over @mesh ["dp"] stages [1] : !torch.vtensor<[4,4],f32>
+          %4 = par.task @s1_update stage 1 pass update (%w1, %3) : (!torch.vtensor<[4,4],f32>, !torch.vtensor<[4,4],f32>) -> !torch.vtensor<[4,4],f32>
+          par.set_state "blocks.1.w", %4 : !torch.vtensor<[4,4],f32>
         }
-        """
+    """
     )
-    # The other replica runs the same program.
-    assert section(out, "exec.program @rank1") == section(out, "exec.program @rank0").replace(
-        "@rank0 rank 0", "@rank1 rank 1")
 
 
 # ---------------------------------------------------------------- errors
@@ -639,14 +642,19 @@ def test_lower_to_exec_reduces_each_bucket_as_soon_as_its_backward_chunk_has_run
         (MICROBATCHED + ',schedule{table="0F0 0B0 0F1 0B1;1F0 1F1 1B0 1B1"}',
          "schedule: schedule 'user': deadlock: device 0 waits at 0B0 for 1B0 on device 1; "
          "device 1 waits at 1F1 for 0F1 on device 0"),
+        (MICROBATCHED + ',schedule{table="0F0 0F1 0B0;1F0 1B0 1F1 1B1"},expand-schedule',
+         "schedule: schedule 'user': action 0B1 is missing (stage 0 runs on device 0)"),
+        (MICROBATCHED + ',schedule{table="0F0 0B0 0F1 0B1;1B0 1F0 1F1 1B1"},expand-schedule',
+         "schedule: schedule 'user': 1B0 runs before 1F0 on device 1, but needs its result; move 1B0 after 1F0"),
+        (MICROBATCHED + ',schedule{table="0F0 0F1 0B0 0W0 0B1 0W1;1F0 1B0 1W0 1F1 1B1 1W1"},expand-schedule',
+         "expand-schedule: schedule action 0W0 on device 0 runs nothing: stage 0 has no W task "
+         "(the backward is not split into B and W)"),
         (MICROBATCHED + ',schedule{kind="zb"}', "schedule: unknown schedule 'zb' (known: 1f1b, gpipe)"),
         (MICROBATCHED + ',schedule{axis="dp"}', "schedule: axis 'dp' is not in the mesh ['pp']"),
         (MICROBATCHED.replace("pp=2", "pp=1") + ",schedule",
          "schedule: 2 stages on a 'pp' axis of size 1; piperc runs one stage per device"),
         (MICROBATCHED + ',schedule,lower-to-exec{device="tpu"}',
          "lower-to-exec: device must be cpu or cuda, got 'tpu'"),
-        (MICROBATCHED.replace("pp=2", "pp=2,tp=2") + ",schedule,lower-to-exec",
-         "mesh axis 'tp' is used by no directive"),
     ],
 )
 def test_pass_rejects(pipeline, message):
@@ -663,9 +671,10 @@ def test_strategy_passes_are_registered():
     assert {p.name for p in STRATEGY_PASSES} <= set(PASSES)
     passes = parse_pipeline(
         'mesh{shape="pp=2"},pipeline-split{stages=2 split-at="blocks.1"},outline-stages,'
-        'optimizer,data-parallel,microbatch,schedule,lower-to-exec')
+        'optimizer,data-parallel,microbatch,schedule,expand-schedule,lower-to-exec')
     assert [type(p) for p in passes] == [MeshPass, PipelineSplitPass, OutlineStagesPass, OptimizerPass,
-                                         DataParallelPass, MicrobatchPass, SchedulePass, LowerToExecPass]
+                                         DataParallelPass, MicrobatchPass, SchedulePass, ExpandSchedulePass,
+                                         LowerToExecPass]
 
 
 def test_optimizer_requires_outline_stages():
@@ -678,7 +687,7 @@ def test_optimizer_requires_outline_stages():
     "pipeline, missing",
     [
         ("microbatch", "pipeline-split"),
-        ('mesh{shape="dp=2"},data-parallel', "pipeline-split"),
+        ('mesh{shape="dp=2"},data-parallel', "optimizer"),
         ('mesh{shape="pp=2"},schedule', "pipeline-split"),
         (OUTLINED + ",optimizer,schedule", "microbatch"),
     ],

@@ -161,6 +161,19 @@ def test_every_communication_gives_the_expected_values(tmp_path):
     assert torch.equal(result.state_dict["w"], torch.ones(3))
 
 
+def test_batched_p2p_record_stream_and_live_bytes(tmp_path):
+    x = torch.arange(8.0).reshape(2, 4)
+    result = launch_dir(program_dir(tmp_path, "exchange", {"w": torch.ones(1)}), [(x,), (x,)])
+    assert result.losses == [x.sum().item()] * 2
+    # Per rank: a 4x16 and a 16-element f32 tensor made, and the peer's two received.
+    assert result.peak_live_bytes == [640, 640]
+
+
+def test_training_reports_the_peak_of_live_activation_bytes(tmp_path, batches):
+    result = launch_dir(program_dir(tmp_path, "mlp_dp2"), batches)
+    assert len(result.peak_live_bytes) == 2 and all(p > 0 for p in result.peak_live_bytes)
+
+
 @pytest.mark.parametrize(
     "name",
     [
@@ -191,7 +204,10 @@ def test_a_killed_rank_fails_the_launch_and_no_worker_survives(tmp_path, batches
     assert time.monotonic() - start < 60
     assert sorted(info.value.ranks) == [0, 1]
     assert "terminated" not in str(info.value)
-    assert "rank 0: recv from rank 1 (tag 2, group pp_0) failed" in str(info.value)
+    assert (
+        "rank 0: batch of 1 send(s) and 1 recv(s) with ranks [1] (group pp_0) failed"
+        in str(info.value)
+    )
     assert workers_alive(directory) == []
 
 
@@ -318,8 +334,8 @@ def make_runtime(dp_index: int) -> Runtime:
         timeout=1.0,
         input_names=["x", "target"],
         readable_inputs=[0],
-        dp_size=2,
-        dp_index=dp_index,
+        mesh={"dp": 2},
+        input_layouts=[(("dp",), ()), (("dp",), ())],
         microbatches=2,
         state={"w": torch.zeros(3)},
     )
@@ -338,7 +354,7 @@ def test_input_is_the_microbatch_of_this_ranks_dp_shard():
         rt.input(1, 0)
     rt._begin_step((x[:6], x))
     with pytest.raises(
-        RuntimeError, match=r"6 rows along dim 0, which do not split into 2 replica\(s\) x microbatches 2"
+        RuntimeError, match=r"input 0 \(x\) has 3 rows on this rank, which do not split into 2 microbatches"
     ):
         rt.input(0, 0)
 

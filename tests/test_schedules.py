@@ -182,6 +182,13 @@ ERRORS = [
         "schedule 'bad': deadlock: device 0 waits at 0B0 for 1B0 on device 1; "
         "device 1 waits at 1F1 for 0F1 on device 0",
     ),
+    (
+        "messages received in another order than sent",
+        "device 0: 0F0 0F1 0B0 0B1\ndevice 1: 1F1 1F0 1B0 1B1",
+        "schedule 'bad': device 0's message #0 to device 1 is act 0F0 -> 1F0, but device 1's "
+        "message #0 from device 0 is act 0F1 -> 1F1; transfers between two devices match in "
+        "issue order: receive them on device 1 in the order device 0 sends them",
+    ),
 ]
 
 
@@ -191,6 +198,13 @@ def test_validate_names_the_offending_action(table, expected):
     with pytest.raises(ScheduleError) as error:
         validate(schedule)
     assert expected in str(error.value)
+
+
+@pytest.mark.parametrize("kind", ["gpipe", "1f1b"])
+@pytest.mark.parametrize("stages", [2, 4])
+@pytest.mark.parametrize("microbatches", [1, 4, 8])
+def test_builtin_schedules_issue_messages_in_one_order_on_both_sides(kind, stages, microbatches):
+    validate(builtin(kind, stages, microbatches))
 
 
 def test_stage_out_of_range():

@@ -33,7 +33,7 @@ def step(rt):
     w6, rs2 = rt.reduce_scatter(mine, group="dp_0", dim=2, op="avg", stream=comm)
     w7, a2a = rt.all_to_all(mine, group="dp_0", split_dim=2, concat_dim=1, stream=comm)
     w8, b = rt.broadcast(mine, group="world", src=1, stream=comm)
-    rt.wait(w0, w1, w2, w3, w4, w5, w6, w7, w8)
+    rt.wait(w0, w1, w2, w3, w4, w5, w6, w7, w8, stream=comm)
     check("all_reduce sum", s, total)
     check("all_reduce sum, second tensor of the bucket", s0, total[0])
     check("all_reduce avg", a, total / 2)
@@ -45,17 +45,17 @@ def step(rt):
     check("all_to_all split 2 concat 1", a2a, torch.cat([x.chunk(2, 2)[rt.rank] for x in t], 1))
     check("broadcast from rank 1", b, t[1])
     check("inputs of collectives are left unchanged", mine, contribution(rt.rank))
-    # Tags pair each send with its receive whatever order the receives are posted in.
+    # Transfers between two ranks match in issue order (NCCL has no tags).
     if rt.rank == 0:
         w9 = rt.send(mine, dst=1, group="dp_0", tag=5, stream=comm)
         w10 = rt.send(aten.mul.Scalar(mine, 10), dst=1, group="dp_0", tag=6, stream=comm)
-        rt.wait(w9, w10)
+        rt.wait(w9, w10, stream=comm)
     else:
-        w9, r6 = rt.recv((2, 3, 4), torch.float32, src=0, group="dp_0", tag=6, stream=comm)
-        w10, r5 = rt.recv((2, 3, 4), torch.float32, src=0, group="dp_0", tag=5, stream=comm)
-        rt.wait(w9, w10)
-        check("recv tag 5", r5, t[0])
-        check("recv tag 6", r6, t[0] * 10)
+        w9, r5 = rt.recv((2, 3, 4), torch.float32, src=0, group="dp_0", tag=5, stream=comm)
+        w10, r6 = rt.recv((2, 3, 4), torch.float32, src=0, group="dp_0", tag=6, stream=comm)
+        rt.wait(w9, w10, stream=comm)
+        check("first recv", r5, t[0])
+        check("second recv", r6, t[0] * 10)
     # Only the lowest owner's copy of a replicated parameter is reported by state_dict().
     rt.set_state("w", aten.add.Tensor(rt.state("w"), rt.rank))
     x = rt.input(0, 0)

@@ -90,7 +90,8 @@ def step(rt):
     rt.event_wait(comm, e1)
     # bucket 1: fc1 gradients, sum over dp_0, stream comm
     w1, (r2, r3) = rt.all_reduce([g_fc1_weight, g_fc1_bias], group="dp_0", op="sum", stream=comm)
-    rt.wait(w0, w1)
+    rt.wait(w0, w1, stream=comm)
+    del w0, w1
     e2 = rt.event_record(comm)
     rt.event_wait(compute, e2)
     # 0U: stage 0, optimizer update, stream compute

@@ -43,6 +43,7 @@ def step(rt):
     e0 = rt.event_record(compute)
     rt.event_wait(comm, e0)
     # SEND_F: stage 0 -> 1, microbatch 0, stream comm
+    rt.record_stream(act0, comm)
     w0 = rt.send(act0, dst=1, group="pp_0", tag=0, stream=comm)
     # 0F1: stage 0, forward, microbatch 1, stream compute
     x1 = rt.input(0, 1)
@@ -50,18 +51,24 @@ def step(rt):
         act1, sv2, sv3 = s0_F(rt.state("fc1.weight"), rt.state("fc1.bias"), x1)
     e1 = rt.event_record(compute)
     rt.event_wait(comm, e1)
-    # SEND_F: stage 0 -> 1, microbatch 1, stream comm
-    w1 = rt.send(act1, dst=1, group="pp_0", tag=1, stream=comm)
-    # RECV_B: stage 1 -> 0, microbatch 0, stream comm
-    w2, g_act0 = rt.recv((4, 16), torch.float32, src=1, group="pp_0", tag=2, stream=comm)
-    rt.wait(w2)
+    # SEND_F microbatch 1 and RECV_B microbatch 0 in one batch: rank 1 issues them in the
+    # opposite order, and a send may wait for its receive (NCCL), stream comm
+    rt.record_stream(act1, comm)
+    w1, (g_act0,) = rt.batch_p2p(
+        sends=[(act1, 1)], recvs=[((4, 16), torch.float32, 1)], group="pp_0", stream=comm
+    )
+    rt.wait(w1, stream=compute)
+    del w1
+    rt.record_stream(g_act0, compute)
     # 0B0: stage 0, backward, microbatch 0, stream compute
     with rt.on(compute):
         g0, g1 = s0_B(sv0, sv1, g_act0)
     del sv0, sv1, g_act0
     # RECV_B: stage 1 -> 0, microbatch 1, stream comm
     w3, g_act1 = rt.recv((4, 16), torch.float32, src=1, group="pp_0", tag=3, stream=comm)
-    rt.wait(w3)
+    rt.wait(w3, stream=compute)
+    del w3
+    rt.record_stream(g_act1, compute)
     # 0B1: stage 0, backward, microbatch 1, stream compute
     with rt.on(compute):
         g2, g3 = s0_B(sv2, sv3, g_act1)
@@ -80,5 +87,5 @@ def step(rt):
     rt.set_state("fc1.bias", p1)
     rt.set_state("fc1.bias.momentum_buffer", m1)
     rt.set_state("step", n)
-    rt.wait(w0, w1)
-    del act0, act1
+    rt.wait(w0, stream=comm)
+    del w0, act0, act1

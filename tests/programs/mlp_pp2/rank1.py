@@ -49,7 +49,9 @@ def step(rt):
     comm = rt.stream("comm")
     # RECV_F: stage 0 -> 1, microbatch 0, stream comm
     w0, act0 = rt.recv((4, 16), torch.float32, src=0, group="pp_0", tag=0, stream=comm)
-    rt.wait(w0)
+    rt.wait(w0, stream=compute)
+    del w0
+    rt.record_stream(act0, compute)
     if DIE_AT_STEP is not None and int(rt.state("step")) == int(DIE_AT_STEP):
         os.kill(os.getpid(), signal.SIGKILL)
     # 1F0: stage 1, forward, microbatch 0, stream compute
@@ -63,11 +65,15 @@ def step(rt):
     del sv0, sv1
     e0 = rt.event_record(compute)
     rt.event_wait(comm, e0)
-    # SEND_B: stage 1 -> 0, microbatch 0, stream comm
-    w1 = rt.send(g_act0, dst=0, group="pp_0", tag=2, stream=comm)
-    # RECV_F: stage 0 -> 1, microbatch 1, stream comm
-    w2, act1 = rt.recv((4, 16), torch.float32, src=0, group="pp_0", tag=1, stream=comm)
-    rt.wait(w2)
+    # SEND_B microbatch 0 and RECV_F microbatch 1 in one batch: rank 0 issues them in the
+    # opposite order, and a send may wait for its receive (NCCL), stream comm
+    rt.record_stream(g_act0, comm)
+    w1, (act1,) = rt.batch_p2p(
+        sends=[(g_act0, 0)], recvs=[((4, 16), torch.float32, 0)], group="pp_0", stream=comm
+    )
+    rt.wait(w1, stream=compute)
+    del w1
+    rt.record_stream(act1, compute)
     # 1F1: stage 1, forward, microbatch 1, stream compute
     t1 = rt.input(1, 1)
     with rt.on(compute):
@@ -80,6 +86,7 @@ def step(rt):
     e1 = rt.event_record(compute)
     rt.event_wait(comm, e1)
     # SEND_B: stage 1 -> 0, microbatch 1, stream comm
+    rt.record_stream(g_act1, comm)
     w3 = rt.send(g_act1, dst=0, group="pp_0", tag=3, stream=comm)
     # 1U: stage 1, optimizer update, stream compute
     with rt.on(compute):
@@ -98,5 +105,5 @@ def step(rt):
     rt.set_state("fc2.bias.momentum_buffer", m1)
     rt.set_state("step", n)
     rt.output("loss", loss)
-    rt.wait(w1, w3)
-    del g_act0, g_act1
+    rt.wait(w3, stream=comm)
+    del w3, g_act0, g_act1
