@@ -1,26 +1,34 @@
-"""outline-stages: turns the staged `@main` into one F and one B function per stage.
+"""outline-stages: cuts the captured step into stage functions; `@main` becomes a graph of tasks.
 
-    func.func @s0_F(%p: T {piperc.key = "param:embed.weight"}, %x: T {piperc.key = "input:0"})
-        -> (T {piperc.key = "v3"}, ...)
-    func.func @s0_B(%g: T {piperc.key = "v41"}, ...) -> (T {piperc.key = "grad:embed.weight"}, ...)
+    func.func @s0_F(%p: T {piperc.key = "param:embed.weight", par.layout = #par.sharding<[[], []]>},
+                    %x: T {piperc.key = "input:0", ...}) -> (T {piperc.key = "v3", ...}, ...)
+    func.func @main(%p: T {piperc.param = "embed.weight", ...}, %x: T {piperc.input = 0, ...}, ...) {
+      %h:2 = par.task @s0_F stage 0 pass F (%p, %x) : (T, T) -> (T, T)
+      %y = par.task @s1_F stage 1 pass F (%h#0, ...) : ...
+      %g:2 = par.task @s1_B stage 1 pass B (%h#1, ...) : ...
+      ...
+      func.return %loss, %grad_0, ... : ...
+    }
 
-Every value that crosses functions gets a key, on the producer's result and
-on each consumer's argument, so later passes see the data flow between stages
-and passes explicitly: activations (F of stage s to F of a later stage),
-values saved for backward (F to B of any stage: a stage's backward reads the
-activation it received) and gradients (B of stage s to B of an earlier stage). Constants are re-created in each function that
-uses them.
+Each stage gets one forward function and its backward, and `@main` runs them
+as `par.task`s whose operands and results carry the data flow between stages
+and passes as SSA values: activations (F of stage s to F of a later stage),
+values saved for backward (F to B of any stage) and gradients (B of stage s to
+B of an earlier stage). Every argument and result carries a layout (replicated
+until a strategy pass says otherwise) and a `piperc.key`, which is only a
+readable name. Constants are re-created in each function that uses them.
 
 With `split-backward` (the default) each stage's backward is cut into one
-function per block, in the order the backward runs them (`@s1_B0`, `@s1_B1`,
-...): the gradients of a block are final as soon as its chunk has run, so
-they can be reduced while the chunks of earlier blocks still compute.
+function per block, in the order the backward runs them, named after the
+block (`@s1_B_blocks_3`, `@s1_B_blocks_2`): the gradients of a block are final
+as soon as its chunk has run, so they can be reduced while the chunks of
+earlier blocks still compute.
 
 A parameter used by several stages (tied weights) has its gradient summed by
 an `add` whose operands come from different stages; that add is dropped and
-each stage returns its own partial gradient under the same `grad:` key (the
-partials are summed across the stages that hold the parameter when gradients
-are reduced). Requires: pipeline-split has run.
+the step returns each stage's partial gradient (both under the parameter's
+`piperc.grad`); the optimizer sums them over the stages that hold the
+parameter. Requires: pipeline-split has run.
 """
 
 from __future__ import annotations
@@ -43,7 +51,8 @@ from piperc.errors import StrategyError
 from piperc.passes.pipeline_split import NUM_STAGES, module_count, stage_of, unit_of
 
 KEY = "piperc.key"
-"""The attribute naming a function argument or result in the step's data flow."""
+"""The attribute giving a function argument or result a readable name (`param:w`, `v3`)."""
+
 
 def key_of(attrs: DictionaryAttr) -> str:
     """The `piperc.key` of an argument or result attribute dictionary."""
