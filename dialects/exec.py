@@ -1120,26 +1120,36 @@ class OutputOp(IRDLOperation):
 
 
 class _ValueNames:
-    """Names values as the printer does inside one program: `%hint`, or `%<n>` in order."""
+    """Names values as the printer does inside one program: `%hint`, or `%<n>` in order.
+
+    The names are worked out on the first lookup: only a failing check needs them.
+    """
 
     def __init__(self, program: ProgramOp):
-        self.names: dict[SSAValue, str] = {}
+        self.program = program
+        self.names: dict[SSAValue, str] | None = None
+
+    def _name_all(self) -> dict[SSAValue, str]:
+        names: dict[SSAValue, str] = {}
         hints: dict[str, int] = {}
         counter = 0
-        for op in program.body.block.ops:
+        for op in self.program.body.block.ops:
             for value in op.results:
                 hint = value.name_hint
                 if hint is None:
-                    self.names[value] = f"%{counter}"
+                    names[value] = f"%{counter}"
                     counter += 1
                 elif hint in hints:
                     hints[hint] += 1
-                    self.names[value] = f"%{hint}_{hints[hint]}"
+                    names[value] = f"%{hint}_{hints[hint]}"
                 else:
                     hints[hint] = 0
-                    self.names[value] = f"%{hint}"
+                    names[value] = f"%{hint}"
+        return names
 
     def __getitem__(self, value: SSAValue) -> str:
+        if self.names is None:
+            self.names = self._name_all()
         return self.names.get(value, "%?")
 
 
@@ -1161,6 +1171,12 @@ def _verify_program_order(program: ProgramOp) -> None:
     - A tensor made on stream P and read on stream S != P is ordered after its
       producer on S (event_record on P after it and event_wait on S, or a
       wait of its work on S) and was given to `exec.record_stream` on S.
+
+    One pass over the program, each step proportional to the op's own operands (every
+    program is checked after every pass): a tensor is never un-ordered after a stream, so
+    the tensors ordered after a stream form a list that only grows, an event stands for a
+    prefix of that list, and an `exec.event_wait` takes the part of that prefix its stream
+    has not taken yet.
     """
     names = _ValueNames(program)
     where = f"{program.name} @{program.sym_name.data}"
@@ -1168,10 +1184,13 @@ def _verify_program_order(program: ProgramOp) -> None:
     index = {op: i for i, op in enumerate(ops)}
     home: dict[SSAValue, SSAValue] = {}  # tensor -> the stream that made it
     ready: dict[SSAValue, set[SSAValue]] = {}  # tensor -> streams ordered after its producer
-    in_flight: dict[SSAValue, list[tuple[CommunicationOp, str]]] = {}
+    ready_on: dict[SSAValue, list[SSAValue]] = {}  # stream -> its tensors of `ready`, in order
+    taken: dict[tuple[SSAValue, SSAValue], int] = {}  # (waiting, recording stream) -> prefix taken
+    in_flight: dict[SSAValue, dict[CommunicationOp, str]] = {}  # tensor -> async ops on it, how
+    touches: dict[CommunicationOp, list[SSAValue]] = {}  # async op -> its tensors in `in_flight`
     unwaited: dict[SSAValue, CommunicationOp] = {}  # result -> its async op, until waited
     waited: dict[SSAValue, int] = {}
-    events: dict[SSAValue, set[SSAValue]] = {}
+    events: dict[SSAValue, tuple[SSAValue, int]] = {}  # event -> stream, length of its prefix
     recorded: set[tuple[SSAValue, SSAValue]] = set()
     freed: dict[SSAValue, int] = {}
 
@@ -1182,10 +1201,27 @@ def _verify_program_order(program: ProgramOp) -> None:
     def fail(message: str) -> None:
         raise VerifyException(f"{where}: {message}")
 
+    def order_after(value: SSAValue, stream: SSAValue) -> None:
+        streams = ready[value]
+        if stream not in streams:
+            streams.add(stream)
+            ready_on.setdefault(stream, []).append(value)
+
+    def made_new(value: SSAValue, stream: SSAValue) -> None:
+        home[value] = stream
+        ready[value] = set()
+
+    def in_flight_on(value: SSAValue, async_op: CommunicationOp, how: str) -> None:
+        on_value = in_flight.setdefault(value, {})
+        if async_op not in on_value:
+            on_value[async_op] = how
+            touches.setdefault(async_op, []).append(value)
+
     for i, op in enumerate(ops):
-        for value in op.operands:
-            if value in freed and not isinstance(op, FreeOp):
-                fail(f"{op.name} at op #{i} reads {names[value]} after its exec.free at op #{freed[value]}")
+        if freed and not isinstance(op, FreeOp):
+            for value in op.operands:
+                if value in freed:
+                    fail(f"{op.name} at op #{i} reads {names[value]} after its exec.free at op #{freed[value]}")
         stream, reads = _stream_reads(op)
         host_reads = [op.value] if isinstance(op, SetStateOp | OutputOp) else []
         for value in [*reads, *host_reads]:
@@ -1198,6 +1234,8 @@ def _verify_program_order(program: ProgramOp) -> None:
         for value in reads:
             if value not in home or home[value] == stream:
                 continue
+            if stream in ready[value] and (value, stream) in recorded:
+                continue
             producer = value.owner
             made = f"made on stream {stream_label(home[value])} by the {producer.name} at op #{index[producer]}"
             if stream not in ready[value]:
@@ -1207,24 +1245,22 @@ def _verify_program_order(program: ProgramOp) -> None:
                     f"exec.event_record on {stream_label(home[value])} after it and exec.event_wait "
                     f"on {stream_label(stream)} before op #{i}"
                 )
-            if (value, stream) not in recorded:
-                fail(
-                    f"{op.name} at op #{i} reads {names[value]} on stream {stream_label(stream)}, but "
-                    f"{names[value]} is {made}; add exec.record_stream {names[value]}, "
-                    f"{names[stream]} before op #{i}"
-                )
+            fail(
+                f"{op.name} at op #{i} reads {names[value]} on stream {stream_label(stream)}, but "
+                f"{names[value]} is {made}; add exec.record_stream {names[value]}, "
+                f"{names[stream]} before op #{i}"
+            )
         if isinstance(op, LaunchOp):
             for value in op.outs:
-                home[value] = op.stream
-                ready[value] = {op.stream}
+                made_new(value, op.stream)
+                order_after(value, op.stream)
         elif isinstance(op, CommunicationOp):
             for value in reads:
-                in_flight.setdefault(value, []).append((op, "reads"))
+                in_flight_on(value, op, "reads")
             for value in op.results[1:]:
-                home[value] = op.stream
-                ready[value] = set()
+                made_new(value, op.stream)
                 unwaited[value] = op
-                in_flight.setdefault(value, []).append((op, "writes"))
+                in_flight_on(value, op, "writes")
         elif isinstance(op, WaitOp):
             for work in op.works:
                 if work in waited:
@@ -1235,17 +1271,24 @@ def _verify_program_order(program: ProgramOp) -> None:
                 waited[work] = i
                 for value in work.owner.results[1:]:
                     unwaited.pop(value, None)
-                    ready[value].add(op.stream)
-            done = {work.owner for work in op.works}
-            for value in list(in_flight):
-                in_flight[value] = [(a, how) for a, how in in_flight[value] if a not in done]
-                if not in_flight[value]:
-                    del in_flight[value]
+                    order_after(value, op.stream)
+            for work in op.works:
+                for value in touches.pop(work.owner, ()):
+                    on_value = in_flight[value]
+                    del on_value[work.owner]
+                    if not on_value:
+                        del in_flight[value]
         elif isinstance(op, EventRecordOp):
-            events[op.event] = {v for v, streams in ready.items() if op.stream in streams}
+            events[op.event] = (op.stream, len(ready_on.get(op.stream, ())))
         elif isinstance(op, EventWaitOp):
-            for value in events.get(op.event, ()):
-                ready[value].add(op.stream)
+            if op.event not in events:
+                continue
+            recording, length = events[op.event]
+            start = taken.get((op.stream, recording), 0)
+            if start < length:
+                for value in ready_on[recording][start:length]:
+                    order_after(value, op.stream)
+                taken[(op.stream, recording)] = length
         elif isinstance(op, RecordStreamOp):
             recorded.add((op.tensor, op.stream))
         elif isinstance(op, FreeOp):
@@ -1253,7 +1296,7 @@ def _verify_program_order(program: ProgramOp) -> None:
                 if value in freed:
                     fail(f"exec.free at op #{i} frees {names[value]} again; it was freed at op #{freed[value]}")
                 if value in in_flight:
-                    async_op, how = in_flight[value][0]
+                    async_op, how = next(iter(in_flight[value].items()))
                     fail(
                         f"exec.free of {names[value]} at op #{i} comes before the exec.wait of the "
                         f"{async_op.name} at op #{index[async_op]} that {how} it"

@@ -11,7 +11,7 @@ verifier checks the operand and result counts against that schema.
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from xdsl.dialects.builtin import (
@@ -19,13 +19,15 @@ from xdsl.dialects.builtin import (
     ArrayAttr,
     BoolAttr,
     FloatAttr,
+    FloatData,
     IntAttr,
     IntegerAttr,
     IntegerType,
     NoneAttr,
     StringAttr,
+    i1,
 )
-from xdsl.ir import Attribute, Dialect, ParametrizedAttribute, TypeAttribute
+from xdsl.ir import Attribute, Dialect, Operation, ParametrizedAttribute, TypeAttribute
 from xdsl.irdl import (
     IRDLOperation,
     irdl_attr_definition,
@@ -219,7 +221,68 @@ def is_torch_type(t: Attribute) -> bool:
 # ---------------------------------------------------------------- constants
 
 
-@irdl_op_definition
+def _lean_op_definition(generic_checks_pass: Callable[[Operation], bool]):
+    """`irdl_op_definition`, but IRDL's generic checks run only when `generic_checks_pass(op)`
+    cannot vouch for them.
+
+    The generic checks (operand, result, region and property counts and types) cost about
+    30 µs an op, and every pass verifies the tens of thousands of constants and lists a
+    model has. `generic_checks_pass` accepts, in a few microseconds, only what those checks
+    accept; anything else goes through them and fails with their usual message. The op's
+    own `verify_` runs after them either way.
+    """
+
+    def define(cls: type[IRDLOperation]) -> type[IRDLOperation]:
+        own_verify = cls.__dict__.get("verify_")
+        cls = irdl_op_definition(cls)
+        generic_checks = cls.get_irdl_definition().verify
+
+        def verify_(op: IRDLOperation) -> None:
+            if not generic_checks_pass(op):
+                generic_checks(op)
+            if own_verify is not None:
+                own_verify(op)
+
+        cls.verify_ = verify_
+        return cls
+
+    return define
+
+
+def _constant_definition(result_type: type[Attribute], value_ok: Callable[[Attribute], bool] | None):
+    """`_lean_op_definition` for a `torch.constant.*` op: no operands, regions or successors;
+    one result of `result_type`; a `value` property that `value_ok` accepts, and no other
+    property (no property at all when `value_ok` is None). Its traits check nothing."""
+
+    def generic_checks_pass(op: Operation) -> bool:
+        if op.operands or op.regions or op.successors or len(op.results) != 1:
+            return False
+        if not isinstance(op.results[0].type, result_type):
+            return False
+        if value_ok is None:
+            return not op.properties
+        return len(op.properties) == 1 and value_ok(op.properties.get("value"))
+
+    return _lean_op_definition(generic_checks_pass)
+
+
+def _is_integer_attr(value: Attribute | None) -> bool:
+    return isinstance(value, IntegerAttr) and isinstance(value.value, IntAttr) and isinstance(value.type, IntegerType)
+
+
+def _is_float_attr(value: Attribute | None) -> bool:
+    return isinstance(value, FloatAttr) and isinstance(value.value, FloatData) and isinstance(value.type, AnyFloat)
+
+
+def _is_bool_attr(value: Attribute | None) -> bool:
+    return _is_integer_attr(value) and value.type == i1
+
+
+def _is_string_attr(value: Attribute | None) -> bool:
+    return isinstance(value, StringAttr)
+
+
+@_constant_definition(IntType, _is_integer_attr)
 class ConstantIntOp(IRDLOperation):
     """A Python int literal used as an operator argument."""
 
@@ -234,7 +297,7 @@ class ConstantIntOp(IRDLOperation):
         )
 
 
-@irdl_op_definition
+@_constant_definition(FloatType, _is_float_attr)
 class ConstantFloatOp(IRDLOperation):
     """A Python float literal used as an operator argument."""
 
@@ -244,7 +307,7 @@ class ConstantFloatOp(IRDLOperation):
     traits = traits_def(ConstantLike(), Pure())
 
 
-@irdl_op_definition
+@_constant_definition(BoolType, _is_bool_attr)
 class ConstantBoolOp(IRDLOperation):
     """A Python bool literal used as an operator argument."""
 
@@ -254,7 +317,7 @@ class ConstantBoolOp(IRDLOperation):
     traits = traits_def(ConstantLike(), Pure())
 
 
-@irdl_op_definition
+@_constant_definition(NoneType, None)
 class ConstantNoneOp(IRDLOperation):
     """Python None used as an operator argument."""
 
@@ -266,7 +329,7 @@ class ConstantNoneOp(IRDLOperation):
         super().__init__(result_types=[NoneType()])
 
 
-@irdl_op_definition
+@_constant_definition(StrType, _is_string_attr)
 class ConstantStrOp(IRDLOperation):
     """A Python str literal used as an operator argument."""
 
@@ -276,7 +339,7 @@ class ConstantStrOp(IRDLOperation):
     traits = traits_def(ConstantLike(), Pure())
 
 
-@irdl_op_definition
+@_constant_definition(DeviceType, _is_string_attr)
 class ConstantDeviceOp(IRDLOperation):
     """A device literal (`"cpu"`) used as an operator argument."""
 
@@ -286,7 +349,13 @@ class ConstantDeviceOp(IRDLOperation):
     traits = traits_def(ConstantLike(), Pure())
 
 
-@irdl_op_definition
+def _list_construct_generic_checks_pass(op: Operation) -> bool:
+    """Any operands; one `!torch.list` result; no property, region or successor."""
+    return (not op.properties and not op.regions and not op.successors and len(op.results) == 1
+            and isinstance(op.results[0].type, ListType))
+
+
+@_lean_op_definition(_list_construct_generic_checks_pass)
 class ListConstructOp(IRDLOperation):
     """Builds a Python list from its operands (`torch.prim.ListConstruct`)."""
 
@@ -305,7 +374,13 @@ class ListConstructOp(IRDLOperation):
                 )
 
 
-@irdl_op_definition
+def _list_unpack_generic_checks_pass(op: Operation) -> bool:
+    """One `!torch.list` operand; any results; no property, region or successor."""
+    return (not op.properties and not op.regions and not op.successors and len(op.operands) == 1
+            and isinstance(op.operands[0].type, ListType))
+
+
+@_lean_op_definition(_list_unpack_generic_checks_pass)
 class ListUnpackOp(IRDLOperation):
     """Splits a list into its elements (`torch.prim.ListUnpack`), e.g. after `aten.split`."""
 

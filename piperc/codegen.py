@@ -25,7 +25,7 @@ from piperc.dialects import exec as ex
 from piperc.dialects import par
 from piperc.dialects import torch as t
 from piperc.interpreter import enum_value
-from piperc.ir import last_uses
+from piperc.ir import cycle_collection_paused, last_uses
 from piperc.passes.lower_to_exec import DEVICE
 from piperc.passes.mesh import find_mesh
 from piperc.passes.microbatch import MICROBATCHES
@@ -102,6 +102,7 @@ def _function_source(fn: func.FuncOp, launch: ex.LaunchOp) -> list[str]:
     lines[-1] += '"""'
     inline: dict[SSAValue, str] = {}
     last_use = last_uses(fn.body.block)
+    args = set(fn.args)
     for op in fn.body.block.ops:
         if op.has_trait(IsTerminator):
             lines.append(f"    return ({', '.join(_operand(names, inline, v) for v in op.operands)}{',' if len(op.operands) == 1 else ''})")
@@ -122,7 +123,7 @@ def _function_source(fn: func.FuncOp, launch: ex.LaunchOp) -> list[str]:
             lines += _collective_statements(op, lhs, names[op.operands[0]])
         else:
             raise NotImplementedError(f"code generation has no rule for {op.name}")
-        dead = [names[v] for v in last_use.get(op, ()) if v in names.names and v not in fn.args]
+        dead = [names[v] for v in last_use.get(op, ()) if v in names.names and v not in args]
         if dead:
             lines.append(f"    del {', '.join(dead)}")
     return lines
@@ -203,21 +204,35 @@ def _aten_call(op: t.AtenOp, names: _Names, inline) -> str:
     return f"aten.{packet}.{overload._overloadname}({', '.join(args + kwargs)})"
 
 
-def _program_source(program: ex.ProgramOp, functions: dict[str, func.FuncOp], header: str) -> str:
+def _program_source(program: ex.ProgramOp, functions: dict[str, func.FuncOp], header: str,
+                    function_sources: dict[tuple[str, int, str], list[str]]) -> str:
+    """The text of `program`'s file. `function_sources` holds the wrapped lines of the stage
+    functions already written for other programs (the ranks of one stage share them)."""
     first_launch = {}
     for op in program.walk():
         if isinstance(op, ex.LaunchOp):
             first_launch.setdefault(op.callee.root_reference.data, op)
     lines = [header, "import torch", "", "aten = torch.ops.aten", 'DEVICE = torch.device("cpu")', "", ""]
     lines += _axis_group_tables(program)
+    out = _wrap_lines(lines)
     for name, launch in first_launch.items():
-        lines += _function_source(functions[name], launch) + ["", ""]
-    lines += _step_source(program, functions)
-    return "\n".join(wrapped for line in lines for wrapped in wrap_line(line)) + "\n"
+        key = (name, launch.stage.value.data, launch.pass_kind.data)
+        if key not in function_sources:
+            function_sources[key] = _wrap_lines([*_function_source(functions[name], launch), "", ""])
+        out += function_sources[key]
+    out += _wrap_lines(_step_source(program, functions))
+    return "\n".join(out) + "\n"
+
+
+def _wrap_lines(lines: list[str]) -> list[str]:
+    return [wrapped for line in lines for wrapped in wrap_line(line)]
 
 
 MAX_LINE = 120
 """No line of a generated program is longer (long calls and signatures are wrapped)."""
+
+
+_BRACKETS_QUOTES_COMMAS = re.compile(r"[\"'()\[\]{},]")
 
 
 def wrap_line(line: str) -> list[str]:
@@ -232,7 +247,8 @@ def wrap_line(line: str) -> list[str]:
     if eq and _top_level_comma(lhs) and not lhs.startswith(("(", "def ", "return")):
         line = f"{indent}({lhs}) = {rhs}"
     breaks, depth, quote = [], 0, ""
-    for i, ch in enumerate(line):
+    for match in _BRACKETS_QUOTES_COMMAS.finditer(line):  # the only characters that matter below
+        i, ch = match.start(), match.group()
         if quote:
             quote = "" if ch == quote else quote
         elif ch in "\"'":
@@ -389,6 +405,7 @@ def _input_layouts(programs: list[ex.ProgramOp]) -> dict[int, list[list[str]]]:
     return layouts
 
 
+@cycle_collection_paused()  # the text is built from many small strings, and nothing here makes cycles
 def generate(module: ModuleOp, state_kinds: dict[str, dict[str, Any]]) -> dict[str, str]:
     """Files of a compiled step: `rank<r>.py` for every program and `manifest.json`.
 
@@ -404,12 +421,13 @@ def generate(module: ModuleOp, state_kinds: dict[str, dict[str, Any]]) -> dict[s
     files: dict[str, str] = {}
     ranks = []
     owners: dict[str, list[int]] = defaultdict(list)
+    function_sources: dict[tuple[str, int, str], list[str]] = {}
     for program in programs:
         rank = program.rank.value.data
         coords = mesh.coords(rank)
         header = (f"# piperc program for rank {rank} of {program.world_size.value.data} "
                   f"({', '.join(f'{a}={i}' for a, i in coords.items())}); generated code, do not edit")
-        files[f"rank{rank}.py"] = _program_source(program, functions, header)
+        files[f"rank{rank}.py"] = _program_source(program, functions, header, function_sources)
         state = []
         for op in program.body.block.ops:
             if isinstance(op, ex.StateOp) and op.state_name.data not in (s["name"] for s in state):

@@ -524,6 +524,56 @@ def test_constant_with_the_wrong_result_type():
     )
 
 
+@pytest.mark.parametrize(
+    "op, match",
+    [
+        ('%0 = "torch.constant.int"(%i) <{value = 1 : i64}> : (!torch.int) -> !torch.int',
+         "Expected 0 operands, but got 1"),
+        ('%0, %1 = "torch.constant.int"() <{value = 1 : i64}> : () -> (!torch.int, !torch.int)',
+         "Expected 1 result, but got 2"),
+        ('%0 = "torch.constant.none"() ({}) : () -> !torch.none', "Expected 0 regions, but got 1"),
+        ('%0 = "torch.constant.int"() : () -> !torch.int',
+         "property 'value' expected in operation 'torch.constant.int'"),
+        ('%0 = "torch.constant.int"() <{value = 1 : i64, extra = 2 : i64}> : () -> !torch.int',
+         "property 'extra' is not defined by the operation 'torch.constant.int'"),
+        ('%0 = "torch.constant.none"() <{value = 1 : i64}> : () -> !torch.none',
+         "property 'value' is not defined by the operation 'torch.constant.none'"),
+        ('%0 = "torch.constant.int"() <{value = 1.0 : f64}> : () -> !torch.int',
+         "1.000000e.00 : f64 should be of base attribute integer"),
+        ('%0 = "torch.constant.float"() <{value = 1 : i64}> : () -> !torch.float',
+         "1 : i64 should be of base attribute float"),
+        ('%0 = "torch.constant.bool"() <{value = 1 : i64}> : () -> !torch.bool', "Expected attribute i1 but got i64"),
+        ('%0 = "torch.constant.str"() <{value = 1 : i64}> : () -> !torch.str',
+         "1 : i64 should be of base attribute string"),
+        ('%0 = "torch.constant.device"() <{value = 1 : i64}> : () -> !torch.Device',
+         "1 : i64 should be of base attribute string"),
+        ('%0 = "torch.prim.ListConstruct"(%i) : (!torch.int) -> !torch.int',
+         "!torch.int should be of base attribute torch.list"),
+        ('"torch.prim.ListConstruct"(%i) : (!torch.int) -> ()', "Expected 1 result, but got 0"),
+        ('%0 = "torch.prim.ListConstruct"(%i) <{value = 1 : i64}> : (!torch.int) -> !torch.list<int>',
+         "property 'value' is not defined by the operation 'torch.prim.ListConstruct'"),
+        ('%0 = "torch.prim.ListUnpack"(%i) : (!torch.int) -> !torch.int',
+         "!torch.int should be of base attribute torch.list"),
+        ('%0 = "torch.prim.ListUnpack"(%l, %l) : (!torch.list<int>, !torch.list<int>) -> !torch.int',
+         "Expected 1 operand, but got 2"),
+        ('%0 = "torch.prim.ListUnpack"(%l) <{value = 1 : i64}> : (!torch.list<int>) -> !torch.int',
+         "property 'value' is not defined by the operation 'torch.prim.ListUnpack'"),
+    ],
+)
+def test_constant_and_list_ops_keep_the_generic_checks(op: str, match: str):
+    """Constants and lists skip IRDL's generic checks when a quick look vouches for them;
+    anything the quick look doubts still goes through those checks."""
+    verify_error(
+        f"""
+        func.func @main(%i: !torch.int, %l: !torch.list<int>) {{
+          {op}
+          func.return
+        }}
+        """,
+        match,
+    )
+
+
 @pytest.mark.parametrize("name", ["torch.aten.no_such_op", "torch.prim.Print", "aten::relu"])
 def test_torch_operator_naming_no_aten_operator(name: str):
     verify_error(
