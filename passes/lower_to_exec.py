@@ -35,8 +35,9 @@ Then the ordering and lifetime rules that make the program correct under NCCL
     tensor an async op still reads or writes stays alive until that op's wait: an op
     with results (all_reduce, recv, batch with receives) is waited where its results
     are first used, and the tensors it holds are freed right after that wait; an op
-    without results (a send, a batch of sends) is waited on `comm` right where the
-    tensor it reads would be freed;
+    without results (a send, a batch of sends) whose tensor is dead is waited on `comm`
+    at the program's next wait (the host stops there anyway; waiting at once would
+    hold it until the peer posts the receive), and the tensor is freed right after;
   * whatever is still in flight is waited at the end of the program.
 
 Process groups are declared in an order every rank agrees on: `@pp_<i>` for each
@@ -354,9 +355,9 @@ def _with_lifetimes(ops: list[Operation], comm: SSAValue) -> list[Operation]:
 
     A tensor an async op still reads or writes is not freed before that op's wait: an op
     with results is waited where the results are first used (already in `ops`), so its
-    tensors are freed right after that wait; an op without results (a send) is waited on
-    `comm` right where its input would be freed. What is still in flight at the end is
-    waited there, and the tensors it held are freed after.
+    tensors are freed right after that wait; an op without results (a send) whose input is
+    dead is waited on `comm` at the program's next wait, and its input freed right after.
+    What is still in flight at the end is waited there, and the tensors it held are freed after.
     """
     order: dict[SSAValue, int] = {}
     last_use: dict[SSAValue, int] = {}
@@ -402,7 +403,11 @@ def _with_lifetimes(ops: list[Operation], comm: SSAValue) -> list[Operation]:
         finished = {w.owner for w in op.works} if isinstance(op, ex.WaitOp) else set()
         for v in dying[i]:
             held[v] = {o for o in holders[v] if o in in_flight}
-        sends = [o for o in in_flight if not _holds_results(o) and any(o in held[v] for v in dying[i])]
+        # A send no longer needed by compute is waited at the program's next wait (where the
+        # host stops anyway), not where its input dies: waiting there would hold the host until
+        # the peer posts its receive, and the pipeline would stop overlapping.
+        sends = [o for o in in_flight if not _holds_results(o) and o not in finished
+                 and any(o in waiting for waiting in held.values())] if finished else []
         if sends:
             out.append(ex.WaitOp([o.results[0] for o in sends], comm))
         free(done(finished | set(sends)))

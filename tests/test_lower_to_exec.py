@@ -114,44 +114,43 @@ def test_a_pipeline_sends_and_receives_on_comm_and_batches_crossing_transfers():
     assert groups(out) == ["exec.process_group @pp_0 ranks [0, 1]"]
     assert "par.program" not in out
     # A send is ordered after the launch that made its tensor (event), records the tensor on
-    # comm, and is waited right where the tensor is freed. A received tensor is waited on
-    # compute before its first use and recorded there.
+    # comm, and is waited at the program's next wait, its tensor freed right after. A
+    # received tensor is waited on compute before its first use and recorded there.
     assert section(out, "exec.program @rank0") == ir(
         """
         exec.program @rank0 rank 0 world 2 {
           %0 = exec.stream "compute"
           %1 = exec.stream "comm"
-          %2 = exec.state "w0" : T
-          %3 = exec.load_input "0" microbatch 0 layout #par.sharding<[[], []]> : T
-          %4 = exec.launch @s0_F(%3, %2) on %0 stage 0 pass "F" microbatch 0 : (T, T) -> T
+          %2 = exec.state "w0" : !torch.vtensor<[2,4],f32>
+          %3 = exec.load_input "0" microbatch 0 layout #par.sharding<[[], []]> : !torch.vtensor<[2,4],f32>
+          %4 = exec.launch @s0_F(%3, %2) on %0 stage 0 pass "F" microbatch 0 : (!torch.vtensor<[2,4],f32>, !torch.vtensor<[2,4],f32>) -> !torch.vtensor<[2,4],f32>
           %5 = exec.event_record %0
           exec.event_wait %1, %5
-          exec.record_stream %4, %1 : T
-          %6 = exec.send %4 to 1 group @pp_0 tag 0 on %1 : T
-          exec.wait %6 on %1
-          exec.free %4 : T
-          %7 = exec.load_input "0" microbatch 1 layout #par.sharding<[[], []]> : T
-          %8 = exec.launch @s0_F(%7, %2) on %0 stage 0 pass "F" microbatch 1 : (T, T) -> T
+          exec.record_stream %4, %1 : !torch.vtensor<[2,4],f32>
+          %6 = exec.send %4 to 1 group @pp_0 tag 0 on %1 : !torch.vtensor<[2,4],f32>
+          %7 = exec.load_input "0" microbatch 1 layout #par.sharding<[[], []]> : !torch.vtensor<[2,4],f32>
+          %8 = exec.launch @s0_F(%7, %2) on %0 stage 0 pass "F" microbatch 1 : (!torch.vtensor<[2,4],f32>, !torch.vtensor<[2,4],f32>) -> !torch.vtensor<[2,4],f32>
           %9 = exec.event_record %0
           exec.event_wait %1, %9
-          exec.record_stream %8, %1 : T
-          %10, %11 = exec.batch_p2p group @pp_0 on %1 [send %8 to 1 : T, recv from 1 : T]
+          exec.record_stream %8, %1 : !torch.vtensor<[2,4],f32>
+          %10, %11 = exec.batch_p2p group @pp_0 on %1 [send %8 to 1 : !torch.vtensor<[2,4],f32>, recv from 1 : !torch.vtensor<[2,4],f32>]
           exec.wait %10 on %0
-          exec.free %8 : T
-          exec.record_stream %11, %0 : T
-          %12 = exec.launch @s0_B(%3, %2, %11) on %0 stage 0 pass "B" microbatch 0 : (T, T, T) -> T
-          exec.free %3, %11 : T, T
-          %13, %14 = exec.recv from 1 group @pp_0 tag 1 on %1 : T
+          exec.wait %6 on %1
+          exec.free %4, %8 : !torch.vtensor<[2,4],f32>, !torch.vtensor<[2,4],f32>
+          exec.record_stream %11, %0 : !torch.vtensor<[2,4],f32>
+          %12 = exec.launch @s0_B(%3, %2, %11) on %0 stage 0 pass "B" microbatch 0 : (!torch.vtensor<[2,4],f32>, !torch.vtensor<[2,4],f32>, !torch.vtensor<[2,4],f32>) -> !torch.vtensor<[2,4],f32>
+          exec.free %3, %11 : !torch.vtensor<[2,4],f32>, !torch.vtensor<[2,4],f32>
+          %13, %14 = exec.recv from 1 group @pp_0 tag 1 on %1 : !torch.vtensor<[2,4],f32>
           exec.wait %13 on %0
-          exec.record_stream %14, %0 : T
-          %15 = exec.launch @s0_B(%7, %2, %14) on %0 stage 0 pass "B" microbatch 1 : (T, T, T) -> T
-          exec.free %7, %14 : T, T
-          %16 = exec.launch @s0_B_accumulate(%12, %15) on %0 stage 0 pass "B" microbatch 1 : (T, T) -> T
-          exec.free %12, %15 : T, T
-          %17 = exec.launch @s0_update(%2, %16) on %0 stage 0 pass "update" : (T, T) -> T
-          exec.free %2, %16 : T, T
-          exec.set_state "w0", %17 : T
-          exec.free %17 : T
+          exec.record_stream %14, %0 : !torch.vtensor<[2,4],f32>
+          %15 = exec.launch @s0_B(%7, %2, %14) on %0 stage 0 pass "B" microbatch 1 : (!torch.vtensor<[2,4],f32>, !torch.vtensor<[2,4],f32>, !torch.vtensor<[2,4],f32>) -> !torch.vtensor<[2,4],f32>
+          exec.free %7, %14 : !torch.vtensor<[2,4],f32>, !torch.vtensor<[2,4],f32>
+          %16 = exec.launch @s0_B_accumulate(%12, %15) on %0 stage 0 pass "B" microbatch 1 : (!torch.vtensor<[2,4],f32>, !torch.vtensor<[2,4],f32>) -> !torch.vtensor<[2,4],f32>
+          exec.free %12, %15 : !torch.vtensor<[2,4],f32>, !torch.vtensor<[2,4],f32>
+          %17 = exec.launch @s0_update(%2, %16) on %0 stage 0 pass "update" : (!torch.vtensor<[2,4],f32>, !torch.vtensor<[2,4],f32>) -> !torch.vtensor<[2,4],f32>
+          exec.free %2, %16 : !torch.vtensor<[2,4],f32>, !torch.vtensor<[2,4],f32>
+          exec.set_state "w0", %17 : !torch.vtensor<[2,4],f32>
+          exec.free %17 : !torch.vtensor<[2,4],f32>
         }
         """
     )
@@ -160,33 +159,33 @@ def test_a_pipeline_sends_and_receives_on_comm_and_batches_crossing_transfers():
         exec.program @rank1 rank 1 world 2 {
           %0 = exec.stream "compute"
           %1 = exec.stream "comm"
-          %2 = exec.state "w1" : T
-          %3, %4 = exec.recv from 0 group @pp_0 tag 0 on %1 : T
+          %2 = exec.state "w1" : !torch.vtensor<[2,4],f32>
+          %3, %4 = exec.recv from 0 group @pp_0 tag 0 on %1 : !torch.vtensor<[2,4],f32>
           exec.wait %3 on %0
-          exec.record_stream %4, %0 : T
-          %5 = exec.launch @s1_F(%4, %2) on %0 stage 1 pass "F" microbatch 0 : (T, T) -> T
-          %6 = exec.launch @s1_B(%4, %2) on %0 stage 1 pass "B" microbatch 0 : (T, T) -> T
-          exec.free %4 : T
+          exec.record_stream %4, %0 : !torch.vtensor<[2,4],f32>
+          %5 = exec.launch @s1_F(%4, %2) on %0 stage 1 pass "F" microbatch 0 : (!torch.vtensor<[2,4],f32>, !torch.vtensor<[2,4],f32>) -> !torch.vtensor<[2,4],f32>
+          %6 = exec.launch @s1_B(%4, %2) on %0 stage 1 pass "B" microbatch 0 : (!torch.vtensor<[2,4],f32>, !torch.vtensor<[2,4],f32>) -> !torch.vtensor<[2,4],f32>
+          exec.free %4 : !torch.vtensor<[2,4],f32>
           %7 = exec.event_record %0
           exec.event_wait %1, %7
-          exec.record_stream %6, %1 : T
-          %8, %9 = exec.batch_p2p group @pp_0 on %1 [send %6 to 0 : T, recv from 0 : T]
+          exec.record_stream %6, %1 : !torch.vtensor<[2,4],f32>
+          %8, %9 = exec.batch_p2p group @pp_0 on %1 [send %6 to 0 : !torch.vtensor<[2,4],f32>, recv from 0 : !torch.vtensor<[2,4],f32>]
           exec.wait %8 on %0
-          exec.free %6 : T
-          exec.record_stream %9, %0 : T
-          %10 = exec.launch @s1_F(%9, %2) on %0 stage 1 pass "F" microbatch 1 : (T, T) -> T
-          %11 = exec.launch @s1_B(%9, %2) on %0 stage 1 pass "B" microbatch 1 : (T, T) -> T
-          exec.free %2, %9 : T, T
+          exec.free %6 : !torch.vtensor<[2,4],f32>
+          exec.record_stream %9, %0 : !torch.vtensor<[2,4],f32>
+          %10 = exec.launch @s1_F(%9, %2) on %0 stage 1 pass "F" microbatch 1 : (!torch.vtensor<[2,4],f32>, !torch.vtensor<[2,4],f32>) -> !torch.vtensor<[2,4],f32>
+          %11 = exec.launch @s1_B(%9, %2) on %0 stage 1 pass "B" microbatch 1 : (!torch.vtensor<[2,4],f32>, !torch.vtensor<[2,4],f32>) -> !torch.vtensor<[2,4],f32>
+          exec.free %2, %9 : !torch.vtensor<[2,4],f32>, !torch.vtensor<[2,4],f32>
           %12 = exec.event_record %0
           exec.event_wait %1, %12
-          exec.record_stream %11, %1 : T
-          %13 = exec.send %11 to 0 group @pp_0 tag 1 on %1 : T
+          exec.record_stream %11, %1 : !torch.vtensor<[2,4],f32>
+          %13 = exec.send %11 to 0 group @pp_0 tag 1 on %1 : !torch.vtensor<[2,4],f32>
+          %14 = exec.launch @s1_accumulate_loss(%5, %10) on %0 stage 1 pass "F" microbatch 1 : (!torch.vtensor<[2,4],f32>, !torch.vtensor<[2,4],f32>) -> !torch.vtensor<[2,4],f32>
+          exec.free %5, %10 : !torch.vtensor<[2,4],f32>, !torch.vtensor<[2,4],f32>
+          exec.output "loss", %14 : !torch.vtensor<[2,4],f32>
+          exec.free %14 : !torch.vtensor<[2,4],f32>
           exec.wait %13 on %1
-          exec.free %11 : T
-          %14 = exec.launch @s1_accumulate_loss(%5, %10) on %0 stage 1 pass "F" microbatch 1 : (T, T) -> T
-          exec.free %5, %10 : T, T
-          exec.output "loss", %14 : T
-          exec.free %14 : T
+          exec.free %11 : !torch.vtensor<[2,4],f32>
         }
         """
     )
