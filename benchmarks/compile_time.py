@@ -7,8 +7,7 @@ on a mesh pp=4 x dp=2 with a 1F1B pipeline of 4 microbatches, data parallelism a
 The phases are timed inside that one call, in CPU seconds of this process (steadier than
 wall-clock time on a shared machine; torch runs single-threaded here):
 
-    export           torch.export (non-strict)
-    aot joint graph  AOTAutograd's joint forward+backward graph
+    trace            AOTAutograd's joint forward+backward graph, traced once from the model
     import           torch-mlir's FX importer (MLIR in memory)
     build IR         the xDSL module built from it, origins, signature, verification
     <pass>           each pass of the pipeline, without the verification after it
@@ -90,8 +89,7 @@ class Clock:
         span = {name: (start, end) for name, start, end in self.calls if name != "_verify"}
         verifies = [(start, end) for name, start, end in self.calls if name == "_verify"]
         phases = {
-            "export": span["_export"][1] - span["_export"][0],
-            "aot joint graph": span["_joint_graph"][1] - span["_joint_graph"][0],
+            "trace": span["_trace"][1] - span["_trace"][0],
             "import": span["_import"][1] - span["_import"][0],
             "build IR": verifies[0][0] - span["_import"][1],
         }
@@ -106,7 +104,7 @@ def compile_once(model, inputs) -> Run:
     """Compiles `model` once, timing each phase inside the one `piperc.compile` call."""
     clock = Clock()
     with contextlib.ExitStack() as stack:
-        for module, name in ((frontend, "_export"), (frontend, "_joint_graph"), (frontend, "_import"),
+        for module, name in ((frontend, "_trace"), (frontend, "_import"),
                              (passmanager, "_verify"), (codegen, "generate")):
             stack.enter_context(clock.watch(module, name))
         start, start_cpu = time.perf_counter(), time.process_time()

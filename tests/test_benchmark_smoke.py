@@ -38,7 +38,7 @@ def test_compile_time_reports_every_phase_by_depth():
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
     assert re.search(r"^phase +4 layers +8 layers$", result.stdout, re.M), result.stdout
-    for phase in ("export", "aot joint graph", "import", "build IR", "pipeline-split",
+    for phase in ("trace", "import", "build IR", "pipeline-split",
                   "lower-to-exec", "verify", "codegen", "cpu", "wall"):  # fmt: skip
         assert re.search(rf"^{phase} +\d+\.\d\d +\d+\.\d\d$", result.stdout, re.M), f"no {phase} row in:\n{result.stdout}"
     assert "cpu 8/4 layers: " in result.stdout

@@ -12,6 +12,7 @@ import piperc
 from piperc import frontend
 from piperc.dialects.par import OriginAttr, PassKind
 from piperc.dialects.torch import OperatorOp
+from piperc.errors import CaptureError
 from piperc.examples import gpt, llama, moe, tied
 from piperc.frontend import ORIGIN, argument_roles, result_roles
 from piperc.interpreter import run_module
@@ -154,7 +155,7 @@ def parsed_from_text(mlir_module, marks) -> ModuleOp:
 @pytest.mark.parametrize("name", sorted(EXAMPLES))
 def test_ir_built_from_torch_mlir_equals_its_text_parsed(name):
     model, inputs = EXAMPLES[name].make(n_layers=1)
-    gm = frontend._joint_graph(model, frontend._export(model, inputs), inputs)
+    gm = frontend._trace(model, inputs)
     frontend._fold_tied_parameters(model, gm)
     frontend._drop_none_outputs(gm)
     marks = frontend._node_marks(gm)
@@ -164,3 +165,31 @@ def test_ir_built_from_torch_mlir_equals_its_text_parsed(name):
     expected = print_ir(parsed_from_text(mlir_module, marks))
     assert ORIGIN in expected and "torch.operator" not in expected
     assert print_ir(built) == expected
+
+
+@pytest.mark.parametrize("name", sorted(EXAMPLES))
+def test_one_trace_gives_the_ir_of_export_then_aot(name):
+    """capture's one AOTAutograd trace and its fallback (torch.export, then AOTAutograd on the
+    exported module) give the same IR: ops, module paths, regions, tied-weight gradient sums."""
+    model, inputs = EXAMPLES[name].make(n_layers=2)
+    one = frontend._captured(model, inputs, frontend._trace(model, inputs))
+    two = frontend._captured(model, inputs, frontend._joint_graph(model, frontend._export(model, inputs), inputs))
+    assert str(one) == str(two)
+
+
+def test_one_trace_records_annotate_regions_as_export_does():
+    torch.manual_seed(0)
+    model, inputs = Annotated(), (torch.randn(2, 4),)
+    one = frontend._captured(model, inputs, frontend._trace(model, inputs))
+    two = frontend._captured(model, inputs, frontend._joint_graph(model, frontend._export(model, inputs), inputs))
+    assert 'region "stage"' in str(one) and str(one) == str(two)
+
+
+def test_a_model_the_one_trace_cannot_take_is_reported_by_torch_export():
+    class DataDependent(nn.Module):
+        def forward(self, x):
+            return x.mean() if x.sum() > 0 else -x.mean()
+
+    assert frontend._trace(DataDependent(), (torch.randn(3),)) is None
+    with pytest.raises(CaptureError, match="torch.export cannot trace DataDependent"):
+        piperc.capture(DataDependent(), (torch.randn(3),))
