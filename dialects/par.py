@@ -953,8 +953,8 @@ class ProgramOp(IRDLOperation):
 
     ```
     par.program @device1 device 1 {
-      %w = par.state "blocks.1.w" : T
-      %x = par.recv from stage 0 name "s0_F#0 mb0" : T
+      %w = par.state "blocks.1.w" layout #par.sharding<[[], []]> : T
+      %x = par.recv from 0 "h0 mb0" batch 0 : T
       %y = par.task @s1_F stage 1 pass F microbatch 0 (%x, %w) : (T, T) -> T
       ...
     }
