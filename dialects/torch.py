@@ -213,11 +213,6 @@ TORCH_TYPES = (
 )
 
 
-def is_torch_type(t: Attribute) -> bool:
-    """True for the types a torch-dialect value may have."""
-    return isinstance(t, TORCH_TYPES)
-
-
 # ---------------------------------------------------------------- constants
 
 

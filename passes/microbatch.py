@@ -45,7 +45,6 @@ from piperc.passes.outline_stages import (
 from piperc.passes.pipeline_split import NUM_STAGES, module_count
 
 MICROBATCHES = "par.microbatches"
-REPLICAS = "par.replicas"
 LOSS_SHARE = "loss_share"
 
 
@@ -79,7 +78,6 @@ class MicrobatchPass(ModulePass):
                 self._accumulate(op, main, task)
         step_result_layouts(op)
         op.attributes[MICROBATCHES] = IntegerAttr(self.count, 64)
-        op.attributes[REPLICAS] = IntegerAttr(self.replicas, 64)
 
     def _replace_tangents(self, module: ModuleOp, main: func.FuncOp, scale: float) -> None:
         """Replaces the tangent arguments of the step by constants: 1/(replicas*microbatches)
