@@ -1060,18 +1060,22 @@ class LoadInputOp(IRDLOperation):
 class StateOp(IRDLOperation):
     """Reads named state this rank owns: a parameter, a buffer or optimizer state.
 
-    `%w = exec.state "blocks.0.attn.qkv.weight" : !torch.vtensor<[192,64],f32>`
+    `%w = exec.state "blocks.0.attn.qkv.weight" : !torch.vtensor<[192,64],f32>`, or, for
+    state held as shards, `%m = exec.state "w.exp_avg" layout #par.sharding<[["dp"], []]>
+    : !torch.vtensor<[96,64],f32>`: the rank holds its part of the global tensor as the
+    layout cuts it (manifest `layout`; the runtime cuts `state.pt`'s tensors the same way).
     """
 
     name = "exec.state"
 
     state_name = prop_def(StringAttr, prop_name="name")
+    layout = opt_prop_def(ShardingAttr)
     output = result_def(ValueTensorType)
 
-    assembly_format = "$name attr-dict `:` type($output)"
+    assembly_format = "$name (`layout` qualified($layout)^)? attr-dict `:` type($output)"
 
-    def __init__(self, state_name: str, result_type: Attribute):
-        super().__init__(properties={"name": StringAttr(state_name)}, result_types=[result_type])
+    def __init__(self, state_name: str, result_type: Attribute, layout: ShardingAttr | None = None):
+        super().__init__(properties={"name": StringAttr(state_name), "layout": layout}, result_types=[result_type])
 
     def verify_(self) -> None:
         _verify_nonempty(self, "the state name", self.state_name)

@@ -31,6 +31,7 @@ PASSES: dict[str, Callable[[], type[ModulePass]]] = {
     "outline-stages": _lazy("piperc.passes.outline_stages", "OutlineStagesPass"),
     "optimizer": _lazy("piperc.passes.optimizer", "OptimizerPass"),
     "data-parallel": _lazy("piperc.passes.data_parallel", "DataParallelPass"),
+    "zero": _lazy("piperc.passes.zero", "ZeroPass"),
     "microbatch": _lazy("piperc.passes.microbatch", "MicrobatchPass"),
     "schedule": _lazy("piperc.passes.schedule", "SchedulePass"),
     "expand-schedule": _lazy("piperc.passes.expand_schedule", "ExpandSchedulePass"),

@@ -228,7 +228,8 @@ class _RankProgram:
     def lower(self, op: Operation) -> None:
         """Lowers one par op other than a transfer."""
         if isinstance(op, par.StateOp):
-            self.define(op.result, self.add(ex.StateOp(op.state_name.data, op.result.type)).results[0])
+            layout = None if op.layout.is_replicated() else op.layout
+            self.define(op.result, self.add(ex.StateOp(op.state_name.data, op.result.type, layout)).results[0])
         elif isinstance(op, par.InputOp):
             load = ex.LoadInputOp(str(op.index.value.data), op.microbatch.value.data, op.result.type, op.layout)
             self.define(op.result, self.add(load).results[0])

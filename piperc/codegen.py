@@ -342,7 +342,12 @@ def _exec_statement(op: Operation, names: _Names, functions: dict[str, func.Func
         lines = ["", f"# {action} ({callee}): {where}, stream {n(op.stream)}",
                  f"with rt.on({n(op.stream)}):", f"    {lhs} = {callee}({args})"]
         if results and kind != "update":
-            lines.append(f"rt.produced({', '.join(results)})")
+            grads = [r for r, k in zip(results, keys, strict=True) if k.startswith("grad:")]
+            others = [r for r in results if r not in grads]
+            if others:
+                lines.append(f"rt.produced({', '.join(others)})")
+            if grads:
+                lines.append(f"rt.produced_gradients({', '.join(grads)})")
         return lines
     if isinstance(op, ex.SendOp):
         group = op.group.root_reference.data
@@ -388,7 +393,12 @@ def _layout_json(op: ex.LoadInputOp) -> list[list[str]]:
     if op.layout is None:
         raise ValueError(f'exec.load_input "{op.input_name.data}" has no layout; the runtime cuts '
                          "inputs by it (lower-to-exec writes one from par.input)")
-    return [list(op.layout.dim_axes(d)) for d in range(op.layout.rank())]
+    return _axes_json(op.layout)
+
+
+def _axes_json(layout: par.ShardingAttr) -> list[list[str]]:
+    """Per dimension of a layout, the mesh axes that split it (the manifest's form)."""
+    return [list(layout.dim_axes(d)) for d in range(layout.rank())]
 
 
 def _input_layouts(programs: list[ex.ProgramOp]) -> dict[int, list[list[str]]]:
@@ -432,7 +442,8 @@ def generate(module: ModuleOp, state_kinds: dict[str, dict[str, Any]]) -> dict[s
         for op in program.body.block.ops:
             if isinstance(op, ex.StateOp) and op.state_name.data not in (s["name"] for s in state):
                 name = op.state_name.data
-                state.append({"name": name, **state_kinds.get(name, {"kind": "param"})})
+                layout = {} if op.layout is None else {"layout": _axes_json(op.layout)}
+                state.append({"name": name, **state_kinds.get(name, {"kind": "param"}), **layout})
                 if state_kinds.get(name, {"kind": "param"})["kind"] == "param":
                     owners[name].append(rank)
         inputs = sorted({int(op.input_name.data) for op in program.walk() if isinstance(op, ex.LoadInputOp)})
@@ -440,7 +451,7 @@ def generate(module: ModuleOp, state_kinds: dict[str, dict[str, Any]]) -> dict[s
     world = list(range(mesh.size()))
     layouts = _input_layouts(programs)
     manifest = {
-        "format": 2,
+        "format": 3,
         "world_size": mesh.size(),
         "mesh": [[a, mesh.axis_size(a)] for a in mesh.axis_names()],
         "device": device,

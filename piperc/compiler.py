@@ -16,12 +16,14 @@ import tempfile
 from collections.abc import Sequence
 
 import torch
+from xdsl.dialects.builtin import ModuleOp
 from xdsl.passes import ModulePass
 
 from piperc import codegen, schedules
 from piperc.errors import PassError, StrategyError
 from piperc.frontend import ARG_ALIASES, Captured, capture, main_function
 from piperc.ir import print_ir
+from piperc.memory import PeakMemory, memory_table, predict_memory
 from piperc.passes.fold_detach import FoldDetachPass
 from piperc.passes.lower_collectives import LowerCollectivesPass
 from piperc.passes.lower_reshard import LowerReshardPass
@@ -34,6 +36,7 @@ from piperc.passes.pipeline_split import PipelineSplitPass
 from piperc.passes.schedule import SchedulePass, find_schedule
 from piperc.passes.verify_exec import VerifyExecPass
 from piperc.passmanager import PipelineOptions, pipeline_text, run_pipeline
+from piperc.runtime.launch import LaunchResult
 from piperc.strategy import Directive, Fragment, Mesh, Optimizer, StrategyContext, schedule_fragment
 
 _PP = "pp"
@@ -41,7 +44,8 @@ _PP = "pp"
 
 @dataclasses.dataclass
 class Compiled:
-    """A compiled training step: per-rank programs, the IR after every pass, initial state."""
+    """A compiled training step: per-rank programs, the IR after every pass, initial state,
+    and `module`, the lowered module (one verified `exec.program @rank<r>` per rank)."""
 
     files: dict[str, str]
     ir_after: list[tuple[str, str]]
@@ -49,11 +53,17 @@ class Compiled:
     aliases: dict[str, str]
     schedule: schedules.Schedule
     pipeline: str
+    module: ModuleOp
 
     @property
     def world_size(self) -> int:
         """How many ranks the programs run on."""
         return sum(1 for f in self.files if f.startswith("rank"))
+
+    def memory(self) -> list[PeakMemory]:
+        """Each rank's predicted peak memory, by item, from its exec program
+        (`piperc.memory.predict_memory`); print one, or `memory_table(...)` for all."""
+        return predict_memory(self.module)
 
     def save(self, path: str) -> str:
         """Writes what the runtime loads (`manifest.json`, `rank<r>.py`, `state.pt`) to `path`."""
@@ -64,11 +74,15 @@ class Compiled:
         torch.save(self.initial_state, os.path.join(path, "state.pt"))
         return path
 
-    def dump(self, path: str) -> str:
+    def dump(self, path: str, result: LaunchResult | None = None) -> str:
         """Writes everything a person reads to `path`: `ir/NN-<pass>.mlir` after every
         pass (unless compiled with `keep_ir=False`), the per-rank programs, the
-        schedule as a table and a picture."""
+        schedule as a table and a picture, and `memory.txt`: each rank's predicted
+        peak memory by item, next to the measured one when given the `result` of
+        `launch`."""
         self.save(path)
+        with open(os.path.join(path, "memory.txt"), "w") as f:
+            f.write(memory_table(self.memory(), None if result is None else result.peak_memory))
         ir_dir = os.path.join(path, "ir")
         shutil.rmtree(ir_dir, ignore_errors=True)
         if self.ir_after:
@@ -268,15 +282,17 @@ def _lower(captured: Captured, passes: list[ModulePass], options: PipelineOption
     kind = next((p.kind for p in passes if isinstance(p, SchedulePass)), "user")
     sched = schedules.from_lists([[a.compact() for a in table[d]] for d in sorted(table)], name=kind)
     initial = {k: v.detach().clone() for k, v in {**captured.params, **captured.buffers}.items()}
-    return Compiled(files, ir_after, initial, aliases, sched, pipeline_text(passes))
+    return Compiled(files, ir_after, initial, aliases, sched, pipeline_text(passes), module)
 
 
 def launch(compiled: Compiled, batches: Sequence[Sequence[torch.Tensor]], *, progress: bool = False,
            timeout: float | None = None):
     """Trains with `compiled` on local processes, one global batch per step.
 
-    Returns a result with `.losses` (one float per step) and `.state_dict`
-    (the final full parameters, named as in the model's state_dict).
+    Returns a result with `.losses` (one float per step), `.state_dict`
+    (the final full parameters, named as in the model's state_dict) and
+    `.peak_memory` (per rank, the measured peak memory by item, as
+    `compiled.memory()` predicts it).
     """
     from piperc.runtime.launch import launch_dir
 

@@ -28,6 +28,7 @@ from piperc.passes.optimizer import OptimizerPass
 from piperc.passes.outline_stages import OutlineStagesPass
 from piperc.passes.pipeline_split import PipelineSplitPass
 from piperc.passes.schedule import SchedulePass
+from piperc.passes.zero import ZeroPass
 
 
 class Mesh:
@@ -210,13 +211,20 @@ class Pipeline(Directive):
 
 @dataclasses.dataclass(frozen=True)
 class DataParallel(Directive):
-    """Data parallelism: replicate along `axis`, all-reduce gradients in buckets."""
+    """Data parallelism: replicate along `axis`, all-reduce gradients in buckets; with
+    `zero` 1, 2 or 3, shard optimizer state, then gradients, then parameters over `axis`."""
 
     axis: str = "dp"
     bucket_mb: float = 25.0
+    zero: int = 0
 
     def __str__(self) -> str:
-        return f"data_parallel(axis={self.axis!r})"
+        return f"data_parallel(axis={self.axis!r}" + (f", zero={self.zero})" if self.zero else ")")
+
+    def check(self, ctx: StrategyContext) -> None:
+        """`zero` is 0, 1, 2 or 3."""
+        if self.zero not in (0, 1, 2, 3):
+            raise StrategyError(f"{self}: zero must be 0, 1, 2 or 3, got {self.zero!r}")
 
     def mesh_axes(self) -> tuple[str, ...]:
         """The data-parallel axis: one replica per device along it."""
@@ -227,9 +235,12 @@ class DataParallel(Directive):
         return mesh.axes[self.axis], 1
 
     def fragments(self, ctx: StrategyContext) -> list[Fragment]:
-        """data-parallel: bucketed gradient all-reduces in every stage's update."""
-        return [Fragment((DataParallelPass(axis=self.axis, bucket_mb=self.bucket_mb, directive=str(self)),),
-                         requires=("mesh", "update"))]
+        """data-parallel: bucketed gradient all-reduces in every stage's update; then zero."""
+        passes: tuple[ModulePass, ...] = (
+            DataParallelPass(axis=self.axis, bucket_mb=self.bucket_mb, directive=str(self)),)
+        if self.zero:
+            passes += (ZeroPass(stage=self.zero, axis=self.axis, directive=str(self)),)
+        return [Fragment(passes, requires=("mesh", "update"))]
 
 
 def pipeline(axis: str = "pp", stages: int = 2, microbatches: int = 1,
@@ -246,9 +257,13 @@ def pipeline(axis: str = "pp", stages: int = 2, microbatches: int = 1,
     return Pipeline(axis, stages, microbatches, schedule, tuple(split_at), region)
 
 
-def data_parallel(axis: str = "dp", bucket_mb: float = 25.0) -> DataParallel:
-    """Data-parallel directive: each replica along `axis` takes an equal slice of the batch."""
-    return DataParallel(axis, bucket_mb)
+def data_parallel(axis: str = "dp", bucket_mb: float = 25.0, zero: int = 0) -> DataParallel:
+    """Data-parallel directive: each replica along `axis` takes an equal slice of the batch.
+
+    `zero` shards over `axis`: 1 the optimizer state, 2 also the gradients, 3 also the
+    parameters (gathered for each forward and backward, as FSDP's `fully_shard`).
+    """
+    return DataParallel(axis, bucket_mb, zero)
 
 
 class Optimizer(Directive):

@@ -8,9 +8,14 @@ real, communication goes through NCCL and a wait only makes the stream wait;
 on CPU (gloo) streams and events are named placeholders and a wait blocks, so
 the same program runs unchanged on both.
 
-It also counts live activation bytes: tensors made by launches (`rt.produced`),
-receives and collectives, minus those released by `rt.free`, with the peak
-over the steps run so far (`peak_live_bytes`).
+It also counts live bytes, by storage: tensors made by launches (`rt.produced`,
+`rt.produced_gradients`), receives and collectives, minus those released by
+`rt.free`, and the staging buffers a collective holds until its wait; storage
+that the rank's state owns (a launch may return a view of a parameter) is
+counted once, as state. `peak_live_bytes` is the peak over the steps run so
+far, and `peak_live_items` its split into gradients, activations and
+communication buffers (`LIVE_ITEMS`) at that peak. A collective issued inside
+a stage function (`stream=None`) is part of that function's work, not counted.
 """
 
 from __future__ import annotations
@@ -29,6 +34,9 @@ import torch.distributed as dist
 from .manifest import Layout, local_part
 
 REDUCE_OPS = ("sum", "avg", "max")
+LIVE_ITEMS = ("gradients", "activations", "comm_buffers")
+"""What the live count is split into, in the order of `Runtime.peak_live_items`."""
+_GRADIENTS, _ACTIVATIONS, _COMM_BUFFERS = range(len(LIVE_ITEMS))
 
 
 @dataclass(frozen=True)
@@ -76,6 +84,7 @@ class Work:
         self.finish = finish
         self.done = False
         self.completed = False
+        self.staged = 0  # bytes of staging buffers counted live until the wait
 
     def is_completed(self) -> bool:
         """Whether the communication finished (a query: it never blocks)."""
@@ -127,9 +136,12 @@ class Runtime:
         self._sequence = {}
         self._outstanding: list[Work] = []
         self._outstanding_lock = threading.Lock()
-        self._live: dict[int, tuple[int, int]] = {}  # storage address -> (bytes, references)
+        self._live: dict[int, list[int]] = {}  # storage address -> [bytes, references, item]
+        self._state_storages: frozenset[int] = frozenset()
         self.live_bytes = 0
+        self.live_items = [0] * len(LIVE_ITEMS)
         self.peak_live_bytes = 0
+        self.peak_live_items: tuple[int, ...] = (0,) * len(LIVE_ITEMS)
 
     # ------------------------------------------------------------ streams and events
 
@@ -173,31 +185,68 @@ class Runtime:
         if self._cuda:
             tensor.record_stream(stream)
 
-    # ------------------------------------------------------------ live activation bytes
+    # ------------------------------------------------------------ live bytes
 
     def produced(self, *tensors: torch.Tensor) -> None:
-        """Counts tensors a launch made as live (a storage shared by several counts once)."""
+        """Counts tensors a launch made as live activations (a storage shared by
+        several counts once; a view of state is not counted)."""
+        self._count(tensors, _ACTIVATIONS)
+
+    def produced_gradients(self, *tensors: torch.Tensor) -> None:
+        """Counts tensors a launch made as live parameter gradients."""
+        self._count(tensors, _GRADIENTS)
+
+    def _count(self, tensors: Sequence[torch.Tensor], item: int) -> None:
         for tensor in tensors:
-            key = tensor.untyped_storage().data_ptr()
-            size, refs = self._live.get(key, (tensor.untyped_storage().nbytes(), 0))
-            if refs == 0:
-                self.live_bytes += size
-                self.peak_live_bytes = max(self.peak_live_bytes, self.live_bytes)
-            self._live[key] = (size, refs + 1)
+            storage = tensor.untyped_storage()
+            key = storage.data_ptr()
+            entry = self._live.get(key)
+            if entry is not None:
+                entry[1] += 1
+            elif key not in self._state_storages:
+                size = storage.nbytes()
+                self._live[key] = [size, 1, item]
+                self._grow(size, item)
+
+    def _grow(self, size: int, item: int) -> None:
+        self.live_bytes += size
+        self.live_items[item] += size
+        if self.live_bytes > self.peak_live_bytes:
+            self.peak_live_bytes = self.live_bytes
+            self.peak_live_items = tuple(self.live_items)
+
+    def _item_of(self, tensor: torch.Tensor) -> int:
+        """The item a collective's result counts as: its input's (activations if uncounted)."""
+        entry = self._live.get(tensor.untyped_storage().data_ptr())
+        return _ACTIVATIONS if entry is None else entry[2]
+
+    def _made(self, stream, tensors: Sequence[torch.Tensor], item: int) -> None:
+        """Counts the results of a communication the program issued on `stream`."""
+        if stream is not None:
+            self._count(tensors, item)
+
+    def _stage(self, work: Work, stream, *buffers: torch.Tensor) -> Work:
+        """Counts the staging buffers `work` holds until its wait as communication
+        buffers (a `source` that is its tensor, not a copy, is not one)."""
+        if stream is not None and buffers:
+            work.staged = sum(b.untyped_storage().nbytes() for b in buffers)
+            self._grow(work.staged, _COMM_BUFFERS)
+        return work
 
     def free(self, *tensors: torch.Tensor) -> None:
         """Releases the count of tensors the program frees (`exec.free`); tensors
         that were never counted (state, inputs) are ignored."""
         for tensor in tensors:
             key = tensor.untyped_storage().data_ptr()
-            if key not in self._live:
+            entry = self._live.get(key)
+            if entry is None:
                 continue
-            size, refs = self._live[key]
-            if refs > 1:
-                self._live[key] = (size, refs - 1)
+            if entry[1] > 1:
+                entry[1] -= 1
                 continue
             del self._live[key]
-            self.live_bytes -= size
+            self.live_bytes -= entry[0]
+            self.live_items[entry[2]] -= entry[0]
 
     # ------------------------------------------------------------ inputs, state, outputs
 
@@ -352,11 +401,11 @@ class Runtime:
             flat = torch.cat([t.reshape(-1) for t in tensors])
             torch_op, finish = self._reduction(op, flat, group, what)
             work = dist.all_reduce(flat, op=torch_op, group=handle, async_op=True)
-        self.produced(flat)
         views = [
             v.view(t.shape)
             for v, t in zip(flat.split([t.numel() for t in tensors]), tensors, strict=True)
         ]
+        self._made(stream, views, _COMM_BUFFERS)
         return self._track(Work(what, work, [flat], finish)), views
 
     def all_gather(
@@ -371,7 +420,7 @@ class Runtime:
         shape[dim] *= n
         with self.on(stream):
             out = torch.empty(shape, dtype=tensor.dtype, device=self.device)
-            self.produced(out)
+            self._made(stream, [out], self._item_of(tensor))
             if dim == 0:
                 work = dist.all_gather_single(out, tensor.contiguous(), group=handle, async_op=True)
                 return self._track(Work(what, work, [out])), out
@@ -385,7 +434,7 @@ class Runtime:
         def finish() -> None:
             out.copy_(gathered.view(n, *tensor.shape).movedim(0, dim).reshape(shape))
 
-        return self._track(Work(what, work, [out, gathered], finish)), out
+        return self._stage(self._track(Work(what, work, [out, gathered], finish)), stream, gathered), out
 
     def reduce_scatter(
         self, tensor: torch.Tensor, group: str, dim: int, op: str, stream
@@ -411,18 +460,20 @@ class Runtime:
             work = dist.reduce_scatter_single(
                 piece, source, op=torch_op, group=handle, async_op=True
             )
+            copies = [source] if _copied(source, tensor) else []
             if dim == 0:
-                self.produced(piece)
-                return self._track(Work(what, work, [piece, source], reduce_finish)), piece
+                self._made(stream, [piece], self._item_of(tensor))
+                work = self._track(Work(what, work, [piece, source], reduce_finish))
+                return self._stage(work, stream, *copies), piece
             out = torch.empty(shape, dtype=tensor.dtype, device=self.device)
-            self.produced(out)
+            self._made(stream, [out], self._item_of(tensor))
 
         def finish() -> None:
             if reduce_finish is not None:
                 reduce_finish()
             out.copy_(piece.movedim(0, dim))
 
-        return self._track(Work(what, work, [out, piece, source], finish)), out
+        return self._stage(self._track(Work(what, work, [out, piece, source], finish)), stream, piece, *copies), out
 
     def all_to_all(
         self, tensor: torch.Tensor, group: str, split_dim: int, concat_dim: int, stream
@@ -446,12 +497,14 @@ class Runtime:
             shape = list(pieces[0].shape)
             shape[concat_dim] *= n
             out = torch.empty(shape, dtype=tensor.dtype, device=self.device)
-            self.produced(out)
+            self._made(stream, [out], self._item_of(tensor))
+            copies = [source] if _copied(source, tensor) else []
 
         def finish() -> None:
             torch.cat(pieces, dim=concat_dim, out=out)
 
-        return self._track(Work(what, work, [out, arrived, source], finish)), out
+        work = self._track(Work(what, work, [out, arrived, source], finish))
+        return self._stage(work, stream, arrived, *copies), out
 
     def broadcast(
         self, tensor: torch.Tensor, group: str, src: int, stream
@@ -463,7 +516,7 @@ class Runtime:
         with self.on(stream):
             buffer = tensor.contiguous() if src == self.rank else torch.empty_like(tensor)
             work = dist.broadcast(buffer, src, group=handle, async_op=True)
-        self.produced(buffer)
+        self._made(stream, [buffer], self._item_of(tensor))
         return self._track(Work(what, work, [buffer])), buffer
 
     def _reduction(self, op: str, buffer: torch.Tensor, group: str, what: str):
@@ -497,6 +550,8 @@ class Runtime:
             with self.on(stream) if stream is not None else contextlib.nullcontext():
                 self._wait_one(work)
             work.done = True
+            self.live_bytes -= work.staged
+            self.live_items[_COMM_BUFFERS] -= work.staged
         self._pending = [w for w in self._pending if not w.done]
 
     def _wait_one(self, work: Work) -> None:
@@ -574,10 +629,17 @@ class Runtime:
         self._pending = []
         self._sequence: dict[tuple[int, int], int] = {}
         self._live = {}
+        self._state_storages = frozenset(t.untyped_storage().data_ptr() for t in self._state.values())
         self.live_bytes = 0
+        self.live_items = [0] * len(LIVE_ITEMS)
 
     def _end_step(self) -> None:
         """Waits for work the program left in flight (sends nobody waited for)."""
         self.wait(*self._pending)
         self._batch = None
         self.last_progress = time.monotonic()
+
+
+def _copied(source: torch.Tensor, tensor: torch.Tensor) -> bool:
+    """Whether `source` (a rearranged `tensor`) is a copy rather than `tensor`'s own storage."""
+    return source.untyped_storage().data_ptr() != tensor.untyped_storage().data_ptr()

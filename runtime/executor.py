@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
+import math
 import os
 import sys
 from datetime import timedelta
@@ -14,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from .comm import Group, Runtime, Work
-from .manifest import Manifest, RankPlan, read_manifest
+from .manifest import Manifest, RankPlan, StateEntry, local_part, read_manifest
 
 DEFAULT_TIMEOUT = 60.0
 _program_ids = itertools.count()
@@ -66,7 +67,7 @@ class Executor:
             mesh=self.manifest.mesh,
             input_layouts=self.manifest.input_layouts,
             microbatches=self.manifest.microbatches,
-            state=_load_state(self.directory / "state.pt", self.plan, device),
+            state=_load_state(self.directory / "state.pt", self.manifest, self.plan, device),
         )
         self.program = _import_program(self.directory / self.plan.program, self.rank)
         self.steps_done = 0
@@ -122,21 +123,34 @@ class Executor:
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The full parameters by name, on CPU; the same dict on every rank.
 
-        Collective: every rank must call it. The lowest owner of each parameter
-        contributes its copy.
+        Collective: every rank must call it. The lowest owner of each whole
+        parameter contributes its copy; a parameter held in parts (its state
+        entry has a layout) is put together from every owner's part.
         """
         params = self.manifest.params
+        entries = {e.name: e for e in self.manifest.ranks[self.rank].state if e.kind == "param"}
         mine = {
             name: self.runtime.state(name).detach().cpu()
             for name, owners in params.items()
-            if min(owners) == self.rank
+            if self.rank in owners and (entries[name].layout is not None or min(owners) == self.rank)
         }
         gathered: list[dict[str, torch.Tensor] | None] = [None] * self.manifest.world_size
         dist.all_gather_object(gathered, mine)
-        merged: dict[str, torch.Tensor] = {}
-        for part in gathered:
-            merged.update(part)
-        return {name: merged[name] for name in params}
+        return {name: self._whole(name, owners, gathered) for name, owners in params.items()}
+
+    def _whole(self, name: str, owners: tuple[int, ...], parts: list) -> torch.Tensor:
+        """Parameter `name`, whole, from the parts its owners sent."""
+        layouts = {r: next(e.layout for e in self.manifest.ranks[r].state if e.name == name) for r in owners}
+        if layouts[min(owners)] is None:
+            return parts[min(owners)][name]
+        first = parts[min(owners)][name]
+        mesh = self.manifest.mesh
+        shape = [size * math.prod(mesh[a] for a in axes) for size, axes in zip(first.shape, layouts[min(owners)],
+                                                                               strict=True)]
+        whole = torch.empty(shape, dtype=first.dtype)
+        for rank in owners:
+            local_part(whole, layouts[rank], mesh, self.manifest.ranks[rank].coords).copy_(parts[rank][name])
+        return whole
 
     def peak_live_bytes(self) -> list[int]:
         """Per rank, the peak of its live activation bytes over the steps run so far
@@ -232,8 +246,9 @@ def _create_groups(manifest: Manifest, timeout: float) -> dict[str, Group]:
     return groups
 
 
-def _load_state(path: Path, plan: RankPlan, device: torch.device) -> dict[str, torch.Tensor]:
-    """This rank's state: its parameters from `state.pt`, zeros and scalars."""
+def _load_state(path: Path, manifest: Manifest, plan: RankPlan, device: torch.device) -> dict[str, torch.Tensor]:
+    """This rank's state: its parameters from `state.pt`, zeros and scalars; the part its
+    layout gives the rank, for state held in parts."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: the initial parameters (state.pt) are missing")
     saved = torch.load(path, map_location="cpu", weights_only=True)
@@ -246,12 +261,19 @@ def _load_state(path: Path, plan: RankPlan, device: torch.device) -> dict[str, t
                 f"parameter {source!r}, which state.pt does not hold"
             )
         if entry.kind == "param":
-            state[entry.name] = saved[source].detach().to(device).clone()
+            state[entry.name] = _part(saved[source], entry, manifest, plan).detach().to(device).clone()
         elif entry.kind == "zeros":
-            state[entry.name] = torch.zeros_like(saved[source], device=device)
+            state[entry.name] = torch.zeros_like(_part(saved[source], entry, manifest, plan), device=device)
         else:
             state[entry.name] = torch.tensor(entry.value, dtype=torch.float64, device=device)
     return state
+
+
+def _part(tensor: torch.Tensor, entry: StateEntry, manifest: Manifest, plan: RankPlan) -> torch.Tensor:
+    """The part of a whole state tensor that the rank holds under the entry's layout."""
+    if entry.layout is None:
+        return tensor
+    return local_part(tensor, entry.layout, manifest.mesh, plan.coords)
 
 
 def _import_program(path: Path, rank: int) -> ModuleType:

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
@@ -43,14 +44,63 @@ class LaunchError(RuntimeError):
         self.ranks = list(ranks)
 
 
+@dataclass(frozen=True)
+class PeakMemory:
+    """One rank's memory at its peak, in bytes, by item.
+
+    `parameters` (with model buffers) and `optimizer_state` are the state the rank
+    holds; `gradients`, `activations` and `comm_buffers` are the tensors live at
+    the peak of the runtime's live count (`Runtime.produced`): parameter
+    gradients, the rest of what launches, receives and collectives made, and the
+    buffers collectives allocate (a bucket's flat buffer, which holds the reduced
+    gradients until they are freed, and staging copies held until the wait).
+    A measurement on CUDA adds `cuda_max_allocated`
+    (`torch.cuda.max_memory_allocated`); a prediction says in `at` where the peak is.
+    """
+
+    parameters: int
+    optimizer_state: int
+    gradients: int
+    activations: int
+    comm_buffers: int
+    cuda_max_allocated: int | None = None
+    at: str = ""
+
+    ITEMS: ClassVar[tuple[str, ...]] = (
+        "parameters", "optimizer_state", "gradients", "activations", "comm_buffers"
+    )
+
+    @property
+    def total(self) -> int:
+        """The peak: every item added up."""
+        return sum(getattr(self, item) for item in self.ITEMS)
+
+    def table(self) -> str:
+        """The items and the total, one per line, in MiB and bytes."""
+        rows = [(item.replace("_", " "), getattr(self, item)) for item in (*self.ITEMS, "total")]
+        if self.cuda_max_allocated is not None:
+            rows.append(("cuda max allocated", self.cuda_max_allocated))
+        lines = [f"{name:<20}{mib(size):>12} MiB {size:>14,} B" for name, size in rows]
+        return "\n".join(([f"peak at {self.at}"] if self.at else []) + lines)
+
+    __str__ = table
+
+
+def mib(size: int) -> str:
+    """`size` bytes in MiB, as a table prints it."""
+    return f"{size / 2**20:.3f}"
+
+
 @dataclass
 class LaunchResult:
     """What a finished job reports: the loss of every step, the final parameters,
-    and per rank the peak of live activation bytes (see `Runtime.produced`)."""
+    and per rank the peak of live bytes (see `Runtime.produced`) and that peak's
+    memory by item (`PeakMemory`, with the state the rank holds)."""
 
     losses: list[float]
     state_dict: dict[str, torch.Tensor]
     peak_live_bytes: list[int]
+    peak_memory: list[PeakMemory]
 
 
 def launch_dir(
@@ -102,6 +152,7 @@ def launch_dir(
         losses=list(saved["losses"]),
         state_dict=dict(saved["state_dict"]),
         peak_live_bytes=list(saved["peak_live_bytes"]),
+        peak_memory=[PeakMemory(**items) for items in saved["peak_memory"]],
     )
 
 

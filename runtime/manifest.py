@@ -16,11 +16,12 @@ from pathlib import Path
 
 import torch
 
-FORMAT = 2
+FORMAT = 3
 STATE_KINDS = ("param", "zeros", "scalar")
 
 Layout = tuple[tuple[str, ...], ...]
-"""How a global input is split over the mesh: per dimension, the mesh axes that cut it, outermost first."""
+"""How a global tensor (an input, sharded state) is split over the mesh: per dimension, the mesh
+axes that cut it, outermost first."""
 
 
 class ManifestError(ValueError):
@@ -29,12 +30,14 @@ class ManifestError(ValueError):
 
 @dataclass(frozen=True)
 class StateEntry:
-    """One named tensor a rank owns: a parameter, optimizer zeros, or a scalar."""
+    """One named tensor a rank owns: a parameter, optimizer zeros, or a scalar. With a
+    `layout`, the rank holds only its part of the tensor, cut as `local_part` cuts it."""
 
     name: str
     kind: str
     like: str | None = None
     value: float = 0.0
+    layout: Layout | None = None
 
 
 @dataclass(frozen=True)
@@ -131,6 +134,11 @@ def _parse(path: Path, data: dict) -> Manifest:
     for plan in ranks:
         if set(plan.coords) != set(mesh):
             raise fail(f"rank {plan.rank}: coords {plan.coords} must name the mesh axes {list(mesh)}")
+        for entry in plan.state:
+            unknown = [a for axes in entry.layout or () for a in axes if a not in mesh]
+            if unknown:
+                raise fail(f"rank {plan.rank}: state {entry.name!r}: layout names axes {unknown} that the "
+                           f"mesh {mesh} lacks")
         bad = [i for i in plan.inputs if not 0 <= i < len(input_names)]
         if bad:
             raise fail(f"rank {plan.rank}: inputs {bad} are not listed in 'inputs'")
@@ -166,6 +174,7 @@ def _parse_rank(data: dict) -> RankPlan:
                 kind=kind,
                 like=entry.get("like"),
                 value=float(entry.get("value", 0.0)),
+                layout=None if "layout" not in entry else tuple(tuple(str(a) for a in axes) for axes in entry["layout"]),
             )
         )
     return RankPlan(

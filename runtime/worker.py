@@ -5,8 +5,8 @@
 
 `FILE` given to --batches holds `torch.save(list_of_global_batches)`, each a
 tuple of tensors. Every rank runs every step; rank 0 prints `PIPERC_STEP i loss`
-after each and writes `{"losses", "state_dict", "peak_live_bytes"}` (the last
-one per rank) to the --result file. A
+after each and writes `{"losses", "state_dict", "peak_live_bytes", "peak_memory"}`
+(the last two per rank) to the --result file. A
 failing rank prints its traceback to stderr, each line prefixed `[rank R]`, and
 exits with status 1 at once, so a collective stuck in another thread cannot
 keep it alive.
@@ -22,7 +22,9 @@ import time
 import traceback
 
 import torch
+import torch.distributed as dist
 
+from .comm import LIVE_ITEMS
 from .executor import Executor, load
 from .launch import STEP_PREFIX
 
@@ -55,8 +57,9 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"{STEP_PREFIX} {i} {losses[-1]!r}", flush=True)
         state = executor.state_dict()
         peaks = executor.peak_live_bytes()
+        memory = _peak_memory(executor)
         if executor.rank == 0 and args.result:
-            _write_result(args.result, losses, state, peaks)
+            _write_result(args.result, losses, state, peaks, memory)
         executor.close()
     except BaseException:
         _exit(1, "".join(f"[rank {rank}] {line}\n" for line in traceback.format_exc().splitlines()))
@@ -64,11 +67,33 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _write_result(
-    path: str, losses: list[float], state: dict[str, torch.Tensor], peaks: list[int]
+    path: str, losses: list[float], state: dict[str, torch.Tensor], peaks: list[int],
+    memory: list[dict[str, int | None]],
 ) -> None:
     partial = f"{path}.partial"
-    torch.save({"losses": losses, "state_dict": state, "peak_live_bytes": peaks}, partial)
+    result = {"losses": losses, "state_dict": state, "peak_live_bytes": peaks, "peak_memory": memory}
+    torch.save(result, partial)
     os.replace(partial, path)
+
+
+def _peak_memory(executor: Executor) -> list[dict[str, int | None]]:
+    """Per rank, its peak memory by item (the fields of `launch.PeakMemory`): the state
+    it holds by kind, the live count's items at its peak, and on CUDA the allocator's
+    peak. Collective: every rank must call it; every rank gets the whole list."""
+    runtime = executor.runtime
+    held = {"param": 0, "zeros": 0, "scalar": 0}
+    for entry in executor.plan.state:
+        held[entry.kind] += runtime.state(entry.name).nbytes
+    cuda = runtime.device.type == "cuda"
+    mine = {
+        "parameters": held["param"],
+        "optimizer_state": held["zeros"] + held["scalar"],
+        **dict(zip(LIVE_ITEMS, runtime.peak_live_items, strict=True)),
+        "cuda_max_allocated": torch.cuda.max_memory_allocated(runtime.device) if cuda else None,
+    }
+    gathered: list[dict[str, int | None] | None] = [None] * executor.manifest.world_size
+    dist.all_gather_object(gathered, mine)
+    return gathered
 
 
 def _start_watchdog(executor: Executor, rank: str) -> None:

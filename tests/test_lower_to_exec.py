@@ -385,14 +385,14 @@ def test_code_generation_writes_each_inputs_layout_into_the_manifest():
     m.attributes["par.microbatches"] = parse_module("builtin.module attributes {a = 1 : i64} {}").attributes["a"]
     files = generate(m, {})
     manifest = json.loads(files["manifest.json"])
-    assert manifest["format"] == 2
+    assert manifest["format"] == 3
     assert manifest["inputs"] == [{"index": 0, "name": "input0", "layout": [["dp"], []]}]
     assert '    input0_mb0 = rt.input(0, 0)  # layout [["dp"], []]' in files["rank1.py"].splitlines()
 
 
 def test_an_input_split_by_rows_over_dp_gives_each_rank_its_rows(tmp_path):
     manifest = {
-        "format": 2, "world_size": 2, "mesh": [["dp", 2]], "device": "cpu",
+        "format": 3, "world_size": 2, "mesh": [["dp", 2]], "device": "cpu",
         "groups": [["world", [0, 1]]],
         "inputs": [{"index": 0, "name": "x", "layout": [["dp"], []]}],
         "microbatches": 2,

@@ -1,0 +1,322 @@
+"""zero: shards optimizer state (ZeRO-1), gradients (ZeRO-2) and parameters (ZeRO-3) over
+the data-parallel axis, as layouts and `par.reshard`s; no new runtime machinery.
+
+Each parameter `w` of an update function is sharded along its first dimension that the
+axis size divides (`Shard(d)`, written `#par.sharding<[["dp"], []]>`); a parameter with
+no such dimension stays replicated and is updated whole on every replica. For a sharded
+`w`, per stage:
+
+  zero=1  the optimizer state of `w` (`state:w.*`) is held and updated as this replica's
+          shard. The update function slices the all-reduced gradient and the parameter to
+          the shard (`par.reshard` Replicate -> Shard: a local `all_slice`) and gathers the
+          updated shard back (Shard -> Replicate: `all_gather`).
+  zero=2  as zero=1, and the gradient is no longer all-reduced in a bucket: the update
+          function reads the backward's partial sum and reduce-scatters it (Partial ->
+          Shard). A weight tied across stages keeps its bucket (it sums over stages too).
+  zero=3  as zero=2, and the parameter itself is held as a shard (`@main`'s argument and
+          result, the rank's state): each forward and backward function that reads it
+          gathers it on entry (Shard -> Replicate) and drops the full copy when it
+          returns, so every microbatch's F and B regathers it; the update works on the
+          shard alone.
+
+    func.func @s0_update(%w: !torch.vtensor<[8,4],f32> {piperc.key = "param:w"},
+                         %g: !torch.vtensor<[8,4],f32> {..., par.layout = #par.sharding<[[], []], partial = ["dp"]>},
+                         %m: !torch.vtensor<[4,4],f32> {..., par.layout = #par.sharding<[["dp"], []]>}, ...) {
+      %ws = par.reshard %w @mesh from #par.sharding<[[], []]> to #par.sharding<[["dp"], []]> : ...
+      %gs = par.reshard %g @mesh from #par.sharding<[[], []], partial = ["dp"]> to #par.sharding<[["dp"], []]> : ...
+      ... the update, on [4,4] shards ...
+      %wr = par.reshard %w2 @mesh from #par.sharding<[["dp"], []]> to #par.sharding<[[], []]> : ...
+
+The update's ops are elementwise (`optimizer` writes them), so they run on shards
+unchanged: the pass only gives their results the shard's shape, and an op that is not
+elementwise is an error naming it. `lower-reshard` then turns the reshards into
+collectives inside the functions, `lower-collectives` declares the axis groups, and the
+runtime holds each state tensor as the layout of its `par.state` says.
+
+Options: stage (1, 2 or 3), axis (default dp), directive (quoted in errors).
+Requires: data-parallel has run over `axis` (gradient buckets and layouts).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from xdsl.context import Context
+from xdsl.dialects import func
+from xdsl.dialects.builtin import ArrayAttr, DictionaryAttr, ModuleOp
+from xdsl.ir import Attribute, Block, BlockArgument, Operation, SSAValue
+from xdsl.passes import ModulePass
+from xdsl.rewriter import InsertPoint, Rewriter
+
+from piperc.dialects.par import (
+    LAYOUT,
+    AllReduceBucketOp,
+    PassKind,
+    ReshardOp,
+    ShardingAttr,
+    TaskOp,
+    layout_of,
+)
+from piperc.dialects.roles import argument_roles, main_function
+from piperc.dialects.torch import ValueTensorType
+from piperc.errors import StrategyError
+from piperc.passes.mesh import MESH_SYMBOL, find_mesh
+from piperc.passes.outline_stages import (
+    arg_keys,
+    find_function,
+    result_keys,
+    step_result_layouts,
+    step_tasks,
+)
+
+ELEMENTWISE = frozenset(
+    f"torch.aten.{name}"
+    for name in (
+        "add.Tensor", "add.Scalar", "sub.Tensor", "sub.Scalar", "rsub.Scalar", "mul.Tensor", "mul.Scalar",
+        "div.Tensor", "div.Scalar", "lerp.Scalar", "lerp.Tensor", "addcmul", "addcdiv", "sqrt", "rsqrt",
+        "reciprocal", "neg", "pow.Scalar", "pow.Tensor_Scalar", "pow.Tensor_Tensor", "clone", "abs", "sign",
+        "maximum", "minimum", "clamp", "where.self",
+    )
+)
+"""The update ops that act element by element (with broadcasting), so they run on shards."""
+
+
+@dataclass
+class _Shard:
+    """How one parameter is sharded: the dimension, its layout and the local (shard) type."""
+
+    dim: int
+    layout: ShardingAttr
+    local: ValueTensorType
+    whole: ValueTensorType
+
+
+@dataclass(frozen=True)
+class ZeroPass(ModulePass):
+    """Shards optimizer state (1), gradients (2) and parameters (3) over the data-parallel axis."""
+
+    name = "zero"
+
+    stage: int = 1
+    axis: str = "dp"
+    directive: str = "zero"
+
+    def apply(self, ctx: Context, op: ModuleOp) -> None:
+        if self.stage not in (1, 2, 3):
+            raise StrategyError(f"{self.directive}: zero must be 0, 1, 2 or 3, got {self.stage}")
+        mesh = find_mesh(op)
+        if self.axis not in mesh.axis_names():
+            raise StrategyError(f"{self.directive}: axis '{self.axis}' is not in the mesh {list(mesh.axis_names())}")
+        updates = [task for task in step_tasks(op) if task.pass_kind.data == PassKind.UPDATE]
+        if not updates:
+            raise StrategyError(f"{self.directive}: run optimizer and data-parallel first (the step has no update)")
+        _Rewrite(op, self, mesh.axis_size(self.axis)).run(updates)
+
+
+@dataclass
+class _Rewrite:
+    """One application of the pass: the shards chosen and the values rewritten so far."""
+
+    module: ModuleOp
+    options: ZeroPass
+    size: int
+    shards: dict[str, _Shard] = field(default_factory=dict)
+    local: set[SSAValue] = field(default_factory=set)
+    """Values of the function being rewritten that now hold shards."""
+
+    def run(self, updates: list[TaskOp]) -> None:
+        main = main_function(self.module)
+        for task in updates:
+            self.update(task)
+        roles = argument_roles(main)
+        for arg, (role, name) in zip(list(main.args), roles, strict=True):
+            shard = self.shards.get(_owner(role, name))
+            if shard is not None and (role == "state" or (role == "param" and self.options.stage == 3)):
+                self.retype_argument(main, arg.index, shard)
+        if self.options.stage == 3:
+            for task in step_tasks(self.module):
+                if task.pass_kind.data in (PassKind.F, PassKind.B):
+                    self.gather_on_entry(task, roles)
+        main.update_function_type()
+        step_result_layouts(self.module)
+
+    # ------------------------------------------------------------ the update function
+
+    def update(self, task: TaskOp) -> None:
+        """Rewrites one update task and its function to work on shards."""
+        fn = find_function(self.module, task.callee.root_reference.data)
+        keys = arg_keys(fn)
+        for key, arg in zip(keys, fn.args, strict=True):
+            if key.startswith("param:"):
+                shard = self.choose(key.removeprefix("param:"), arg.type)
+                if shard is not None:
+                    self.shards[key.removeprefix("param:")] = shard
+        block = fn.body.block
+        first = block.first_op
+        self.local = set()
+        for index, key in enumerate(keys):
+            role, _, name = key.partition(":")
+            shard = self.shards.get(_owner(role, name))
+            if shard is None:
+                continue
+            if role == "state" or (role == "param" and self.options.stage == 3):
+                self.retype_argument(fn, index, shard)
+            elif role == "param":
+                self.reshard_argument(block, first, fn, index, _replicated(shard), shard)
+            elif role == "grad":
+                source = self.gradient_source(task, index, name)
+                self.reshard_argument(block, first, fn, index, source, shard)
+        self.retype_body(fn)
+        ret = block.last_op
+        assert ret is not None
+        for index, key in enumerate(result_keys(fn)):
+            role, _, name = key.partition(":")
+            shard = self.shards.get(_owner(role, name))
+            if shard is None:
+                continue
+            if role == "param" and self.options.stage < 3:
+                gather = ReshardOp(ret.operands[index], MESH_SYMBOL, shard.layout, _replicated(shard), shard.whole)
+                block.insert_op_before(gather, ret)
+                ret.operands[index] = gather.result
+            else:
+                self.set_result_layout(fn, index, shard.layout)
+                Rewriter.replace_value_with_new_type(task.outs[index], ret.operands[index].type)
+        fn.update_function_type()
+
+    def choose(self, name: str, type_: Attribute) -> _Shard | None:
+        """The shard of parameter `name`: along its first dimension the axis size divides."""
+        if not isinstance(type_, ValueTensorType):
+            return None
+        shape = type_.get_shape()
+        for dim, size in enumerate(shape):
+            if size >= self.size and size % self.size == 0:
+                local = list(shape)
+                local[dim] = size // self.size
+                return _Shard(dim, ShardingAttr.split(len(shape), dim, self.options.axis),
+                              ValueTensorType(local, type_.dtype), type_)
+        return None
+
+    def gradient_source(self, task: TaskOp, index: int, name: str) -> ShardingAttr:
+        """The layout the update reads gradient `name` in; for zero >= 2, its bucket entry is
+        dissolved so the update reads the partial sum (a tied weight keeps its bucket)."""
+        shard = self.shards[name]
+        value = task.operands[index]
+        bucket = value.owner
+        if self.options.stage < 2 or not isinstance(bucket, AllReduceBucketOp) or len(bucket.stage_list()) > 1:
+            return _replicated(shard)
+        entry = list(bucket.sums).index(value)
+        task.operands[index] = bucket.values[entry]
+        _drop_entry(bucket, entry)
+        return ShardingAttr([[] for _ in shard.whole.get_shape()], partial=[self.options.axis])
+
+    def reshard_argument(self, block: Block, before: Operation | None, fn: func.FuncOp, index: int,
+                         source: ShardingAttr, shard: _Shard) -> None:
+        """Reads argument `index` (laid out as `source`) as its shard, at the function's entry."""
+        arg = fn.args[index]
+        reshard = ReshardOp(arg, MESH_SYMBOL, source, shard.layout, shard.local)
+        if before is None:
+            block.add_op(reshard)
+        else:
+            block.insert_op_before(reshard, before)
+        arg.replace_uses_with_if(reshard.result, lambda use: use.operation is not reshard)
+        self.local.add(reshard.result)
+        self.set_argument_layout(fn, index, source)
+
+    def retype_body(self, fn: func.FuncOp) -> None:
+        """Gives every op that reads a shard the shape its operands now broadcast to."""
+        for op in fn.body.block.ops:
+            if isinstance(op, ReshardOp | func.ReturnOp) or not any(v in self.local for v in op.operands):
+                continue
+            if op.name not in ELEMENTWISE:
+                raise StrategyError(
+                    f"{self.options.directive}: {op.name} in @{fn.sym_name.data} is not elementwise, so the "
+                    "update cannot run on a shard; ZeRO supports optimizers whose update is elementwise "
+                    "(sgd, adamw)")
+            tensors = [v.type.get_shape() for v in op.operands if isinstance(v.type, ValueTensorType)]
+            shape = _broadcast(op, tensors, self.options.directive)
+            for r in op.results:
+                if isinstance(r.type, ValueTensorType):
+                    self.local.add(Rewriter.replace_value_with_new_type(r, ValueTensorType(shape, r.type.dtype)))
+
+    # ------------------------------------------------------------ signatures
+
+    def retype_argument(self, fn: func.FuncOp, index: int, shard: _Shard) -> None:
+        """Makes argument `index` of `fn` the shard: its local type and its layout."""
+        self.local.add(Rewriter.replace_value_with_new_type(fn.args[index], shard.local))
+        self.set_argument_layout(fn, index, shard.layout)
+
+    @staticmethod
+    def set_argument_layout(fn: func.FuncOp, index: int, layout: ShardingAttr) -> None:
+        """Sets the `par.layout` of argument `index` of `fn`."""
+        attrs = list(fn.arg_attrs.data)
+        attrs[index] = DictionaryAttr({**attrs[index].data, LAYOUT: layout})
+        fn.arg_attrs = ArrayAttr(attrs)
+
+    @staticmethod
+    def set_result_layout(fn: func.FuncOp, index: int, layout: ShardingAttr) -> None:
+        """Sets the `par.layout` of result `index` of `fn`."""
+        attrs = list(fn.res_attrs.data)
+        attrs[index] = DictionaryAttr({**attrs[index].data, LAYOUT: layout})
+        fn.res_attrs = ArrayAttr(attrs)
+
+    def gather_on_entry(self, task: TaskOp, roles: list[tuple[str, object]]) -> None:
+        """ZeRO-3: the forward or backward function reads each sharded parameter as its shard
+        and gathers it whole on entry."""
+        main = main_function(self.module)
+        fn = find_function(self.module, task.callee.root_reference.data)
+        block = fn.body.block
+        first = block.first_op
+        for index, value in enumerate(task.args):
+            if not (isinstance(value, BlockArgument) and value.owner is main.body.block):
+                continue
+            role, name = roles[value.index]
+            shard = self.shards.get(str(name)) if role == "param" else None
+            if shard is None or layout_of(fn.arg_attrs.data[index]) == shard.layout:
+                continue
+            arg = fn.args[index]
+            gather = ReshardOp(arg, MESH_SYMBOL, shard.layout, _replicated(shard), shard.whole)
+            if first is None:
+                block.add_op(gather)
+            else:
+                block.insert_op_before(gather, first)
+            arg.replace_uses_with_if(gather.result, lambda use, g=gather: use.operation is not g)
+            self.retype_argument(fn, index, shard)
+        fn.update_function_type()
+
+
+def _owner(role: str, name: object) -> str:
+    """The parameter a step value belongs to: `w` for param/grad `w` and state `w.exp_avg`."""
+    name = str(name)
+    return name.rsplit(".", 1)[0] if role == "state" else name
+
+
+def _replicated(shard: _Shard) -> ShardingAttr:
+    return ShardingAttr.replicated(len(shard.whole.get_shape()))
+
+
+def _broadcast(op: Operation, shapes: list[tuple[int, ...]], directive: str) -> tuple[int, ...]:
+    """The broadcast of `shapes` (numpy rules), or an error naming `op`."""
+    rank = max((len(s) for s in shapes), default=0)
+    out = [1] * rank
+    for shape in shapes:
+        for i, size in enumerate(shape, start=rank - len(shape)):
+            if size != 1 and out[i] not in (1, size):
+                raise StrategyError(f"{directive}: {op.name} mixes shapes {shapes} that do not broadcast")
+            if size != 1:
+                out[i] = size
+    return tuple(out)
+
+
+def _drop_entry(bucket: AllReduceBucketOp, entry: int) -> None:
+    """Removes entry `entry` of a gradient bucket (erasing the bucket when it empties)."""
+    keep = [i for i in range(len(bucket.values)) if i != entry]
+    if keep:
+        new = AllReduceBucketOp(bucket.bucket.value.data, bucket.stage.value.data,
+                                [bucket.values[i] for i in keep], bucket.mesh.root_reference.data,
+                                bucket.axis_names(), bucket.stage_list())
+        Rewriter.insert_op(new, InsertPoint.before(bucket))
+        for i, result in zip(keep, new.sums, strict=True):
+            bucket.sums[i].replace_all_uses_with(result)
+    bucket.detach()
+    bucket.erase()
+
