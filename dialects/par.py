@@ -1495,6 +1495,77 @@ class ReshardOp(IRDLOperation):
         ]
 
 
+@irdl_op_definition
+class LayoutCastOp(IRDLOperation):
+    """A change of layout written before shapes are localised: a `par.reshard` on global types.
+
+    ```
+    %q = par.layout_cast %qkv @mesh from #par.sharding<[[], [], ["tp"]]> to #par.sharding<[[], [], []]>
+           because "torch.aten.split.Tensor in 'blocks.0.attn' (split): operand 0"
+           : !torch.vtensor<[2,8,96],f32>
+    ```
+    Operand and result are the same GLOBAL tensor (one type), laid out as `source` and
+    `target` say; `reason` says which op and rule needed the change. propagate-sharding
+    writes these, and shape localisation turns each into a `par.reshard` on the local
+    types, which `lower-reshard` lowers. It is a separate op, not a flag on `par.reshard`,
+    so that no pass that reads local types (lower-reshard, code generation) can take one
+    for the other: a cast left in the IR fails where it is not understood.
+    """
+
+    name = "par.layout_cast"
+
+    T: ClassVar = VarConstraint("T", base(ValueTensorType))
+
+    input = operand_def(T)
+    result = result_def(T)
+    mesh = prop_def(FlatSymbolRefAttr)
+    source = prop_def(ShardingAttr)
+    target = prop_def(ShardingAttr)
+    reason = opt_prop_def(StringAttr)
+
+    traits = traits_def(Pure())
+
+    assembly_format = (
+        "$input $mesh `from` qualified($source) `to` qualified($target) (`because` $reason^)? attr-dict "
+        "`:` type($input)"
+    )
+
+    def __init__(self, input: SSAValue, mesh: str, source: ShardingAttr, target: ShardingAttr,
+                 reason: str | None = None):
+        super().__init__(
+            operands=[input],
+            result_types=[input.type],
+            properties={"mesh": FlatSymbolRefAttr(mesh), "source": source, "target": target,
+                        "reason": None if reason is None else StringAttr(reason)},
+        )
+
+    def describe(self) -> str:
+        """`par.layout_cast of %v from <source> to <target>`, for messages."""
+        return f"{self.name} of {value_name(self.input)} from {self.source} to {self.target}"
+
+    def verify_(self) -> None:
+        where = self.describe()
+        shape = _shape_of(self, self.input)
+        mesh = lookup_mesh(self, self.mesh)
+        for role, layout in (("source", self.source), ("target", self.target)):
+            if layout.rank() != len(shape):
+                raise VerifyException(f"{where}: the {role} layout has {layout.rank()} dimensions, "
+                                      f"the value {self.input.type} has {len(shape)}")
+            for axis in layout._used_axes():
+                if axis not in mesh.axis_names():
+                    raise VerifyException(f"{where}: the {role} layout names axis '{axis}', which mesh "
+                                          f"@{self.mesh.root_reference.data} does not have")
+            for dim, size in enumerate(shape):
+                parts = math.prod(mesh.axis_size(a) for a in layout.dim_axes(dim))
+                if size >= 0 and size % parts:
+                    raise VerifyException(f"{where}: dimension {dim} of size {size} does not split evenly "
+                                          f"over the {parts} devices of the {role} layout")
+        created = [a for a in self.target.partial_axes() if a not in self.source.partial_axes()]
+        if created:
+            raise VerifyException(f"{where}: the target holds a partial sum over '{created[0]}' that the "
+                                  "source does not; a change of layout cannot create pending sums")
+
+
 # ---------------------------------------------------------------- schedule
 
 
@@ -1664,6 +1735,7 @@ Par = Dialect(
         AllToAllOp,
         AllSliceOp,
         ReshardOp,
+        LayoutCastOp,
         ScheduleOp,
         DeviceOp,
     ],

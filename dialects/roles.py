@@ -7,7 +7,7 @@ Capture writes them; passes read them. They are attribute names on
 from __future__ import annotations
 
 from xdsl.dialects import func
-from xdsl.dialects.builtin import IntAttr, ModuleOp, StringAttr
+from xdsl.dialects.builtin import ArrayAttr, DictionaryAttr, IntAttr, ModuleOp, StringAttr
 
 from piperc.errors import CaptureError
 
@@ -32,6 +32,16 @@ def main_function(module: ModuleOp) -> func.FuncOp:
         if isinstance(op, func.FuncOp) and op.sym_name.data == "main":
             return op
     raise CaptureError("the module has no func.func @main")
+
+
+def parameter_names(attrs: DictionaryAttr | None) -> list[str]:
+    """The names of the parameter an argument of `@main` holds: its `piperc.param` name, then
+    the other names of a tied parameter (`piperc.aliases`); none for other arguments."""
+    if attrs is None or not isinstance(attrs.data.get(ARG_PARAM), StringAttr):
+        return []
+    aliases = attrs.data.get(ARG_ALIASES)
+    others = [a.data for a in aliases.data] if isinstance(aliases, ArrayAttr) else []
+    return [attrs.data[ARG_PARAM].data, *others]
 
 
 def argument_roles(fn: func.FuncOp) -> list[tuple[str, object]]:

@@ -39,6 +39,7 @@ PASSES: dict[str, Callable[[], type[ModulePass]]] = {
     "verify-exec": _lazy("piperc.passes.verify_exec", "VerifyExecPass"),
     "lower-reshard": _lazy("piperc.passes.lower_reshard", "LowerReshardPass"),
     "lower-collectives": _lazy("piperc.passes.lower_collectives", "LowerCollectivesPass"),
+    "propagate-sharding": _lazy("piperc.passes.propagate_sharding", "PropagateShardingPass"),
     "cse": _lazy("xdsl.transforms.common_subexpression_elimination", "CommonSubexpressionElimination"),
     "dce": _lazy("xdsl.transforms.dead_code_elimination", "DeadCodeElimination"),
 }

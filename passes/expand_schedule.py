@@ -29,9 +29,10 @@ task and the receives before the next one are one `batch`, issued together,
 so a forward send and a backward receive that cross cannot block each other.
 A microbatch's per-step results are summed as they arrive (the combiner of
 `par.accumulate` runs from the second microbatch on). Every once-per-step op
-(bucket reductions, updates, stores, the loss) is issued as soon as what it
-reads is available, so a gradient bucket starts while earlier chunks still
-compute. Options: directive (quoted in errors). Requires: schedule has run.
+(bucket reductions, updates, stores, the loss, a `par.reshard` of the step such
+as ZeRO-3's gather of a parameter that stays whole across microbatches) is
+issued as soon as what it reads is available, so a gradient bucket starts while
+earlier chunks still compute and a gather of state starts before the first task. Options: directive (quoted in errors). Requires: schedule has run.
 """
 
 from __future__ import annotations
@@ -86,6 +87,9 @@ class _Step:
             self.stores[v].append((role, str(name)))
 
     def stage_of(self, op: Operation) -> int:
+        """The stage `op` belongs to; a reshard of the step belongs to the tasks that read it."""
+        if isinstance(op, par.ReshardOp):
+            return min(u.operation.stage.value.data for u in op.result.uses if isinstance(u.operation, par.TaskOp))
         return op.stage.value.data
 
     def device_of_value(self, v: SSAValue) -> int | None:
@@ -120,6 +124,7 @@ class _ProgramWriter:
         return op
 
     def write(self) -> par.ProgramOp:
+        self.issue_ready()  # what needs no task (a gather of sharded parameters) starts first
         for action in self.row:
             tasks = self.step.tasks.get((action.stage, action.pass_kind), [])
             if not tasks:
@@ -264,6 +269,10 @@ class _ProgramWriter:
                     new = self.add(par.TaskOp(op.callee.root_reference.data, self.step.stage_of(op),
                                               op.pass_kind.data, args, list(op.outs.types)))
                     results = list(new.outs)
+                elif isinstance(op, par.ReshardOp):
+                    new = self.add(par.ReshardOp(args[0], op.mesh.root_reference.data, op.source, op.target,
+                                                 op.result.type))
+                    results = [new.result]
                 else:
                     raise StrategyError(f"{self.directive}: cannot place {op.name} in a device program")
                 for old, r in zip(op.results, results, strict=True):

@@ -20,7 +20,11 @@ process groups and `exec.program @rank<r>` for every rank, then erases the
   * `par.all_reduce_bucket` -> one bucketed `exec.all_reduce` on `comm` over the ranks
     that differ from this rank only along the bucket's `axes` and whose pipeline
     coordinate is one of its `stages` (`@grad_<i>`); a group of one rank reduces
-    nothing, so the sums are the operands and no collective is issued.
+    nothing, so the sums are the operands and no collective is issued;
+  * a collective of the step (`par.all_gather`, `reduce_scatter`, `all_reduce`,
+    `all_to_all`, as lower-reshard writes them from a reshard in `@main`, e.g. ZeRO-3's
+    gather of a parameter kept whole across microbatches) -> the same `exec` collective on
+    `comm` over the ranks that differ from this rank only along its axis (`@grad_<i>` too).
 
 Then the ordering and lifetime rules that make the program correct under NCCL
 (checked by `exec.program`'s verifier):
@@ -72,7 +76,9 @@ from piperc.passes.mesh import find_mesh
 DEVICE = "exec.device"
 """Module attribute: the device kind the programs run on (cpu or cuda)."""
 
-_ASYNC = (ex.SendOp, ex.RecvOp, ex.BatchP2POp, ex.AllReduceOp)
+_ASYNC = (ex.SendOp, ex.RecvOp, ex.BatchP2POp, ex.AllReduceOp, ex.AllGatherOp, ex.ReduceScatterOp, ex.AllToAllOp)
+_STEP_COLLECTIVES = (par.AllReduceOp, par.AllGatherOp, par.ReduceScatterOp, par.AllToAllOp)
+"""The `par` collectives a program may hold (lower-reshard writes them from a step's reshards)."""
 
 
 @dataclass(frozen=True)
@@ -159,14 +165,18 @@ def bucket_ranks(mesh: MeshAttr, axis: str, rank: int, bucket: par.AllReduceBuck
 
 
 def _grad_groups(mesh: MeshAttr, axis: str, programs: list[par.ProgramOp]) -> dict[tuple[int, ...], str]:
-    """`grad_<i>` for every distinct bucket group of more than one rank, numbered in the
-    order ranks 0, 1, ... meet them in their programs (the same on every rank)."""
+    """`grad_<i>` for every distinct group of more than one rank that a bucket or a
+    collective of the step (a ZeRO gather of parameters) spans, numbered in the order ranks
+    0, 1, ... meet them in their programs (the same on every rank)."""
     groups: dict[tuple[int, ...], str] = {}
     for rank in range(mesh.size()):
-        for bucket in programs[mesh.coords(rank)[axis]].body.block.ops:
-            if not isinstance(bucket, par.AllReduceBucketOp):
+        for op in programs[mesh.coords(rank)[axis]].body.block.ops:
+            if isinstance(op, par.AllReduceBucketOp):
+                ranks = bucket_ranks(mesh, axis, rank, op)
+            elif isinstance(op, _STEP_COLLECTIVES):
+                ranks = mesh.group_ranks(op.axis.data, rank)
+            else:
                 continue
-            ranks = bucket_ranks(mesh, axis, rank, bucket)
             if len(ranks) > 1 and ranks not in groups:
                 groups[ranks] = f"grad_{len(groups)}"
     return groups
@@ -247,10 +257,32 @@ class _RankProgram:
             self.add(ex.OutputOp(op.output_name.data, self.read([op.value], None)[0]))
         elif isinstance(op, par.AllReduceBucketOp):
             self.all_reduce(op)
+        elif isinstance(op, _STEP_COLLECTIVES):
+            self.collective(op)
         else:
             raise StrategyError(f"lower-to-exec: {op.name} in {self.where} has no lowering; a par.program "
-                                "holds state, input, task, set_state, output, send, recv and "
-                                "all_reduce_bucket ops")
+                                "holds state, input, task, set_state, output, send, recv, "
+                                "all_reduce_bucket and collective (all_reduce, all_gather, reduce_scatter, "
+                                "all_to_all) ops")
+
+    def collective(self, op: par.CollectiveOp) -> None:
+        """A collective of the step over the ranks that differ from this one along its axis,
+        issued on `comm` (async, waited where its result is first used)."""
+        group = self.grad_groups[self.mesh.group_ranks(op.axis.data, self.rank)]
+        (source,) = self.read([op.operands[0]], self.comm)
+        result = op.results[0]
+        if isinstance(op, par.AllGatherOp):
+            new = ex.AllGatherOp(source, group, op.dim.value.data, self.comm, result.type)
+        elif isinstance(op, par.ReduceScatterOp):
+            new = ex.ReduceScatterOp(source, group, op.dim.value.data, self.comm, result.type,
+                                     ex.ReductionKind(op.reduce.data.value))
+        elif isinstance(op, par.AllToAllOp):
+            new = ex.AllToAllOp(source, group, op.split_dim.value.data, op.concat_dim.value.data, self.comm,
+                                result.type)
+        else:
+            new = ex.AllReduceOp([source], group, self.comm, ex.ReductionKind(op.reduce.data.value))
+        self.add(new)
+        self.define(result, new.results[1], self.comm, new)
 
     def all_reduce(self, op: par.AllReduceBucketOp) -> None:
         """One bucketed all-reduce over the bucket's group; nothing for a group of one rank."""

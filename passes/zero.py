@@ -14,10 +14,17 @@ no such dimension stays replicated and is updated whole on every replica. For a 
           function reads the backward's partial sum and reduce-scatters it (Partial ->
           Shard). A weight tied across stages keeps its bucket (it sums over stages too).
   zero=3  as zero=2, and the parameter itself is held as a shard (`@main`'s argument and
-          result, the rank's state): each forward and backward function that reads it
-          gathers it on entry (Shard -> Replicate) and drops the full copy when it
-          returns, so every microbatch's F and B regathers it; the update works on the
-          shard alone.
+          result, the rank's state); the update works on the shard alone. Where the
+          forward and backward get the whole parameter is the `reshard-after-forward`
+          policy (FSDP2's name for it):
+            true   each forward and backward function that reads it gathers it on entry
+                   (Shard -> Replicate inside the function) and drops the whole copy when
+                   it returns, so every microbatch's F and B regathers it: least memory;
+            false  the step gathers it once (a `par.reshard` in `@main` that every F and B
+                   task reads), so it stays whole across all microbatches until its last
+                   backward: one gather per step. expand-schedule issues the gather as soon
+                   as the step starts, on the communication stream, ahead of the first
+                   task that needs it (a prefetch).
 
     func.func @s0_update(%w: !torch.vtensor<[8,4],f32> {piperc.key = "param:w"},
                          %g: !torch.vtensor<[8,4],f32> {..., par.layout = #par.sharding<[[], []], partial = ["dp"]>},
@@ -33,7 +40,8 @@ elementwise is an error naming it. `lower-reshard` then turns the reshards into
 collectives inside the functions, `lower-collectives` declares the axis groups, and the
 runtime holds each state tensor as the layout of its `par.state` says.
 
-Options: stage (1, 2 or 3), axis (default dp), directive (quoted in errors).
+Options: stage (1, 2 or 3), axis (default dp), reshard-after-forward (zero=3; default
+true), directive (quoted in errors).
 Requires: data-parallel has run over `axis` (gradient buckets and layouts).
 """
 
@@ -99,6 +107,7 @@ class ZeroPass(ModulePass):
 
     stage: int = 1
     axis: str = "dp"
+    reshard_after_forward: bool = True
     directive: str = "zero"
 
     def apply(self, ctx: Context, op: ModuleOp) -> None:
@@ -133,10 +142,12 @@ class _Rewrite:
             shard = self.shards.get(_owner(role, name))
             if shard is not None and (role == "state" or (role == "param" and self.options.stage == 3)):
                 self.retype_argument(main, arg.index, shard)
-        if self.options.stage == 3:
+        if self.options.stage == 3 and self.options.reshard_after_forward:
             for task in step_tasks(self.module):
                 if task.pass_kind.data in (PassKind.F, PassKind.B):
                     self.gather_on_entry(task, roles)
+        elif self.options.stage == 3:
+            self.gather_once(main, roles)
         main.update_function_type()
         step_result_layouts(self.module)
 
@@ -282,6 +293,26 @@ class _Rewrite:
             arg.replace_uses_with_if(gather.result, lambda use, g=gather: use.operation is not g)
             self.retype_argument(fn, index, shard)
         fn.update_function_type()
+
+
+    def gather_once(self, main: func.FuncOp, roles: list[tuple[str, object]]) -> None:
+        """ZeRO-3 without resharding after forward: one gather of each sharded parameter per
+        step, in `@main` before the first forward or backward task that reads it."""
+        for arg, (role, name) in zip(main.args, roles, strict=True):
+            shard = self.shards.get(str(name)) if role == "param" else None
+            readers = [u.operation for u in arg.uses if isinstance(u.operation, TaskOp)
+                       and u.operation.pass_kind.data in (PassKind.F, PassKind.B)]
+            if shard is None:
+                continue
+            by_stage: dict[int, list[TaskOp]] = {}
+            for task in readers:  # a weight tied across stages is gathered on each of its stages
+                by_stage.setdefault(task.stage.value.data, []).append(task)
+            order = {op: i for i, op in enumerate(main.body.block.ops)}
+            for tasks in by_stage.values():
+                gather = ReshardOp(arg, MESH_SYMBOL, shard.layout, _replicated(shard), shard.whole)
+                gather.result.name_hint = f"{arg.name_hint}_whole" if arg.name_hint else None
+                main.body.block.insert_op_before(gather, min(tasks, key=order.__getitem__))
+                arg.replace_uses_with_if(gather.result, lambda use, ts=tasks: use.operation in ts)
 
 
 def _owner(role: str, name: object) -> str:

@@ -367,6 +367,18 @@ def _exec_statement(op: Operation, names: _Names, functions: dict[str, func.Func
         return ["", f"# gradient bucket of {len(outs)} tensor(s), group {group}",
                 f'{w}, ({", ".join(outs)},) = rt.all_reduce([{ins}], group="{group}", '
                 f'op="{op.reduction.data.value}", stream={n(op.stream)})']
+    if isinstance(op, ex.AllGatherOp | ex.ReduceScatterOp | ex.AllToAllOp):
+        group = op.group.root_reference.data
+        w, out = names.bind(op.work, "w"), names.bind(op.output, "gathered" if isinstance(op, ex.AllGatherOp) else "part")
+        if isinstance(op, ex.AllGatherOp):
+            call = f'rt.all_gather({n(op.input)}, group="{group}", dim={op.dim.value.data}'
+        elif isinstance(op, ex.ReduceScatterOp):
+            call = (f'rt.reduce_scatter({n(op.input)}, group="{group}", dim={op.dim.value.data}, '
+                    f'op="{op.reduction.data.value}"')
+        else:
+            call = (f'rt.all_to_all({n(op.input)}, group="{group}", split_dim={op.split_dim.value.data}, '
+                    f"concat_dim={op.concat_dim.value.data}")
+        return [f"{w}, {out} = {call}, stream={n(op.stream)})"]
     if isinstance(op, ex.BatchP2POp):
         group = op.group.root_reference.data
         w = names.bind(op.work, "w")

@@ -217,14 +217,19 @@ class DataParallel(Directive):
     axis: str = "dp"
     bucket_mb: float = 25.0
     zero: int = 0
+    reshard_after_forward: bool = True
 
     def __str__(self) -> str:
-        return f"data_parallel(axis={self.axis!r}" + (f", zero={self.zero})" if self.zero else ")")
+        zero = f", zero={self.zero}" if self.zero else ""
+        keep = "" if self.reshard_after_forward else ", reshard_after_forward=False"
+        return f"data_parallel(axis={self.axis!r}{zero}{keep})"
 
     def check(self, ctx: StrategyContext) -> None:
         """`zero` is 0, 1, 2 or 3."""
         if self.zero not in (0, 1, 2, 3):
             raise StrategyError(f"{self}: zero must be 0, 1, 2 or 3, got {self.zero!r}")
+        if not self.reshard_after_forward and self.zero != 3:
+            raise StrategyError(f"{self}: reshard_after_forward applies to zero=3 (sharded parameters) only")
 
     def mesh_axes(self) -> tuple[str, ...]:
         """The data-parallel axis: one replica per device along it."""
@@ -239,7 +244,8 @@ class DataParallel(Directive):
         passes: tuple[ModulePass, ...] = (
             DataParallelPass(axis=self.axis, bucket_mb=self.bucket_mb, directive=str(self)),)
         if self.zero:
-            passes += (ZeroPass(stage=self.zero, axis=self.axis, directive=str(self)),)
+            passes += (ZeroPass(stage=self.zero, axis=self.axis, reshard_after_forward=self.reshard_after_forward,
+                                directive=str(self)),)
         return [Fragment(passes, requires=("mesh", "update"))]
 
 
@@ -257,13 +263,16 @@ def pipeline(axis: str = "pp", stages: int = 2, microbatches: int = 1,
     return Pipeline(axis, stages, microbatches, schedule, tuple(split_at), region)
 
 
-def data_parallel(axis: str = "dp", bucket_mb: float = 25.0, zero: int = 0) -> DataParallel:
+def data_parallel(axis: str = "dp", bucket_mb: float = 25.0, zero: int = 0,
+                  reshard_after_forward: bool = True) -> DataParallel:
     """Data-parallel directive: each replica along `axis` takes an equal slice of the batch.
 
     `zero` shards over `axis`: 1 the optimizer state, 2 also the gradients, 3 also the
-    parameters (gathered for each forward and backward, as FSDP's `fully_shard`).
+    parameters, as FSDP2's `fully_shard`. With zero=3, `reshard_after_forward` (as FSDP2
+    names it) regathers the parameters for each microbatch's forward and backward (True,
+    least memory) or gathers them once per step and keeps them whole (False).
     """
-    return DataParallel(axis, bucket_mb, zero)
+    return DataParallel(axis, bucket_mb, zero, reshard_after_forward)
 
 
 class Optimizer(Directive):

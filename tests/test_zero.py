@@ -76,6 +76,36 @@ def test_zero3_holds_weights_as_shards_and_gathers_them_in_every_forward_and_bac
     assert update.count("par.reshard") == 1  # the gradient's reduce-scatter; the weight stays a shard
 
 
+KEEP_WHOLE = ('mesh{shape="pp=2,dp=2"},pipeline-split{stages=2 split-at="blocks.1"},outline-stages,'
+              'optimizer{lr=0.1},data-parallel,zero{stage=3 reshard-after-forward=false},microbatch{count=2},'
+              'schedule{kind="gpipe"},expand-schedule')
+
+
+def test_zero3_without_resharding_after_forward_gathers_each_weight_once_per_step():
+    # The gather is a reshard of the step: the device issues it first, and every
+    # microbatch's forward and backward reads the one whole copy; the update reads the shard.
+    program = section(run(KEEP_WHOLE), "par.program @device0").splitlines()
+    assert [line.strip() for line in program[1:5]] == [
+        '%w0 = par.state "blocks.0.w" layout #par.sharding<[["dp"], []]> : !torch.vtensor<[2,4],f32>',
+        '%w0_whole = par.reshard %w0 @mesh from #par.sharding<[["dp"], []]> to #par.sharding<[[], []]> '
+        ': !torch.vtensor<[2,4],f32> -> !torch.vtensor<[4,4],f32>',
+        '%0 = par.input 0 microbatch 0 layout #par.sharding<[["dp"], []]> : !torch.vtensor<[2,4],f32>',
+        '%h0 = par.task @s0_F stage 0 pass F microbatch 0 (%0, %w0_whole) : '
+        '(!torch.vtensor<[2,4],f32>, !torch.vtensor<[4,4],f32>) -> !torch.vtensor<[2,4],f32>',
+    ]
+    assert sum("%w0_whole)" in line for line in program) == 2  # the forwards of microbatches 0 and 1
+    assert any(line.strip().startswith("%2 = par.task @s0_update stage 0 pass update (%w0, ") for line in program)
+    # Lowered, it is an asynchronous all-gather on the communication stream, waited by the
+    # compute stream right before the first forward (a prefetch).
+    rank0 = section(run(KEEP_WHOLE + ",lower-reshard,lower-to-exec"), "exec.program @rank0").splitlines()
+    assert [line.strip() for line in rank0[4:8]] == [
+        "%3, %4 = exec.all_gather %2 group @grad_0 dim 0 on %1 : !torch.vtensor<[2,4],f32> -> !torch.vtensor<[4,4],f32>",
+        '%5 = exec.load_input "0" microbatch 0 layout #par.sharding<[["dp"], []]> : !torch.vtensor<[2,4],f32>',
+        "exec.wait %3 on %0",
+        "exec.record_stream %4, %0 : !torch.vtensor<[4,4],f32>",
+    ]
+
+
 def test_zero_lowers_to_collectives_inside_the_update():
     update = section(run(zero(2) + ",lower-reshard"), "func.func @s1_update")
     lines = [line.strip() for line in update.splitlines() if "par.all_" in line or "par.reduce" in line]
@@ -109,21 +139,23 @@ STEPS = 3
 TOLERANCE = 1e-5
 ADAMW = piperc.optim.AdamW(lr=1e-4, weight_decay=0.1)  # the lr tests/test_train_exact.py explains
 MODELS = {"gpt": gpt, "llama": llama, "tied": tied}
-CASES = [  # model, zero, mesh axes, microbatches
-    ("gpt", 1, {"dp": 2}, 1),
-    ("llama", 2, {"dp": 2}, 1),
-    ("gpt", 3, {"dp": 4}, 1),
-    ("llama", 3, {"pp": 2, "dp": 2}, 2),
-    ("tied", 3, {"pp": 2, "dp": 2}, 2),
+CASES = [  # model, zero, mesh axes, microbatches, reshard_after_forward
+    ("gpt", 1, {"dp": 2}, 1, True),
+    ("llama", 2, {"dp": 2}, 1, True),
+    ("gpt", 3, {"dp": 4}, 1, True),
+    ("llama", 3, {"pp": 2, "dp": 2}, 2, True),
+    ("gpt", 3, {"pp": 2, "dp": 2}, 4, False),
+    ("tied", 3, {"pp": 2, "dp": 2}, 2, False),
 ]
 
 
-@pytest.mark.parametrize("model_name,stage,axes,microbatches", CASES,
-                         ids=[f"{c[0]}-zero{c[1]}-" + "x".join(f"{a}{n}" for a, n in c[2].items()) for c in CASES])
-def test_zero_matches_single_device_training(model_name, stage, axes, microbatches):
+@pytest.mark.parametrize("model_name,stage,axes,microbatches,reshard", CASES,
+                         ids=[f"{c[0]}-zero{c[1]}-" + "x".join(f"{a}{n}" for a, n in c[2].items())
+                              + ("" if c[4] else "-keep") for c in CASES])
+def test_zero_matches_single_device_training(model_name, stage, axes, microbatches, reshard):
     model, inputs = MODELS[model_name].make(n_layers=4)
     batches = [MODELS[model_name].make(n_layers=4, seed=100 + s)[1] for s in range(STEPS)]
-    strategy = [piperc.data_parallel(zero=stage)]
+    strategy = [piperc.data_parallel(zero=stage, reshard_after_forward=reshard)]
     if "pp" in axes:
         strategy.insert(0, piperc.pipeline(stages=axes["pp"], microbatches=microbatches, schedule="1f1b"))
     compiled = piperc.compile(model, inputs, mesh=piperc.Mesh(**axes), strategy=strategy, optimizer=ADAMW,
