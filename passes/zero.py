@@ -51,7 +51,7 @@ from dataclasses import dataclass, field
 
 from xdsl.context import Context
 from xdsl.dialects import func
-from xdsl.dialects.builtin import ArrayAttr, DictionaryAttr, ModuleOp
+from xdsl.dialects.builtin import ArrayAttr, DictionaryAttr, ModuleOp, StringAttr
 from xdsl.ir import Attribute, Block, BlockArgument, Operation, SSAValue
 from xdsl.passes import ModulePass
 from xdsl.rewriter import InsertPoint, Rewriter
@@ -70,6 +70,7 @@ from piperc.dialects.torch import ValueTensorType
 from piperc.errors import StrategyError
 from piperc.passes.mesh import MESH_SYMBOL, find_mesh
 from piperc.passes.outline_stages import (
+    KEY,
     arg_keys,
     find_function,
     result_keys,
@@ -146,6 +147,7 @@ class _Rewrite:
             for task in step_tasks(self.module):
                 if task.pass_kind.data in (PassKind.F, PassKind.B):
                     self.gather_on_entry(task, roles)
+            self.recompute_in_backward(roles)
         elif self.options.stage == 3:
             self.gather_once(main, roles)
         main.update_function_type()
@@ -295,6 +297,105 @@ class _Rewrite:
         fn.update_function_type()
 
 
+    # ------------------------------------------------------------ what the backward recomputes
+
+    def recompute_in_backward(self, roles: list[tuple[str, object]]) -> None:
+        """ZeRO-3 regathering per microbatch: a forward result that the backward reads and that
+        depends on the gathered parameters alone (`t(w)`, a view of `w`) would keep the whole
+        parameter alive from forward to backward. The backward recomputes it from its own
+        gather instead, and the forward stops returning it."""
+        main = main_function(self.module)
+        params = {str(name): arg for arg, (role, name) in zip(main.args, roles, strict=True) if role == "param"}
+        for btask in [t for t in step_tasks(self.module) if t.pass_kind.data == PassKind.B]:
+            self.recompute_task(btask, params)
+        for ftask in [t for t in step_tasks(self.module) if t.pass_kind.data == PassKind.F]:
+            _drop_unread_results(self.module, ftask)
+
+    def recompute_task(self, btask: TaskOp, params: dict[str, BlockArgument]) -> None:
+        """Recomputes in `btask`'s function every parameter-derived forward result it reads."""
+        bf = find_function(self.module, btask.callee.root_reference.data)
+        operands = list(btask.args)
+        attrs = list(bf.arg_attrs.data)
+        drop = []
+        for index, value in enumerate(btask.args):
+            ftask = value.owner
+            if not (isinstance(ftask, TaskOp) and ftask.pass_kind.data == PassKind.F):
+                continue
+            ff = find_function(self.module, ftask.callee.root_reference.data)
+            inner = ff.body.block.last_op.operands[value.index]
+            derived = self.parameter_derived(ff)
+            if inner not in derived:
+                continue
+            chain = _ancestors(inner, ff)
+            mapping: dict[SSAValue, SSAValue] = {}
+            for name, gathered in derived[inner]:
+                mapping[gathered] = self.gathered_in(bf, name, params[name], operands, attrs)
+            point = _after_gathers(bf)
+            for op in chain:
+                clone = op.clone(value_mapper=mapping)
+                if point is None:
+                    bf.body.block.add_op(clone)
+                else:
+                    bf.body.block.insert_op_before(clone, point)
+            bf.args[index].replace_all_uses_with(mapping[inner])
+            drop.append(index)
+        if not drop:
+            return
+        for index in reversed(drop):
+            bf.body.block.erase_arg(bf.args[index])
+            del operands[index], attrs[index]
+        bf.arg_attrs = ArrayAttr(attrs)
+        bf.update_function_type()
+        new = TaskOp(btask.callee.root_reference.data, btask.stage.value.data, btask.pass_kind.data, operands,
+                     list(btask.outs.types))
+        Rewriter.replace_op(btask, new)
+
+    def parameter_derived(self, fn: func.FuncOp) -> dict[SSAValue, list[tuple[str, SSAValue]]]:
+        """The values of `fn` computed from its gathered parameters (and constants) alone, each
+        with the gathers `(parameter name, gathered value)` it depends on."""
+        keys = arg_keys(fn)
+        derived: dict[SSAValue, list[tuple[str, SSAValue]]] = {}
+        for op in fn.body.block.ops:
+            if isinstance(op, ReshardOp) and isinstance(op.input, BlockArgument) and op.input.owner is fn.body.block:
+                name = keys[op.input.index].removeprefix("param:")
+                if name in self.shards and op.target == _replicated(self.shards[name]):
+                    derived[op.result] = [(name, op.result)]
+                continue
+            if op.regions or isinstance(op, func.ReturnOp) or not op.results:
+                continue
+            sources: list[tuple[str, SSAValue]] = []
+            for v in op.operands:
+                if v in derived:
+                    sources += [s for s in derived[v] if s not in sources]
+                elif isinstance(v, BlockArgument) or any(isinstance(w.type, ValueTensorType) for w in v.owner.operands):
+                    break  # reads an argument or a computed value that is not parameter-derived
+            else:
+                for r in op.results:
+                    derived[r] = sources
+        return {v: src for v, src in derived.items() if src}
+
+    def gathered_in(self, fn: func.FuncOp, name: str, param: BlockArgument, operands: list[SSAValue],
+                    attrs: list[DictionaryAttr]) -> SSAValue:
+        """`fn`'s whole copy of parameter `name`: its gather, added (with the shard as a new
+        argument) when `fn` does not read the parameter yet."""
+        shard = self.shards[name]
+        for op in fn.body.block.ops:
+            if not isinstance(op, ReshardOp):
+                break
+            arg = op.input
+            if isinstance(arg, BlockArgument) and operands[arg.index] is param:
+                return op.result
+        arg = fn.body.block.insert_arg(shard.local, len(fn.args))
+        operands.append(param)
+        attrs.append(DictionaryAttr({KEY: StringAttr(f"param:{name}"), LAYOUT: shard.layout}))
+        gather = ReshardOp(arg, MESH_SYMBOL, shard.layout, _replicated(shard), shard.whole)
+        first = fn.body.block.first_op
+        if first is None:
+            fn.body.block.add_op(gather)
+        else:
+            fn.body.block.insert_op_before(gather, first)
+        return gather.result
+
     def gather_once(self, main: func.FuncOp, roles: list[tuple[str, object]]) -> None:
         """ZeRO-3 without resharding after forward: one gather of each sharded parameter per
         step, in `@main` before the first forward or backward task that reads it."""
@@ -313,6 +414,47 @@ class _Rewrite:
                 gather.result.name_hint = f"{arg.name_hint}_whole" if arg.name_hint else None
                 main.body.block.insert_op_before(gather, min(tasks, key=order.__getitem__))
                 arg.replace_uses_with_if(gather.result, lambda use, ts=tasks: use.operation in ts)
+
+
+def _ancestors(value: SSAValue, fn: func.FuncOp) -> list[Operation]:
+    """The ops of `fn` that `value` is computed from (not its gathers), in program order."""
+    needed: set[Operation] = set()
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        op = v.owner
+        if isinstance(op, Operation) and not isinstance(op, ReshardOp) and op not in needed:
+            needed.add(op)
+            stack.extend(op.operands)
+    return [op for op in fn.body.block.ops if op in needed]
+
+
+def _after_gathers(fn: func.FuncOp) -> Operation | None:
+    """The first op of `fn` after the gathers at its entry."""
+    for op in fn.body.block.ops:
+        if not isinstance(op, ReshardOp):
+            return op
+    return None
+
+
+def _drop_unread_results(module: ModuleOp, task: TaskOp) -> None:
+    """Removes the results of `task` (and of its function) that nothing reads any more."""
+    keep = [i for i, r in enumerate(task.outs) if r.uses]
+    if len(keep) == len(task.outs):
+        return
+    fn = find_function(module, task.callee.root_reference.data)
+    ret = fn.body.block.last_op
+    assert isinstance(ret, func.ReturnOp)
+    new_ret = func.ReturnOp(*[ret.operands[i] for i in keep])
+    Rewriter.replace_op(ret, new_ret)
+    fn.res_attrs = ArrayAttr([fn.res_attrs.data[i] for i in keep])
+    fn.update_function_type()
+    new = TaskOp(task.callee.root_reference.data, task.stage.value.data, task.pass_kind.data, list(task.args),
+                 [task.outs[i].type for i in keep])
+    for i, r in zip(keep, new.outs, strict=True):
+        r.name_hint = task.outs[i].name_hint
+        task.outs[i].replace_all_uses_with(r)
+    Rewriter.replace_op(task, new, new_results=[None] * len(task.outs))
 
 
 def _owner(role: str, name: object) -> str:

@@ -1,11 +1,17 @@
 """The main job (`make demo`): train the example GPT on 4 local ranks and check it.
 
-    python -m piperc.demo [--steps 20] [--out out]
+    python -m piperc.demo [--strategy pp-dp|zero] [--steps 20] [--out out]
 
-Compiles the GPT for pp=2 x dp=2 with a 1F1B schedule, trains it for the
-given steps on 4 local processes (gloo), trains the same model on one device
-with torch.optim, and prints the difference. `out/` keeps the IR after every
-pass, the per-rank programs and the schedule as a table and a picture.
+Compiles the GPT for one of the strategies below, trains it for the given
+steps on 4 local processes (gloo), trains the same model on one device with
+torch.optim, and prints the difference and each rank's peak memory, predicted
+and measured. `out/` keeps the IR after every pass, the per-rank programs, the
+schedule as a table and a picture, and `memory.txt`.
+
+    pp-dp   pp=2 x dp=2, 1F1B over 4 microbatches (the default)
+    zero    the same with ZeRO-3 over dp: parameters, gradients and optimizer
+            state held in halves, each parameter gathered for every forward
+            and backward
 """
 
 from __future__ import annotations
@@ -17,10 +23,13 @@ import time
 
 import torch
 
+STRATEGIES = ("pp-dp", "zero")
+
 
 def main(argv: list[str] | None = None) -> int:
     """Runs the demo; returns the exit code (1 if the run does not match one device)."""
     ap = argparse.ArgumentParser(prog="python -m piperc.demo", description=__doc__.splitlines()[0])
+    ap.add_argument("--strategy", choices=STRATEGIES, default="pp-dp")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--out", default="out")
     args = ap.parse_args(argv)
@@ -36,22 +45,26 @@ def main(argv: list[str] | None = None) -> int:
     optimizer = piperc.optim.AdamW(lr=1e-3, weight_decay=0.1)
     mesh = piperc.Mesh(pp=2, dp=2)
     strategy = [piperc.pipeline(axis="pp", stages=2, microbatches=4, schedule="1f1b"),
-                piperc.data_parallel(axis="dp")]
+                piperc.data_parallel(axis="dp", zero=3 if args.strategy == "zero" else 0)]
     n_params = sum(p.numel() for p in model.parameters())
     print(f"piperc demo: GPT, 4 blocks, {n_params / 1e3:.0f}k parameters, batch {len(inputs[0])} x {inputs[0].shape[1]} tokens")
     print(f"  mesh {mesh!r}; strategy {', '.join(map(str, strategy))}; {optimizer}")
 
     start = time.perf_counter()
     compiled = piperc.compile(model, inputs, mesh=mesh, strategy=strategy, optimizer=optimizer)
-    compiled.dump(args.out)
-    print(f"  compiled in {time.perf_counter() - start:.1f} s; IR, programs and schedule in {args.out}/")
+    print(f"  compiled in {time.perf_counter() - start:.1f} s")
 
     start = time.perf_counter()
     result = piperc.launch(compiled, batches, progress=True)
     elapsed = time.perf_counter() - start
     print(f"  trained {args.steps} steps on {compiled.world_size} processes in {elapsed:.1f} s")
-    peaks = ", ".join(f"{b / 2**20:.2f}" for b in result.peak_live_bytes)
-    print(f"  peak live activation MiB per rank (the runtime's count): {peaks}")
+    compiled.dump(args.out, result=result)
+    print(f"  IR, programs, schedule and memory.txt in {args.out}/")
+    predicted = compiled.memory()
+    print("  peak MiB per rank, predicted / measured by the runtime "
+          "(parameters + optimizer state + gradients + activations + buffers):")
+    for rank, (guess, actual) in enumerate(zip(predicted, result.peak_memory, strict=True)):
+        print(f"    rank {rank}: {guess.total / 2**20:.2f} / {actual.total / 2**20:.2f}")
 
     torch.set_num_threads(1)
     ref_losses, ref_state = train_eager(model, batches, optimizer)

@@ -169,3 +169,21 @@ def test_zero_matches_single_device_training(model_name, stage, axes, microbatch
     loss_err, param_err = compare(result.losses, result.state_dict, *train_eager(model, batches, ADAMW))
     assert loss_err <= TOLERANCE, f"loss relative error {loss_err:.2e}"
     assert param_err <= TOLERANCE, f"parameter relative error {param_err:.2e}"
+
+
+def test_zero3_backward_recomputes_what_it_reads_of_the_parameters():
+    # A forward result made from gathered parameters alone (t(w) for the backward's matmul)
+    # would keep the whole parameter alive between a microbatch's forward and backward; the
+    # backward recomputes it from its own gather instead. So ZeRO-3 holds no more activations
+    # than plain data parallelism, and less of everything else.
+    model, inputs = gpt.make(n_layers=2)
+    memory = {}
+    for stage in (0, 3):
+        compiled = piperc.compile(
+            model, inputs, mesh=piperc.Mesh(pp=2, dp=2), optimizer=ADAMW, keep_ir=False,
+            strategy=[piperc.pipeline(stages=2, microbatches=2), piperc.data_parallel(zero=stage)])
+        memory[stage] = compiled.memory()[0]
+    assert memory[3].activations == memory[0].activations
+    assert memory[3].parameters * 2 == memory[0].parameters
+    assert memory[3].optimizer_state * 2 - 8 == memory[0].optimizer_state  # all but AdamW's step count
+    assert memory[3].total < memory[0].total
