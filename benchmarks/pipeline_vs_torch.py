@@ -193,6 +193,18 @@ def initial_model(config: dict, scratch: Path) -> gpt.GPT:
 
 def worker(name: str, scratch: Path, rank: int, port: int) -> None:
     """Runs contender `name` as `rank` and writes its measurements to the scratch folder."""
+    config = join(name, scratch, rank, port)
+    batches = torch.load(scratch / "batches.pt", weights_only=True)
+    step = CONTENDERS[name](config, scratch, rank)
+    losses, times = timed_steps(step, batches, config["warmup"])
+    result = {"losses": losses, "times": times, "peak_rss_mib": peak_rss_mib()}
+    (scratch / f"{name}.rank{rank}.json").write_text(json.dumps(result))
+    dist.destroy_process_group()
+
+
+def join(name: str, scratch: Path, rank: int, port: int) -> dict:
+    """Sends this worker's output to its log in the scratch folder, joins the gloo group of
+    WORLD ranks on `port` with one thread; returns the run's config."""
     log = os.open(scratch / f"{name}.rank{rank}.log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     os.dup2(log, 1)
     os.dup2(log, 2)
@@ -206,19 +218,21 @@ def worker(name: str, scratch: Path, rank: int, port: int) -> None:
     config = json.loads((scratch / "config.json").read_text())
     torch.set_num_threads(1)
     dist.init_process_group("gloo", timeout=timedelta(seconds=120))
-    batches = torch.load(scratch / "batches.pt", weights_only=True)
-    step = CONTENDERS[name](config, scratch, rank)
+    return config
+
+
+def timed_steps(step: Step, batches, warmup: int) -> tuple[list[float | None], list[float]]:
+    """Runs `step` on every batch, each between two barriers; returns the losses and the
+    times of the steps after the first `warmup`."""
     losses, times = [], []
     for i, batch in enumerate(batches):
         dist.barrier()
         start = time.perf_counter()
         losses.append(step(tuple(batch)))
         dist.barrier()
-        if i >= config["warmup"]:
+        if i >= warmup:
             times.append(time.perf_counter() - start)
-    result = {"losses": losses, "times": times, "peak_rss_mib": peak_rss_mib()}
-    (scratch / f"{name}.rank{rank}.json").write_text(json.dumps(result))
-    dist.destroy_process_group()
+    return losses, times
 
 
 def peak_rss_mib() -> float:
@@ -251,11 +265,14 @@ def fork_server() -> mp.context.ForkServerContext:
     return context
 
 
-def run_contender(context: mp.context.BaseContext, name: str, scratch: Path) -> list[dict]:
-    """Runs contender `name` in WORLD fresh processes; returns each rank's measurements."""
+def run_contender(
+    context: mp.context.BaseContext, name: str, scratch: Path, target: Callable = worker
+) -> list[dict]:
+    """Runs contender `name` in WORLD fresh processes, each `target(name, scratch, rank, port)`
+    (by default this script's `worker`); returns each rank's measurements."""
     port = free_port()
     procs = [
-        context.Process(target=worker, args=(name, scratch, rank, port)) for rank in range(WORLD)
+        context.Process(target=target, args=(name, scratch, rank, port)) for rank in range(WORLD)
     ]
     for proc in procs:
         proc.start()

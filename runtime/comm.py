@@ -542,7 +542,8 @@ class Runtime:
         On CUDA the host does not block: the stream waits for the NCCL work (NCCL's
         watchdog enforces the timeout). On CPU the host blocks, and RuntimeError
         names the op and this rank when the work failed or did not complete within
-        the timeout. A waited work is no longer outstanding for `_end_step`.
+        the timeout. A waited work is no longer outstanding for `_end_step`, and on
+        CPU it is released at once (the watchdog only tracks unfinished work).
         """
         for work in works:
             if work.done:
@@ -553,6 +554,9 @@ class Runtime:
             self.live_bytes -= work.staged
             self.live_items[_COMM_BUFFERS] -= work.staged
         self._pending = [w for w in self._pending if not w.done]
+        if any(w.completed for w in works):  # CPU: release finished work (and its buffers) now
+            with self._outstanding_lock:
+                self._outstanding = [w for w in self._outstanding if not w.completed]
 
     def _wait_one(self, work: Work) -> None:
         try:

@@ -42,3 +42,31 @@ def test_compile_time_reports_every_phase_by_depth():
                   "lower-to-exec", "verify", "codegen", "cpu", "wall"):  # fmt: skip
         assert re.search(rf"^{phase} +\d+\.\d\d +\d+\.\d\d$", result.stdout, re.M), f"no {phase} row in:\n{result.stdout}"
     assert "cpu 8/4 layers: " in result.stdout
+
+
+def test_sharding_vs_torch_reports_zero3_time_and_memory_ratios():
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    tiny = TINY[: TINY.index("--microbatches")]  # no pipeline here
+    result = subprocess.run(
+        [sys.executable, "benchmarks/sharding_vs_torch.py", *tiny],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    for kind in ("", "memory "):
+        ratio = re.search(rf"^zero3 {kind}ratio piperc/torch: (\d+\.\d+)", result.stdout, re.M)
+        assert ratio, f"no zero3 {kind}ratio in:\n{result.stdout}"
+        assert float(ratio.group(1)) > 0
+    assert re.search(r"^tp: not run: ", result.stdout, re.M), result.stdout
+    assert "command: " in result.stdout
+
+
+def test_pp_zero_memory_reports_the_largest_microbatch_count_per_policy():
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "benchmarks/pp_zero_memory.py", "--microbatches", "1,2", "--d-model", "32",
+         "--vocab", "64", "--seq", "8", "--layers", "2", "--no-measure"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    for policy in ("dp", "zero3", "zero3-keep"):
+        assert re.search(rf"^{policy}: largest count that fits \d+", result.stdout, re.M), result.stdout
