@@ -1362,6 +1362,79 @@ def _split(op: CollectiveOp, size: int, n: int, dim: int) -> int:
 # ---------------------------------------------------------------- resharding
 
 
+class _BucketOp(CollectiveOp, ABC):
+    """One collective over several values, each changed along its dimension 0: the group
+    exchanges one flat buffer instead of one message per value (`bucket-collectives`)."""
+
+    inputs = var_operand_def(ValueTensorType)
+    outputs = var_result_def(ValueTensorType)
+
+    traits = traits_def(Pure())
+
+    def _verify_bucket(self, whole: bool) -> None:
+        """Checks one result per operand, each the operand's dimension 0 gathered (`whole`)
+        or split over the group."""
+        n = self.group_size()
+        if not self.inputs or len(self.inputs) != len(self.outputs):
+            raise VerifyException(f"{self.name} over '{self.axis.data}': {len(self.inputs)} values in, "
+                                  f"{len(self.outputs)} out; a bucket has one result per value, at least one")
+        for value, result in zip(self.inputs, self.outputs, strict=True):
+            expected = list(_shape_of(self, value))
+            if not expected:
+                raise VerifyException(f"{self.name}: {value_name(value)} has no dimension 0 to gather or split")
+            expected[0] = expected[0] * n if whole else _split(self, expected[0], n, 0)
+            self.check_result_shape(value, result, expected)
+
+
+@irdl_op_definition
+class AllGatherBucketOp(_BucketOp):
+    """Gathers several values along dimension 0 in one collective.
+
+    `%a, %b = par.all_gather_bucket %x, %y over @mesh "dp" : !torch.vtensor<[2,8],f32>,
+    !torch.vtensor<[4],f32> -> !torch.vtensor<[4,8],f32>, !torch.vtensor<[8],f32>` (2 devices):
+    the same results as one `par.all_gather ... dim 0` per value.
+    """
+
+    name = "par.all_gather_bucket"
+
+    assembly_format = "$inputs `over` $mesh $axis attr-dict `:` type($inputs) `->` type($outputs)"
+
+    def __init__(self, inputs: Sequence[SSAValue], mesh: str, axis: str, result_types: Sequence[Attribute]):
+        super().__init__(operands=[inputs], result_types=[result_types],
+                         properties=self.group_properties(mesh, axis))
+
+    def verify_(self) -> None:
+        self._verify_bucket(whole=True)
+
+
+@irdl_op_definition
+class ReduceScatterBucketOp(_BucketOp):
+    """Reduces several values over the group in one collective; each device keeps its piece of
+    each along dimension 0.
+
+    `%a, %b = par.reduce_scatter_bucket %x, %y over @mesh "dp" sum : T1, T2 -> R1, R2`: the same
+    results as one `par.reduce_scatter ... dim 0` per value.
+    """
+
+    name = "par.reduce_scatter_bucket"
+
+    reduce = prop_def(ReduceKindAttr)
+
+    assembly_format = (
+        "$inputs `over` $mesh $axis custom<EnumKeyword>($reduce) attr-dict `:` type($inputs) `->` type($outputs)"
+    )
+
+    custom_directives = (EnumKeyword,)
+
+    def __init__(self, inputs: Sequence[SSAValue], mesh: str, axis: str, result_types: Sequence[Attribute],
+                 reduce: ReduceKind = ReduceKind.SUM):
+        super().__init__(operands=[inputs], result_types=[result_types],
+                         properties=self.group_properties(mesh, axis) | {"reduce": ReduceKindAttr(reduce)})
+
+    def verify_(self) -> None:
+        self._verify_bucket(whole=False)
+
+
 @irdl_op_definition
 class AllSliceOp(_AlongDimOp):
     """Keeps this device's piece of a value along `dim`, by its position on a mesh axis.
@@ -1734,6 +1807,8 @@ Par = Dialect(
         ReduceScatterOp,
         AllToAllOp,
         AllSliceOp,
+        AllGatherBucketOp,
+        ReduceScatterBucketOp,
         ReshardOp,
         LayoutCastOp,
         ScheduleOp,

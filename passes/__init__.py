@@ -38,6 +38,7 @@ PASSES: dict[str, Callable[[], type[ModulePass]]] = {
     "lower-to-exec": _lazy("piperc.passes.lower_to_exec", "LowerToExecPass"),
     "verify-exec": _lazy("piperc.passes.verify_exec", "VerifyExecPass"),
     "lower-reshard": _lazy("piperc.passes.lower_reshard", "LowerReshardPass"),
+    "bucket-collectives": _lazy("piperc.passes.bucket_collectives", "BucketCollectivesPass"),
     "lower-collectives": _lazy("piperc.passes.lower_collectives", "LowerCollectivesPass"),
     "propagate-sharding": _lazy("piperc.passes.propagate_sharding", "PropagateShardingPass"),
     "cse": _lazy("xdsl.transforms.common_subexpression_elimination", "CommonSubexpressionElimination"),

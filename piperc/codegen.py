@@ -119,6 +119,8 @@ def _function_source(fn: func.FuncOp, launch: ex.LaunchOp) -> list[str]:
             lines.append(f"    {lhs} = {_operand(names, inline, op.operands[0])}")
         elif isinstance(op, t.AtenOp):
             lines.append(f"    {lhs} = {_aten_call(op, names, inline)}")
+        elif isinstance(op, par.AllGatherBucketOp | par.ReduceScatterBucketOp):
+            lines += _bucket_statements(op, targets, [names[v] for v in op.inputs])
         elif isinstance(op, par.CollectiveOp):
             lines += _collective_statements(op, lhs, names[op.operands[0]])
         else:
@@ -152,6 +154,18 @@ def _collective_statements(op: par.CollectiveOp, result: str, source: str) -> li
     else:
         raise NotImplementedError(f"code generation has no rule for {op.name}")
     return [f"    work, {result} = {call}", "    RT.wait(work)"]
+
+
+def _bucket_statements(op: par.AllGatherBucketOp | par.ReduceScatterBucketOp, results: list[str],
+                       sources: list[str]) -> list[str]:
+    """A bucketed collective inside a stage function: one flat exchange for all its values,
+    on this rank's group along its axis, then waited for."""
+    group = f'group=AXIS_GROUPS["{op.axis.data}"]'
+    if isinstance(op, par.AllGatherBucketOp):
+        call = f"RT.all_gather_bucket([{', '.join(sources)}], {group}, stream=None)"
+    else:
+        call = f'RT.reduce_scatter_bucket([{", ".join(sources)}], {group}, op="{op.reduce.data.value}", stream=None)'
+    return [f"    work, ({', '.join(results)},) = {call}", "    RT.wait(work)"]
 
 
 def _axis_groups(program: ex.ProgramOp) -> list[ex.ProcessGroupOp]:

@@ -24,6 +24,7 @@ from piperc.errors import PassError, StrategyError
 from piperc.frontend import ARG_ALIASES, Captured, capture, main_function
 from piperc.ir import print_ir
 from piperc.memory import PeakMemory, memory_table, predict_memory
+from piperc.passes.bucket_collectives import BucketCollectivesPass
 from piperc.passes.fold_detach import FoldDetachPass
 from piperc.passes.lower_collectives import LowerCollectivesPass
 from piperc.passes.lower_reshard import LowerReshardPass
@@ -208,8 +209,8 @@ def _back_fragments(ctx: StrategyContext) -> list[Fragment]:
         Fragment((MicrobatchPass(count=ctx.microbatches, replicas=ctx.replicas,
                                  directive=str(ctx.batch_directive or "microbatch")),),
                  requires=("stages",), provides=("microbatches",)),
-        Fragment((LowerReshardPass(), LowerToExecPass(device=ctx.device), LowerCollectivesPass(),
-                  VerifyExecPass()),
+        Fragment((LowerReshardPass(), BucketCollectivesPass(), LowerToExecPass(device=ctx.device),
+                  LowerCollectivesPass(), VerifyExecPass()),
                  requires=("mesh", "update", "microbatches", "schedule"), provides=("exec",)),
     ]
 

@@ -475,6 +475,60 @@ class Runtime:
 
         return self._stage(self._track(Work(what, work, [out, piece, source], finish)), stream, piece, *copies), out
 
+    def all_gather_bucket(
+        self, tensors: Sequence[torch.Tensor], group: str, stream
+    ) -> tuple[Work, tuple[torch.Tensor, ...]]:
+        """Gathers several tensors along dim 0 in one collective: each member's tensors are
+        flattened into one buffer, the buffers gathered, and cut back into one tensor each."""
+        what = f"all_gather of a bucket of {len(tensors)} tensors over group {group}"
+        handle = self._member(group, what)
+        n = len(self._groups[group].ranks)
+        with self.on(stream):
+            flat = torch.cat([t.reshape(-1) for t in tensors])
+            gathered = torch.empty(n * flat.numel(), dtype=flat.dtype, device=self.device)
+            work = dist.all_gather_single(gathered, flat, group=handle, async_op=True)
+            outs = [torch.empty((n * t.shape[0], *t.shape[1:]), dtype=t.dtype, device=self.device) for t in tensors]
+            self._made(stream, outs, self._item_of(tensors[0]))
+
+        def finish() -> None:
+            rows, offset = gathered.view(n, -1), 0
+            for t, out in zip(tensors, outs, strict=True):
+                out.view(n, -1).copy_(rows[:, offset:offset + t.numel()])
+                offset += t.numel()
+
+        work = self._track(Work(what, work, [*outs, gathered, flat], finish))
+        return self._stage(work, stream, gathered, flat), tuple(outs)
+
+    def reduce_scatter_bucket(
+        self, tensors: Sequence[torch.Tensor], group: str, op: str, stream
+    ) -> tuple[Work, tuple[torch.Tensor, ...]]:
+        """Reduces several tensors over `group` in one collective; member i keeps slice i of
+        `n` of each along dim 0."""
+        what = f"reduce_scatter {op} of a bucket of {len(tensors)} tensors over group {group}"
+        handle = self._member(group, what)
+        n = len(self._groups[group].ranks)
+        bad = [tuple(t.shape) for t in tensors if t.dim() == 0 or t.shape[0] % n]
+        if bad:
+            raise ValueError(f"rank {self.rank}: {what}: shapes {bad} do not split into {n} slices along dim 0")
+        with self.on(stream):
+            source = torch.cat([t.reshape(n, -1) for t in tensors], dim=1).reshape(-1)
+            piece = torch.empty(source.numel() // n, dtype=source.dtype, device=self.device)
+            torch_op, reduce_finish = self._reduction(op, piece, group, what)
+            work = dist.reduce_scatter_single(piece, source, op=torch_op, group=handle, async_op=True)
+            outs = [torch.empty((t.shape[0] // n, *t.shape[1:]), dtype=t.dtype, device=self.device) for t in tensors]
+            self._made(stream, outs, self._item_of(tensors[0]))
+
+        def finish() -> None:
+            if reduce_finish is not None:
+                reduce_finish()
+            offset = 0
+            for out in outs:
+                out.view(-1).copy_(piece[offset:offset + out.numel()])
+                offset += out.numel()
+
+        work = self._track(Work(what, work, [*outs, piece, source], finish))
+        return self._stage(work, stream, piece, source), tuple(outs)
+
     def all_to_all(
         self, tensor: torch.Tensor, group: str, split_dim: int, concat_dim: int, stream
     ) -> tuple[Work, torch.Tensor]:

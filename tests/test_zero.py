@@ -187,3 +187,19 @@ def test_zero3_backward_recomputes_what_it_reads_of_the_parameters():
     assert memory[3].parameters * 2 == memory[0].parameters
     assert memory[3].optimizer_state * 2 - 8 == memory[0].optimizer_state  # all but AdamW's step count
     assert memory[3].total < memory[0].total
+
+
+def test_bucket_collectives_merges_a_functions_gathers_and_reduce_scatters():
+    # One stage holds both weights: its forward gathers both at entry, its update
+    # reduce-scatters both gradients; each pair becomes one flat exchange.
+    out = run('mesh{shape="pp=1,dp=2"},pipeline-split,outline-stages,optimizer{lr=0.1 momentum=0.9},'
+              'data-parallel,zero{stage=3},lower-reshard,bucket-collectives')
+    forward = section(out, "func.func @s0_F").splitlines()
+    assert forward[1] == (
+        '  %3, %4 = par.all_gather_bucket %1, %2 over @mesh "dp" : !torch.vtensor<[2,4],f32>, '
+        '!torch.vtensor<[2,4],f32> -> !torch.vtensor<[4,4],f32>, !torch.vtensor<[4,4],f32>')
+    assert "par.all_gather %" not in "\n".join(forward)
+    update = section(out, "func.func @s0_update")
+    assert ('%6, %7 = par.reduce_scatter_bucket %1, %4 over @mesh "dp" sum : !torch.vtensor<[4,4],f32>, '
+            '!torch.vtensor<[4,4],f32> -> !torch.vtensor<[2,4],f32>, !torch.vtensor<[2,4],f32>') in update
+    assert "par.reduce_scatter %" not in update
