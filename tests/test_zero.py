@@ -141,7 +141,10 @@ ADAMW = piperc.optim.AdamW(lr=1e-4, weight_decay=0.1)  # the lr tests/test_train
 MODELS = {"gpt": gpt, "llama": llama, "tied": tied}
 CASES = [  # model, zero, mesh axes, microbatches, reshard_after_forward
     ("gpt", 1, {"dp": 2}, 1, True),
+    ("llama", 1, {"dp": 4}, 1, True),
     ("llama", 2, {"dp": 2}, 1, True),
+    ("gpt", 2, {"dp": 4}, 1, True),
+    ("gpt", 3, {"dp": 2}, 1, True),
     ("gpt", 3, {"dp": 4}, 1, True),
     ("llama", 3, {"pp": 2, "dp": 2}, 2, True),
     ("gpt", 3, {"pp": 2, "dp": 2}, 4, False),
