@@ -438,49 +438,77 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.warmup} warm-up + {args.steps} timed steps per contender; "
           f"load average before: {load_average()}", flush=True)
 
-    results: dict[str, dict] = {}
+    ranks = run_pairs({pair: PAIRS[pair] for pair in pairs}, config, model, batches,
+                      lambda pair, scratch: compile_piperc(pair, config, model, batches[0], scratch))
+    results = {name: summarize(r) for name, r in ranks.items()}
+    print_steps({pair: PAIRS[pair] for pair in pairs}, results, LABELS, width=4)
+    print()
+    for pair in pairs:
+        step_ratio(pair, *(results[name] for name in PAIRS[pair]))
+    print_footer(command)
+    return 0
+
+
+def run_pairs(pairs: dict[str, tuple[str, ...]], config: dict, model, batches: list,
+              compile_one: Callable[[str, Path], float], target: Callable | None = None) -> dict[str, list[dict]]:
+    """Compiles piperc's side of each pair (`compile_one(pair, scratch)` -> seconds) and runs
+    every contender in fresh worker processes (`target`, default `worker`) on the same
+    initial weights and batches; per contender, its ranks' results."""
+    ranks: dict[str, list[dict]] = {}
     context = fork_server()
     with tempfile.TemporaryDirectory(prefix="piperc-bench-") as tmp:
         scratch = Path(tmp)
         (scratch / "config.json").write_text(json.dumps(config))
         torch.save(model.state_dict(), scratch / "initial.pt")
         torch.save(batches, scratch / "batches.pt")
-        for pair in pairs:
-            seconds = compile_piperc(pair, config, model, batches[0], scratch)
+        for pair, names in pairs.items():
+            seconds = compile_one(pair, scratch)
             print(f"compiled piperc {pair} in {seconds:.1f} s", flush=True)
-            for name in PAIRS[pair]:
+            for name in names:
                 start = time.perf_counter()
-                results[name] = summarize(run_contender(context, name, scratch))
+                ranks[name] = run_contender(context, name, scratch, target=target or worker)
                 print(f"ran {name} in {time.perf_counter() - start:.1f} s", flush=True)
+    return ranks
 
+
+def print_steps(pairs: dict[str, tuple[str, ...]], results: dict[str, dict], labels: dict[str, str],
+                width: int) -> None:
+    """The step-time table: one line per contender."""
     print()
-    print(f"{'pair':<4}  {'contender':<30} {'median s':>9} {'min s':>7} {'max s':>7} "
+    label = max(len(label) for label in labels.values()) + 1
+    print(f"{'pair':<{width}}  {'contender':<{label}} {'median s':>9} {'min s':>7} {'max s':>7} "
           f"{'loss@0':>9} {'loss@last':>9}  peak RSS MiB, ranks 0/1/2/3")
-    for pair in pairs:
-        for name in PAIRS[pair]:
+    for pair, names in pairs.items():
+        for name in names:
             r = results[name]
             rss = "/".join(f"{m:.0f}" for m in r["rss"])
-            print(f"{pair:<4}  {LABELS[name]:<30} {r['median']:>9.4f} {r['min']:>7.4f} "
+            print(f"{pair:<{width}}  {labels[name]:<{label}} {r['median']:>9.4f} {r['min']:>7.4f} "
                   f"{r['max']:>7.4f} {r['loss0']:>9.6f} {r['loss_last']:>9.6f}  {rss}")
-    print()
-    for pair in pairs:
-        mine, theirs = (results[name] for name in PAIRS[pair])
-        gap = abs(mine["loss0"] - theirs["loss0"])
-        if gap > LOSS_TOLERANCE:
-            raise SystemExit(
-                f"{pair}: step-0 losses differ by {gap:.2e} (piperc {mine['loss0']!r}, torch "
-                f"{theirs['loss0']!r}), above {LOSS_TOLERANCE:g}: the contenders do not train "
-                "the same model on the same data"
-            )
-        print(f"{pair} ratio piperc/torch: {mine['median'] / theirs['median']:.3f} by median step, "
-              f"{mine['min'] / theirs['min']:.3f} by fastest step (below 1 = piperc faster; "
-              f"step-0 losses agree to {gap:.1e})")
+
+
+def step_ratio(pair: str, mine: dict, theirs: dict) -> float:
+    """Prints piperc's step time over torch's; fails when the step-0 losses differ (the
+    contenders would not train the same model on the same data). Returns the loss gap."""
+    gap = abs(mine["loss0"] - theirs["loss0"])
+    if gap > LOSS_TOLERANCE:
+        raise SystemExit(
+            f"{pair}: step-0 losses differ by {gap:.2e} (piperc {mine['loss0']!r}, torch "
+            f"{theirs['loss0']!r}), above {LOSS_TOLERANCE:g}: the contenders do not train "
+            "the same model on the same data"
+        )
+    print(f"{pair} ratio piperc/torch: {mine['median'] / theirs['median']:.3f} by median step, "
+          f"{mine['min'] / theirs['min']:.3f} by fastest step (below 1 = piperc faster; "
+          f"step-0 losses agree to {gap:.1e})")
+    return gap
+
+
+def print_footer(command: str) -> None:
+    """The note on noise and the command that reproduces the run."""
     print()
     print(f"note: {WORLD} ranks share {os.cpu_count()} cores, and anything else running on them "
           f"shows up in the step times (load average after: {load_average()}); compare ratios "
           "from the same run, and rerun before trusting a difference under ~10%")
     print(f"command: {command}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -41,7 +41,6 @@ import json
 import os
 import shlex
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -52,19 +51,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from pipeline_vs_torch import (  # noqa: E402
-    LOSS_TOLERANCE,
     N_HEADS,
     VOCAB,
     WORLD,
     Step,
-    fork_server,
     initial_model,
     join,
     load_average,
     machine,
     new_model,
     peak_rss_mib,
-    run_contender,
+    print_footer,
+    print_steps,
+    run_pairs,
+    step_ratio,
     summarize,
     timed_steps,
 )
@@ -301,33 +301,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.warmup} warm-up + {args.steps} timed steps per contender, then 1 step under the "
           f"memory tracker; load average before: {load_average()}", flush=True)
 
-    results: dict[str, dict] = {}
-    memory: dict[str, dict] = {}
-    context = fork_server()
-    with tempfile.TemporaryDirectory(prefix="piperc-bench-") as tmp:
-        scratch = Path(tmp)
-        (scratch / "config.json").write_text(json.dumps(config))
-        torch.save(model.state_dict(), scratch / "initial.pt")
-        torch.save(batches, scratch / "batches.pt")
-        for pair in pairs:
-            seconds = compile_piperc(config, model, batches[0], scratch)
-            print(f"compiled piperc {pair} in {seconds:.1f} s", flush=True)
-            for name in PAIRS[pair]:
-                start = time.perf_counter()
-                ranks = run_contender(context, name, scratch, target=worker)
-                results[name] = summarize(ranks)
-                memory[name] = memory_summary(ranks)
-                print(f"ran {name} in {time.perf_counter() - start:.1f} s", flush=True)
-
-    print()
-    print(f"{'pair':<5}  {'contender':<26} {'median s':>9} {'min s':>7} {'max s':>7} "
-          f"{'loss@0':>9} {'loss@last':>9}  peak RSS MiB, ranks 0/1/2/3")
-    for pair in pairs:
-        for name in PAIRS[pair]:
-            r = results[name]
-            rss = "/".join(f"{m:.0f}" for m in r["rss"])
-            print(f"{pair:<5}  {LABELS[name]:<26} {r['median']:>9.4f} {r['min']:>7.4f} "
-                  f"{r['max']:>7.4f} {r['loss0']:>9.6f} {r['loss_last']:>9.6f}  {rss}")
+    chosen = {pair: PAIRS[pair] for pair in pairs}
+    ranks = run_pairs(chosen, config, model, batches,
+                      lambda pair, scratch: compile_piperc(config, model, batches[0], scratch), target=worker)
+    results = {name: summarize(r) for name, r in ranks.items()}
+    memory = {name: memory_summary(r) for name, r in ranks.items()}
+    print_steps(chosen, results, LABELS, width=5)
     print()
     print(f"{'pair':<5}  {'contender':<26} {'peak live MiB':>13}  ranks 0/1/2/3 (MemTracker, one step)")
     for pair in pairs:
@@ -346,16 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     for pair in pairs:
         mine, theirs = (results[name] for name in PAIRS[pair])
-        gap = abs(mine["loss0"] - theirs["loss0"])
-        if gap > LOSS_TOLERANCE:
-            raise SystemExit(
-                f"{pair}: step-0 losses differ by {gap:.2e} (piperc {mine['loss0']!r}, torch "
-                f"{theirs['loss0']!r}), above {LOSS_TOLERANCE:g}: the contenders do not train "
-                "the same model on the same data"
-            )
-        print(f"{pair} ratio piperc/torch: {mine['median'] / theirs['median']:.3f} by median step, "
-              f"{mine['min'] / theirs['min']:.3f} by fastest step (below 1 = piperc faster; "
-              f"step-0 losses agree to {gap:.1e})")
+        step_ratio(pair, mine, theirs)
         my_mem, their_mem = (memory[name] for name in PAIRS[pair])
         print(f"{pair} memory ratio piperc/torch: {my_mem['peak'] / their_mem['peak']:.3f} by peak live "
               f"tensor bytes, {max(mine['rss']) / max(theirs['rss']):.3f} by peak RSS "
@@ -363,11 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     for pair, why in PLANNED.items():
         if args.only is None:
             print(f"{pair}: {why()}")
-    print()
-    print(f"note: {WORLD} ranks share {os.cpu_count()} cores, and anything else running on them "
-          f"shows up in the step times (load average after: {load_average()}); compare ratios "
-          "from the same run, and rerun before trusting a difference under ~10%")
-    print(f"command: {command}")
+    print_footer(command)
     return 0
 
 
