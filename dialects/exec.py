@@ -466,11 +466,11 @@ class CommunicationOp(IRDLOperation, ABC):
         """Number of ranks in the process group."""
         return len(self.process_group().rank_list())
 
-    def _verify_member(self, what: str, rank: IntegerAttr) -> None:
-        ranks = self.process_group().rank_list()
-        if rank.value.data not in ranks:
+    def _verify_member(self, what: str, rank: int, ranks: Sequence[int]) -> None:
+        """`rank` is among `ranks`, the members of the process group."""
+        if rank not in ranks:
             raise VerifyException(
-                f"{self.name}: {what} rank {rank.value.data} is not in process group "
+                f"{self.name}: {what} rank {rank} is not in process group "
                 f"{self.group} with ranks {list(ranks)}"
             )
 
@@ -734,7 +734,7 @@ class BroadcastOp(CommunicationOp):
         )
 
     def verify_(self) -> None:
-        self._verify_member("source", self.src)
+        self._verify_member("source", self.src.value.data, self.process_group().rank_list())
 
 
 # ---------------------------------------------------------------- point to point
@@ -747,7 +747,7 @@ class PointToPointOp(CommunicationOp, ABC):
     tag = prop_def(IntegerAttr[I64])
 
     def verify_(self) -> None:
-        self._verify_member("peer", self.peer)
+        self._verify_member("peer", self.peer.value.data, self.process_group().rank_list())
         _verify_nonnegative(self, "tag", self.tag)
         program = self.program()
         if program is not None and program.rank.value.data == self.peer.value.data:
@@ -933,8 +933,9 @@ class BatchP2POp(CommunicationOp):
         if not self.sends and not self.recvs:
             raise VerifyException(f"{self.name}: a batch needs at least one send or receive")
         program = self.program()
+        ranks = self.process_group().rank_list()
         for peer in (*self.send_peers.get_values(), *self.recv_peers.get_values()):
-            self._verify_member("peer", IntegerAttr(peer, i64))
+            self._verify_member("peer", peer, ranks)
             if program is not None and program.rank.value.data == peer:
                 raise VerifyException(f"{self.name}: rank {peer} cannot transfer to itself")
 

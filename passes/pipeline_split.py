@@ -209,6 +209,9 @@ class PipelineSplitPass(ModulePass):
     def _assign(self, ops: list[Operation], unit_stage: dict[str, int]) -> None:
         current = {PassKind.F: 0, PassKind.B: self.stages - 1}
         deferred: list[Operation] = []
+        # One attribute per stage, shared: building an IntegerAttr costs more than the rest
+        # of the loop, and attributes are immutable.
+        stage_attrs = [IntegerAttr(s, 64) for s in range(self.stages)]
         for o in ops:
             if o.has_trait(IsTerminator):
                 continue
@@ -219,9 +222,9 @@ class PipelineSplitPass(ModulePass):
             u = self._unit_key(origin)
             if u is not None:
                 current[origin.pass_kind] = unit_stage[u]
-            o.attributes[STAGE] = IntegerAttr(current[origin.pass_kind], 64)
+            o.attributes[STAGE] = stage_attrs[current[origin.pass_kind]]
         # Constants are re-created in every stage that uses them; record the first.
         for o in reversed(deferred):
             users = [u.operation for r in o.results for u in r.uses]
             staged = [stage_of(u) for u in users if STAGE in u.attributes]
-            o.attributes[STAGE] = IntegerAttr(min(staged, default=0), 64)
+            o.attributes[STAGE] = stage_attrs[min(staged, default=0)]

@@ -24,6 +24,7 @@ from xdsl.utils.exceptions import ArgSpecParseError, VerifyException
 from piperc.errors import PassError
 from piperc.ir import cycle_collection_paused, print_ir
 from piperc.passes import PASSES
+from piperc.verify import IncrementalVerifier
 
 
 @dataclasses.dataclass
@@ -80,7 +81,9 @@ def run_pipeline(
 
     `pipeline` is text (`fold-detach,cse`) or pass objects. A pass that raises,
     or leaves IR that does not verify, raises PassError naming the pass and the
-    offending op. Returns (pass name, seconds) for each pass run.
+    offending op. Returns (pass name, seconds) for each pass run. Each
+    verification accepts and rejects what `module.verify()` does, but re-checks
+    only the ops that changed since the previous one (`piperc.verify`).
     """
     options = options or PipelineOptions()
     passes = parse_pipeline(pipeline) if isinstance(pipeline, str) else list(pipeline)
@@ -88,7 +91,8 @@ def run_pipeline(
     if options.dump_dir:
         os.makedirs(options.dump_dir, exist_ok=True)
         _dump(options.dump_dir, 0, "input", module)
-    _verify(module, "the input")
+    verifier = IncrementalVerifier()
+    _verify(verifier, module, "the input")
     timings = []
     for i, p in enumerate(passes, start=1):
         if p.name in options.print_ir_before:
@@ -102,7 +106,7 @@ def run_pipeline(
         except Exception as e:
             raise PassError(f"pass '{p.name}' failed: {type(e).__name__}: {e}") from e
         timings.append((p.name, time.perf_counter() - start))
-        _verify(module, f"pass '{p.name}'")
+        _verify(verifier, module, f"pass '{p.name}'")
         if options.print_ir_after_all or p.name in options.print_ir_after:
             _print(out, f"IR Dump After {p.name}", module)
         if options.dump_dir:
@@ -114,10 +118,10 @@ def run_pipeline(
     return timings
 
 
-def _verify(module: ModuleOp, after: str) -> None:
+def _verify(verifier: IncrementalVerifier, module: ModuleOp, after: str) -> None:
     try:
         with cycle_collection_paused():
-            module.verify()
+            verifier.verify(module)
     except VerifyException as e:
         raise PassError(f"IR after {after} does not verify: {e}") from e
 
