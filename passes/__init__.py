@@ -41,6 +41,8 @@ PASSES: dict[str, Callable[[], type[ModulePass]]] = {
     "bucket-collectives": _lazy("piperc.passes.bucket_collectives", "BucketCollectivesPass"),
     "lower-collectives": _lazy("piperc.passes.lower_collectives", "LowerCollectivesPass"),
     "propagate-sharding": _lazy("piperc.passes.propagate_sharding", "PropagateShardingPass"),
+    "tensor-parallel": _lazy("piperc.passes.tensor_parallel", "TensorParallelPass"),
+    "localise-shapes": _lazy("piperc.passes.localise_shapes", "LocaliseShapesPass"),
     "cse": _lazy("xdsl.transforms.common_subexpression_elimination", "CommonSubexpressionElimination"),
     "dce": _lazy("xdsl.transforms.dead_code_elimination", "DeadCodeElimination"),
 }

@@ -4,7 +4,8 @@ Each replica takes an equal slice of the global batch: the step's inputs get
 the layout "dimension 0 split over `axis`", and so does every activation that
 depends on them (the first dimension that is a multiple of the rows a replica
 holds); the gradients the backward tasks return are partial sums over `axis`
-(`partial = ["dp"]`). The pass then sums them over the axis before each
+(`partial = ["dp"]`), on top of the layouts they already have (tensor parallelism's
+shards and pending sums are kept). The pass then sums them over the axis before each
 stage's update with `par.all_reduce_bucket`, grouping the gradients of a stage
 into buckets of at most `bucket-mb` MiB in the order the backward produces them
 (last parameters first), so each bucket can be issued as soon as its gradients
@@ -29,7 +30,7 @@ from xdsl.dialects.builtin import ArrayAttr, DictionaryAttr, ModuleOp
 from xdsl.ir import BlockArgument, SSAValue
 from xdsl.passes import ModulePass
 
-from piperc.dialects.par import LAYOUT, AllReduceBucketOp, PassKind, ShardingAttr, TaskOp
+from piperc.dialects.par import LAYOUT, AllReduceBucketOp, PassKind, ShardingAttr, TaskOp, layout_of
 from piperc.dialects.roles import argument_roles, main_function
 from piperc.dialects.torch import ValueTensorType
 from piperc.errors import StrategyError
@@ -122,34 +123,41 @@ class DataParallelPass(ModulePass):
         rows = inputs[0].type.get_shape()[0]
         batched: set[SSAValue] = set(inputs)
         main.arg_attrs = ArrayAttr(
-            _set_layout(attrs, self._layout(a.type, rows, a in batched))
+            _set_layout(attrs, self._layout(attrs, a.type, rows, a in batched))
             for attrs, a in zip(main.arg_attrs.data, main.args, strict=True))
         for task in step_tasks(module):
             fn = find_function(module, task.callee.root_reference.data)
             depends = any(v in batched for v in task.args)
             fn.arg_attrs = ArrayAttr(
-                _set_layout(attrs, self._layout(v.type, rows, v in batched))
+                _set_layout(attrs, self._layout(attrs, v.type, rows, v in batched))
                 for attrs, v in zip(fn.arg_attrs.data, task.args, strict=True))
             if not depends:
                 continue
             batched.update(task.outs)
             is_grad = _gradient_results(main, task)
             fn.res_attrs = ArrayAttr(
-                _set_layout(attrs, self._partial(r.type) if grad else self._layout(r.type, rows, True))
+                _set_layout(attrs, self._partial(attrs, r.type) if grad else self._layout(attrs, r.type, rows, True))
                 for attrs, r, grad in zip(fn.res_attrs.data, task.outs, is_grad, strict=True))
 
-    def _layout(self, type_, rows: int, batched: bool) -> ShardingAttr:
-        """Split over the axis along the first dimension holding whole rows, if `batched`."""
+    def _layout(self, attrs: DictionaryAttr, type_, rows: int, batched: bool) -> ShardingAttr:
+        """The layout `attrs` give (replicated if none), split over the axis along the first
+        dimension holding whole rows if `batched` (the axis outermost: each replica's rows are
+        then laid out over the other axes as before)."""
         shape = type_.get_shape() if isinstance(type_, ValueTensorType) else ()
+        layout = layout_of(attrs) or ShardingAttr.replicated(len(shape))
         if not batched:
-            return ShardingAttr.replicated(len(shape))
+            return layout
         for dim, size in enumerate(shape):
             if size > 0 and size % rows == 0:
-                return ShardingAttr.split(len(shape), dim, self.axis)
-        return self._partial(type_)
+                return ShardingAttr([[self.axis, *layout.dim_axes(d)] if d == dim else layout.dim_axes(d)
+                                     for d in range(len(shape))], layout.partial_axes())
+        return self._partial(attrs, type_)
 
-    def _partial(self, type_) -> ShardingAttr:
-        return ShardingAttr([[] for _ in type_.get_shape()], partial=[self.axis])
+    def _partial(self, attrs: DictionaryAttr, type_) -> ShardingAttr:
+        """The layout `attrs` give (replicated if none), also a pending sum over the axis."""
+        layout = layout_of(attrs) or ShardingAttr.replicated(len(type_.get_shape()))
+        return ShardingAttr([layout.dim_axes(d) for d in range(layout.rank())],
+                            [self.axis, *layout.partial_axes()])
 
 
 def _gradient_results(main: func.FuncOp, task: TaskOp) -> list[bool]:

@@ -14,7 +14,9 @@ single-tensor implementations do, so a step in piperc equals a step of
 
 Optimizer state (`state:<param>.<slot>`, zeros at the start) and the AdamW
 step count (`state:step`, a 0-dim f64) are arguments and results too, so the
-runtime only stores named tensors. Requires: outline-stages has run.
+runtime only stores named tensors. A parameter's gradient and state are laid out as the
+parameter is (tensor parallelism shards them alike), and the update, elementwise, runs on
+the pieces. Requires: outline-stages has run.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from xdsl.dialects.builtin import ArrayAttr, DictionaryAttr, ModuleOp, StringAtt
 from xdsl.ir import Block, BlockArgument, Region, SSAValue
 from xdsl.passes import ModulePass
 
-from piperc.dialects.par import PassKind, TaskOp
+from piperc.dialects.par import PassKind, ShardingAttr, TaskOp, layout_of
 from piperc.dialects.roles import argument_roles, main_function, result_roles
 from piperc.dialects.torch_builder import TorchBuilder, scalar_type
 from piperc.errors import StrategyError
@@ -43,6 +45,7 @@ from piperc.passes.outline_stages import (
     with_layout,
 )
 from piperc.passes.pipeline_split import NUM_STAGES, module_count
+from piperc.passes.propagate_sharding import value_layout
 
 STEP_KEY = "state:step"
 
@@ -142,7 +145,7 @@ class OptimizerPass(ModulePass):
                     args.append(stage_gradients_of[stage][name])
                 else:
                     if name not in state_args:
-                        state_args[name] = _add_state_argument(main, name, type_)
+                        state_args[name] = _add_state_argument(main, name, type_, _layout(update, key))
                     args.append(state_args[name])
             task = TaskOp(update.sym_name.data, stage, PassKind.UPDATE, args,
                           list(update.function_type.outputs.data))
@@ -150,7 +153,8 @@ class OptimizerPass(ModulePass):
             for key, r in zip(result_keys(update), task.outs, strict=True):
                 role, _, name = key.partition(":")
                 results.append(r)
-                res_attrs.append(with_layout(DictionaryAttr({f"piperc.{role}": StringAttr(name)}), r.type))
+                res_attrs.append(with_layout(DictionaryAttr({f"piperc.{role}": StringAttr(name)}), r.type,
+                                             _result_layout(update, key)))
         ret.operands = results
         main.function_type = func.FunctionType.from_lists(list(main.function_type.inputs.data),
                                                          [r.type for r in results])
@@ -159,10 +163,12 @@ class OptimizerPass(ModulePass):
     def _update(self, stage: int, params: dict[str, SSAValue]) -> func.FuncOp:
         arg_keys_: list[str] = []
         arg_types = []
+        layouts: dict[str, ShardingAttr] = {}
         for name, p in params.items():
             for key in (f"param:{name}", f"grad:{name}", *(f"state:{name}.{s}" for s in self._slots())):
                 arg_keys_.append(key)
                 arg_types.append(p.type)
+                layouts[key] = value_layout(p)
         if self.kind == "adamw":
             arg_keys_.append(STEP_KEY)
             arg_types.append(scalar_type("f64"))
@@ -212,8 +218,8 @@ class OptimizerPass(ModulePass):
             function_name(stage, PassKind.UPDATE),
             (arg_types, [out[k].type for k in result_keys]),
             Region(block),
-            arg_attrs=ArrayAttr(named(k, t) for k, t in zip(arg_keys_, arg_types, strict=True)),
-            res_attrs=ArrayAttr(named(k, out[k].type) for k in result_keys),
+            arg_attrs=ArrayAttr(named(k, t, layouts.get(k)) for k, t in zip(arg_keys_, arg_types, strict=True)),
+            res_attrs=ArrayAttr(named(k, out[k].type, layouts.get(k)) for k in result_keys),
         )
         return fn
 
@@ -223,11 +229,21 @@ class OptimizerPass(ModulePass):
         return ("momentum",) if self.momentum else ()
 
 
-def _add_state_argument(main: func.FuncOp, name: str, type_) -> BlockArgument:
-    """Appends an optimizer-state argument (`piperc.state = name`) to the step."""
+def _layout(fn: func.FuncOp, key: str) -> ShardingAttr | None:
+    """The layout of the argument of `fn` named `key`."""
+    return layout_of(fn.arg_attrs.data[arg_keys(fn).index(key)])
+
+
+def _result_layout(fn: func.FuncOp, key: str) -> ShardingAttr | None:
+    """The layout of the result of `fn` named `key`."""
+    return layout_of(fn.res_attrs.data[result_keys(fn).index(key)])
+
+
+def _add_state_argument(main: func.FuncOp, name: str, type_, layout: ShardingAttr | None) -> BlockArgument:
+    """Appends an optimizer-state argument (`piperc.state = name`, laid out as its parameter) to the step."""
     arg = main.body.block.insert_arg(type_, len(main.body.block.args))
     main.function_type = func.FunctionType.from_lists([*main.function_type.inputs.data, type_],
                                                      list(main.function_type.outputs.data))
     main.arg_attrs = ArrayAttr([*main.arg_attrs.data, with_layout(
-        DictionaryAttr({"piperc.state": StringAttr(name)}), type_)])
+        DictionaryAttr({"piperc.state": StringAttr(name)}), type_, layout)])
     return arg

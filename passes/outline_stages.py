@@ -14,9 +14,10 @@ Each stage gets one forward function and its backward, and `@main` runs them
 as `par.task`s whose operands and results carry the data flow between stages
 and passes as SSA values: activations (F of stage s to F of a later stage),
 values saved for backward (F to B of any stage) and gradients (B of stage s to
-B of an earlier stage). Every argument and result carries a layout (replicated
-until a strategy pass says otherwise) and a `piperc.key`, which is only a
-readable name. Constants are re-created in each function that uses them.
+B of an earlier stage). Every argument and result carries the layout its value
+has in `@main` (`par.layout`/`par.layouts`, as tensor parallelism writes them;
+replicated where none is written) and a `piperc.key`, which is only a readable
+name. Constants are re-created in each function that uses them.
 
 With `split-backward` (the default) each stage's backward is cut into one
 function per block, in the order the backward runs them, named after the
@@ -44,11 +45,20 @@ from xdsl.ir import Block, BlockArgument, Operation, Region, SSAValue
 from xdsl.passes import ModulePass
 from xdsl.traits import ConstantLike, IsTerminator
 
-from piperc.dialects.par import LAYOUT, AccumulateOp, OriginAttr, PassKind, ShardingAttr, TaskOp
+from piperc.dialects.par import (
+    LAYOUT,
+    AccumulateOp,
+    OriginAttr,
+    PassKind,
+    ShardingAttr,
+    TaskOp,
+    layout_of,
+)
 from piperc.dialects.roles import ORIGIN, argument_roles, main_function, result_roles
 from piperc.dialects.torch import ValueTensorType
 from piperc.errors import StrategyError
 from piperc.passes.pipeline_split import NUM_STAGES, module_count, stage_of, unit_of
+from piperc.passes.propagate_sharding import value_layout
 
 KEY = "piperc.key"
 """The attribute giving a function argument or result a readable name (`param:w`, `v3`)."""
@@ -266,9 +276,10 @@ class OutlineStagesPass(ModulePass):
         block.add_op(func.ReturnOp(*results))
         main.function_type = func.FunctionType.from_lists(list(main.function_type.inputs.data),
                                                          [r.type for r in results])
-        main.res_attrs = ArrayAttr(with_layout(a, r.type) for a, r in zip(res_attrs, results, strict=True))
-        main.arg_attrs = ArrayAttr(with_layout(a, t) for a, t in zip(main.arg_attrs.data,
-                                                                     main.function_type.inputs.data, strict=True))
+        main.res_attrs = ArrayAttr(with_layout(a, r.type, layout_of(a)) for a, r in zip(res_attrs, results, strict=True))
+        main.arg_attrs = ArrayAttr(with_layout(a, t, layout_of(a)) for a, t in zip(main.arg_attrs.data,
+                                                                                   main.function_type.inputs.data,
+                                                                                   strict=True))
 
     def _check_flow(self, src, dst, consumer: Operation, producer: Operation) -> None:
         (s1, k1, c1), (s2, k2, c2) = src, dst
@@ -329,7 +340,7 @@ class OutlineStagesPass(ModulePass):
             name,
             (arg_types, [v.type for _, v in outputs]),
             Region(body),
-            arg_attrs=ArrayAttr(named(k, v.type) for k, v in inputs.items()),
-            res_attrs=ArrayAttr(named(k, v.type) for k, v in outputs),
+            arg_attrs=ArrayAttr(named(k, v.type, value_layout(v)) for k, v in inputs.items()),
+            res_attrs=ArrayAttr(named(k, v.type, value_layout(v)) for k, v in outputs),
         )
         return fn

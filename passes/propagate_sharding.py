@@ -160,6 +160,27 @@ def _replicated(value: SSAValue) -> ShardingAttr:
     return ShardingAttr.replicated(len(value.type.get_shape()))
 
 
+def value_layout(value: SSAValue) -> ShardingAttr:
+    """The layout of a tensor value as the IR writes it: a function argument's `par.layout`,
+    a result's entry of its op's `par.layouts`, a reshard's or layout cast's target;
+    replicated where none is written (and for values that are not tensors, as rank 0)."""
+    if not isinstance(value.type, ValueTensorType):
+        return ShardingAttr.replicated(0)
+    owner = value.owner
+    if isinstance(owner, ReshardOp | LayoutCastOp):
+        return owner.target
+    if isinstance(owner, Operation):
+        layouts = owner.attributes.get(LAYOUTS)
+        if isinstance(layouts, ArrayAttr):
+            index = [r for r in owner.results if isinstance(r.type, ValueTensorType)].index(value)
+            return layouts.data[index]
+        return _replicated(value)
+    fn = owner.parent_op()
+    if isinstance(fn, func.FuncOp) and fn.arg_attrs is not None:
+        return layout_of(fn.arg_attrs.data[value.index]) or _replicated(value)
+    return _replicated(value)
+
+
 def where(op: Operation) -> str:
     """`torch.aten.mm in 'blocks.0.attn.proj' (F)`, for messages and reasons."""
     origin = op.attributes.get(ORIGIN)

@@ -22,7 +22,7 @@ from xdsl.passes import ModulePass
 from piperc import codegen, schedules
 from piperc.errors import PassError, StrategyError
 from piperc.frontend import ARG_ALIASES, Captured, capture, main_function
-from piperc.ir import print_ir
+from piperc.ir import cycle_collection_paused, print_ir
 from piperc.memory import PeakMemory, memory_table, predict_memory
 from piperc.passes.bucket_collectives import BucketCollectivesPass
 from piperc.passes.fold_detach import FoldDetachPass
@@ -165,8 +165,11 @@ def compile(  # noqa: A001 - the public name users expect
         )
     passes = assemble_pipeline(ctx)
     rows = batch // (ctx.replicas * ctx.microbatches)
-    captured = capture(model, tuple(x[:rows] for x in example_inputs))
-    return _lower(captured, passes, options, keep_ir)
+    # Capture, the passes and code generation allocate millions of objects that live
+    # until the compile ends; cyclic collections in between would walk them over and over.
+    with cycle_collection_paused():
+        captured = capture(model, tuple(x[:rows] for x in example_inputs))
+        return _lower(captured, passes, options, keep_ir)
 
 
 def assemble_pipeline(ctx: StrategyContext) -> list[ModulePass]:
@@ -186,18 +189,19 @@ def assemble_pipeline(ctx: StrategyContext) -> list[ModulePass]:
 
 
 def _front_fragments(ctx: StrategyContext, provided: set[str]) -> list[Fragment]:
-    """fold-detach and the mesh; without a pipeline directive, one stage on a size-1 pp axis."""
+    """fold-detach and the mesh (which leaves every value replicated: the default layouts);
+    without a pipeline directive, one stage on a size-1 pp axis, once the layouts are final."""
     axes = dict(ctx.mesh.axes)
     single_stage = "stages" not in provided
     if single_stage and _PP not in axes:
         axes = {_PP: 1, **axes}
     front = [
         Fragment((FoldDetachPass(),)),
-        Fragment((MeshPass(shape=",".join(f"{a}={s}" for a, s in axes.items())),), provides=("mesh",)),
+        Fragment((MeshPass(shape=",".join(f"{a}={s}" for a, s in axes.items())),), provides=("mesh", "layouts")),
     ]
     if single_stage:
         front += [
-            Fragment((PipelineSplitPass(stages=1), OutlineStagesPass()), provides=("stages",)),
+            Fragment((PipelineSplitPass(stages=1), OutlineStagesPass()), requires=("layouts",), provides=("stages",)),
             schedule_fragment({"kind": "gpipe"}, _PP, "schedule"),
         ]
     return front

@@ -17,17 +17,20 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from xdsl.passes import ModulePass
 
 from piperc.errors import StrategyError
 from piperc.passes.data_parallel import DataParallelPass
 from piperc.passes.expand_schedule import ExpandSchedulePass
+from piperc.passes.localise_shapes import LocaliseShapesPass
 from piperc.passes.optimizer import OptimizerPass
 from piperc.passes.outline_stages import OutlineStagesPass
 from piperc.passes.pipeline_split import PipelineSplitPass
+from piperc.passes.propagate_sharding import PropagateShardingPass
 from piperc.passes.schedule import SchedulePass
+from piperc.passes.tensor_parallel import Placement, TensorParallelPass, plan_text
 from piperc.passes.zero import ZeroPass
 
 
@@ -63,6 +66,11 @@ class Fragment:
     own fragments and directives use:
 
       mesh          `par.mesh @mesh` declares the mesh (piperc's `mesh`)
+      layouts       every value of the captured `@main` has its final layout and
+                    per-device type (piperc's `mesh` leaves all of them
+                    replicated; tensor parallelism's passes shard them); the
+                    stage fragments require it, so strategies that lay out the
+                    whole graph run before it is split into stages
       stages        `@s<i>_F` / `@s<i>_B` stage functions (a pipeline's
                     pipeline-split, outline-stages)
       update        `@s<i>_update` per stage (the optimizer)
@@ -204,6 +212,7 @@ class Pipeline(Directive):
             (PipelineSplitPass(stages=self.stages, split_at=self.split_at, region=self.region,
                                directive=str(self)),
              OutlineStagesPass(directive=str(self))),
+            requires=("layouts",),
             provides=("stages",),
         )
         return [stages, schedule_fragment(self.schedule_options(), self.axis, str(self))]
@@ -247,6 +256,64 @@ class DataParallel(Directive):
             passes += (ZeroPass(stage=self.zero, axis=self.axis, reshard_after_forward=self.reshard_after_forward,
                                 directive=str(self)),)
         return [Fragment(passes, requires=("mesh", "update"))]
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorParallel(Directive):
+    """Tensor parallelism along `axis`: parameters laid out as `plan` says, every other value's
+    layout propagated from them, shapes made per-device (see `tensor_parallel`)."""
+
+    axis: str = "tp"
+    plan: tuple[tuple[str, Placement], ...] = ()
+    sequence_parallel: bool = False
+    strict: bool = False
+
+    def __str__(self) -> str:
+        plan = ", ".join(f"{glob!r}: {placement}" for glob, placement in self.plan)
+        extra = ", sequence_parallel=True" if self.sequence_parallel else ""
+        extra += ", strict=True" if self.strict else ""
+        return f"tensor_parallel(axis={self.axis!r}, plan={{{plan}}}{extra})"
+
+    def mesh_axes(self) -> tuple[str, ...]:
+        """The tensor-parallel axis: the devices along it share each sharded parameter."""
+        return (self.axis,)
+
+    def check(self, ctx: StrategyContext) -> None:
+        """A non-empty plan of placements; no sequence parallelism or ZeRO next to it yet."""
+        if not self.plan:
+            raise StrategyError(f"{self}: the plan is empty; map parameter globs to piperc.Shard(dim) or "
+                                "piperc.Replicate(), e.g. {'blocks.*.mlp.fc.weight': piperc.Shard(0)}")
+        try:
+            plan_text(dict(self.plan))
+        except StrategyError as e:
+            raise StrategyError(f"{self}: {e}") from None
+        if self.sequence_parallel:
+            raise StrategyError(f"{self}: sequence_parallel=True is not supported yet; use sequence_parallel=False")
+        zero = next((d for d in ctx.directives if isinstance(d, DataParallel) and d.zero), None)
+        if zero is not None:
+            raise StrategyError(f"{self}: tensor parallelism next to {zero} is not supported yet; use zero=0")
+
+    def fragments(self, ctx: StrategyContext) -> list[Fragment]:
+        """tensor-parallel (seed the plan), propagate-sharding over the axis, localise-shapes:
+        on the captured step, before anything splits it into stages."""
+        return [Fragment(
+            (TensorParallelPass(axis=self.axis, plan=plan_text(dict(self.plan)), directive=str(self)),
+             PropagateShardingPass(mesh_axes=(self.axis,), strict=self.strict),
+             LocaliseShapesPass(mesh_axes=(self.axis,))),
+            requires=("mesh",), provides=("layouts",))]
+
+
+def tensor_parallel(axis: str = "tp", plan: Mapping[str, Placement] | None = None,
+                    sequence_parallel: bool = False, strict: bool = False) -> TensorParallel:
+    """Tensor-parallel directive: `plan` maps globs over parameter names (as in
+    `model.state_dict()`) to `piperc.Shard(dim)` or `piperc.Replicate()` along `axis`.
+
+    Every other value's layout follows by sharding propagation (`strict=True` makes an op
+    without a sharding rule an error instead of computing it replicated), with reshards
+    where layouts conflict; each device then holds and computes its pieces. The Megatron
+    plan shards a layer's weight `[out, in]` as Shard(0) and the next one's as Shard(1).
+    """
+    return TensorParallel(axis, tuple((plan or {}).items()), sequence_parallel, strict)
 
 
 def pipeline(axis: str = "pp", stages: int = 2, microbatches: int = 1,

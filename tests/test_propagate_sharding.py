@@ -19,8 +19,8 @@ from piperc.examples import gpt, llama, moe, tied
 from piperc.ir import make_context, parse_module, print_ir
 from piperc.passes.propagate_sharding import sharding_report
 from piperc.passes.sharding_rules import reshape_factors, sharding_rule
+from piperc.passes.tensor_parallel import Partial, Replicate, Shard, seed_layouts
 from piperc.passmanager import run_pipeline
-from piperc.placements import Partial, Replicate, Shard, seed_layouts
 
 
 def ir(text: str) -> str:

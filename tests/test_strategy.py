@@ -116,7 +116,7 @@ def test_a_directive_from_outside_piperc_runs_its_passes_where_its_facts_say(tmp
     [
         ((((), ("x",)), (("y",), ())),
          "requires(): its passes require 'y', which no directive provides "
-         "(provided: exec, mesh, microbatches, schedule, stages, update, x)"),
+         "(provided: exec, layouts, mesh, microbatches, schedule, stages, update, x)"),
         ((((), ("x",)), (("x", "z"), ("y",)), (("y",), ("z",))),
          "the strategy's passes cannot be ordered, their requirements form a cycle: "
          "requires() requires 'z' from requires(); requires() requires 'y' from requires()"),

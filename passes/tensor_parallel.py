@@ -1,11 +1,18 @@
-"""Placements, named and meaning as DTensor's, and seeding parameter layouts from a plan.
+"""tensor-parallel: seeds the parameter layouts of a tensor-parallel plan on the captured `@main`.
 
-A plan maps globs over parameter names to a placement along one mesh axis:
+    tensor-parallel{axis=tp plan="blocks.*.attn.qkv.weight=0,blocks.*.attn.proj.weight=1,head.weight=replicate"}
 
-    {"blocks.*.attn.qkv.weight": piperc.Shard(0), "blocks.*.attn.proj.weight": piperc.Shard(1)}
+The plan maps fnmatch globs over parameter names (tied names included) to a placement
+along `axis`: a dimension (`Shard(dim)`) or `replicate`. `Shard`, `Replicate` and `Partial`
+(named and meaning as DTensor's; `piperc.Shard` etc.) live here. The pass writes the matching
+parameters' `par.layout` (`seed_layouts`), and replicated layouts on the
+step's loss and outputs, which every device must hold whole. The `piperc.tensor_parallel`
+directive runs it before `propagate-sharding{mesh-axes=<axis>}` (every value's layout,
+reshards where they conflict) and `localise-shapes` (per-device shapes), on the captured
+`@main` before it is split into stages.
 
-`seed_layouts` writes the matching parameters' `par.layout` (`#par.sharding`) on `@main`;
-the propagate-sharding pass derives every other value's layout from them.
+Options: axis (default tp), plan (text as above), directive (quoted in errors).
+Requires: the mesh pass (the axis and its size), a captured `@main` with parameter roles.
 """
 
 from __future__ import annotations
@@ -15,12 +22,15 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from xdsl.context import Context
 from xdsl.dialects.builtin import ArrayAttr, DictionaryAttr, ModuleOp
+from xdsl.passes import ModulePass
 
 from piperc.dialects.par import LAYOUT, ShardingAttr, layout_of
-from piperc.dialects.roles import main_function, parameter_names
+from piperc.dialects.roles import RES_LOSS, RES_OUTPUT, main_function, parameter_names
 from piperc.dialects.torch import ValueTensorType
 from piperc.errors import StrategyError
+from piperc.passes.mesh import find_mesh
 
 
 @dataclass(frozen=True)
@@ -105,3 +115,70 @@ def seed_layouts(module: ModuleOp, axis: str, plan: Mapping[str, Placement], mes
 
 def _example(attrs: list[DictionaryAttr]) -> str:
     return next((n[0] for a in attrs if (n := parameter_names(a))), "?")
+
+
+REPLICATE = "replicate"
+"""How a plan written as text says `Replicate()`."""
+
+
+def plan_text(plan: Mapping[str, Placement]) -> str:
+    """The plan as the pass's `plan` option: `glob=dim` or `glob=replicate`, comma-separated."""
+    entries = []
+    for glob, placement in plan.items():
+        if not isinstance(glob, str) or not glob or "," in glob or "=" in glob:
+            raise StrategyError(f"tensor plan entry {glob!r}: a glob over parameter names is a non-empty string "
+                                "without ',' or '='")
+        if isinstance(placement, Shard):
+            entries.append(f"{glob}={placement.dim}")
+        elif isinstance(placement, Replicate):
+            entries.append(f"{glob}={REPLICATE}")
+        else:
+            raise StrategyError(f"tensor plan entry '{glob}': {placement!r} is not a placement a parameter can "
+                                "have; use piperc.Shard(dim) or piperc.Replicate()")
+    return ",".join(entries)
+
+
+def parse_plan(text: str, directive: str) -> dict[str, Placement]:
+    """The plan a `plan` option spells (the inverse of `plan_text`)."""
+    plan: dict[str, Placement] = {}
+    for entry in filter(None, (e.strip() for e in text.split(","))):
+        glob, sep, placement = entry.rpartition("=")
+        if not sep or not glob:
+            raise StrategyError(f"{directive}: plan entry '{entry}' is not 'glob=dim' or 'glob={REPLICATE}'")
+        if placement == REPLICATE:
+            plan[glob] = Replicate()
+        elif placement.lstrip("-").isdigit():
+            plan[glob] = Shard(int(placement))
+        else:
+            raise StrategyError(f"{directive}: plan entry '{entry}' places '{glob}' as '{placement}'; write a "
+                                f"dimension or '{REPLICATE}'")
+    if not plan:
+        raise StrategyError(f"{directive}: the plan is empty; name the parameters to shard, e.g. "
+                            "{'blocks.*.mlp.fc.weight': piperc.Shard(0)}")
+    return plan
+
+
+@dataclass(frozen=True)
+class TensorParallelPass(ModulePass):
+    """Seeds a tensor-parallel plan's parameter layouts (and whole losses and outputs) on `@main`."""
+
+    name = "tensor-parallel"
+
+    axis: str = "tp"
+    plan: str = ""
+    directive: str = "tensor-parallel"
+
+    def apply(self, ctx: Context, op: ModuleOp) -> None:
+        mesh = find_mesh(op)
+        sizes = {a: mesh.axis_size(a) for a in mesh.axis_names()}
+        try:
+            seed_layouts(op, self.axis, parse_plan(self.plan, self.directive), sizes)
+        except StrategyError as e:
+            raise StrategyError(f"{self.directive}: {e}") from None
+        fn = main_function(op)
+        results = fn.function_type.outputs.data
+        attrs = fn.res_attrs.data if fn.res_attrs else [DictionaryAttr({}) for _ in results]
+        fn.res_attrs = ArrayAttr(
+            DictionaryAttr({**a.data, LAYOUT: ShardingAttr.replicated(len(t.get_shape()))})
+            if (RES_LOSS in a.data or RES_OUTPUT in a.data) and isinstance(t, ValueTensorType) else a
+            for a, t in zip(attrs, results, strict=True))
