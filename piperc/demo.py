@@ -1,6 +1,6 @@
 """The main job (`make demo`): train the example GPT on 4 local ranks and check it.
 
-    python -m piperc.demo [--strategy pp-dp|zero] [--steps 20] [--out out]
+    python -m piperc.demo [--strategy pp-dp|zero|tp] [--steps 20] [--out out]
 
 Compiles the GPT for one of the strategies below, trains it for the given
 steps on 4 local processes (gloo), trains the same model on one device with
@@ -12,6 +12,8 @@ schedule as a table and a picture, and `memory.txt`.
     zero    the same with ZeRO-3 over dp: parameters, gradients and optimizer
             state held in halves, each parameter gathered for every forward
             and backward
+    tp      pp=2 x tp=2: each stage's attention and MLP weights split in two
+            (the plan of TP_PLAN), with the reshards propagation finds
 """
 
 from __future__ import annotations
@@ -23,7 +25,11 @@ import time
 
 import torch
 
-STRATEGIES = ("pp-dp", "zero")
+STRATEGIES = ("pp-dp", "zero", "tp")
+TP_PLAN = {"blocks.*.attn.qkv.weight": 0, "blocks.*.attn.proj.weight": 1,
+           "blocks.*.mlp.fc.weight": 0, "blocks.*.mlp.proj.weight": 1}
+"""The `tp` strategy's plan: parameter glob -> the dimension split over tp (Megatron's
+column- then row-parallel pairs)."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,9 +49,14 @@ def main(argv: list[str] | None = None) -> int:
     batches = [gpt.make(n_layers=4, d_model=64, n_heads=4, seq=32, batch=16, seed=1000 + s)[1]
                for s in range(args.steps)]
     optimizer = piperc.optim.AdamW(lr=1e-3, weight_decay=0.1)
-    mesh = piperc.Mesh(pp=2, dp=2)
-    strategy = [piperc.pipeline(axis="pp", stages=2, microbatches=4, schedule="1f1b"),
-                piperc.data_parallel(axis="dp", zero=3 if args.strategy == "zero" else 0)]
+    pipeline = piperc.pipeline(axis="pp", stages=2, microbatches=4, schedule="1f1b")
+    if args.strategy == "tp":
+        mesh = piperc.Mesh(pp=2, tp=2)
+        plan = {glob: piperc.Shard(dim) for glob, dim in TP_PLAN.items()}
+        strategy = [pipeline, piperc.tensor_parallel(axis="tp", plan=plan)]
+    else:
+        mesh = piperc.Mesh(pp=2, dp=2)
+        strategy = [pipeline, piperc.data_parallel(axis="dp", zero=3 if args.strategy == "zero" else 0)]
     n_params = sum(p.numel() for p in model.parameters())
     print(f"piperc demo: GPT, 4 blocks, {n_params / 1e3:.0f}k parameters, batch {len(inputs[0])} x {inputs[0].shape[1]} tokens")
     print(f"  mesh {mesh!r}; strategy {', '.join(map(str, strategy))}; {optimizer}")

@@ -63,7 +63,7 @@ def test_sharding_vs_torch_reports_zero3_time_and_memory_ratios():
 def test_pp_zero_memory_reports_the_largest_microbatch_count_per_policy():
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
-        [sys.executable, "benchmarks/pp_zero_memory.py", "--microbatches", "1,2", "--d-model", "32",
+        [sys.executable, "benchmarks/pp_zero_memory.py", "--microbatches", "2", "--budget-mib", "100", "--d-model", "32",
          "--vocab", "64", "--seq", "8", "--layers", "2", "--no-measure"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip

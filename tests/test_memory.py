@@ -170,6 +170,9 @@ CASES = {  # name: mesh, strategy, batch shape (the peak is in the backward, or,
     "dp2_zero1": (piperc.Mesh(dp=2), [piperc.data_parallel(axis="dp", zero=1)], {"batch": 16}),
     "dp2_zero2": (piperc.Mesh(dp=2), [piperc.data_parallel(axis="dp", zero=2)], {"batch": 16}),
     "dp2_zero3": (piperc.Mesh(dp=2), [piperc.data_parallel(axis="dp", zero=3)], {"batch": 16}),
+    "tp2": (piperc.Mesh(tp=2), [piperc.tensor_parallel(axis="tp", plan={
+        "blocks.*.attn.qkv.weight": piperc.Shard(0), "blocks.*.attn.proj.weight": piperc.Shard(1),
+        "blocks.*.mlp.fc.weight": piperc.Shard(0), "blocks.*.mlp.proj.weight": piperc.Shard(1)})], {"batch": 16}),
 }
 
 

@@ -383,6 +383,7 @@ EXAMPLES = {"gpt": gpt, "llama": llama, "tied": tied}
 CASES = {
     "gpt-tp2": ("gpt", GPT_PLAN, piperc.Mesh(tp=2), [], {}),
     "llama-tp2": ("llama", LLAMA_PLAN, piperc.Mesh(tp=2), [], {}),
+    "llama-tp4": ("llama", LLAMA_PLAN, piperc.Mesh(tp=4), [], {}),
     "gpt-tp2xdp2": ("gpt", GPT_PLAN, piperc.Mesh(dp=2, tp=2), [piperc.data_parallel(axis="dp")], {}),
     "gpt-tp2xpp2": ("gpt", GPT_PLAN, piperc.Mesh(pp=2, tp=2),
                     [piperc.pipeline(axis="pp", stages=2, microbatches=2, schedule="1f1b")], {}),

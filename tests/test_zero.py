@@ -144,7 +144,6 @@ CASES = [  # model, zero, mesh axes, microbatches, reshard_after_forward
     ("llama", 1, {"dp": 4}, 1, True),
     ("llama", 2, {"dp": 2}, 1, True),
     ("gpt", 2, {"dp": 4}, 1, True),
-    ("gpt", 3, {"dp": 2}, 1, True),
     ("gpt", 3, {"dp": 4}, 1, True),
     ("llama", 3, {"pp": 2, "dp": 2}, 2, True),
     ("gpt", 3, {"pp": 2, "dp": 2}, 4, False),
