@@ -101,13 +101,14 @@ An unsharded parameter is a view of its all-gather's output, so it counts as a b
 
 def tp_pair() -> str:
     """Why the tp pair (piperc tp=2 vs DTensor `parallelize_module` with Colwise/RowwiseParallel
-    on the attention and MLP projections) is not run: piperc has no tensor parallelism yet.
+    on the attention and MLP projections) is not run: its contenders are not written yet.
 
-    This is where it goes once `piperc.tensor_parallel` exists: a `piperc-tp` contender compiled
-    with Mesh(tp=2), a `torch-tp` contender parallelising the same blocks, an entry in PAIRS.
+    This is where it goes: a `piperc-tp` contender compiled with Mesh(tp=2) and
+    `piperc.tensor_parallel` (which exists and trains exactly), a `torch-tp` contender
+    parallelising the same blocks, an entry in PAIRS.
     """
-    return ("not run: piperc has no tensor parallelism yet (piperc.tensor_parallel, issue 7); "
-            "the pair is piperc tp=2 vs DTensor parallelize_module with Colwise/RowwiseParallel")
+    return ("not run: the contenders are not written yet (piperc tp=2 with piperc.tensor_parallel vs "
+            "DTensor parallelize_module with Colwise/RowwiseParallel)")
 
 
 PLANNED = {"tp": tp_pair}
