@@ -34,6 +34,7 @@ from piperc.passes.microbatch import MicrobatchPass
 from piperc.passes.optimizer import optimizer_state
 from piperc.passes.outline_stages import OutlineStagesPass
 from piperc.passes.pipeline_split import PipelineSplitPass
+from piperc.passes.propagate_sharding import PropagateShardingPass, sharding_report
 from piperc.passes.schedule import SchedulePass, find_schedule
 from piperc.passes.verify_exec import VerifyExecPass
 from piperc.passmanager import PipelineOptions, pipeline_text, run_pipeline
@@ -55,6 +56,10 @@ class Compiled:
     schedule: schedules.Schedule
     pipeline: str
     module: ModuleOp
+    sharding: list[str] = dataclasses.field(default_factory=list)
+    """The compile report of sharding propagation: each change of layout it inserted (value,
+    from -> to, bytes per device, the op and rule that needed it) and each op computed
+    replicated for want of a rule; empty without tensor parallelism."""
 
     @property
     def world_size(self) -> int:
@@ -78,12 +83,15 @@ class Compiled:
     def dump(self, path: str, result: LaunchResult | None = None) -> str:
         """Writes everything a person reads to `path`: `ir/NN-<pass>.mlir` after every
         pass (unless compiled with `keep_ir=False`), the per-rank programs, the
-        schedule as a table and a picture, and `memory.txt`: each rank's predicted
+        schedule as a table and a picture, `memory.txt`: each rank's predicted
         peak memory by item, next to the measured one when given the `result` of
-        `launch`."""
+        `launch`, and, with tensor parallelism, `sharding.txt` (`self.sharding`)."""
         self.save(path)
         with open(os.path.join(path, "memory.txt"), "w") as f:
             f.write(memory_table(self.memory(), None if result is None else result.peak_memory))
+        if self.sharding:
+            with open(os.path.join(path, "sharding.txt"), "w") as f:
+                f.write("\n".join(self.sharding) + "\n")
         ir_dir = os.path.join(path, "ir")
         shutil.rmtree(ir_dir, ignore_errors=True)
         if self.ir_after:
@@ -273,8 +281,18 @@ def _lower(captured: Captured, passes: list[ModulePass], options: PipelineOption
                 aliases[alias.data] = canonical
     ir_after = [("captured", str(captured))] if keep_ir else []
     options = dataclasses.replace(options or PipelineOptions())
-    if keep_ir:
-        options.after_pass = lambda p, m: ir_after.append((p.name, print_ir(m)))
+    sharding: list[str] = []
+    user_after = options.after_pass
+
+    def after_pass(p: ModulePass, m: ModuleOp) -> None:
+        if keep_ir:
+            ir_after.append((p.name, print_ir(m)))
+        if isinstance(p, PropagateShardingPass):
+            sharding.extend(sharding_report(m))
+        if user_after is not None:
+            user_after(p, m)
+
+    options.after_pass = after_pass
     try:
         run_pipeline(captured.module, captured.ctx, passes, options)
     except PassError as e:
@@ -287,7 +305,7 @@ def _lower(captured: Captured, passes: list[ModulePass], options: PipelineOption
     kind = next((p.kind for p in passes if isinstance(p, SchedulePass)), "user")
     sched = schedules.from_lists([[a.compact() for a in table[d]] for d in sorted(table)], name=kind)
     initial = {k: v.detach().clone() for k, v in {**captured.params, **captured.buffers}.items()}
-    return Compiled(files, ir_after, initial, aliases, sched, pipeline_text(passes), module)
+    return Compiled(files, ir_after, initial, aliases, sched, pipeline_text(passes), module, sharding)
 
 
 def launch(compiled: Compiled, batches: Sequence[Sequence[torch.Tensor]], *, progress: bool = False,

@@ -454,3 +454,13 @@ def test_matches_single_device_training(compiled, case):
     loss_err, param_err = compare(result.losses, result.state_dict, losses, state)
     assert loss_err <= TOLERANCE, f"loss relative error {loss_err:.2e}"
     assert param_err <= TOLERANCE, f"parameter relative error {param_err:.2e}"
+
+
+def test_the_compile_report_lists_each_change_of_layout_propagation_inserted(compiled, tmp_path):
+    # The fused qkv weight is split by rows, which cuts across q, k and v: the split of its
+    # output needs the whole activation, and the report says so, with the bytes it moves.
+    gpt_tp2 = compiled("gpt-tp2")
+    splits = [line for line in gpt_tp2.sharding if "split" in line]
+    assert splits and all(" bytes per device, for " in line for line in splits), gpt_tp2.sharding
+    gpt_tp2.dump(str(tmp_path))
+    assert (tmp_path / "sharding.txt").read_text().splitlines() == gpt_tp2.sharding
