@@ -48,6 +48,11 @@ from xdsl.utils.exceptions import VerifyException
 # ---------------------------------------------------------------- types
 
 
+DTYPE_BYTES = {"f64": 8, "f32": 4, "f16": 2, "bf16": 2, "si64": 8, "si32": 4, "si16": 2, "si8": 1, "ui8": 1,
+               "i64": 8, "i32": 4, "i16": 2, "i8": 1, "i1": 1}
+"""Bytes per element of each dtype a value tensor type can name."""
+
+
 @irdl_attr_definition
 class ValueTensorType(ParametrizedAttribute, TypeAttribute):
     """An immutable tensor value with a shape and an element type.
@@ -84,6 +89,13 @@ class ValueTensorType(ParametrizedAttribute, TypeAttribute):
                 raise ValueError(f"{self} has a dynamic dimension")
             n *= d
         return n
+
+    def nbytes(self) -> int:
+        """Bytes of the tensor; raises if a dimension is dynamic or the dtype's size is unknown."""
+        dtype = str(self.dtype)
+        if dtype not in DTYPE_BYTES:
+            raise ValueError(f"{self}: no element size known for dtype {dtype}")
+        return self.numel() * DTYPE_BYTES[dtype]
 
     @classmethod
     def parse_parameters(cls, parser: AttrParser) -> Sequence[Attribute]:

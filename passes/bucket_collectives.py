@@ -32,7 +32,6 @@ from xdsl.passes import ModulePass
 
 from piperc.dialects import par
 from piperc.dialects.torch import ValueTensorType
-from piperc.passes.data_parallel import tensor_bytes
 
 _MERGED = (par.AllGatherOp, par.ReduceScatterOp)
 
@@ -81,8 +80,7 @@ def _buckets(block: Block, limit: float) -> list[list[Operation]]:
         else:
             runs.append([])
             groups = runs
-        if groups[-1] and sum(tensor_bytes(o.operands[0].type) for o in groups[-1]) + \
-                tensor_bytes(op.operands[0].type) > limit:
+        if groups[-1] and sum(o.operands[0].type.nbytes() for o in groups[-1]) + op.operands[0].type.nbytes() > limit:
             groups.append([])
         groups[-1].append(op)
         previous = op

@@ -30,19 +30,18 @@ from xdsl.dialects.builtin import ArrayAttr, DictionaryAttr, ModuleOp
 from xdsl.ir import BlockArgument, SSAValue
 from xdsl.passes import ModulePass
 
-from piperc.dialects.par import LAYOUT, AllReduceBucketOp, PassKind, ShardingAttr, TaskOp, layout_of
+from piperc.dialects.par import AllReduceBucketOp, PassKind, ShardingAttr, TaskOp, layout_of
 from piperc.dialects.roles import argument_roles, main_function
 from piperc.dialects.torch import ValueTensorType
 from piperc.errors import StrategyError
 from piperc.passes.mesh import MESH_SYMBOL, find_mesh
-from piperc.passes.outline_stages import arg_keys, find_function, step_result_layouts, step_tasks
-
-_BYTES = {"f32": 4, "f64": 8, "f16": 2, "bf16": 2, "si64": 8, "si32": 4}
-
-
-def tensor_bytes(t: ValueTensorType) -> int:
-    """Bytes of a statically shaped tensor type."""
-    return t.numel() * _BYTES.get(str(t.dtype), 4)
+from piperc.passes.outline_stages import (
+    arg_keys,
+    find_function,
+    step_result_layouts,
+    step_tasks,
+    with_layout,
+)
 
 
 def reduce_gradients(module: ModuleOp, axes: tuple[str, ...], limit_bytes: float, shared_only: bool) -> None:
@@ -75,7 +74,7 @@ def reduce_gradients(module: ModuleOp, axes: tuple[str, ...], limit_bytes: float
             group = tuple(holders[param])
             if shared_only and len(group) == 1:
                 continue
-            nbytes = tensor_bytes(task.args[index].type)
+            nbytes = task.args[index].type.nbytes()
             current, size = open_bucket.get(group, (None, 0))
             if current is None or size + nbytes > limit_bytes:
                 current, size = [], 0
@@ -123,20 +122,20 @@ class DataParallelPass(ModulePass):
         rows = inputs[0].type.get_shape()[0]
         batched: set[SSAValue] = set(inputs)
         main.arg_attrs = ArrayAttr(
-            _set_layout(attrs, self._layout(attrs, a.type, rows, a in batched))
+            with_layout(attrs, None, self._layout(attrs, a.type, rows, a in batched))
             for attrs, a in zip(main.arg_attrs.data, main.args, strict=True))
         for task in step_tasks(module):
             fn = find_function(module, task.callee.root_reference.data)
             depends = any(v in batched for v in task.args)
             fn.arg_attrs = ArrayAttr(
-                _set_layout(attrs, self._layout(attrs, v.type, rows, v in batched))
+                with_layout(attrs, None, self._layout(attrs, v.type, rows, v in batched))
                 for attrs, v in zip(fn.arg_attrs.data, task.args, strict=True))
             if not depends:
                 continue
             batched.update(task.outs)
             is_grad = _gradient_results(main, task)
             fn.res_attrs = ArrayAttr(
-                _set_layout(attrs, self._partial(attrs, r.type) if grad else self._layout(attrs, r.type, rows, True))
+                with_layout(attrs, None, self._partial(attrs, r.type) if grad else self._layout(attrs, r.type, rows, True))
                 for attrs, r, grad in zip(fn.res_attrs.data, task.outs, is_grad, strict=True))
 
     def _layout(self, attrs: DictionaryAttr, type_, rows: int, batched: bool) -> ShardingAttr:
@@ -165,8 +164,4 @@ def _gradient_results(main: func.FuncOp, task: TaskOp) -> list[bool]:
     readers = [[u.operation for u in r.uses] for r in task.outs]
     return [any(isinstance(o, AllReduceBucketOp) or (isinstance(o, TaskOp) and o.pass_kind.data == PassKind.UPDATE)
                 for o in users) for users in readers]
-
-
-def _set_layout(attrs: DictionaryAttr, layout: ShardingAttr) -> DictionaryAttr:
-    return DictionaryAttr({**attrs.data, LAYOUT: layout})
 

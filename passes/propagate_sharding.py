@@ -67,7 +67,13 @@ from piperc.dialects.par import (
     value_name,
 )
 from piperc.dialects.roles import ORIGIN, RES_GRAD, main_function, parameter_names
-from piperc.dialects.torch import AtenOp, ListConstructOp, ListUnpackOp, ValueTensorType
+from piperc.dialects.torch import (
+    DTYPE_BYTES,
+    AtenOp,
+    ListConstructOp,
+    ListUnpackOp,
+    ValueTensorType,
+)
 from piperc.errors import StrategyError
 from piperc.passes.mesh import MESH_SYMBOL, find_mesh
 from piperc.passes.sharding_rules import (
@@ -85,10 +91,6 @@ LAYOUTS = "par.layouts"
 _ROUNDS = 16
 """Forward + backward sweeps at most; the examples reach the fixpoint in two or three."""
 
-_DTYPE_BYTES = {"f64": 8, "f32": 4, "f16": 2, "bf16": 2, "si64": 8, "i64": 8, "si32": 4, "i32": 4,
-                "si16": 2, "i16": 2, "si8": 1, "ui8": 1, "i8": 1, "i1": 1}
-
-
 def element_bytes(type_: ValueTensorType) -> int:
     """Bytes per element of a tensor type (4 when the dtype is not known)."""
     return _dtype_bytes(type_.dtype)
@@ -96,7 +98,7 @@ def element_bytes(type_: ValueTensorType) -> int:
 
 @functools.cache
 def _dtype_bytes(dtype: Attribute) -> int:
-    return _DTYPE_BYTES.get(str(dtype), 4)
+    return DTYPE_BYTES.get(str(dtype), 4)
 
 
 def reshard_bytes(source: ShardingAttr, target: ShardingAttr, type_: ValueTensorType, mesh: MeshAttr) -> float:

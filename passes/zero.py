@@ -76,6 +76,7 @@ from piperc.passes.outline_stages import (
     result_keys,
     step_result_layouts,
     step_tasks,
+    with_layout,
 )
 
 ELEMENTWISE = frozenset(
@@ -92,9 +93,8 @@ ELEMENTWISE = frozenset(
 
 @dataclass
 class _Shard:
-    """How one parameter is sharded: the dimension, its layout and the local (shard) type."""
+    """How one parameter is sharded: its layout, and its local (shard) and whole types."""
 
-    dim: int
     layout: ShardingAttr
     local: ValueTensorType
     whole: ValueTensorType
@@ -205,7 +205,7 @@ class _Rewrite:
             if size >= self.size and size % self.size == 0:
                 local = list(shape)
                 local[dim] = size // self.size
-                return _Shard(dim, ShardingAttr.split(len(shape), dim, self.options.axis),
+                return _Shard(ShardingAttr.split(len(shape), dim, self.options.axis),
                               ValueTensorType(local, type_.dtype), type_)
         return None
 
@@ -225,14 +225,7 @@ class _Rewrite:
     def reshard_argument(self, block: Block, before: Operation | None, fn: func.FuncOp, index: int,
                          source: ShardingAttr, shard: _Shard) -> None:
         """Reads argument `index` (laid out as `source`) as its shard, at the function's entry."""
-        arg = fn.args[index]
-        reshard = ReshardOp(arg, MESH_SYMBOL, source, shard.layout, shard.local)
-        if before is None:
-            block.add_op(reshard)
-        else:
-            block.insert_op_before(reshard, before)
-        arg.replace_uses_with_if(reshard.result, lambda use: use.operation is not reshard)
-        self.local.add(reshard.result)
+        self.local.add(_reshard_at_entry(block, before, fn.args[index], source, shard.layout, shard.local))
         self.set_argument_layout(fn, index, source)
 
     def retype_body(self, fn: func.FuncOp) -> None:
@@ -262,14 +255,14 @@ class _Rewrite:
     def set_argument_layout(fn: func.FuncOp, index: int, layout: ShardingAttr) -> None:
         """Sets the `par.layout` of argument `index` of `fn`."""
         attrs = list(fn.arg_attrs.data)
-        attrs[index] = DictionaryAttr({**attrs[index].data, LAYOUT: layout})
+        attrs[index] = with_layout(attrs[index], fn.args[index].type, layout)
         fn.arg_attrs = ArrayAttr(attrs)
 
     @staticmethod
     def set_result_layout(fn: func.FuncOp, index: int, layout: ShardingAttr) -> None:
         """Sets the `par.layout` of result `index` of `fn`."""
         attrs = list(fn.res_attrs.data)
-        attrs[index] = DictionaryAttr({**attrs[index].data, LAYOUT: layout})
+        attrs[index] = with_layout(attrs[index], None, layout)
         fn.res_attrs = ArrayAttr(attrs)
 
     def gather_on_entry(self, task: TaskOp, roles: list[tuple[str, object]]) -> None:
@@ -286,16 +279,9 @@ class _Rewrite:
             shard = self.shards.get(str(name)) if role == "param" else None
             if shard is None or layout_of(fn.arg_attrs.data[index]) == shard.layout:
                 continue
-            arg = fn.args[index]
-            gather = ReshardOp(arg, MESH_SYMBOL, shard.layout, _replicated(shard), shard.whole)
-            if first is None:
-                block.add_op(gather)
-            else:
-                block.insert_op_before(gather, first)
-            arg.replace_uses_with_if(gather.result, lambda use, g=gather: use.operation is not g)
+            _reshard_at_entry(block, first, fn.args[index], shard.layout, _replicated(shard), shard.whole)
             self.retype_argument(fn, index, shard)
         fn.update_function_type()
-
 
     # ------------------------------------------------------------ what the backward recomputes
 
@@ -306,13 +292,16 @@ class _Rewrite:
         gather instead, and the forward stops returning it."""
         main = main_function(self.module)
         params = {str(name): arg for arg, (role, name) in zip(main.args, roles, strict=True) if role == "param"}
+        derived: dict[func.FuncOp, dict[SSAValue, list[tuple[str, SSAValue]]]] = {}
         for btask in [t for t in step_tasks(self.module) if t.pass_kind.data == PassKind.B]:
-            self.recompute_task(btask, params)
+            self.recompute_task(btask, params, derived)
         for ftask in [t for t in step_tasks(self.module) if t.pass_kind.data == PassKind.F]:
             _drop_unread_results(self.module, ftask)
 
-    def recompute_task(self, btask: TaskOp, params: dict[str, BlockArgument]) -> None:
-        """Recomputes in `btask`'s function every parameter-derived forward result it reads."""
+    def recompute_task(self, btask: TaskOp, params: dict[str, BlockArgument],
+                       derived_in: dict[func.FuncOp, dict[SSAValue, list[tuple[str, SSAValue]]]]) -> None:
+        """Recomputes in `btask`'s function every parameter-derived forward result it reads
+        (`derived_in` keeps `parameter_derived` of each forward function, computed once)."""
         bf = find_function(self.module, btask.callee.root_reference.data)
         operands = list(btask.args)
         attrs = list(bf.arg_attrs.data)
@@ -323,7 +312,9 @@ class _Rewrite:
                 continue
             ff = find_function(self.module, ftask.callee.root_reference.data)
             inner = ff.body.block.last_op.operands[value.index]
-            derived = self.parameter_derived(ff)
+            if ff not in derived_in:
+                derived_in[ff] = self.parameter_derived(ff)
+            derived = derived_in[ff]
             if inner not in derived:
                 continue
             chain = _ancestors(inner, ff)
@@ -388,32 +379,40 @@ class _Rewrite:
         arg = fn.body.block.insert_arg(shard.local, len(fn.args))
         operands.append(param)
         attrs.append(DictionaryAttr({KEY: StringAttr(f"param:{name}"), LAYOUT: shard.layout}))
-        gather = ReshardOp(arg, MESH_SYMBOL, shard.layout, _replicated(shard), shard.whole)
-        first = fn.body.block.first_op
-        if first is None:
-            fn.body.block.add_op(gather)
-        else:
-            fn.body.block.insert_op_before(gather, first)
-        return gather.result
+        block = fn.body.block
+        return _reshard_at_entry(block, block.first_op, arg, shard.layout, _replicated(shard), shard.whole)
 
     def gather_once(self, main: func.FuncOp, roles: list[tuple[str, object]]) -> None:
         """ZeRO-3 without resharding after forward: one gather of each sharded parameter per
         step, in `@main` before the first forward or backward task that reads it."""
+        order = {op: i for i, op in enumerate(main.body.block.ops)}
         for arg, (role, name) in zip(main.args, roles, strict=True):
             shard = self.shards.get(str(name)) if role == "param" else None
-            readers = [u.operation for u in arg.uses if isinstance(u.operation, TaskOp)
-                       and u.operation.pass_kind.data in (PassKind.F, PassKind.B)]
             if shard is None:
                 continue
             by_stage: dict[int, list[TaskOp]] = {}
-            for task in readers:  # a weight tied across stages is gathered on each of its stages
-                by_stage.setdefault(task.stage.value.data, []).append(task)
-            order = {op: i for i, op in enumerate(main.body.block.ops)}
+            for use in arg.uses:  # a weight tied across stages is gathered on each of its stages
+                task = use.operation
+                if isinstance(task, TaskOp) and task.pass_kind.data in (PassKind.F, PassKind.B):
+                    by_stage.setdefault(task.stage.value.data, []).append(task)
             for tasks in by_stage.values():
                 gather = ReshardOp(arg, MESH_SYMBOL, shard.layout, _replicated(shard), shard.whole)
                 gather.result.name_hint = f"{arg.name_hint}_whole" if arg.name_hint else None
                 main.body.block.insert_op_before(gather, min(tasks, key=order.__getitem__))
                 arg.replace_uses_with_if(gather.result, lambda use, ts=tasks: use.operation in ts)
+
+
+def _reshard_at_entry(block: Block, before: Operation | None, arg: BlockArgument, source: ShardingAttr,
+                      target: ShardingAttr, result_type: ValueTensorType) -> SSAValue:
+    """Reshards function argument `arg` from `source` to `target` before `before` (appended when
+    None), and makes every other use of `arg` read the result, which it returns."""
+    reshard = ReshardOp(arg, MESH_SYMBOL, source, target, result_type)
+    if before is None:
+        block.add_op(reshard)
+    else:
+        block.insert_op_before(reshard, before)
+    arg.replace_uses_with_if(reshard.result, lambda use: use.operation is not reshard)
+    return reshard.result
 
 
 def _ancestors(value: SSAValue, fn: func.FuncOp) -> list[Operation]:

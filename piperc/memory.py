@@ -32,7 +32,7 @@ from collections.abc import Sequence
 
 from xdsl.dialects import func
 from xdsl.dialects.builtin import ModuleOp
-from xdsl.ir import Attribute, BlockArgument, Operation, SSAValue
+from xdsl.ir import BlockArgument, Operation, SSAValue
 
 from piperc.dialects import exec as ex
 from piperc.dialects import par
@@ -41,25 +41,13 @@ from piperc.passes.outline_stages import arg_keys, result_keys
 from piperc.runtime.comm import LIVE_ITEMS
 from piperc.runtime.launch import PeakMemory, mib
 
-__all__ = ["PeakMemory", "memory_table", "predict_memory", "tensor_bytes"]
+__all__ = ["PeakMemory", "memory_table", "predict_memory"]
 
 _GRADIENTS, _ACTIVATIONS, _COMM_BUFFERS = range(len(LIVE_ITEMS))
 
-DTYPE_BYTES = {"f64": 8, "f32": 4, "f16": 2, "bf16": 2, "si64": 8, "si32": 4, "si16": 2, "si8": 1, "ui8": 1,
-               "i1": 1}
-"""Bytes per element of each torch dtype a value tensor type can name."""
 
 _SHARES_STORAGE_UNANNOTATED = ("torch.aten._unsafe_view",)
 """ATen ops whose result shares its first operand's storage without saying so in the schema."""
-
-
-def tensor_bytes(type_: Attribute) -> int:
-    """Bytes of a statically shaped `!torch.vtensor` type."""
-    assert isinstance(type_, t.ValueTensorType)
-    dtype = str(type_.dtype)
-    if dtype not in DTYPE_BYTES:
-        raise ValueError(f"{type_}: no element size known for dtype {dtype}")
-    return type_.numel() * DTYPE_BYTES[dtype]
 
 
 def predict_memory(module: ModuleOp) -> list[PeakMemory]:
@@ -133,7 +121,7 @@ class _LiveCount:
         optimizer: set[str] = set()
         for op in self.program.body.block.ops:
             if isinstance(op, ex.StateOp):
-                sizes.setdefault(op.state_name.data, tensor_bytes(op.output.type))
+                sizes.setdefault(op.state_name.data, op.output.type.nbytes())
             elif isinstance(op, ex.LaunchOp):
                 keys = arg_keys(self.functions[op.callee.root_reference.data])
                 for value, key in zip(op.args, keys, strict=True):
@@ -146,7 +134,7 @@ class _LiveCount:
 
     def storage_of(self, value: SSAValue) -> _Storage:
         if value not in self.storage:
-            self.storage[value] = _Storage(tensor_bytes(value.type))
+            self.storage[value] = _Storage(value.type.nbytes())
         return self.storage[value]
 
     def grow(self, size: int, item: int) -> None:
@@ -187,7 +175,7 @@ class _LiveCount:
 
     def step(self, op: Operation) -> None:
         if isinstance(op, ex.StateOp):
-            self.storage[op.output] = _Storage(tensor_bytes(op.output.type), state=True)
+            self.storage[op.output] = _Storage(op.output.type.nbytes(), state=True)
         elif isinstance(op, ex.LaunchOp):
             self.launch(op)
         elif isinstance(op, ex.RecvOp):
@@ -195,22 +183,22 @@ class _LiveCount:
         elif isinstance(op, ex.BatchP2POp):
             self.count(list(op.recvs), _ACTIVATIONS)
         elif isinstance(op, ex.AllReduceOp):
-            bucket = _Storage(sum(tensor_bytes(v.type) for v in op.inputs))
+            bucket = _Storage(sum(v.type.nbytes() for v in op.inputs))
             for value in op.outputs:
                 self.storage[value] = bucket
             self.count(list(op.outputs), _COMM_BUFFERS)
         elif isinstance(op, ex.AllGatherOp):
             self.count([op.output], self.item_of(op.input))
             if op.dim.value.data != 0:
-                self.stage(op, tensor_bytes(op.output.type))
+                self.stage(op, op.output.type.nbytes())
         elif isinstance(op, ex.ReduceScatterOp):
             dim = op.dim.value.data
             self.count([op.output], self.item_of(op.input))
-            piece = tensor_bytes(op.output.type) if dim != 0 else 0
+            piece = op.output.type.nbytes() if dim != 0 else 0
             self.stage(op, piece + _copy_bytes(op.input, dim))
         elif isinstance(op, ex.AllToAllOp):
             self.count([op.output], self.item_of(op.input))
-            self.stage(op, tensor_bytes(op.input.type) + _copy_bytes(op.input, op.split_dim.value.data))
+            self.stage(op, op.input.type.nbytes() + _copy_bytes(op.input, op.split_dim.value.data))
         elif isinstance(op, ex.BroadcastOp):
             if op.src.value.data == self.program.rank.value.data:
                 self.storage[op.output] = self.storage_of(op.input)
@@ -233,7 +221,7 @@ class _LiveCount:
             if isinstance(view, int):
                 self.storage[result] = self.storage_of(op.args[view])
             else:
-                self.storage[result] = made.setdefault(view, _Storage(tensor_bytes(view.type)))
+                self.storage[result] = made.setdefault(view, _Storage(view.type.nbytes()))
         if op.pass_kind.data == "update":
             return
         grads = {r for r, key in zip(op.outs, result_keys(self.functions[callee]), strict=True)
@@ -246,7 +234,7 @@ def _copy_bytes(value: SSAValue, dim: int) -> int:
     """Bytes of the copy the runtime makes to bring `dim` of a (contiguous) tensor to the
     front: none when every dimension before it has size 1."""
     shape = value.type.get_shape()
-    return tensor_bytes(value.type) if any(size != 1 for size in shape[:dim]) else 0
+    return value.type.nbytes() if any(size != 1 for size in shape[:dim]) else 0
 
 
 def _result_views(fn: func.FuncOp) -> list[int | SSAValue]:

@@ -128,28 +128,28 @@ class Executor:
         entry has a layout) is put together from every owner's part.
         """
         params = self.manifest.params
-        entries = {e.name: e for e in self.manifest.ranks[self.rank].state if e.kind == "param"}
+        layouts = [{e.name: e.layout for e in plan.state} for plan in self.manifest.ranks]
         mine = {
             name: self.runtime.state(name).detach().cpu()
             for name, owners in params.items()
-            if self.rank in owners and (entries[name].layout is not None or min(owners) == self.rank)
+            if self.rank in owners and (layouts[self.rank][name] is not None or min(owners) == self.rank)
         }
         gathered: list[dict[str, torch.Tensor] | None] = [None] * self.manifest.world_size
         dist.all_gather_object(gathered, mine)
-        return {name: self._whole(name, owners, gathered) for name, owners in params.items()}
+        return {name: self._whole(name, owners, gathered, layouts) for name, owners in params.items()}
 
-    def _whole(self, name: str, owners: tuple[int, ...], parts: list) -> torch.Tensor:
-        """Parameter `name`, whole, from the parts its owners sent."""
-        layouts = {r: next(e.layout for e in self.manifest.ranks[r].state if e.name == name) for r in owners}
-        if layouts[min(owners)] is None:
-            return parts[min(owners)][name]
+    def _whole(self, name: str, owners: tuple[int, ...], parts: list, layouts: list[dict]) -> torch.Tensor:
+        """Parameter `name`, whole, from the parts its owners sent (`layouts`: per rank, each
+        state entry's layout, None for a whole tensor)."""
         first = parts[min(owners)][name]
+        layout = layouts[min(owners)][name]
+        if layout is None:
+            return first
         mesh = self.manifest.mesh
-        shape = [size * math.prod(mesh[a] for a in axes) for size, axes in zip(first.shape, layouts[min(owners)],
-                                                                               strict=True)]
+        shape = [size * math.prod(mesh[a] for a in axes) for size, axes in zip(first.shape, layout, strict=True)]
         whole = torch.empty(shape, dtype=first.dtype)
         for rank in owners:
-            local_part(whole, layouts[rank], mesh, self.manifest.ranks[rank].coords).copy_(parts[rank][name])
+            local_part(whole, layouts[rank][name], mesh, self.manifest.ranks[rank].coords).copy_(parts[rank][name])
         return whole
 
     def peak_live_bytes(self) -> list[int]:
