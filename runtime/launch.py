@@ -99,8 +99,13 @@ class LaunchResult:
 
     losses: list[float]
     state_dict: dict[str, torch.Tensor]
-    peak_live_bytes: list[int]
     peak_memory: list[PeakMemory]
+
+    @property
+    def peak_live_bytes(self) -> list[int]:
+        """Per rank, the peak of the runtime's live count: gradients, activations and
+        communication buffers at the peak (the rank's state not included)."""
+        return [m.total - m.parameters - m.optimizer_state for m in self.peak_memory]
 
 
 def launch_dir(
@@ -151,7 +156,6 @@ def launch_dir(
     return LaunchResult(
         losses=list(saved["losses"]),
         state_dict=dict(saved["state_dict"]),
-        peak_live_bytes=list(saved["peak_live_bytes"]),
         peak_memory=[PeakMemory(**items) for items in saved["peak_memory"]],
     )
 

@@ -5,8 +5,8 @@
 
 `FILE` given to --batches holds `torch.save(list_of_global_batches)`, each a
 tuple of tensors. Every rank runs every step; rank 0 prints `PIPERC_STEP i loss`
-after each and writes `{"losses", "state_dict", "peak_live_bytes", "peak_memory"}`
-(the last two per rank) to the --result file. A
+after each and writes `{"losses", "state_dict", "peak_memory"}`
+(the last one per rank) to the --result file. A
 failing rank prints its traceback to stderr, each line prefixed `[rank R]`, and
 exits with status 1 at once, so a collective stuck in another thread cannot
 keep it alive.
@@ -56,10 +56,9 @@ def main(argv: list[str] | None = None) -> None:
             if executor.rank == 0:
                 print(f"{STEP_PREFIX} {i} {losses[-1]!r}", flush=True)
         state = executor.state_dict()
-        peaks = executor.peak_live_bytes()
         memory = _peak_memory(executor)
         if executor.rank == 0 and args.result:
-            _write_result(args.result, losses, state, peaks, memory)
+            _write_result(args.result, losses, state, memory)
         executor.close()
     except BaseException:
         _exit(1, "".join(f"[rank {rank}] {line}\n" for line in traceback.format_exc().splitlines()))
@@ -67,11 +66,10 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _write_result(
-    path: str, losses: list[float], state: dict[str, torch.Tensor], peaks: list[int],
-    memory: list[dict[str, int | None]],
+    path: str, losses: list[float], state: dict[str, torch.Tensor], memory: list[dict[str, int | None]]
 ) -> None:
     partial = f"{path}.partial"
-    result = {"losses": losses, "state_dict": state, "peak_live_bytes": peaks, "peak_memory": memory}
+    result = {"losses": losses, "state_dict": state, "peak_memory": memory}
     torch.save(result, partial)
     os.replace(partial, path)
 
