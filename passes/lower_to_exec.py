@@ -267,8 +267,13 @@ class _RankProgram:
 
     def collective(self, op: par.CollectiveOp) -> None:
         """A collective of the step over the ranks that differ from this one along its axis,
-        issued on `comm` (async, waited where its result is first used)."""
-        group = self.grad_groups[self.mesh.group_ranks(op.axis.data, self.rank)]
+        issued on `comm` (async, waited where its result is first used); nothing over a
+        group of one rank (an axis of size 1), where the result is the operand."""
+        ranks = self.mesh.group_ranks(op.axis.data, self.rank)
+        if len(ranks) == 1:
+            self.values[op.results[0]] = self.values[op.operands[0]]
+            return
+        group = self.grad_groups[ranks]
         (source,) = self.read([op.operands[0]], self.comm)
         result = op.results[0]
         if isinstance(op, par.AllGatherOp):

@@ -33,6 +33,11 @@ import torch.distributed as dist
 
 from .manifest import Layout, local_part
 
+# torch 2.13 names these two collectives `*_single` and deprecates their older names; an older
+# torch on a training machine has only the older names, with the same signatures.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
 REDUCE_OPS = ("sum", "avg", "max")
 LIVE_ITEMS = ("gradients", "activations", "comm_buffers")
 """What the live count is split into, in the order of `Runtime.peak_live_items`."""
@@ -422,12 +427,12 @@ class Runtime:
             out = torch.empty(shape, dtype=tensor.dtype, device=self.device)
             self._made(stream, [out], self._item_of(tensor))
             if dim == 0:
-                work = dist.all_gather_single(out, tensor.contiguous(), group=handle, async_op=True)
+                work = _all_gather_single(out, tensor.contiguous(), group=handle, async_op=True)
                 return self._track(Work(what, work, [out])), out
             gathered = torch.empty(
                 (n * tensor.shape[0], *tensor.shape[1:]), dtype=tensor.dtype, device=self.device
             )
-            work = dist.all_gather_single(
+            work = _all_gather_single(
                 gathered, tensor.contiguous(), group=handle, async_op=True
             )
 
@@ -457,7 +462,7 @@ class Runtime:
                 (shape[dim], *source.shape[1:]), dtype=tensor.dtype, device=self.device
             )
             torch_op, reduce_finish = self._reduction(op, piece, group, what)
-            work = dist.reduce_scatter_single(
+            work = _reduce_scatter_single(
                 piece, source, op=torch_op, group=handle, async_op=True
             )
             copies = [source] if _copied(source, tensor) else []
@@ -486,7 +491,7 @@ class Runtime:
         with self.on(stream):
             flat = torch.cat([t.reshape(-1) for t in tensors])
             gathered = torch.empty(n * flat.numel(), dtype=flat.dtype, device=self.device)
-            work = dist.all_gather_single(gathered, flat, group=handle, async_op=True)
+            work = _all_gather_single(gathered, flat, group=handle, async_op=True)
             outs = [torch.empty((n * t.shape[0], *t.shape[1:]), dtype=t.dtype, device=self.device) for t in tensors]
             self._made(stream, outs, self._item_of(tensors[0]))
 
@@ -514,7 +519,7 @@ class Runtime:
             source = torch.cat([t.reshape(n, -1) for t in tensors], dim=1).reshape(-1)
             piece = torch.empty(source.numel() // n, dtype=source.dtype, device=self.device)
             torch_op, reduce_finish = self._reduction(op, piece, group, what)
-            work = dist.reduce_scatter_single(piece, source, op=torch_op, group=handle, async_op=True)
+            work = _reduce_scatter_single(piece, source, op=torch_op, group=handle, async_op=True)
             outs = [torch.empty((t.shape[0] // n, *t.shape[1:]), dtype=t.dtype, device=self.device) for t in tensors]
             self._made(stream, outs, self._item_of(tensors[0]))
 

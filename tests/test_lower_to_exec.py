@@ -349,6 +349,37 @@ def test_a_bucket_over_one_rank_is_no_collective():
     )
 
 
+def test_a_step_collective_over_an_axis_of_one_rank_is_no_collective():
+    # zero=3 with reshard_after_forward=False gathers in the step; over dp=1 the gather is the shard
+    single = module(
+        '"pp"=1, "dp"=1',
+        {"s0_F": (["param:w"], ["loss_share"])},
+        """
+        par.program @device0 device 0 {
+          %w = par.state "w" layout #par.sharding<[["dp"], []]> : T
+          %whole = par.all_gather %w over @mesh "dp" dim 0 : T -> T
+          %l = par.task @s0_F stage 0 pass F microbatch 0 (%whole) : (T) -> T
+          par.output "loss", %l : T
+        }
+        """,
+    )
+    out = lower(single)
+    assert groups(out) == []
+    assert section(out, "exec.program @rank0") == ir(
+        """
+        exec.program @rank0 rank 0 world 1 {
+          %0 = exec.stream "compute"
+          %1 = exec.stream "comm"
+          %2 = exec.state "w" layout #par.sharding<[["dp"], []]> : T
+          %3 = exec.launch @s0_F(%2) on %0 stage 0 pass "F" microbatch 0 : (T) -> T
+          exec.free %2 : T
+          exec.output "loss", %3 : T
+          exec.free %3 : T
+        }
+        """
+    )
+
+
 # ---------------------------------------------------------------- errors
 
 
