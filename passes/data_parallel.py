@@ -153,10 +153,12 @@ class DataParallelPass(ModulePass):
         return self._partial(attrs, type_)
 
     def _partial(self, attrs: DictionaryAttr, type_) -> ShardingAttr:
-        """The layout `attrs` give (replicated if none), also a pending sum over the axis."""
+        """The layout `attrs` give (replicated if none), also a pending sum over the axis (a
+        loss that propagation already made pending over every axis stays as it is)."""
         layout = layout_of(attrs) or ShardingAttr.replicated(len(type_.get_shape()))
+        partial = layout.partial_axes()
         return ShardingAttr([layout.dim_axes(d) for d in range(layout.rank())],
-                            [self.axis, *layout.partial_axes()])
+                            partial if self.axis in partial else [self.axis, *partial])
 
 
 def _gradient_results(main: func.FuncOp, task: TaskOp) -> list[bool]:

@@ -3,8 +3,11 @@ the data-parallel axis, as layouts and `par.reshard`s; no new runtime machinery.
 
 Each parameter `w` of an update function is sharded along its first dimension that the
 axis size divides (`Shard(d)`, written `#par.sharding<[["dp"], []]>`); a parameter with
-no such dimension stays replicated and is updated whole on every replica. For a sharded
-`w`, per stage:
+no such dimension stays replicated and is updated whole on every replica. Next to tensor
+parallelism the functions hold each rank's tp piece, and the piece is what is sharded:
+its layout (the shard's `base`, `[["tp"], []]`) gains the axis innermost on that
+dimension (`[["tp", "dp"], []]`), and every reshard below goes to or from `base` instead
+of replicated. For a sharded `w`, per stage:
 
   zero=1  the optimizer state of `w` (`state:w.*`) is held and updated as this replica's
           shard. The update function slices the all-reduced gradient and the parameter to
@@ -93,8 +96,10 @@ ELEMENTWISE = frozenset(
 
 @dataclass
 class _Shard:
-    """How one parameter is sharded: its layout, and its local (shard) and whole types."""
+    """How one parameter is sharded: its layout before ZeRO (`base`: replicated, or its
+    tensor-parallel layout) and after (`layout`), its shard's type and its type under `base`."""
 
+    base: ShardingAttr
     layout: ShardingAttr
     local: ValueTensorType
     whole: ValueTensorType
@@ -159,9 +164,9 @@ class _Rewrite:
         """Rewrites one update task and its function to work on shards."""
         fn = find_function(self.module, task.callee.root_reference.data)
         keys = arg_keys(fn)
-        for key, arg in zip(keys, fn.args, strict=True):
+        for key, arg, attrs in zip(keys, fn.args, fn.arg_attrs.data, strict=True):
             if key.startswith("param:"):
-                shard = self.choose(key.removeprefix("param:"), arg.type)
+                shard = self.choose(arg.type, layout_of(attrs))
                 if shard is not None:
                     self.shards[key.removeprefix("param:")] = shard
         block = fn.body.block
@@ -175,7 +180,7 @@ class _Rewrite:
             if role == "state" or (role == "param" and self.options.stage == 3):
                 self.retype_argument(fn, index, shard)
             elif role == "param":
-                self.reshard_argument(block, first, fn, index, _replicated(shard), shard)
+                self.reshard_argument(block, first, fn, index, shard.base, shard)
             elif role == "grad":
                 source = self.gradient_source(task, index, name)
                 self.reshard_argument(block, first, fn, index, source, shard)
@@ -188,7 +193,7 @@ class _Rewrite:
             if shard is None:
                 continue
             if role == "param" and self.options.stage < 3:
-                gather = ReshardOp(ret.operands[index], MESH_SYMBOL, shard.layout, _replicated(shard), shard.whole)
+                gather = ReshardOp(ret.operands[index], MESH_SYMBOL, shard.layout, shard.base, shard.whole)
                 block.insert_op_before(gather, ret)
                 ret.operands[index] = gather.result
             else:
@@ -196,16 +201,20 @@ class _Rewrite:
                 Rewriter.replace_value_with_new_type(task.outs[index], ret.operands[index].type)
         fn.update_function_type()
 
-    def choose(self, name: str, type_: Attribute) -> _Shard | None:
-        """The shard of parameter `name`: along its first dimension the axis size divides."""
+    def choose(self, type_: Attribute, base: ShardingAttr | None) -> _Shard | None:
+        """The shard of a parameter of `type_` laid out as `base` (None: replicated): its
+        (local) first dimension that the axis size divides, split further over the axis,
+        innermost (`[["tp"], []]` becomes `[["tp", "dp"], []]`)."""
         if not isinstance(type_, ValueTensorType):
             return None
         shape = type_.get_shape()
+        base = base or ShardingAttr.replicated(len(shape))
         for dim, size in enumerate(shape):
             if size >= self.size and size % self.size == 0:
                 local = list(shape)
                 local[dim] = size // self.size
-                return _Shard(ShardingAttr.split(len(shape), dim, self.options.axis),
+                dims = [[*base.dim_axes(d), *([self.options.axis] if d == dim else [])] for d in range(len(shape))]
+                return _Shard(base, ShardingAttr(dims, base.partial_axes()),
                               ValueTensorType(local, type_.dtype), type_)
         return None
 
@@ -216,11 +225,12 @@ class _Rewrite:
         value = task.operands[index]
         bucket = value.owner
         if self.options.stage < 2 or not isinstance(bucket, AllReduceBucketOp) or len(bucket.stage_list()) > 1:
-            return _replicated(shard)
+            return shard.base
         entry = list(bucket.sums).index(value)
         task.operands[index] = bucket.values[entry]
         _drop_entry(bucket, entry)
-        return ShardingAttr([[] for _ in shard.whole.get_shape()], partial=[self.options.axis])
+        base = shard.base
+        return ShardingAttr([base.dim_axes(d) for d in range(base.rank())], [*base.partial_axes(), self.options.axis])
 
     def reshard_argument(self, block: Block, before: Operation | None, fn: func.FuncOp, index: int,
                          source: ShardingAttr, shard: _Shard) -> None:
@@ -279,7 +289,7 @@ class _Rewrite:
             shard = self.shards.get(str(name)) if role == "param" else None
             if shard is None or layout_of(fn.arg_attrs.data[index]) == shard.layout:
                 continue
-            _reshard_at_entry(block, first, fn.args[index], shard.layout, _replicated(shard), shard.whole)
+            _reshard_at_entry(block, first, fn.args[index], shard.layout, shard.base, shard.whole)
             self.retype_argument(fn, index, shard)
         fn.update_function_type()
 
@@ -349,7 +359,7 @@ class _Rewrite:
         for op in fn.body.block.ops:
             if isinstance(op, ReshardOp) and isinstance(op.input, BlockArgument) and op.input.owner is fn.body.block:
                 name = keys[op.input.index].removeprefix("param:")
-                if name in self.shards and op.target == _replicated(self.shards[name]):
+                if name in self.shards and op.target == self.shards[name].base:
                     derived[op.result] = [(name, op.result)]
                 continue
             if op.regions or isinstance(op, func.ReturnOp) or not op.results:
@@ -380,7 +390,7 @@ class _Rewrite:
         operands.append(param)
         attrs.append(DictionaryAttr({KEY: StringAttr(f"param:{name}"), LAYOUT: shard.layout}))
         block = fn.body.block
-        return _reshard_at_entry(block, block.first_op, arg, shard.layout, _replicated(shard), shard.whole)
+        return _reshard_at_entry(block, block.first_op, arg, shard.layout, shard.base, shard.whole)
 
     def gather_once(self, main: func.FuncOp, roles: list[tuple[str, object]]) -> None:
         """ZeRO-3 without resharding after forward: one gather of each sharded parameter per
@@ -396,7 +406,7 @@ class _Rewrite:
                 if isinstance(task, TaskOp) and task.pass_kind.data in (PassKind.F, PassKind.B):
                     by_stage.setdefault(task.stage.value.data, []).append(task)
             for tasks in by_stage.values():
-                gather = ReshardOp(arg, MESH_SYMBOL, shard.layout, _replicated(shard), shard.whole)
+                gather = ReshardOp(arg, MESH_SYMBOL, shard.layout, shard.base, shard.whole)
                 gather.result.name_hint = f"{arg.name_hint}_whole" if arg.name_hint else None
                 main.body.block.insert_op_before(gather, min(tasks, key=order.__getitem__))
                 arg.replace_uses_with_if(gather.result, lambda use, ts=tasks: use.operation in ts)
@@ -460,10 +470,6 @@ def _owner(role: str, name: object) -> str:
     """The parameter a step value belongs to: `w` for param/grad `w` and state `w.exp_avg`."""
     name = str(name)
     return name.rsplit(".", 1)[0] if role == "state" else name
-
-
-def _replicated(shard: _Shard) -> ShardingAttr:
-    return ShardingAttr.replicated(len(shard.whole.get_shape()))
 
 
 def _broadcast(op: Operation, shapes: list[tuple[int, ...]], directive: str) -> tuple[int, ...]:

@@ -1,9 +1,9 @@
-"""The main job (`make demo`): train the example GPT on 4 local ranks and check it.
+"""The main job (`make demo`): train the example GPT on local ranks and check it.
 
     python -m piperc.demo [--strategy pp-dp|zero|tp] [--steps 20] [--out out]
 
 Compiles the GPT for one of the strategies below, trains it for the given
-steps on 4 local processes (gloo), trains the same model on one device with
+steps on local processes (gloo; 4, or 8 for tp), trains the same model on one device with
 torch.optim, and prints the difference and each rank's peak memory, predicted
 and measured. `out/` keeps the IR after every pass, the per-rank programs, the
 schedule as a table and a picture, and `memory.txt`.
@@ -12,8 +12,10 @@ schedule as a table and a picture, and `memory.txt`.
     zero    the same with ZeRO-3 over dp: parameters, gradients and optimizer
             state held in halves, each parameter gathered for every forward
             and backward
-    tp      pp=2 x tp=2: each stage's attention and MLP weights split in two
-            (the plan of TP_PLAN), with the reshards propagation finds
+    tp      pp=2 x dp=2 x tp=2 on 8 ranks: each stage's attention and MLP weights
+            split in two over tp (the plan of TP_PLAN), with the reshards
+            propagation finds, and each tp piece held in halves over dp by
+            ZeRO-3
 """
 
 from __future__ import annotations
@@ -51,9 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     optimizer = piperc.optim.AdamW(lr=1e-3, weight_decay=0.1)
     pipeline = piperc.pipeline(axis="pp", stages=2, microbatches=4, schedule="1f1b")
     if args.strategy == "tp":
-        mesh = piperc.Mesh(pp=2, tp=2)
+        mesh = piperc.Mesh(pp=2, dp=2, tp=2)
         plan = {glob: piperc.Shard(dim) for glob, dim in TP_PLAN.items()}
-        strategy = [pipeline, piperc.tensor_parallel(axis="tp", plan=plan)]
+        strategy = [pipeline, piperc.data_parallel(axis="dp", zero=3), piperc.tensor_parallel(axis="tp", plan=plan)]
     else:
         mesh = piperc.Mesh(pp=2, dp=2)
         strategy = [pipeline, piperc.data_parallel(axis="dp", zero=3 if args.strategy == "zero" else 0)]

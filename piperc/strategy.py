@@ -279,7 +279,7 @@ class TensorParallel(Directive):
         return (self.axis,)
 
     def check(self, ctx: StrategyContext) -> None:
-        """A non-empty plan of placements; no sequence parallelism or ZeRO next to it yet."""
+        """A non-empty plan of placements; no sequence parallelism yet."""
         if not self.plan:
             raise StrategyError(f"{self}: the plan is empty; map parameter globs to piperc.Shard(dim) or "
                                 "piperc.Replicate(), e.g. {'blocks.*.mlp.fc.weight': piperc.Shard(0)}")
@@ -289,9 +289,6 @@ class TensorParallel(Directive):
             raise StrategyError(f"{self}: {e}") from None
         if self.sequence_parallel:
             raise StrategyError(f"{self}: sequence_parallel=True is not supported yet; use sequence_parallel=False")
-        zero = next((d for d in ctx.directives if isinstance(d, DataParallel) and d.zero), None)
-        if zero is not None:
-            raise StrategyError(f"{self}: tensor parallelism next to {zero} is not supported yet; use zero=0")
 
     def fragments(self, ctx: StrategyContext) -> list[Fragment]:
         """tensor-parallel (seed the plan), propagate-sharding over the axis, localise-shapes:

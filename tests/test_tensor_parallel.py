@@ -353,13 +353,6 @@ def test_unsupported_directives_are_strategy_errors(directive, message):
         piperc.compile(model, inputs, mesh=piperc.Mesh(tp=2), strategy=[directive], optimizer=ADAMW)
 
 
-def test_zero_next_to_tensor_parallelism_is_not_supported_yet():
-    model, inputs = gpt.make(n_layers=1)
-    strategy = [piperc.data_parallel(axis="dp", zero=1), piperc.tensor_parallel(plan=GPT_PLAN)]
-    with pytest.raises(StrategyError, match=r"next to data_parallel\(axis='dp', zero=1\) is not supported yet"):
-        piperc.compile(model, inputs, mesh=piperc.Mesh(dp=2, tp=2), strategy=strategy, optimizer=ADAMW)
-
-
 @pytest.mark.parametrize("mesh,plan,message", [
     (piperc.Mesh(tp=2), {"blocks.*.nope.weight": piperc.Shard(0)},
      "tensor plan entry 'blocks.*.nope.weight' matches no parameter of the model"),

@@ -16,6 +16,7 @@ from piperc.errors import PassError, StrategyError
 from piperc.examples import gpt, llama, tied
 from piperc.reference import compare, train_eager
 from tests.test_passes_ir import header, ir, run, section
+from tests.test_tensor_parallel import GPT_PLAN
 
 ZERO = ('mesh{shape="pp=2,dp=2"},pipeline-split{stages=2 split-at="blocks.1"},outline-stages,'
         'optimizer{lr=0.1 momentum=0.9},data-parallel{axis="dp"},zero{stage=STAGE}')
@@ -116,6 +117,47 @@ def test_zero_lowers_to_collectives_inside_the_update():
     ]
 
 
+TENSOR_PARALLEL = ('mesh{shape="pp=2,dp=2,tp=2"},tensor-parallel{plan="blocks.0.w=1,blocks.1.w=0"},propagate-sharding,'
+                   'localise-shapes,pipeline-split{stages=2 split-at="blocks.1"},outline-stages,'
+                   'optimizer{lr=0.1 momentum=0.9},data-parallel{axis="dp"},zero{stage=STAGE}')
+
+
+def test_zero_shards_the_tensor_parallel_piece_of_each_weight_further_over_dp():
+    # blocks.1.w is Shard(0) over tp: its local [2,4] piece is split again along dimension 0,
+    # dp innermost, so each rank holds [1,4] (rows 2t+d of 4). blocks.0.w is Shard(1) over tp:
+    # its [4,2] piece is split along dimension 0 over dp. The update reduce-scatters over dp
+    # alone; the forward gathers over dp back to the tensor-parallel piece, never over tp.
+    out = run(TENSOR_PARALLEL.replace("STAGE", "3"))
+    assert header(section(out, "func.func @main")).startswith(
+        'func.func @main(%w0: !torch.vtensor<[2,2],f32> {piperc.param = "blocks.0.w", '
+        'par.layout = #par.sharding<[["dp"], ["tp"]]>}, %w1: !torch.vtensor<[1,4],f32> {piperc.param = "blocks.1.w", '
+        'par.layout = #par.sharding<[["tp", "dp"], []]>}')
+    assert section(out, "func.func @s1_F").splitlines()[1] == (
+        '  %2 = par.reshard %1 @mesh from #par.sharding<[["tp", "dp"], []]> to #par.sharding<[["tp"], []]> : '
+        '!torch.vtensor<[1,4],f32> -> !torch.vtensor<[2,4],f32>')
+    assert section(out, "func.func @s1_update") == ir(
+        """
+        func.func @s1_update(%0: !torch.vtensor<[1,4],f32> {piperc.key = "param:blocks.1.w", par.layout = #par.sharding<[["tp", "dp"], []]>}, %1: !torch.vtensor<[2,4],f32> {piperc.key = "grad:blocks.1.w", par.layout = #par.sharding<[["tp"], []], partial = ["dp"]>}, %2: !torch.vtensor<[1,4],f32> {piperc.key = "state:blocks.1.w.momentum", par.layout = #par.sharding<[["tp", "dp"], []]>}) -> (!torch.vtensor<[1,4],f32> {piperc.key = "param:blocks.1.w", par.layout = #par.sharding<[["tp", "dp"], []]>}, !torch.vtensor<[1,4],f32> {piperc.key = "state:blocks.1.w.momentum", par.layout = #par.sharding<[["tp", "dp"], []]>}) {
+          %3 = par.reshard %1 @mesh from #par.sharding<[["tp"], []], partial = ["dp"]> to #par.sharding<[["tp", "dp"], []]> : !torch.vtensor<[2,4],f32> -> !torch.vtensor<[1,4],f32>
+          %4 = "torch.constant.float"() <{value = 9.000000e-01 : f64}> : () -> !torch.float
+          %5 = "torch.aten.mul.Scalar"(%2, %4) : (!torch.vtensor<[1,4],f32>, !torch.float) -> !torch.vtensor<[1,4],f32>
+          %6 = "torch.constant.float"() <{value = 1.000000e+00 : f64}> : () -> !torch.float
+          %7 = "torch.aten.add.Tensor"(%5, %3, %6) : (!torch.vtensor<[1,4],f32>, !torch.vtensor<[1,4],f32>, !torch.float) -> !torch.vtensor<[1,4],f32>
+          %8 = "torch.constant.float"() <{value = -1.000000e-01 : f64}> : () -> !torch.float
+          %9 = "torch.aten.add.Tensor"(%0, %7, %8) : (!torch.vtensor<[1,4],f32>, !torch.vtensor<[1,4],f32>, !torch.float) -> !torch.vtensor<[1,4],f32>
+          func.return %9, %7 : !torch.vtensor<[1,4],f32>, !torch.vtensor<[1,4],f32>
+        }
+    """
+    )
+    # zero=1 slices the tensor-parallel piece to its dp shard and gathers the new shard back to it
+    update = section(run(TENSOR_PARALLEL.replace("STAGE", "1") + ",lower-reshard"), "func.func @s1_update")
+    assert [line.strip() for line in update.splitlines() if "par.all_" in line] == [
+        '%3 = par.all_slice %0 over @mesh "dp" dim 0 : !torch.vtensor<[2,4],f32> -> !torch.vtensor<[1,4],f32>',
+        '%4 = par.all_slice %1 over @mesh "dp" dim 0 : !torch.vtensor<[2,4],f32> -> !torch.vtensor<[1,4],f32>',
+        '%11 = par.all_gather %10 over @mesh "dp" dim 0 : !torch.vtensor<[1,4],f32> -> !torch.vtensor<[2,4],f32>',
+    ]
+
+
 @pytest.mark.parametrize("pipeline,message", [
     (zero(4), "zero must be 0, 1, 2 or 3, got 4"),
     ('mesh{shape="pp=2,dp=2"},pipeline-split{stages=2 split-at="blocks.1"},outline-stages,zero',
@@ -148,6 +190,7 @@ CASES = [  # model, zero, mesh axes, microbatches, reshard_after_forward
     ("llama", 3, {"pp": 2, "dp": 2}, 2, True),
     ("gpt", 3, {"pp": 2, "dp": 2}, 4, False),
     ("tied", 3, {"pp": 2, "dp": 2}, 2, False),
+    ("gpt", 3, {"dp": 2, "tp": 2}, 1, True),  # next to tensor parallelism (issue 7's plan)
 ]
 
 
@@ -160,6 +203,8 @@ def test_zero_matches_single_device_training(model_name, stage, axes, microbatch
     strategy = [piperc.data_parallel(zero=stage, reshard_after_forward=reshard)]
     if "pp" in axes:
         strategy.insert(0, piperc.pipeline(stages=axes["pp"], microbatches=microbatches, schedule="1f1b"))
+    if "tp" in axes:
+        strategy.append(piperc.tensor_parallel(plan=GPT_PLAN))
     compiled = piperc.compile(model, inputs, mesh=piperc.Mesh(**axes), strategy=strategy, optimizer=ADAMW,
                               keep_ir=False)
     sharded = [e for e in json.loads(compiled.files["manifest.json"])["ranks"][0]["state"] if "layout" in e]
