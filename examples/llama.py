@@ -1,4 +1,8 @@
-"""Llama-style decoder: RMSNorm, rotary position embeddings, SwiGLU MLP, no biases."""
+"""Llama-style decoder: RMSNorm, rotary position embeddings, SwiGLU MLP, no biases.
+
+`make(n_kv_heads=...)` gives grouped-query attention with a fused key/value projection instead of
+separate q/k/v heads; without it the model is plain multi-head attention.
+"""
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +29,14 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+def rotary_tables(head_dim: int, seq: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotary angles of positions 0..seq-1, each [seq, head_dim]."""
+    inv_freq = base ** -(torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(seq, dtype=torch.float32), inv_freq)
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos(), angles.sin()
+
+
 class Attention(nn.Module):
     """Multi-head causal attention with rotary embeddings on q and k.
 
@@ -41,12 +53,9 @@ class Attention(nn.Module):
         self.k = nn.Linear(d_model, d_model, bias=False)
         self.v = nn.Linear(d_model, d_model, bias=False)
         self.o = nn.Linear(d_model, d_model, bias=False)
-        head_dim = d_model // n_heads
-        inv_freq = base ** -(torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-        angles = torch.outer(torch.arange(seq, dtype=torch.float32), inv_freq)
-        angles = torch.cat((angles, angles), dim=-1)
-        self.register_buffer("cos", angles.cos(), persistent=False)
-        self.register_buffer("sin", angles.sin(), persistent=False)
+        cos, sin = rotary_tables(d_model // n_heads, seq, base)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, seq, d_model = x.shape
@@ -57,6 +66,50 @@ class Attention(nn.Module):
         cos, sin = self.cos[:seq], self.sin[:seq]
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
+        y = causal_attention(q, k, v)
+        return self.o(y.transpose(1, 2).reshape(batch, seq, d_model))
+
+
+class GroupedQueryAttention(nn.Module):
+    """Causal attention with rotary embeddings whose n_kv_heads key/value heads are each shared
+    by n_heads / n_kv_heads consecutive query heads (grouped-query attention).
+
+    Keys and values come from one fused projection `kv` whose rows are [k; v]: the keys of all
+    n_kv_heads heads, then the values. Rotary tables are per layer, as in `Attention`.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, seq: int, base: float = 10000.0):
+        super().__init__()
+        if d_model % n_heads:
+            raise ValueError(f"d_model={d_model} is not divisible by n_heads={n_heads}")
+        if n_heads % n_kv_heads:
+            raise ValueError(f"n_heads={n_heads} is not divisible by n_kv_heads={n_kv_heads}")
+        self.n_heads = n_heads
+        self.n_kv_heads = n_kv_heads
+        head_dim = d_model // n_heads
+        self.q = nn.Linear(d_model, d_model, bias=False)
+        self.kv = nn.Linear(d_model, 2 * n_kv_heads * head_dim, bias=False)
+        self.o = nn.Linear(d_model, d_model, bias=False)
+        cos, sin = rotary_tables(head_dim, seq, base)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, seq, d_model = x.shape
+        head_dim = d_model // self.n_heads
+        q = self.q(x).view(batch, seq, self.n_heads, head_dim).transpose(1, 2)
+        k, v = (
+            t.view(batch, seq, self.n_kv_heads, head_dim).transpose(1, 2)
+            for t in self.kv(x).split(self.n_kv_heads * head_dim, dim=2)
+        )
+        cos, sin = self.cos[:seq], self.sin[:seq]
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        group = self.n_heads // self.n_kv_heads
+        k, v = (
+            t.unsqueeze(2).expand(batch, self.n_kv_heads, group, seq, head_dim).reshape(batch, self.n_heads, seq, head_dim)
+            for t in (k, v)
+        )
         y = causal_attention(q, k, v)
         return self.o(y.transpose(1, 2).reshape(batch, seq, d_model))
 
@@ -75,12 +128,16 @@ class SwiGLU(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-RMSNorm block: x + attn(attn_norm(x)), then x + mlp(mlp_norm(x))."""
+    """Pre-RMSNorm block: x + attn(attn_norm(x)), then x + mlp(mlp_norm(x)).
 
-    def __init__(self, d_model: int, n_heads: int, seq: int):
+    Attention is grouped-query (`GroupedQueryAttention`) when n_kv_heads is given.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, seq: int, n_kv_heads: int | None = None):
         super().__init__()
         self.attn_norm = RMSNorm(d_model)
-        self.attn = Attention(d_model, n_heads, seq)
+        self.attn = (Attention(d_model, n_heads, seq) if n_kv_heads is None
+                     else GroupedQueryAttention(d_model, n_heads, n_kv_heads, seq))
         self.mlp_norm = RMSNorm(d_model)
         self.mlp = SwiGLU(d_model, 4 * d_model)
 
@@ -92,10 +149,11 @@ class Block(nn.Module):
 class Llama(nn.Module):
     """Decoder-only language model whose forward returns the mean next-token cross-entropy."""
 
-    def __init__(self, vocab: int, d_model: int, n_heads: int, n_layers: int, seq: int):
+    def __init__(self, vocab: int, d_model: int, n_heads: int, n_layers: int, seq: int,
+                 n_kv_heads: int | None = None):
         super().__init__()
         self.embed = nn.Embedding(vocab, d_model)
-        self.blocks = nn.ModuleList(Block(d_model, n_heads, seq) for _ in range(n_layers))
+        self.blocks = nn.ModuleList(Block(d_model, n_heads, seq, n_kv_heads) for _ in range(n_layers))
         self.norm = RMSNorm(d_model)
         self.head = nn.Linear(d_model, vocab, bias=False)
 
@@ -116,8 +174,13 @@ def make(
     seq: int = 16,
     batch: int = 8,
     seed: int = 0,
+    n_kv_heads: int | None = None,
 ) -> tuple[Llama, tuple[torch.Tensor, torch.Tensor]]:
-    """A Llama and a (tokens, targets) batch; the same seed gives the same weights and batch."""
+    """A Llama and a (tokens, targets) batch; the same seed gives the same weights and batch.
+
+    n_kv_heads (default None: multi-head attention with separate q, k, v) gives every block
+    grouped-query attention with that many key/value heads and a fused `kv` projection.
+    """
     torch.manual_seed(seed)
-    model = Llama(vocab, d_model, n_heads, n_layers, seq)
+    model = Llama(vocab, d_model, n_heads, n_layers, seq, n_kv_heads)
     return model, sample_batch(vocab, seq, batch)

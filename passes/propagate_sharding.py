@@ -17,9 +17,17 @@ the cheapest one is chosen. Conflict policy:
     cast to it at the return;
   * otherwise the candidate that moves the fewest bytes (`reshard_bytes`, per device,
     over its operands and the results wanted of it);
-  * ties go to fewer layout changes, then to fewer elements computed per device, then to
+  * ties go to the candidate that gives the most results their preferred layout (below),
+    then to fewer layout changes, then to fewer elements computed per device, then to
     the first candidate in the order above (merged, operand 0, 1, ..., wanted results,
-    replicated): deterministic.
+    preferred results, replicated): deterministic.
+
+Preferred layouts are soft seeds: an argument's `par.prefer` (written by
+`tensor-parallel{sequence-parallel=true}` on the model's inputs) is carried forward, before
+propagation, through the rules to every value computed from the argument along the factors
+it splits (a dimension that merges such a factor with an unsplit major one, as a flattened
+[batch*seq] does, carries none); each such layout is one more candidate of its op and wins
+ties on bytes. Without any `par.prefer` the pass chooses exactly as it would without them.
 
 Pending sums (Partial) pass through an op only where its rule says it is linear in the
 operands holding them (add: all of them; mm: one); otherwise they are reduced first.
@@ -87,6 +95,11 @@ from piperc.passes.sharding_rules import (
 
 LAYOUTS = "par.layouts"
 """The op attribute that holds the layout of each of its results."""
+
+PREFERRED = "par.prefer"
+"""The argument attribute of `@main` that names a layout preferred, not required: the values
+computed from the argument along the factors the layout splits are given that split
+wherever it costs no more bytes than any other choice (sequence parallelism)."""
 
 _ROUNDS = 16
 """Forward + backward sweeps at most; the examples reach the fixpoint in two or three."""
@@ -215,6 +228,8 @@ class _OpChooser:
     mesh: MeshAttr
     operands: list[SSAValue]
     results: list[SSAValue]
+    preferred: list[ShardingAttr | None]
+    """Per result, the layout it is preferred in (see `PREFERRED`), or None."""
     sizes: list[int] = field(init=False)
     chosen: dict[tuple, _Choice] = field(init=False, default_factory=dict)
 
@@ -230,7 +245,9 @@ class _OpChooser:
 
     def _choose(self, current: list[ShardingAttr], wanted: list[ShardingAttr | None]) -> _Choice:
         sources = [*(self._project(lay, m) for lay, m in zip(current, self.rule.operands, strict=True)),
-                   *(self._project(w, m) for w, m in zip(wanted, self.rule.results, strict=True) if w is not None)]
+                   *(self._project(w, m) for w, m in zip(wanted, self.rule.results, strict=True) if w is not None),
+                   *(self._project(p, m) for p, m in zip(self.preferred, self.rule.results, strict=True)
+                     if p is not None)]
         candidates = [self._merge(sources), *sources, tuple(() for _ in self.sizes)]
         best, best_cost = None, None
         seen = set()
@@ -351,7 +368,19 @@ class _OpChooser:
                 moved += reshard_bytes(have, want, value.type, self.mesh)
                 changes += 1
         elements = sum(_local_elements(v, lay, self.mesh) for v, lay in zip(self.results, choice.results, strict=True))
-        return (moved, changes, elements, index)
+        missed = sum(p is not None and p != have for p, have in zip(self.preferred, choice.results, strict=True))
+        return (moved, missed, changes, elements, index)
+
+    def carry(self, preferred: list[ShardingAttr | None]) -> list[ShardingAttr | None]:
+        """The preferred layouts of the results, from those of the operands: the factor shardings
+        the operands' preferences imply, merged and made expressible (axes that would need a
+        strided shard are dropped, not moved); None for a result they do not split."""
+        sources = [self._project(p, m) for p, m in zip(preferred, self.rule.operands, strict=True) if p is not None]
+        if not sources:
+            return [None for _ in self.results]
+        candidate = self._repair(self._merge(sources), False)
+        dims = [self._dims(candidate, mapping) for mapping in self.rule.results]
+        return [_layout(d, (), self.mesh) if any(d) else None for d in dims]
 
 
 def _local_elements(value: SSAValue, layout: ShardingAttr, mesh: MeshAttr) -> float:
@@ -375,6 +404,7 @@ class _Propagation:
         self.layout: dict[SSAValue, ShardingAttr] = {}
         self.seeded: dict[SSAValue, ShardingAttr] = {}
         self.wanted: dict[SSAValue, ShardingAttr] = {}
+        self.preferred: dict[SSAValue, ShardingAttr] = {}
         self.choices: dict[Operation, _Choice] = {}
         self.rules: dict[Operation, _OpChooser | None] = {}
         self.result_layouts: list[ShardingAttr] = []
@@ -394,6 +424,14 @@ class _Propagation:
             layout = layout_of(attrs) or _replicated(arg)
             self._check_seed(layout, arg.type, f"argument {i}{_named(attrs)}")
             self.layout[arg] = layout
+            preferred = attrs.data.get(PREFERRED) if attrs is not None else None
+            if preferred is not None:
+                if not isinstance(preferred, ShardingAttr) or preferred.partial_axes():
+                    raise StrategyError(f"propagate-sharding: @{self.fn.sym_name.data} argument {i}{_named(attrs)} "
+                                        f"has {PREFERRED} = {preferred}, which is not a #par.sharding<...> "
+                                        "without pending sums")
+                self._check_seed(preferred, arg.type, f"argument {i}{_named(attrs)} ({PREFERRED})")
+                self.preferred[arg] = preferred
             for name in parameter_names(attrs):
                 params[name] = layout
         ret = self.block.last_op
@@ -426,6 +464,20 @@ class _Propagation:
                                     f"{type_} has size {size}, which does not split over {parts} devices "
                                     f"(layout {layout})")
 
+    def carry_preferences(self) -> None:
+        """Carries the arguments' preferred layouts (`PREFERRED`) forward through the rules, in
+        program order, to every value computed from them along the factors they split."""
+        if not self.preferred:
+            return
+        for op in self._ops():
+            chooser = self._chooser(op)
+            if chooser is None:
+                continue
+            chooser.preferred = chooser.carry([self.preferred.get(v) for v in chooser.operands])
+            for value, layout in zip(chooser.results, chooser.preferred, strict=True):
+                if layout is not None:
+                    self.preferred[value] = layout
+
     # -- propagation
 
     def run(self) -> None:
@@ -452,8 +504,9 @@ class _Propagation:
                     f"propagate-sharding (strict): {op.name} in {path} has no sharding rule. Add a rule for "
                     f"'{op.name}' to piperc.passes.sharding_rules.RULES, or run with strict=false to compute "
                     "it replicated")
-            self.rules[op] = None if rule is None else _OpChooser(rule, self.mesh, tensor_operands(op),
-                                                                  tensor_results(op))
+            results = tensor_results(op)
+            self.rules[op] = None if rule is None else _OpChooser(rule, self.mesh, tensor_operands(op), results,
+                                                                  [None for _ in results])
         return self.rules[op]
 
     def _decide(self, op: Operation) -> _Choice:
@@ -600,6 +653,7 @@ class PropagateShardingPass(ModulePass):
                                     "does not have")
         propagation = _Propagation(main_function(op), mesh, tuple(axes), self.strict)
         propagation.seed()
+        propagation.carry_preferences()
         propagation.run()
         propagation.write(MESH_SYMBOL)
 

@@ -1,6 +1,7 @@
 """tensor-parallel: seeds the parameter layouts of a tensor-parallel plan on the captured `@main`.
 
     tensor-parallel{axis=tp plan="blocks.*.attn.qkv.weight=0,blocks.*.attn.proj.weight=1,head.weight=replicate"}
+    tensor-parallel{axis=tp plan="..." sequence-parallel=true}
 
 The plan maps fnmatch globs over parameter names (tied names included) to a placement
 along `axis`: a dimension (`Shard(dim)`) or `replicate`. `Shard`, `Replicate` and `Partial`
@@ -11,8 +12,22 @@ directive runs it before `propagate-sharding{mesh-axes=<axis>}` (every value's l
 reshards where they conflict) and `localise-shapes` (per-device shapes), on the captured
 `@main` before it is split into stages.
 
-Options: axis (default tp), plan (text as above), directive (quoted in errors).
-Requires: the mesh pass (the axis and its size), a captured `@main` with parameter roles.
+Sequence parallelism (Megatron's): with `sequence-parallel=true` the pass also writes, on
+every model input of rank 2 or more, the PREFERRED layout (`par.prefer`, see
+propagate-sharding) "dimension 1 split over `axis`". The sequence dimension is defined so:
+a model input is `[batch, sequence, ...]` (GPT's tokens and targets are `[batch, seq]`), and
+a value's sequence dimension is the one propagation traces back to an input's dimension 1
+through the sharding rules (the residual stream's dimension 1; a dimension that merges it
+with another, a flattened `[batch*seq]`, is none). Propagation splits those values along it
+wherever that moves no more bytes than keeping them whole: the residual stream, layer
+norms and residual adds between a row-parallel matmul and the next column-parallel one
+are sharded along the sequence, a pending sum resolves there by a reduce_scatter onto the
+sequence dimension instead of an all_reduce, a column-parallel matmul's input is
+all-gathered along it, and the backward mirrors both. The inputs themselves stay whole.
+
+Options: axis (default tp), plan (text as above), sequence_parallel (default false),
+directive (quoted in errors). Requires: the mesh pass (the axis and its size), a captured
+`@main` with parameter and input roles.
 """
 
 from __future__ import annotations
@@ -23,14 +38,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from xdsl.context import Context
-from xdsl.dialects.builtin import ArrayAttr, DictionaryAttr, ModuleOp
+from xdsl.dialects.builtin import ArrayAttr, DictionaryAttr, IntAttr, ModuleOp
 from xdsl.passes import ModulePass
 
 from piperc.dialects.par import LAYOUT, ShardingAttr, layout_of
-from piperc.dialects.roles import RES_LOSS, RES_OUTPUT, main_function, parameter_names
+from piperc.dialects.roles import ARG_INPUT, RES_LOSS, RES_OUTPUT, main_function, parameter_names
 from piperc.dialects.torch import ValueTensorType
 from piperc.errors import StrategyError
 from piperc.passes.mesh import find_mesh
+from piperc.passes.propagate_sharding import PREFERRED
 
 
 @dataclass(frozen=True)
@@ -113,6 +129,43 @@ def seed_layouts(module: ModuleOp, axis: str, plan: Mapping[str, Placement], mes
     fn.arg_attrs = ArrayAttr(attrs)
 
 
+SEQUENCE_DIM = 1
+"""The dimension of a `[batch, sequence, ...]` model input that is its sequence."""
+
+
+def prefer_sequence_split(module: ModuleOp, axis: str, size: int) -> None:
+    """Writes `par.prefer` = "dimension `SEQUENCE_DIM` split over `axis`" on every model input
+    of `@main` of rank 2 or more (see the module docstring).
+
+    Raises StrategyError when no input has a sequence dimension, or when an input's sequence
+    length does not divide over the `size` devices of `axis`, naming the input.
+    """
+    fn = main_function(module)
+    attrs = list(fn.arg_attrs.data) if fn.arg_attrs else []
+    inputs = [(i, a, t) for i, (a, t) in enumerate(zip(attrs, fn.function_type.inputs.data, strict=True))
+              if ARG_INPUT in a.data and isinstance(t, ValueTensorType)]
+    ranked = [(i, a, t) for i, a, t in inputs if len(t.get_shape()) > SEQUENCE_DIM]
+    if not ranked:
+        raise StrategyError(f"sequence parallelism splits dimension {SEQUENCE_DIM} of the model's "
+                            f"[batch, sequence, ...] inputs, but the model's inputs are "
+                            f"{', '.join(str(t) for _, _, t in inputs) or 'none'}; use sequence_parallel=False")
+    for i, attr, type_ in ranked:
+        shape = type_.get_shape()
+        index = attr.data[ARG_INPUT]
+        if shape[SEQUENCE_DIM] % size:
+            raise StrategyError(f"sequence parallelism splits model input "
+                                f"{index.data if isinstance(index, IntAttr) else index} "
+                                f"{type_} along its sequence (dimension {SEQUENCE_DIM}, length "
+                                f"{shape[SEQUENCE_DIM]}) over the {size} devices of axis '{axis}', and "
+                                f"{shape[SEQUENCE_DIM]} is not a multiple of {size}; make the sequence length "
+                                f"a multiple of {size} or use sequence_parallel=False")
+        layout = layout_of(attr) or ShardingAttr.replicated(len(shape))
+        dims = [list(layout.dim_axes(d)) for d in range(len(shape))]
+        dims[SEQUENCE_DIM].append(axis)
+        attrs[i] = DictionaryAttr({**attr.data, PREFERRED: ShardingAttr(dims)})
+    fn.arg_attrs = ArrayAttr(attrs)
+
+
 def _example(attrs: list[DictionaryAttr]) -> str:
     return next((n[0] for a in attrs if (n := parameter_names(a))), "?")
 
@@ -160,12 +213,14 @@ def parse_plan(text: str, directive: str) -> dict[str, Placement]:
 
 @dataclass(frozen=True)
 class TensorParallelPass(ModulePass):
-    """Seeds a tensor-parallel plan's parameter layouts (and whole losses and outputs) on `@main`."""
+    """Seeds a tensor-parallel plan's parameter layouts (and whole losses and outputs) on `@main`;
+    with sequence_parallel, the preferred split of the inputs' sequence dimension."""
 
     name = "tensor-parallel"
 
     axis: str = "tp"
     plan: str = ""
+    sequence_parallel: bool = False
     directive: str = "tensor-parallel"
 
     def apply(self, ctx: Context, op: ModuleOp) -> None:
@@ -173,6 +228,8 @@ class TensorParallelPass(ModulePass):
         sizes = {a: mesh.axis_size(a) for a in mesh.axis_names()}
         try:
             seed_layouts(op, self.axis, parse_plan(self.plan, self.directive), sizes)
+            if self.sequence_parallel:
+                prefer_sequence_split(op, self.axis, sizes[self.axis])
         except StrategyError as e:
             raise StrategyError(f"{self.directive}: {e}") from None
         fn = main_function(op)

@@ -279,7 +279,7 @@ class TensorParallel(Directive):
         return (self.axis,)
 
     def check(self, ctx: StrategyContext) -> None:
-        """A non-empty plan of placements; no sequence parallelism yet."""
+        """A non-empty plan of placements."""
         if not self.plan:
             raise StrategyError(f"{self}: the plan is empty; map parameter globs to piperc.Shard(dim) or "
                                 "piperc.Replicate(), e.g. {'blocks.*.mlp.fc.weight': piperc.Shard(0)}")
@@ -287,14 +287,13 @@ class TensorParallel(Directive):
             plan_text(dict(self.plan))
         except StrategyError as e:
             raise StrategyError(f"{self}: {e}") from None
-        if self.sequence_parallel:
-            raise StrategyError(f"{self}: sequence_parallel=True is not supported yet; use sequence_parallel=False")
 
     def fragments(self, ctx: StrategyContext) -> list[Fragment]:
         """tensor-parallel (seed the plan), propagate-sharding over the axis, localise-shapes:
         on the captured step, before anything splits it into stages."""
         return [Fragment(
-            (TensorParallelPass(axis=self.axis, plan=plan_text(dict(self.plan)), directive=str(self)),
+            (TensorParallelPass(axis=self.axis, plan=plan_text(dict(self.plan)),
+                                sequence_parallel=self.sequence_parallel, directive=str(self)),
              PropagateShardingPass(mesh_axes=(self.axis,), strict=self.strict),
              LocaliseShapesPass(mesh_axes=(self.axis,))),
             requires=("mesh",), provides=("layouts",))]
@@ -309,6 +308,15 @@ def tensor_parallel(axis: str = "tp", plan: Mapping[str, Placement] | None = Non
     without a sharding rule an error instead of computing it replicated), with reshards
     where layouts conflict; each device then holds and computes its pieces. The Megatron
     plan shards a layer's weight `[out, in]` as Shard(0) and the next one's as Shard(1).
+
+    `sequence_parallel=True` adds Megatron's sequence parallelism to the same plan: the
+    activations between a row-parallel matmul and the next column-parallel one (residual
+    stream, layer norms, residual adds) are split along the sequence over `axis`, so the
+    row-parallel pending sum is reduce-scattered onto the sequence and the column-parallel
+    input all-gathered along it (the backward mirrors both), and layer-norm weight
+    gradients are summed over `axis`. The sequence is dimension 1 of the model's
+    `[batch, sequence, ...]` inputs and what propagation traces back to it; its length must
+    be a multiple of the axis size (a StrategyError naming the input otherwise).
     """
     return TensorParallel(axis, tuple((plan or {}).items()), sequence_parallel, strict)
 

@@ -1,11 +1,15 @@
 """The example models run eagerly, train (every parameter gets a gradient) and export."""
 
+import functools
+import types
+
 import pytest
 import torch
 
 from piperc.examples import gpt, llama, moe, tied
 
-EXAMPLES = {"gpt": gpt, "llama": llama, "moe": moe, "tied": tied}
+LLAMA_GQA = types.SimpleNamespace(make=functools.partial(llama.make, n_kv_heads=2))
+EXAMPLES = {"gpt": gpt, "llama": llama, "llama-gqa": LLAMA_GQA, "moe": moe, "tied": tied}
 
 
 @pytest.fixture(params=sorted(EXAMPLES))
@@ -95,3 +99,18 @@ def test_llama_rotary_tables_are_not_saved():
     model, _ = llama.make(n_layers=1)
     assert "blocks.0.attn.cos" in dict(model.named_buffers())
     assert not any(name.endswith((".cos", ".sin")) for name in model.state_dict())
+
+
+def test_llama_grouped_query_attention_is_multi_head_attention_with_each_kv_head_repeated():
+    """The fused kv rows are [k; v] by head; query heads 2j and 2j+1 share key/value head j."""
+    torch.manual_seed(0)
+    gqa = llama.GroupedQueryAttention(d_model=32, n_heads=4, n_kv_heads=2, seq=16)
+    mha = llama.Attention(d_model=32, n_heads=4, seq=16)
+    k, v = gqa.kv.weight.detach().view(2, 2, 8, 32).unbind(0)  # [k; v], each [kv head, head_dim, d_model]
+    with torch.no_grad():
+        mha.q.weight.copy_(gqa.q.weight)
+        mha.o.weight.copy_(gqa.o.weight)
+        mha.k.weight.copy_(k.repeat_interleave(2, dim=0).reshape(32, 32))
+        mha.v.weight.copy_(v.repeat_interleave(2, dim=0).reshape(32, 32))
+    x = torch.randn(3, 16, 32)
+    torch.testing.assert_close(gqa(x), mha(x))

@@ -322,6 +322,9 @@ LLAMA_PLAN = {  # Megatron on separate projections
     "blocks.*.mlp.gate.weight": piperc.Shard(0), "blocks.*.mlp.up.weight": piperc.Shard(0),
     "blocks.*.mlp.down.weight": piperc.Shard(1),
 }
+# Grouped-query attention (llama.make(n_kv_heads=2)): Shard(0) of the fused kv rows [k; v] puts the
+# keys on one tp=2 device and the values on the other, so the split into k and v needs a reshard.
+LLAMA_FUSED_KV_PLAN = {**LLAMA_PLAN, "blocks.*.attn.kv.weight": piperc.Shard(0)}
 ADAMW = piperc.optim.AdamW(lr=1e-4, weight_decay=0.1)
 
 
@@ -341,8 +344,6 @@ def test_the_tensor_parallel_passes_run_on_the_captured_step_before_it_is_split_
 
 
 @pytest.mark.parametrize("directive,message", [
-    (piperc.tensor_parallel(plan={"blocks.*.attn.qkv.weight": piperc.Shard(0)}, sequence_parallel=True),
-     "sequence_parallel=True is not supported yet"),
     (piperc.tensor_parallel(plan={}), "the plan is empty"),
     (piperc.tensor_parallel(plan={"blocks.*.attn.qkv.weight": piperc.Partial()}),
      "is not a placement a parameter can have"),
@@ -375,14 +376,23 @@ TOLERANCE = 1e-5
 EXAMPLES = {"gpt": gpt, "llama": llama, "tied": tied}
 CASES = {
     "gpt-tp2": ("gpt", GPT_PLAN, piperc.Mesh(tp=2), [], {}),
+    "gpt-tp4": ("gpt", GPT_PLAN, piperc.Mesh(tp=4), [], {}),
     "llama-tp2": ("llama", LLAMA_PLAN, piperc.Mesh(tp=2), [], {}),
     "llama-tp4": ("llama", LLAMA_PLAN, piperc.Mesh(tp=4), [], {}),
     "gpt-tp2xdp2": ("gpt", GPT_PLAN, piperc.Mesh(dp=2, tp=2), [piperc.data_parallel(axis="dp")], {}),
+    "llama-tp2xdp2": ("llama", LLAMA_PLAN, piperc.Mesh(dp=2, tp=2), [piperc.data_parallel(axis="dp")], {}),
     "gpt-tp2xpp2": ("gpt", GPT_PLAN, piperc.Mesh(pp=2, tp=2),
                     [piperc.pipeline(axis="pp", stages=2, microbatches=2, schedule="1f1b")], {}),
+    "llama-tp2xpp2": ("llama", LLAMA_PLAN, piperc.Mesh(pp=2, tp=2),
+                      [piperc.pipeline(axis="pp", stages=2, microbatches=2, schedule="1f1b")], {}),
     "gpt-pp2xdp2xtp2": ("gpt", GPT_PLAN, piperc.Mesh(pp=2, dp=2, tp=2),
                         [piperc.pipeline(axis="pp", stages=2, microbatches=2, schedule="1f1b"),
                          piperc.data_parallel(axis="dp")], {}),
+    "llama-pp2xdp2xtp2": ("llama", LLAMA_PLAN, piperc.Mesh(pp=2, dp=2, tp=2),
+                          [piperc.pipeline(axis="pp", stages=2, microbatches=2, schedule="1f1b"),
+                           piperc.data_parallel(axis="dp")], {}),
+    "llama-gqa-tp2-fused-kv": ("llama", LLAMA_FUSED_KV_PLAN, piperc.Mesh(tp=2), [],
+                               {"n_kv_heads": 2, "batch": 2, "seq": 8}),
     # a large vocabulary makes the pending-sum lookup cheaper than gathering the table
     "tied-tp2-vocab-parallel": ("tied", {"embed.weight": piperc.Shard(0)}, piperc.Mesh(tp=2), [],
                                 {"vocab": 256, "batch": 4, "seq": 8}),
@@ -435,6 +445,16 @@ def test_the_vocab_parallel_lookup_is_masked(compiled):
     assert 'par.layouts = [#par.sharding<[[], [], []], partial = ["tp"]>]' in lookup
     assert "!torch.vtensor<[128,32],f32>" in lookup
     assert '"torch.aten.masked_fill.Scalar"' in out.split(lookup)[1].splitlines()[2]
+
+
+def test_the_fused_kv_cut_between_k_and_v_is_resharded_before_its_split(compiled):
+    """Each device holds the kv projection's keys or its values ([2,8,16] of [2,8,32]); the split
+    into k and v needs both, so the shard moves to the batch (all_to_all) before the split."""
+    out = ir_after(compiled("llama-gqa-tp2-fused-kv"), "lower-reshard")
+    forward = out.split("func.func @s0_F(")[1].split("func.func @")[0]
+    exchange = next(line for line in forward.splitlines() if 'par.all_to_all' in line and
+                    'split 0 concat 2 : !torch.vtensor<[2,8,16],f32> -> !torch.vtensor<[1,8,32],f32>' in line)
+    assert f'"torch.aten.split.Tensor"({exchange.split(" = ")[0].strip()},' in forward
 
 
 @pytest.mark.parametrize("case", list(CASES))
