@@ -38,13 +38,15 @@ OPTIMIZERS = {
 MODELS = {"gpt": gpt, "llama": llama, "tied": tied}
 DEVICES = ["cpu", "cuda"]
 
+# Both optimizers on one and two pipeline devices; AdamW alone (the one that amplifies
+# rounding differences) on the wider meshes, which SGD's cases would repeat for time.
 CASES = [
     (model, mesh, sched, opt, device)
     for device in DEVICES
     for model in ("gpt", "llama")
     for mesh in MESHES
     for sched in (("gpipe", "1f1b") if mesh != "dp2" else ("none",))
-    for opt in OPTIMIZERS
+    for opt in (OPTIMIZERS if mesh in ("dp2", "pp2") else ("adamw",))
 ] + [("tied", "pp2", sched, opt, device) for device in DEVICES for sched, opt in (("gpipe", "sgd"), ("1f1b", "adamw"))]
 
 
