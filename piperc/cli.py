@@ -1,7 +1,9 @@
-"""`piperc`: captures a model's training step as IR, optionally runs a pipeline over it.
+"""`piperc`: captures a model's training step as IR, optionally runs a pipeline over it;
+shows a pipeline schedule as tables without running it.
 
     piperc capture examples/gpt.py:make --set n_layers=2 --dump-dir out/
     piperc capture piperc.examples.gpt:make -p 'fold-detach,cse' --dump-dir out/
+    piperc schedule show 1f1b --pp 4 --microbatches 8 --costs F=1,B=2 --svg 1f1b.svg
 """
 
 from __future__ import annotations
@@ -10,10 +12,12 @@ import argparse
 import importlib
 import importlib.util
 import inspect
+import math
 import os
 import sys
 from collections.abc import Callable
 
+from piperc import schedules
 from piperc.errors import PipercError
 
 CAPTURE_HELP = """\
@@ -52,7 +56,58 @@ def build_parser() -> argparse.ArgumentParser:
                      help="pass pipeline to run after capture, e.g. 'fold-detach,cse'")
     cap.add_argument("--print-ir-after-all", action="store_true",
                      help="print the IR after every pass to stderr")
+    cap.set_defaults(run=capture_command)
+
+    schedule = commands.add_parser(
+        "schedule", help="show a pipeline schedule", description="Pipeline schedules as data."
+    ).add_subparsers(dest="schedule_command", required=True, metavar="COMMAND")
+    show = schedule.add_parser(
+        "show",
+        help="print a schedule's tabular view",
+        description="Print a schedule's tabular view without running it: the actions per "
+                    "device, the closed-form bubble ratio, the idealised time-slot table and "
+                    "the peak in-flight activations per device.",
+        epilog=SCHEDULE_SHOW_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    show.add_argument("name", metavar="NAME",
+                      help="a built-in schedule (gpipe, 1f1b) or a table file, one row per device")
+    show.add_argument("--pp", type=int, metavar="N", help="pipeline devices (one stage each)")
+    show.add_argument("--microbatches", type=int, metavar="M", help="microbatches per step")
+    show.add_argument("--costs", type=parse_costs, default={}, metavar="F=1,B=1,W=1",
+                      help="time per F, B and W action for the time-slot table (default 1 each)")
+    show.add_argument("--svg", metavar="FILE", help="also draw the time-slot table to FILE")
+    show.set_defaults(run=schedule_show_command)
     return ap
+
+
+SCHEDULE_SHOW_HELP = """\
+NAME is a built-in schedule, sized by --pp and --microbatches (both needed), or a
+file holding a table as `Schedule.table()` writes it (`device 0: 0F0 0F1 0B0 0B1`,
+one line per device, `#` comments); a table gives its own sizes, and --pp and
+--microbatches, when given, must agree with it.
+"""
+
+
+class UsageError(PipercError):
+    """The command line names no such thing or lacks an option (exit status 2)."""
+
+
+def parse_costs(text: str) -> dict[str, float]:
+    """`F=1,B=2` as {"F": 1.0, "B": 2.0}: the time of each kind of action, F, B or W."""
+    costs = {}
+    for item in text.split(","):
+        kind, _, value = item.strip().partition("=")
+        try:
+            time = float(value)
+        except ValueError:
+            time = math.nan
+        if kind not in schedules.KINDS or not time >= 0:
+            raise argparse.ArgumentTypeError(
+                f"expected KIND=TIME with KIND F, B or W and TIME >= 0, got '{item}'"
+            )
+        costs[kind] = time
+    return costs
 
 
 def parse_override(text: str) -> tuple[str, int | float | str]:
@@ -166,11 +221,48 @@ def capture_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def load_schedule(args: argparse.Namespace):
+    """The schedule `piperc schedule show` names: a built-in sized by the options, or a table file."""
+    if args.name in schedules.BUILTIN_SCHEDULES:
+        if args.pp is None or args.microbatches is None:
+            raise UsageError(f"schedule '{args.name}' needs --pp and --microbatches")
+        return schedules.builtin(args.name, args.pp, args.microbatches)
+    if not os.path.isfile(args.name):
+        known = ", ".join(sorted(schedules.BUILTIN_SCHEDULES))
+        raise UsageError(
+            f"unknown schedule '{args.name}': neither a built-in schedule ({known}) nor a table file"
+        )
+    with open(args.name) as f:
+        text = f.read()
+    name = os.path.splitext(os.path.basename(args.name))[0]
+    schedule = schedules.from_table(text, num_microbatches=args.microbatches, name=name)
+    if args.pp is not None and args.pp != len(schedule.devices):
+        raise PipercError(
+            f"{args.name} has {len(schedule.devices)} device rows but --pp is {args.pp}; "
+            f"give one row per pipeline device or drop --pp"
+        )
+    return schedule
+
+
+def schedule_show_command(args: argparse.Namespace) -> int:
+    """`piperc schedule show`: see SCHEDULE_SHOW_HELP."""
+    view = load_schedule(args).view(args.costs)
+    sys.stdout.write(str(view))
+    if args.svg:
+        with open(args.svg, "w") as f:
+            f.write(view.svg())
+        print(f"piperc: wrote {args.svg}", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of piperc; returns the process exit code."""
+    """Entry point of piperc; returns the process exit code (2 for a usage error)."""
     args = build_parser().parse_args(argv)
     try:
-        return capture_command(args)
+        return args.run(args)
+    except UsageError as e:
+        print(f"piperc: error: {e}", file=sys.stderr)
+        return 2
     except PipercError as e:
         print(f"piperc: error: {e}", file=sys.stderr)
         return 1

@@ -13,6 +13,9 @@ Built-in schedules (`gpipe`, `one_f_one_b`) are functions that return this
 data; users write their own as lists (`from_lists`) or as a table
 (`from_table`). `validate` checks a schedule before anything runs, and
 `simulate` predicts its timeline, which `render_text` and `render_svg` draw.
+`Schedule.view` gathers the tabular view (`piperc schedule show`): the action
+table, the closed-form bubble ratio, the time-slot table and the peak number
+of activations each device holds.
 
 Standard library only: the compiler, the CLI and the runtime can all use it.
 """
@@ -23,7 +26,7 @@ import math
 import os
 import re
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 from xml.sax.saxutils import escape
@@ -36,6 +39,7 @@ class ScheduleError(PipercError):
 
 
 KINDS = ("F", "B", "W")
+UNIT_COSTS = {"F": 1.0, "B": 1.0, "W": 1.0}
 _ACTION_RE = re.compile(r"(\d+)([FBW])(\d+)")
 _ACTION_HELP = "write <stage><F|B|W><microbatch>, e.g. 0F1"
 
@@ -103,6 +107,23 @@ class Schedule:
         return "\n".join(
             f"device {d}: {' '.join(row)}".rstrip() for d, row in enumerate(self.to_rows())
         )
+
+    def view(self, costs: Mapping[str, float] | None = None) -> ScheduleView:
+        """The tabular view: `table()`, the closed-form bubble ratio, the time-slot table
+        under `costs` (time per F, B and W; unit costs by default, missing kinds cost 1)
+        and the peak in-flight activations per device. Validates the schedule first.
+        `print(schedule.view())` shows it as `piperc schedule show` does."""
+        unknown = sorted(set(costs or {}) - set(KINDS))
+        if unknown:
+            raise ScheduleError(
+                f"costs: unknown action kind {', '.join(unknown)}; give times for F, B and W"
+            )
+        times = {**UNIT_COSTS, **(costs or {})}
+        negative = [k for k in KINDS if times[k] < 0]
+        if negative:
+            raise ScheduleError(f"costs: {negative[0]}={times[negative[0]]:g} is negative")
+        timeline = simulate(self, f_time=times["F"], b_time=times["B"], w_time=times["W"])
+        return ScheduleView(self, times, closed_form_bubble(self), timeline, peak_in_flight(self))
 
 
 @dataclass(frozen=True)
@@ -651,6 +672,102 @@ def _busy_time(row: list[Slot]) -> float:
             busy += slot.end - start
             reach = slot.end
     return busy
+
+
+# ---------------------------------------------------------------- tabular view
+
+
+@dataclass(frozen=True)
+class ClosedForm:
+    """A bubble ratio as a formula of the schedule's sizes, the sizes and its value."""
+
+    formula: str
+    sizes: str
+    value: float
+
+
+def _fill_drain_bubble(schedule: Schedule) -> ClosedForm:
+    p, m = len(schedule.devices), schedule.num_microbatches
+    return ClosedForm("(p-1)/(m+p-1)", f"p={p}, m={m}", bubble_fraction(p, m))
+
+
+CLOSED_FORMS: dict[str, Callable[[Schedule], ClosedForm]] = {
+    "gpipe": _fill_drain_bubble,
+    "1f1b": _fill_drain_bubble,
+}
+"""Per built-in schedule, its bubble ratio in closed form (equal-cost stages)."""
+
+
+def closed_form_bubble(schedule: Schedule) -> ClosedForm | None:
+    """The closed-form bubble ratio of a built-in schedule; None for any other.
+
+    A schedule counts as built-in when its rows are the built-in's of that
+    name and sizes, so a user table named "1f1b" gets the formula only if
+    it is 1F1B.
+    """
+    form = CLOSED_FORMS.get(schedule.name)
+    if form is None:
+        return None
+    reference = builtin(schedule.name, schedule.num_stages, schedule.num_microbatches)
+    return form(schedule) if reference.devices == schedule.devices else None
+
+
+def peak_in_flight(schedule: Schedule) -> list[int]:
+    """Per device, the most forwards whose results it holds at once, from its row's order.
+
+    A forward's results are held from its F until the stage's last backward
+    action for that microbatch (W when the stage lists W, else B); each stage
+    and microbatch counts one. An overlap group's forwards count before its
+    backwards release anything, since its actions run together.
+    """
+    uses_w = {a.stage for row in schedule.devices for a in row if a.kind == "W"}
+    peaks = []
+    for d in range(len(schedule.devices)):
+        held = peak = 0
+        for step in _steps(schedule, d):
+            held += sum(a.kind == "F" for a in step)
+            peak = max(peak, held)
+            held -= sum(a.kind == ("W" if a.stage in uses_w else "B") for a in step)
+        peaks.append(peak)
+    return peaks
+
+
+@dataclass(frozen=True)
+class ScheduleView:
+    """A schedule evaluated without running it (`Schedule.view`); `str()` is the text.
+
+    `costs` are the times per F, B and W the `timeline` assumed; `closed_form`
+    is None where the schedule has no formula; `peak_in_flight[d]` is device
+    d's most held forwards (`peak_in_flight`).
+    """
+
+    schedule: Schedule
+    costs: dict[str, float]
+    closed_form: ClosedForm | None
+    timeline: Timeline
+    peak_in_flight: list[int]
+
+    def __str__(self) -> str:
+        s = self.schedule
+        used = [k for k in KINDS if any(a.kind == k for row in s.devices for a in row)]
+        costs = ", ".join(f"{k}={self.costs[k]:g}" for k in used)
+        form = self.closed_form
+        bubble = "none" if form is None else (
+            f"{form.formula} = {100 * form.value:.1f}% ({form.sizes})"
+        )
+        peaks = "\n".join(f"device {d}: {n}" for d, n in enumerate(self.peak_in_flight))
+        return (
+            f"schedule {s.name}: {len(s.devices)} devices, {s.num_stages} stages, "
+            f"{s.num_microbatches} microbatches\n\n"
+            f"actions per device:\n{s.table()}\n\n"
+            f"closed-form bubble: {bubble}\n\n"
+            f"idealised time slots ({costs}; communication free):\n{render_text(self.timeline)}\n"
+            f"peak in-flight activations (microbatches held for their backward):\n{peaks}\n"
+        )
+
+    def svg(self) -> str:
+        """The time-slot table as a picture (`render_svg`), as `Compiled.dump` draws it."""
+        return render_svg(self.timeline)
 
 
 # ---------------------------------------------------------------- rendering

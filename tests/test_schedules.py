@@ -1,4 +1,5 @@
-"""Schedules as data: built-ins, user tables, validation errors, simulation, pictures."""
+"""Schedules as data: built-ins, user tables, validation errors, simulation, pictures, the
+tabular view, and agreement with torch.distributed.pipelining's schedules."""
 
 from __future__ import annotations
 
@@ -8,16 +9,19 @@ import pytest
 
 from piperc.schedules import (
     Action,
+    ClosedForm,
     Message,
     Schedule,
     ScheduleError,
     bubble_fraction,
     builtin,
+    closed_form_bubble,
     from_lists,
     from_table,
     gpipe,
     messages,
     one_f_one_b,
+    peak_in_flight,
     render_svg,
     render_text,
     save_svg,
@@ -362,3 +366,165 @@ def test_render_svg_is_valid_xml(tmp_path):
     path = tmp_path / "1f1b.svg"
     save_svg(timeline, path)
     assert ET.parse(path).getroot().tag == root.tag
+
+
+# ---------------------------------------------------------------- tabular view
+
+
+def test_view_of_1f1b():
+    view = one_f_one_b(4, 8).view({"B": 2})
+    assert view.costs == {"F": 1, "B": 2, "W": 1}
+    assert view.closed_form == ClosedForm("(p-1)/(m+p-1)", "p=4, m=8", 3 / 11)
+    assert view.timeline.makespan == 33
+    assert view.peak_in_flight == [4, 3, 2, 1]
+
+
+@pytest.mark.parametrize("name", ["gpipe", "1f1b"])
+@pytest.mark.parametrize("stages,mbs", SIZES)
+def test_closed_form_bubble_agrees_with_the_time_slots(name, stages, mbs):
+    view = builtin(name, stages, mbs).view()
+    assert view.closed_form.value == pytest.approx(view.timeline.bubble_fraction)
+
+
+def test_gpipe_holds_every_microbatch():
+    assert peak_in_flight(gpipe(4, 8)) == [8, 8, 8, 8]
+
+
+def test_closed_form_only_for_a_builtins_own_rows():
+    assert closed_form_bubble(from_table(one_f_one_b(2, 4).table())) is None
+    assert closed_form_bubble(from_table(one_f_one_b(2, 4).table(), name="1f1b")) is not None
+    assert closed_form_bubble(from_table(gpipe(2, 4).table(), name="1f1b")) is None
+
+
+def test_weight_gradients_hold_activations_until_w():
+    with_w = from_table("0F0 0F1 0B0 0B1 0W0 0W1\n1F0 1B0 1F1 1B1 1W0 1W1")
+    assert peak_in_flight(with_w) == [2, 2]
+    assert peak_in_flight(from_table("0F0 0F1 0B0 0B1\n1F0 1B0 1F1 1B1")) == [2, 1]
+
+
+def test_an_overlap_groups_forward_counts_before_its_backward_releases():
+    schedule = from_table("0F0 0F1 0B0 0B1\n1F0 1B0 1F1 1B1")
+    schedule.overlap = [[], [(Action(1, "B", 0), Action(1, "F", 1))]]
+    assert peak_in_flight(schedule) == [2, 2]
+
+
+def test_several_stages_on_a_device_count_each():
+    schedule = from_lists([["0F0", "0F1", "3F0", "3B0", "3F1", "3B1", "0B0", "0B1"],
+                           ["1F0", "1F1", "2F0", "2B0", "2F1", "2B1", "1B0", "1B1"]])
+    assert peak_in_flight(schedule) == [3, 3]
+
+
+def test_view_text_of_a_user_schedule():
+    view = from_lists([["0F0", "0B0"]], name="one").view({"F": 2})
+    assert str(view) == """\
+schedule one: 1 devices, 1 stages, 1 microbatches
+
+actions per device:
+device 0: 0F0 0B0
+
+closed-form bubble: none
+
+idealised time slots (F=2, B=1; communication free):
+time     | 0  1  2
+device 0 | F0 F0 B0
+one: makespan 3, bubble 0.0%
+
+peak in-flight activations (microbatches held for their backward):
+device 0: 1
+"""
+
+
+@pytest.mark.parametrize(
+    "costs,message",
+    [({"X": 1}, "costs: unknown action kind X; give times for F, B and W"),
+     ({"W": -1}, "costs: W=-1 is negative")],
+)
+def test_view_rejects_bad_costs(costs, message):
+    with pytest.raises(ScheduleError, match=message):
+        gpipe(2, 2).view(costs)
+
+
+def test_view_validates_first():
+    with pytest.raises(ScheduleError, match="action 1B1 is missing"):
+        from_table("0F0 0F1 0B0 0B1\n1F0 1B0 1F1").view()
+
+
+def test_view_svg_is_the_time_slot_picture():
+    view = gpipe(2, 2).view()
+    assert view.svg() == render_svg(view.timeline)
+
+
+# ---------------------------------------------------------------- agreement with torch
+# torch.distributed.pipelining's single-stage schedules are built here without a process
+# group: a stage stand-in that records what the schedule runs and has no peers to talk to.
+
+
+class _RecordingStage:
+    """What ScheduleGPipe / Schedule1F1B read of a pipeline stage; records each action."""
+
+    def __init__(self, stage_index, num_stages):
+        self.stage_index = stage_index
+        self.num_stages = num_stages
+        self.is_last = stage_index == num_stages - 1
+        self.has_backward = False
+        self.ran = []
+
+    def get_fwd_recv_ops(self, microbatch):
+        return []
+
+    get_fwd_send_ops = get_bwd_recv_ops = get_bwd_send_ops = get_fwd_recv_ops
+
+    def forward_one_chunk(self, microbatch, *args, **kwargs):
+        self.ran.append(f"{self.stage_index}F{microbatch}")
+
+    def backward_one_chunk(self, microbatch, **kwargs):
+        self.ran.append(f"{self.stage_index}B{microbatch}")
+
+    def clear_runtime_states(self):
+        pass
+
+    def perform_reduce_grad(self, scale):
+        pass
+
+
+def _torch_schedule(name, rank, stages, microbatches):
+    from torch.distributed.pipelining import Schedule1F1B, ScheduleGPipe
+
+    cls = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}[name]
+    return cls(_RecordingStage(rank, stages), microbatches)
+
+
+@pytest.mark.parametrize("name", ["gpipe", "1f1b"])
+def test_action_order_is_the_one_torch_runs(name):
+    """Each rank's order as torch's own `_step_microbatches` runs it, at pp=4, 8 microbatches."""
+    ran = []
+    for rank in range(4):
+        schedule = _torch_schedule(name, rank, 4, 8)
+        schedule._stage_forward_initialized = True  # no shape inference: it talks to peers
+        schedule._step_microbatches()
+        ran.append(schedule._stage.ran)
+    assert ran == builtin(name, 4, 8).to_rows()
+
+
+@pytest.mark.parametrize("name", ["gpipe", "1f1b"])
+def test_action_order_against_torchs_pipeline_order_table(name):
+    """torch's `pipeline_order` table, at pp=4, 8 microbatches, against piperc's rows.
+
+    Differences, each asserted so that a change on either side shows here:
+    - torch ends each rank with `<stage>REDUCE_GRAD`, the gradient reduction over
+      microbatches; piperc has no action for it (gradients accumulate in the
+      backward tasks and the update task reads them), so it is dropped;
+    - 1F1B's last rank: torch's table names its forwards 3F1..3F8 where it runs
+      3F0..3F7 (its `_get_pipeline_order` starts the forward counter at 0 and
+      increments it before the first forward when a rank has no warm-up
+      forward); the order torch runs is piperc's (test above).
+    """
+    rows = builtin(name, 4, 8).to_rows()
+    for rank in range(4):
+        table = [str(a) for a in _torch_schedule(name, rank, 4, 8).pipeline_order[rank]]
+        assert table[-1] == f"{rank}REDUCE_GRAD"
+        if name == "1f1b" and rank == 3:
+            table = [
+                f"3F{int(a[2:]) - 1}" if a.startswith("3F") else a for a in table[:-1]
+            ] + table[-1:]
+        assert table[:-1] == rows[rank]
