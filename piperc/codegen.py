@@ -353,8 +353,10 @@ def _exec_statement(op: Operation, names: _Names, functions: dict[str, func.Func
         results = [names.bind(r, python_name(k) + suffix) for r, k in zip(op.outs, keys, strict=True)]
         lhs = (", ".join(results) + ("," if len(results) == 1 else "")) if results else "_"
         args = ", ".join(n(a) for a in op.args)
+        microbatch = None if op.microbatch is None else op.microbatch.value.data
         lines = ["", f"# {action} ({callee}): {where}, stream {n(op.stream)}",
-                 f"with rt.on({n(op.stream)}):", f"    {lhs} = {callee}({args})"]
+                 f'with rt.launch("{callee}", stage={stage}, pass_kind="{kind}", microbatch={microbatch}, '
+                 f"stream={n(op.stream)}):", f"    {lhs} = {callee}({args})"]
         if results and kind != "update":
             grads = [r for r, k in zip(results, keys, strict=True) if k.startswith("grad:")]
             others = [r for r in results if r not in grads]

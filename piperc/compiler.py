@@ -309,19 +309,21 @@ def _lower(captured: Captured, passes: list[ModulePass], options: PipelineOption
 
 
 def launch(compiled: Compiled, batches: Sequence[Sequence[torch.Tensor]], *, progress: bool = False,
-           timeout: float | None = None):
+           timeout: float | None = None, trace: str | None = None):
     """Trains with `compiled` on local processes, one global batch per step.
 
     Returns a result with `.losses` (one float per step), `.state_dict`
     (the final full parameters, named as in the model's state_dict) and
     `.peak_memory` (per rank, the measured peak memory by item, as
-    `compiled.memory()` predicts it).
+    `compiled.memory()` predicts it). With `trace="dir"`, each rank writes its
+    timeline to `dir/rank<r>.json` and all ranks' to `dir/trace.json`
+    (Chrome trace format: open in ui.perfetto.dev; `piperc.runtime.trace`).
     """
     from piperc.runtime.launch import launch_dir
 
     with tempfile.TemporaryDirectory(prefix="piperc-") as path:
         compiled.save(path)
-        result = launch_dir(path, [tuple(b) for b in batches], timeout=timeout, progress=progress)
+        result = launch_dir(path, [tuple(b) for b in batches], timeout=timeout, progress=progress, trace=trace)
     for alias, canonical in compiled.aliases.items():
         if canonical in result.state_dict:
             result.state_dict[alias] = result.state_dict[canonical]

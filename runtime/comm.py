@@ -16,6 +16,10 @@ counted once, as state. `peak_live_bytes` is the peak over the steps run so
 far, and `peak_live_items` its split into gradients, activations and
 communication buffers (`LIVE_ITEMS`) at that peak. A collective issued inside
 a stage function (`stream=None`) is part of that function's work, not counted.
+
+With a `recorder` (tracing, `trace.py`), it also records every task launched
+through `launch`, every communication from its issue to its wait, and every
+wait; without one it does none of this.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import torch
 import torch.distributed as dist
 
 from .manifest import Layout, local_part
+from .trace import Recorder, task_name
 
 # torch 2.13 names these two collectives `*_single` and deprecates their older names; an older
 # torch on a training machine has only the older names, with the same signatures.
@@ -147,6 +152,8 @@ class Runtime:
         self.live_items = [0] * len(LIVE_ITEMS)
         self.peak_live_bytes = 0
         self.peak_live_items: tuple[int, ...] = (0,) * len(LIVE_ITEMS)
+        self.recorder: Recorder | None = None
+        """Set while tracing (`Executor(trace=...)`): records tasks, communications and waits."""
 
     # ------------------------------------------------------------ streams and events
 
@@ -170,6 +177,27 @@ class Runtime:
         if self._cuda:
             return torch.cuda.stream(stream)
         return contextlib.nullcontext()
+
+    def launch(self, task: str, stage: int, pass_kind: str, microbatch: int | None, stream):
+        """Context manager around one launch of stage function `task` (`exec.launch`): kernels
+        inside run on `stream`, as with `on`. When tracing, the launch is recorded as a task
+        of `stage`, `pass_kind` and `microbatch` (None for an update)."""
+        if self.recorder is None:
+            return self.on(stream)
+        return self._traced_launch(task, stage, pass_kind, microbatch, stream)
+
+    @contextlib.contextmanager
+    def _traced_launch(self, task: str, stage: int, pass_kind: str, microbatch: int | None, stream):
+        start = self.recorder.begin_task(task_name(task, microbatch), self._lane(stream))
+        with self.on(stream):
+            yield
+        self.recorder.end_task(start, {"stage": stage, "pass": pass_kind, "microbatch": microbatch})
+
+    def _lane(self, stream) -> str | None:
+        """The name of `stream` (None: the stream of the running task)."""
+        if stream is None:
+            return None
+        return next(name for name, s in self._streams.items() if s is stream)
 
     def event_record(self, stream):
         """Records an event on `stream`: a point that `event_wait` can wait for."""
@@ -196,10 +224,14 @@ class Runtime:
         """Counts tensors a launch made as live activations (a storage shared by
         several counts once; a view of state is not counted)."""
         self._count(tensors, _ACTIVATIONS)
+        if self.recorder is not None:
+            self.recorder.made(tensors)
 
     def produced_gradients(self, *tensors: torch.Tensor) -> None:
         """Counts tensors a launch made as live parameter gradients."""
         self._count(tensors, _GRADIENTS)
+        if self.recorder is not None:
+            self.recorder.made(tensors)
 
     def _count(self, tensors: Sequence[torch.Tensor], item: int) -> None:
         for tensor in tensors:
@@ -325,7 +357,7 @@ class Runtime:
         tensor = tensor.contiguous()
         with self.on(stream):
             work = dist.isend(tensor, dst, group=handle, tag=tag)
-        return self._track(Work(what, work, [tensor]))
+        return self._track(Work(what, work, [tensor]), stream, group, sends=((tensor, dst),))
 
     def recv(
         self, shape: Sequence[int], dtype: torch.dtype, src: int, group: str, tag: int, stream
@@ -337,8 +369,8 @@ class Runtime:
         with self.on(stream):
             buffer = torch.empty(tuple(shape), dtype=dtype, device=self.device)
             work = dist.irecv(buffer, src, group=handle, tag=tag)
-        self.produced(buffer)
-        return self._track(Work(what, work, [buffer])), buffer
+        self._count([buffer], _ACTIVATIONS)
+        return self._track(Work(what, work, [buffer]), stream, group, recvs=((buffer, src),)), buffer
 
     def _next_tag(self, to: int, sender: int) -> int:
         """The sequence number of the next message from `sender` to `to` in this step.
@@ -381,8 +413,10 @@ class Runtime:
                 for b, (_, _, src) in zip(buffers, recvs, strict=True)
             ]
             works = dist.batch_isend_irecv(ops)
-        self.produced(*buffers)
-        return self._track(Work(what, works, [t for t, _ in sent] + buffers)), buffers
+        self._count(buffers, _ACTIVATIONS)
+        work = Work(what, works, [t for t, _ in sent] + buffers)
+        received = tuple(zip(buffers, (src for _, _, src in recvs), strict=True))
+        return self._track(work, stream, group, sends=sent, recvs=received), buffers
 
     # ------------------------------------------------------------ collectives
 
@@ -411,7 +445,7 @@ class Runtime:
             for v, t in zip(flat.split([t.numel() for t in tensors]), tensors, strict=True)
         ]
         self._made(stream, views, _COMM_BUFFERS)
-        return self._track(Work(what, work, [flat], finish)), views
+        return self._track(Work(what, work, [flat], finish), stream, group, f"all_reduce {op}", tensors), views
 
     def all_gather(
         self, tensor: torch.Tensor, group: str, dim: int, stream
@@ -428,7 +462,7 @@ class Runtime:
             self._made(stream, [out], self._item_of(tensor))
             if dim == 0:
                 work = _all_gather_single(out, tensor.contiguous(), group=handle, async_op=True)
-                return self._track(Work(what, work, [out])), out
+                return self._track(Work(what, work, [out]), stream, group, "all_gather", (tensor,)), out
             gathered = torch.empty(
                 (n * tensor.shape[0], *tensor.shape[1:]), dtype=tensor.dtype, device=self.device
             )
@@ -439,7 +473,8 @@ class Runtime:
         def finish() -> None:
             out.copy_(gathered.view(n, *tensor.shape).movedim(0, dim).reshape(shape))
 
-        return self._stage(self._track(Work(what, work, [out, gathered], finish)), stream, gathered), out
+        work = self._track(Work(what, work, [out, gathered], finish), stream, group, "all_gather", (tensor,))
+        return self._stage(work, stream, gathered), out
 
     def reduce_scatter(
         self, tensor: torch.Tensor, group: str, dim: int, op: str, stream
@@ -468,7 +503,9 @@ class Runtime:
             copies = [source] if _copied(source, tensor) else []
             if dim == 0:
                 self._made(stream, [piece], self._item_of(tensor))
-                work = self._track(Work(what, work, [piece, source], reduce_finish))
+                work = self._track(
+                    Work(what, work, [piece, source], reduce_finish), stream, group, f"reduce_scatter {op}", (tensor,)
+                )
                 return self._stage(work, stream, *copies), piece
             out = torch.empty(shape, dtype=tensor.dtype, device=self.device)
             self._made(stream, [out], self._item_of(tensor))
@@ -478,7 +515,10 @@ class Runtime:
                 reduce_finish()
             out.copy_(piece.movedim(0, dim))
 
-        return self._stage(self._track(Work(what, work, [out, piece, source], finish)), stream, piece, *copies), out
+        work = self._track(
+            Work(what, work, [out, piece, source], finish), stream, group, f"reduce_scatter {op}", (tensor,)
+        )
+        return self._stage(work, stream, piece, *copies), out
 
     def all_gather_bucket(
         self, tensors: Sequence[torch.Tensor], group: str, stream
@@ -501,7 +541,7 @@ class Runtime:
                 out.view(n, -1).copy_(rows[:, offset:offset + t.numel()])
                 offset += t.numel()
 
-        work = self._track(Work(what, work, [*outs, gathered, flat], finish))
+        work = self._track(Work(what, work, [*outs, gathered, flat], finish), stream, group, "all_gather", tensors)
         return self._stage(work, stream, gathered, flat), tuple(outs)
 
     def reduce_scatter_bucket(
@@ -531,7 +571,9 @@ class Runtime:
                 out.view(-1).copy_(piece[offset:offset + out.numel()])
                 offset += out.numel()
 
-        work = self._track(Work(what, work, [*outs, piece, source], finish))
+        work = self._track(
+            Work(what, work, [*outs, piece, source], finish), stream, group, f"reduce_scatter {op}", tensors
+        )
         return self._stage(work, stream, piece, source), tuple(outs)
 
     def all_to_all(
@@ -562,7 +604,7 @@ class Runtime:
         def finish() -> None:
             torch.cat(pieces, dim=concat_dim, out=out)
 
-        work = self._track(Work(what, work, [out, arrived, source], finish))
+        work = self._track(Work(what, work, [out, arrived, source], finish), stream, group, "all_to_all", (tensor,))
         return self._stage(work, stream, arrived, *copies), out
 
     def broadcast(
@@ -576,7 +618,7 @@ class Runtime:
             buffer = tensor.contiguous() if src == self.rank else torch.empty_like(tensor)
             work = dist.broadcast(buffer, src, group=handle, async_op=True)
         self._made(stream, [buffer], self._item_of(tensor))
-        return self._track(Work(what, work, [buffer])), buffer
+        return self._track(Work(what, work, [buffer]), stream, group, f"broadcast from {src}", (tensor,)), buffer
 
     def _reduction(self, op: str, buffer: torch.Tensor, group: str, what: str):
         """The torch reduce op for `op`, and what to do after the collective (gloo has
@@ -607,8 +649,11 @@ class Runtime:
         for work in works:
             if work.done:
                 continue
+            start = self.recorder.now() if self.recorder is not None else 0.0
             with self.on(stream) if stream is not None else contextlib.nullcontext():
                 self._wait_one(work)
+            if self.recorder is not None:
+                self.recorder.waited(work, start)
             work.done = True
             self.live_bytes -= work.staged
             self.live_items[_COMM_BUFFERS] -= work.staged
@@ -655,11 +700,40 @@ class Runtime:
                 self._outstanding = [w for w in self._outstanding if not w.completed]
         return self.last_progress
 
-    def _track(self, work: Work) -> Work:
+    def _track(
+        self,
+        work: Work,
+        stream,
+        group: str,
+        kind: str = "",
+        data: Sequence[torch.Tensor] = (),
+        *,
+        sends: Sequence[tuple[torch.Tensor, int]] = (),
+        recvs: Sequence[tuple[torch.Tensor, int]] = (),
+    ) -> Work:
+        """Notes `work` as in flight until its wait. When tracing, also records its issue: a
+        collective `kind` of `data` over `group`, or the transfers `sends` (tensor, dst) and
+        `recvs` (buffer, src)."""
         self._pending.append(work)
         with self._outstanding_lock:
             self._outstanding.append(work)
+        if self.recorder is not None:
+            self._record_issue(work, stream, group, kind, data, sends, recvs)
         return work
+
+    def _record_issue(self, work: Work, stream, group: str, kind: str, data, sends, recvs) -> None:
+        """Names a communication as `trace.py` documents and hands it to the recorder."""
+        recorder = self.recorder
+        if sends or recvs:
+            parts = [f"send {recorder.describe((t,))} -> {dst}" for t, dst in sends]
+            parts += [f"recv <- {src}" for _, src in recvs]
+            tensors = [t for t, _ in (*sends, *recvs)]
+            peers = sorted({peer for _, peer in (*sends, *recvs)})
+            args = {"peers": peers, "bytes": sum(t.nbytes for t in tensors), "group": group}
+            recorder.issued(work, self._lane(stream), ", ".join(parts), "p2p", args)
+            return
+        args = {"bytes": sum(t.nbytes for t in data), "group": group}
+        recorder.issued(work, self._lane(stream), f"{kind} {recorder.describe(data)} over {group}", "collective", args)
 
     def _member(self, group: str, what: str, peer: int | None = None, peer_may_be_self=False):
         """The torch handle of `group`, after checking that this rank (and `peer`) are in it."""

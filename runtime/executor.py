@@ -16,9 +16,16 @@ import torch.distributed as dist
 
 from .comm import Group, Runtime, Work
 from .manifest import Manifest, RankPlan, StateEntry, local_part, read_manifest
+from .trace import Recorder
 
 DEFAULT_TIMEOUT = 60.0
 _program_ids = itertools.count()
+
+
+def default_trace() -> Path | None:
+    """Where ranks write their traces when no directory is given: PIPERC_TRACE, or nowhere."""
+    value = os.environ.get("PIPERC_TRACE")
+    return Path(value) if value else None
 
 
 def default_timeout() -> float:
@@ -40,10 +47,12 @@ class Executor:
 
     Construct it with `piperc.runtime.load`. It joins (or initialises, from the
     torchrun environment) the default process group, creates the manifest's
-    groups, loads this rank's state and imports this rank's program.
+    groups, loads this rank's state and imports this rank's program. With a
+    `trace` directory, it records this rank's timeline and writes it there as
+    `rank<r>.json` on `close` (`piperc.runtime.trace`).
     """
 
-    def __init__(self, directory: str | Path, timeout: float | None = None):
+    def __init__(self, directory: str | Path, timeout: float | None = None, trace: str | Path | None = None):
         self.directory = Path(directory)
         self.manifest: Manifest = read_manifest(self.directory)
         self.timeout = default_timeout() if timeout is None else float(timeout)
@@ -71,6 +80,10 @@ class Executor:
         )
         self.program = _import_program(self.directory / self.plan.program, self.rank)
         self.steps_done = 0
+        self.trace_dir = None if trace is None else Path(trace)
+        if self.trace_dir is not None:
+            coords = ", ".join(f"{axis}={i}" for axis, i in self.plan.coords.items())
+            self.runtime.recorder = Recorder(self.rank, device, f"rank {self.rank} ({coords})")
 
     @property
     def last_progress(self) -> float:
@@ -103,6 +116,7 @@ class Executor:
 
     def _run(self, batch: tuple, shard: bool) -> float:
         rt = self.runtime
+        started = rt.recorder.begin_step(self.steps_done) if rt.recorder is not None else 0.0
         rt._begin_step(batch, shard=shard)
         self.program.step(rt)
         rt._end_step()
@@ -115,8 +129,14 @@ class Executor:
                     f"{tuple(loss.shape)}; it must be a single value"
                 )
             total += loss.detach().reshape(()).to(rt.device, torch.float64)
-        work = dist.all_reduce(total, group=dist.group.WORLD, async_op=True)
-        rt.wait(Work("all_reduce of the step's loss over group world", work, [total]))
+        work = Work("all_reduce of the step's loss over group world",
+                    dist.all_reduce(total, group=dist.group.WORLD, async_op=True), [total])
+        if rt.recorder is not None:
+            rt.recorder.issued(work, "comm", "all_reduce loss over world", "collective",
+                               {"bytes": total.nbytes, "group": "world"})
+        rt.wait(work)
+        if rt.recorder is not None:
+            rt.recorder.end_step(started)
         self.steps_done += 1
         return total.item()
 
@@ -161,8 +181,11 @@ class Executor:
         return [int(p) for p in peaks]
 
     def close(self) -> None:
-        """Destroys the process groups this executor created (the default group too,
-        when `load` initialised it)."""
+        """Writes the trace (when tracing) and destroys the process groups this executor
+        created (the default group too, when `load` initialised it)."""
+        if self.runtime.recorder is not None:
+            self.runtime.recorder.trace.write(self.trace_dir)
+            self.runtime.recorder = None
         if not dist.is_initialized():
             return
         for handle in self._created_groups:
@@ -179,14 +202,16 @@ class Executor:
         self.close()
 
 
-def load(path: str | Path, timeout: float | None = None) -> Executor:
+def load(path: str | Path, timeout: float | None = None, trace: str | Path | None = None) -> Executor:
     """Loads the compiled model directory `path` for this process's rank.
 
     The process joins torch.distributed from the torchrun environment (RANK,
     WORLD_SIZE, MASTER_ADDR, MASTER_PORT) unless it already did. `timeout` bounds
-    every communication, in seconds (default: PIPERC_TIMEOUT, or 60).
+    every communication, in seconds (default: PIPERC_TIMEOUT, or 60). With a
+    `trace` directory (default: PIPERC_TRACE, or none), the rank writes its
+    timeline there as `rank<r>.json` when closed.
     """
-    return Executor(path, timeout)
+    return Executor(path, timeout, default_trace() if trace is None else trace)
 
 
 def _init_distributed(manifest: Manifest, timeout: float) -> bool:

@@ -25,6 +25,7 @@ from typing import ClassVar
 import torch
 
 from .manifest import read_manifest, shard
+from .trace import merge
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 STEP_PREFIX = "PIPERC_STEP"
@@ -116,6 +117,7 @@ def launch_dir(
     progress: bool | OnStep = False,
     *,
     grace: float = 3.0,
+    trace: str | Path | None = None,
 ) -> LaunchResult:
     """Trains the compiled model in `path` on `batches` (each a tuple of global
     input tensors, one step each) with `nprocs` local processes over the
@@ -127,6 +129,8 @@ def launch_dir(
     progress bar with the loss on stderr; a callable is called as
     `progress(step, loss)` after each step. `grace` is how long the other ranks
     get to end on their own once one failed, before they are terminated.
+    With a `trace` directory, every rank writes its timeline there as
+    `rank<r>.json`, and `trace.json` holds all ranks' (`piperc.runtime.trace`).
     """
     directory = Path(path).resolve()
     manifest = read_manifest(directory)
@@ -144,6 +148,8 @@ def launch_dir(
             sys.executable, "-m", "piperc.runtime.worker", str(directory),
             "--batches", str(scratch / "batches.rank{rank}.pt"), "--result", str(result),
         ]  # fmt: skip
+        if trace is not None:
+            command += ["--trace", str(Path(trace).resolve())]
         job = _Job(directory, scratch)
         try:
             job.start(command, nprocs)
@@ -153,6 +159,8 @@ def launch_dir(
         if not result.is_file():
             raise LaunchError(f"{directory}: every rank exited cleanly but rank 0 wrote no result")
         saved = torch.load(result, weights_only=True)
+    if trace is not None:
+        merge(trace, nprocs)
     return LaunchResult(
         losses=list(saved["losses"]),
         state_dict=dict(saved["state_dict"]),

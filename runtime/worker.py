@@ -1,6 +1,6 @@
 """The process entry point of one rank.
 
-    python -m piperc.runtime.worker DIR --batches FILE [--result FILE]
+    python -m piperc.runtime.worker DIR --batches FILE [--result FILE] [--trace TRACE_DIR]
     torchrun --nproc-per-node N -m piperc.runtime.worker DIR --batches FILE --result FILE
 
 `FILE` given to --batches holds `torch.save(list_of_global_batches)`, each a
@@ -9,7 +9,8 @@ after each and writes `{"losses", "state_dict", "peak_memory"}`
 (the last one per rank) to the --result file. A
 failing rank prints its traceback to stderr, each line prefixed `[rank R]`, and
 exits with status 1 at once, so a collective stuck in another thread cannot
-keep it alive.
+keep it alive. With --trace (or PIPERC_TRACE), every rank writes its timeline
+to TRACE_DIR/rank<r>.json (`piperc.runtime.trace`).
 """
 
 from __future__ import annotations
@@ -41,13 +42,16 @@ def main(argv: list[str] | None = None) -> None:
              "holding only that rank's shards (see piperc.runtime.shard)",
     )
     parser.add_argument("--result", help="where rank 0 writes the losses and final parameters")
+    parser.add_argument(
+        "--trace", help="directory where every rank writes its timeline, rank<r>.json (default: PIPERC_TRACE)"
+    )
     args = parser.parse_args(argv)
     rank = os.environ.get("RANK", "?")
     try:
         torch.set_num_threads(int(os.environ.get("PIPERC_THREADS") or 1))
         sharded = "{rank}" in args.batches
         batches = torch.load(args.batches.format(rank=rank), weights_only=True)
-        executor = load(args.directory)
+        executor = load(args.directory, trace=args.trace)
         _start_watchdog(executor, rank)
         losses = []
         step = executor.step_shard if sharded else executor.step
