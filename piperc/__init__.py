@@ -26,6 +26,8 @@ _LAZY = {
     "Shard": "piperc.passes.tensor_parallel",
     "Replicate": "piperc.passes.tensor_parallel",
     "Partial": "piperc.passes.tensor_parallel",
+    "verify": "piperc.reference",
+    "Verification": "piperc.reference",
     "capture": "piperc.frontend",
     "Captured": "piperc.frontend",
     "run_pipeline": "piperc.passmanager",

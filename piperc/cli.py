@@ -1,9 +1,10 @@
 """`piperc`: captures a model's training step as IR, optionally runs a pipeline over it;
-shows a pipeline schedule as tables without running it.
+shows a pipeline schedule as tables without running it; checks a strategy against one device.
 
     piperc capture examples/gpt.py:make --set n_layers=2 --dump-dir out/
     piperc capture piperc.examples.gpt:make -p 'fold-detach,cse' --dump-dir out/
     piperc schedule show 1f1b --pp 4 --microbatches 8 --costs F=1,B=2 --svg 1f1b.svg
+    piperc verify piperc.examples.gpt:make --mesh pp=2,dp=2 --pipeline stages=2,microbatches=4 --dp zero=3
 """
 
 from __future__ import annotations
@@ -78,6 +79,35 @@ def build_parser() -> argparse.ArgumentParser:
                       help="time per F, B and W action for the time-slot table (default 1 each)")
     show.add_argument("--svg", metavar="FILE", help="also draw the time-slot table to FILE")
     show.set_defaults(run=schedule_show_command)
+
+    ver = commands.add_parser(
+        "verify",
+        help="train a strategy and one device on the same batches, and compare",
+        description="Compile a model for a strategy, train it on local processes and on one "
+                    "device (torch.optim) on the same batches, and print piperc.verify's "
+                    "report: per-step loss errors, the worst parameters, the noise floor of "
+                    "one-device accumulation over the same slices, and a verdict. Exit "
+                    "status 1 when the run does not train as one device does.",
+        epilog=VERIFY_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ver.add_argument("target", metavar="TARGET", help="FILE.py:FUNC or package.module:FUNC, as for capture")
+    ver.add_argument("--set", dest="overrides", action="append", default=[], type=parse_override,
+                     metavar="KEY=VALUE", help="keyword argument for FUNC (repeatable)")
+    ver.add_argument("--mesh", required=True, type=parse_options, metavar="AXIS=SIZE,...",
+                     help="the device mesh, e.g. pp=2,dp=2")
+    ver.add_argument("--pipeline", nargs="?", const={}, type=parse_options, metavar="KEY=VALUE,...",
+                     help="piperc.pipeline(...) keyword arguments, e.g. stages=2,microbatches=4,schedule=1f1b")
+    ver.add_argument("--dp", nargs="?", const={}, type=parse_options, metavar="KEY=VALUE,...",
+                     help="piperc.data_parallel(...) keyword arguments, e.g. zero=3")
+    ver.add_argument("--optimizer", default="adamw", metavar="KIND[:KEY=VALUE,...]",
+                     help="sgd or adamw and keyword arguments, e.g. sgd:lr=0.05,momentum=0.9 "
+                          "(default: adamw, piperc.optim.AdamW's defaults)")
+    ver.add_argument("--batches", metavar="FILE",
+                     help="torch.save'd list of global batches, one per step (as the runtime worker takes)")
+    ver.add_argument("--steps", type=int, default=3,
+                     help="without --batches: train this many steps on the example inputs (default 3)")
+    ver.set_defaults(run=verify_command)
     return ap
 
 
@@ -86,6 +116,17 @@ NAME is a built-in schedule, sized by --pp and --microbatches (both needed), or 
 file holding a table as `Schedule.table()` writes it (`device 0: 0F0 0F1 0B0 0B1`,
 one line per device, `#` comments); a table gives its own sizes, and --pp and
 --microbatches, when given, must agree with it.
+"""
+
+
+VERIFY_HELP = """\
+The strategy is the directives given: --pipeline and --dp (each KEY=VALUE list is
+passed to piperc.pipeline / piperc.data_parallel; values are read as int, float or
+str). Tensor-parallel plans are not taken from the command line: use piperc.verify
+from Python for those. Example:
+
+  piperc verify piperc.examples.gpt:make --mesh pp=2,dp=2 \\
+      --pipeline stages=2,microbatches=4,schedule=1f1b --dp zero=3 --optimizer adamw:lr=1e-4
 """
 
 
@@ -108,6 +149,11 @@ def parse_costs(text: str) -> dict[str, float]:
             )
         costs[kind] = time
     return costs
+
+
+def parse_options(text: str) -> dict[str, int | float | str]:
+    """`KEY=VALUE,KEY=VALUE` as a dict, each VALUE read as `parse_override` reads it."""
+    return dict(parse_override(item.strip()) for item in text.split(",") if item.strip())
 
 
 def parse_override(text: str) -> tuple[str, int | float | str]:
@@ -253,6 +299,56 @@ def schedule_show_command(args: argparse.Namespace) -> int:
             f.write(view.svg())
         print(f"piperc: wrote {args.svg}", file=sys.stderr)
     return 0
+
+
+def build_strategy(args: argparse.Namespace):
+    """(mesh, directives, optimizer) from `piperc verify`'s options; UsageError names the
+    option whose keyword arguments its constructor rejects."""
+    import piperc
+
+    kind, _, options = args.optimizer.partition(":")
+    optimizers = {"sgd": piperc.optim.SGD, "adamw": piperc.optim.AdamW}
+    if kind not in optimizers:
+        raise UsageError(f"--optimizer: unknown kind '{kind}' (known: sgd, adamw)")
+    parts = [("--mesh", piperc.Mesh, args.mesh), ("--optimizer", optimizers[kind], parse_options(options))]
+    if args.pipeline is not None:
+        parts.append(("--pipeline", piperc.pipeline, args.pipeline))
+    if args.dp is not None:
+        parts.append(("--dp", piperc.data_parallel, args.dp))
+    built = []
+    for flag, make, kwargs in parts:
+        try:
+            built.append(make(**kwargs))
+        except TypeError as e:
+            raise UsageError(f"{flag} {_show(kwargs)}: {e}") from e
+    mesh, optimizer, *directives = built
+    return mesh, directives, optimizer
+
+
+def verify_command(args: argparse.Namespace) -> int:
+    """`piperc verify`: see VERIFY_HELP."""
+    fn = load_function(args.target)
+    import torch
+
+    import piperc
+
+    mesh, directives, optimizer = build_strategy(args)
+    model, example_inputs = build_model(fn, dict(args.overrides))
+    if args.batches:
+        if not os.path.isfile(args.batches):
+            raise PipercError(f"cannot read {args.batches}: no such file")
+        batches = torch.load(args.batches, weights_only=True)
+    elif args.steps >= 1:
+        batches = [example_inputs] * args.steps
+    else:
+        raise UsageError(f"--steps must be at least 1, got {args.steps}")
+    print(f"piperc verify: {type(model).__name__}, mesh {mesh!r}; strategy "
+          f"{', '.join(map(str, directives)) or '(none)'}; {optimizer}", flush=True)
+    compiled = piperc.compile(model, example_inputs, mesh=mesh, strategy=directives, optimizer=optimizer,
+                              keep_ir=False)
+    result = piperc.verify(model, example_inputs, compiled, batches)
+    print(result)
+    return 0 if result.ok else 1
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,9 +3,9 @@
     python -m piperc.demo [--strategy pp-dp|zero|tp] [--steps 20] [--out out]
 
 Compiles the GPT for one of the strategies below, trains it for the given
-steps on local processes (gloo; 4, or 8 for tp), trains the same model on one device with
-torch.optim, and prints the difference and each rank's peak memory, predicted
-and measured. `out/` keeps the IR after every pass, the per-rank programs, the
+steps on local processes (gloo; 4, or 8 for tp) and the same model on one device with
+torch.optim (`piperc.verify`), and prints the difference and each rank's peak memory,
+predicted and measured. `out/` keeps the IR after every pass, the per-rank programs, the
 schedule as a table and a picture, and `memory.txt`.
 
     pp-dp   pp=2 x dp=2, 1F1B over 4 microbatches (the default)
@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import textwrap
 import time
 
 import torch
@@ -45,7 +46,6 @@ def main(argv: list[str] | None = None) -> int:
 
     import piperc
     from piperc.examples import gpt
-    from piperc.reference import compare, train_eager
 
     model, inputs = gpt.make(n_layers=4, d_model=64, n_heads=4, seq=32, batch=16)
     batches = [gpt.make(n_layers=4, d_model=64, n_heads=4, seq=32, batch=16, seed=1000 + s)[1]
@@ -68,9 +68,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  compiled in {time.perf_counter() - start:.1f} s")
 
     start = time.perf_counter()
-    result = piperc.launch(compiled, batches, progress=True)
+    torch.set_num_threads(1)
+    verification = piperc.verify(model, inputs, compiled, batches, progress=True)
+    result = verification.run
     elapsed = time.perf_counter() - start
-    print(f"  trained {args.steps} steps on {compiled.world_size} processes in {elapsed:.1f} s")
+    print(f"  trained {args.steps} steps on {compiled.world_size} processes and on one device in {elapsed:.1f} s")
     compiled.dump(args.out, result=result)
     print(f"  IR, programs, schedule and memory.txt in {args.out}/")
     predicted = compiled.memory()
@@ -79,17 +81,13 @@ def main(argv: list[str] | None = None) -> int:
     for rank, (guess, actual) in enumerate(zip(predicted, result.peak_memory, strict=True)):
         print(f"    rank {rank}: {guess.total / 2**20:.2f} / {actual.total / 2**20:.2f}")
 
-    torch.set_num_threads(1)
-    ref_losses, ref_state = train_eager(model, batches, optimizer)
-    loss_err, param_err = compare(result.losses, result.state_dict, ref_losses, ref_state)
+    ref_losses = verification.reference_losses
     print(f"  loss: first {result.losses[0]:.4f}, last {result.losses[-1]:.4f} "
           f"(one device: {ref_losses[0]:.4f}, {ref_losses[-1]:.4f})")
-    print("  against single-device training with torch.optim:")
-    print(f"    max relative loss error      {loss_err:.2e}")
-    print(f"    max relative parameter error {param_err:.2e}")
-    ok = loss_err <= 1e-4 and param_err <= 1e-4
-    print("  MATCH" if ok else "  MISMATCH: the distributed run differs from one device")
-    return 0 if ok else 1
+    print("  against single-device training with torch.optim (piperc.verify):")
+    print(textwrap.indent(str(verification), "    "))
+    print("  MATCH" if verification.ok else "  MISMATCH: the distributed run differs from one device")
+    return 0 if verification.ok else 1
 
 
 if __name__ == "__main__":

@@ -22,9 +22,9 @@ from xdsl.utils.arg_spec import parse_pipeline as parse_pipeline_spec
 from xdsl.utils.exceptions import ArgSpecParseError, VerifyException
 
 from piperc.errors import PassError
+from piperc.incremental_verify import IncrementalVerifier
 from piperc.ir import cycle_collection_paused, print_ir
 from piperc.passes import PASSES
-from piperc.verify import IncrementalVerifier
 
 
 @dataclasses.dataclass
@@ -83,7 +83,7 @@ def run_pipeline(
     or leaves IR that does not verify, raises PassError naming the pass and the
     offending op. Returns (pass name, seconds) for each pass run. Each
     verification accepts and rejects what `module.verify()` does, but re-checks
-    only the ops that changed since the previous one (`piperc.verify`).
+    only the ops that changed since the previous one (`piperc.incremental_verify`).
     """
     options = options or PipelineOptions()
     passes = parse_pipeline(pipeline) if isinstance(pipeline, str) else list(pipeline)

@@ -1,17 +1,26 @@
 """The correctness oracle: the same training run on one device, with torch.optim.
 
 Every strategy must reproduce it: same losses, same parameters after the
-same steps (fp32, up to float reassociation).
+same steps (fp32, up to float reassociation). `verify` is the user's form of
+that check: it trains a compiled strategy and the oracle on the same batches
+and says how far apart they are, next to the noise floor of float reassociation.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Sequence
 
 import torch
+from xdsl.utils.arg_spec import parse_pipeline as parse_pipeline_spec
 
+from piperc.passes.optimizer import OptimizerPass
+from piperc.runtime.launch import LaunchResult
 from piperc.strategy import SGD, AdamW
+
+TOLERANCE = 1e-5
+"""Relative error up to which a run is exact against one device (fp32)."""
 
 
 def torch_optimizer(optimizer: SGD | AdamW, params) -> torch.optim.Optimizer:
@@ -24,18 +33,30 @@ def torch_optimizer(optimizer: SGD | AdamW, params) -> torch.optim.Optimizer:
 
 
 def train_eager(model: torch.nn.Module, batches: Sequence[Sequence[torch.Tensor]],
-                optimizer: SGD | AdamW) -> tuple[list[float], dict[str, torch.Tensor]]:
-    """Trains a copy of `model` on one device; returns the losses and final state_dict."""
+                optimizer: SGD | AdamW, slices: int = 1) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """Trains a copy of `model` on one device; returns the losses and final state_dict.
+
+    With `slices` > 1, each step accumulates the gradient over that many equal row
+    slices of the batch, in order, each slice's loss scaled by 1/slices (as a strategy
+    that cuts the batch into replicas x microbatches does); the step's loss is the sum
+    of the scaled slice losses.
+    """
     model = copy.deepcopy(model)
     opt = torch_optimizer(optimizer, model.parameters())
     losses = []
-    for batch in batches:
+    for step, batch in enumerate(batches):
+        rows = batch[0].shape[0]
+        if rows % slices:
+            raise ValueError(f"batch {step} has {rows} rows, which do not split into {slices} equal slices")
         opt.zero_grad()
-        out = model(*batch)
-        loss = out[0] if isinstance(out, tuple) else out
-        loss.backward()
+        total = torch.zeros(())
+        for part in zip(*(x.tensor_split(slices) for x in batch), strict=True):
+            out = model(*part)
+            loss = (out[0] if isinstance(out, tuple) else out) * (1.0 / slices)
+            loss.backward()
+            total = total + loss.detach()
         opt.step()
-        losses.append(loss.item())
+        losses.append(total.item())
     return losses, {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
@@ -45,12 +66,191 @@ def compare(result_losses: Sequence[float], result_state: dict[str, torch.Tensor
 
     A parameter's error is max|a - b| / max|b| over its elements.
     """
-    loss_err = max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(result_losses, losses, strict=True))
+    return max(loss_errors(result_losses, losses)), max(parameter_errors(result_state, state).values(), default=0.0)
+
+
+def parameter_errors(result_state: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Per entry of `state`, the relative error of `result_state`'s value: max|a - b| / max|b|."""
     missing = set(state) - set(result_state)
     if missing:
         raise AssertionError(f"the run returned no value for {sorted(missing)}")
-    param_err = 0.0
+    errors = {}
     for name, ref in state.items():
         got = result_state[name].to(ref.device)
-        param_err = max(param_err, float((got - ref).abs().max() / ref.abs().max().clamp_min(1e-12)))
-    return loss_err, param_err
+        errors[name] = float((got - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
+    return errors
+
+
+def loss_errors(result_losses: Sequence[float], losses: Sequence[float]) -> list[float]:
+    """Per step, the relative error of a run's loss against the oracle's."""
+    return [abs(a - b) / max(abs(b), 1e-12) for a, b in zip(result_losses, losses, strict=True)]
+
+
+def compiled_training(compiled) -> tuple[SGD | AdamW, int]:
+    """The optimizer `compiled` updates with, and how many equal row slices it cuts each
+    global batch into (replicas x microbatches), read from the pass pipeline it ran
+    (`compiled.pipeline`: the `optimizer` and `microbatch` passes' options)."""
+    specs = {spec.name: spec.parameters for spec in parse_pipeline_spec(compiled.pipeline)}
+    options = {key: values[0] for key, values in specs["optimizer"].items()}
+    defaults = OptimizerPass()
+
+    def number(key: str) -> float:
+        return float(options.get(key, getattr(defaults, key)))
+
+    if options.get("kind", defaults.kind) == "sgd":
+        optimizer = SGD(lr=number("lr"), momentum=number("momentum"), weight_decay=number("weight_decay"))
+    else:
+        optimizer = AdamW(lr=number("lr"), betas=(number("beta1"), number("beta2")), eps=number("eps"),
+                          weight_decay=number("weight_decay"))
+    microbatch = specs["microbatch"]
+    slices = int(microbatch.get("count", (1,))[0]) * int(microbatch.get("replicas", (1,))[0])
+    return optimizer, slices
+
+
+@dataclasses.dataclass
+class Verification:
+    """What `verify` found: a compiled strategy's training run next to one device's.
+
+    `floor_*` are the errors of the same one-device training when it accumulates each
+    batch over the strategy's `slices` (float reassociation alone, no strategy); a run
+    whose errors stay within twice those differs from one device by summation order.
+    """
+
+    losses: list[float]
+    """The compiled strategy's loss per step."""
+    reference_losses: list[float]
+    """One device's loss per step (torch.optim, the whole batch at once)."""
+    loss_errors: list[float]
+    """Per step, the compiled loss's relative error against one device's."""
+    floor_loss_errors: list[float]
+    """Per step, the relative loss error of one-device training accumulating `slices` slices."""
+    parameter_errors: dict[str, float]
+    """Per parameter, the final value's relative error (max|a - b| / max|b|) against one device's."""
+    floor_parameter_errors: dict[str, float]
+    """Per parameter, the same error of one-device training accumulating `slices` slices."""
+    slices: int
+    """How many row slices the strategy cuts each batch into (replicas x microbatches)."""
+    run: LaunchResult
+    """The compiled strategy's launch result (losses, final parameters, peak memory)."""
+    tolerance: float = TOLERANCE
+
+    @property
+    def loss_error(self) -> float:
+        """The largest relative loss error over the steps."""
+        return max(self.loss_errors, default=0.0)
+
+    @property
+    def parameter_error(self) -> float:
+        """The largest relative parameter error."""
+        return max(self.parameter_errors.values(), default=0.0)
+
+    @property
+    def floor(self) -> tuple[float, float]:
+        """(loss, parameter): the largest errors of one-device training over `slices` slices."""
+        return (max(self.floor_loss_errors, default=0.0), max(self.floor_parameter_errors.values(), default=0.0))
+
+    @property
+    def verdict(self) -> str:
+        """`exact` (every error within `tolerance`), `within the noise floor` (each of the
+        loss and parameter errors within `tolerance` or twice its floor), or `mismatch`."""
+        if self.loss_error <= self.tolerance and self.parameter_error <= self.tolerance:
+            return "exact"
+        loss_floor, parameter_floor = self.floor
+        if (self.loss_error <= max(self.tolerance, 2 * loss_floor)
+                and self.parameter_error <= max(self.tolerance, 2 * parameter_floor)):
+            return "within the noise floor"
+        return "mismatch"
+
+    @property
+    def ok(self) -> bool:
+        """Whether the run trains as one device does (the verdict is not `mismatch`)."""
+        return self.verdict != "mismatch"
+
+    def worst_parameters(self, count: int = 5) -> list[tuple[str, float]]:
+        """The `count` parameters with the largest relative error, largest first."""
+        return sorted(self.parameter_errors.items(), key=lambda item: -item[1])[:count]
+
+    def __str__(self) -> str:
+        loss_floor, parameter_floor = self.floor
+        lines = [
+            f"{len(self.losses)} steps against one device (torch.optim); floor: one device "
+            f"accumulating each batch over the strategy's {self.slices} slices",
+            "  step  loss            one device      rel. error  floor",
+        ]
+        for step, values in enumerate(zip(self.losses, self.reference_losses, self.loss_errors,
+                                          self.floor_loss_errors, strict=True)):
+            lines.append(f"  {step:4d}  {values[0]:<14.8g}  {values[1]:<14.8g}  {values[2]:<10.2e}  {values[3]:.2e}")
+        worst = self.worst_parameters()
+        width = max((len(name) for name, _ in worst), default=0)
+        lines.append(f"  {'worst parameters':<{width + 2}}  rel. error  floor")
+        for name, error in worst:
+            lines.append(f"    {name:<{width}}  {error:<10.2e}  {self.floor_parameter_errors[name]:.2e}")
+        lines += [
+            f"  max relative loss error      {self.loss_error:.2e}  (floor {loss_floor:.2e})",
+            f"  max relative parameter error {self.parameter_error:.2e}  (floor {parameter_floor:.2e})",
+            f"  verdict: {self._explain()}",
+        ]
+        return "\n".join(lines)
+
+    def _explain(self) -> str:
+        verdict = self.verdict
+        if verdict == "exact":
+            return f"exact (every error <= {self.tolerance:g})"
+        if verdict == "within the noise floor":
+            return "within the noise floor (each error <= 2x the floor's): summation order only"
+        return (f"MISMATCH: errors above {self.tolerance:g} and above 2x the floor's; "
+                "the compiled run does not train as one device does")
+
+
+def verify(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor], compiled,
+           batches: Sequence[Sequence[torch.Tensor]] | None = None, *,
+           progress: bool = False, timeout: float | None = None) -> Verification:
+    """Trains `compiled` on local processes and `model` on one device, on the same
+    batches from the same initial parameters; returns how far apart they are.
+
+    `batches` are global batches, one per step (default: `example_inputs` for 3
+    steps). The one-device runs start from `compiled.initial_state`, use the
+    optimizer the strategy was compiled with (torch.optim), and are trained twice:
+    on whole batches (the reference) and accumulating each batch over the
+    strategy's slices (the noise floor). `progress` and `timeout` are `launch`'s.
+    """
+    from piperc.compiler import launch
+
+    batches = [tuple(example_inputs)] * 3 if batches is None else [tuple(b) for b in batches]
+    if not batches:
+        raise ValueError("verify needs at least one batch")
+    optimizer, slices = compiled_training(compiled)
+    start = _at_initial_state(model, compiled)
+    run = launch(compiled, batches, progress=progress, timeout=timeout)
+    reference_losses, reference_state = train_eager(start, batches, optimizer)
+    floor_losses, floor_state = train_eager(start, batches, optimizer, slices)
+    return Verification(
+        losses=list(run.losses),
+        reference_losses=reference_losses,
+        loss_errors=loss_errors(run.losses, reference_losses),
+        floor_loss_errors=loss_errors(floor_losses, reference_losses),
+        parameter_errors=parameter_errors(run.state_dict, reference_state),
+        floor_parameter_errors=parameter_errors(floor_state, reference_state),
+        slices=slices,
+        run=run,
+    )
+
+
+def _at_initial_state(model: torch.nn.Module, compiled) -> torch.nn.Module:
+    """A copy of `model` holding the parameters and buffers `compiled` starts from."""
+    copied = copy.deepcopy(model)
+    tensors = {**dict(copied.named_parameters(remove_duplicate=False)),
+               **dict(copied.named_buffers(remove_duplicate=False))}
+    initial = compiled.initial_state
+    unknown = sorted(set(initial) - set(tensors))
+    missing = sorted(set(tensors) - set(initial) - set(compiled.aliases))
+    mismatched = sorted(name for name in set(initial) & set(tensors) if initial[name].shape != tensors[name].shape)
+    if unknown or missing or mismatched:
+        raise ValueError(
+            f"the model is not the one compiled (compiled only: {unknown}; model only: {missing}; "
+            f"other shapes: {mismatched}); pass the model given to piperc.compile"
+        )
+    with torch.no_grad():
+        for name, value in initial.items():
+            tensors[name].copy_(value)
+    return copied

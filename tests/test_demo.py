@@ -20,6 +20,7 @@ def test_demo_strategy_matches_one_device(strategy, directive, tmp_path):
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "MATCH" in result.stdout
+    assert "against single-device training with torch.optim (piperc.verify):" in result.stdout
+    assert "\n  MATCH\n" in result.stdout
     assert directive in result.stdout
     assert (tmp_path / "memory.txt").read_text().startswith("rank 0: predicted peak at op #")
