@@ -68,7 +68,28 @@ def parse_pipeline(text: str) -> list[ModulePass]:
 
 def pipeline_text(passes: Sequence[ModulePass]) -> str:
     """The textual form of a pipeline: the inverse of `parse_pipeline`."""
-    return ",".join(str(p.pipeline_pass_spec()) for p in passes)
+    texts = []
+    for p in passes:
+        spec = p.pipeline_pass_spec()
+        options = " ".join(f"{key}={','.join(_option_text(v) for v in values)}" if values else key
+                           for key, values in spec.parameters.items())
+        texts.append(f"{spec.name}{{{options}}}" if options else spec.name)
+    return ",".join(texts)
+
+
+def _option_text(value: object) -> str:
+    """One pass option value as `parse_pipeline` reads it back. xDSL's own printing writes a
+    float in exponent form as `1e-05`, which its pipeline lexer rejects (it reads an exponent
+    only after a fraction), so such a float is written `1.0e-05`."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, str):
+        return f'"{value}"'
+    text = repr(value)
+    if isinstance(value, float) and "e" in text and "." not in text:
+        mantissa, exponent = text.split("e")
+        return f"{mantissa}.0e{exponent}"
+    return text
 
 
 def run_pipeline(

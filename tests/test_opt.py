@@ -327,3 +327,15 @@ def test_a_compiled_pipeline_replays_with_piperc_opt(tmp_path, capsys):
     last = sorted(ir_dir.iterdir())[-1]
     assert last.name.endswith("-verify-exec.mlir")
     assert (tmp_path / "replay.mlir").read_text() == last.read_text()
+
+
+def test_pipeline_text_reads_back_small_floats():
+    # xDSL prints 1e-05, which its own pipeline lexer rejects; pipeline_text writes 1.0e-05
+    from piperc.passes.optimizer import OptimizerPass
+    from piperc.passmanager import parse_pipeline, pipeline_text
+
+    passes = [OptimizerPass(kind="adamw", lr=1e-5, eps=1e-12, beta2=0.95, weight_decay=0.0),
+              *parse_pipeline('mesh{shape="pp=2,dp=2"},zero{stage=3 reshard-after-forward=false}')]
+    text = pipeline_text(passes)
+    assert "lr=1.0e-05" in text and "eps=1.0e-12" in text and "beta2=0.95" in text
+    assert parse_pipeline(text) == passes
