@@ -202,16 +202,16 @@ def worker(name: str, scratch: Path, rank: int, port: int) -> None:
     dist.destroy_process_group()
 
 
-def join(name: str, scratch: Path, rank: int, port: int) -> dict:
+def join(name: str, scratch: Path, rank: int, port: int, world: int = WORLD) -> dict:
     """Sends this worker's output to its log in the scratch folder, joins the gloo group of
-    WORLD ranks on `port` with one thread; returns the run's config."""
+    `world` ranks on `port` with one thread; returns the run's config."""
     log = os.open(scratch / f"{name}.rank{rank}.log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     os.dup2(log, 1)
     os.dup2(log, 2)
     os.environ.update(
         RANK=str(rank),
         LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(WORLD),
+        WORLD_SIZE=str(world),
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
     )
@@ -266,13 +266,14 @@ def fork_server() -> mp.context.ForkServerContext:
 
 
 def run_contender(
-    context: mp.context.BaseContext, name: str, scratch: Path, target: Callable = worker
+    context: mp.context.BaseContext, name: str, scratch: Path, target: Callable = worker, world: int = WORLD
 ) -> list[dict]:
-    """Runs contender `name` in WORLD fresh processes, each `target(name, scratch, rank, port)`
-    (by default this script's `worker`); returns each rank's measurements."""
+    """Runs contender `name` in `world` fresh processes, each `target(name, scratch, rank, port)`
+    (by default this script's `worker`, which joins a group of WORLD); returns each rank's
+    measurements."""
     port = free_port()
     procs = [
-        context.Process(target=target, args=(name, scratch, rank, port)) for rank in range(WORLD)
+        context.Process(target=target, args=(name, scratch, rank, port)) for rank in range(world)
     ]
     for proc in procs:
         proc.start()
@@ -287,7 +288,7 @@ def run_contender(
             if time.monotonic() > deadline:
                 raise RuntimeError(
                     f"{name}: did not finish within {JOB_TIMEOUT:g} s\n"
-                    + log_tails(name, scratch, range(WORLD))
+                    + log_tails(name, scratch, range(world))
                 )
             time.sleep(0.1)
         failed = [r for r, p in enumerate(procs) if p.exitcode != 0]
@@ -298,7 +299,7 @@ def run_contender(
             if proc.exitcode is None:
                 proc.kill()
             proc.join()
-    return [json.loads((scratch / f"{name}.rank{r}.json").read_text()) for r in range(WORLD)]
+    return [json.loads((scratch / f"{name}.rank{r}.json").read_text()) for r in range(world)]
 
 
 def log_tails(name: str, scratch: Path, ranks) -> str:
@@ -450,10 +451,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_pairs(pairs: dict[str, tuple[str, ...]], config: dict, model, batches: list,
-              compile_one: Callable[[str, Path], float], target: Callable | None = None) -> dict[str, list[dict]]:
+              compile_one: Callable[[str, Path], float], target: Callable | None = None,
+              worlds: dict[str, int] | None = None) -> dict[str, list[dict]]:
     """Compiles piperc's side of each pair (`compile_one(pair, scratch)` -> seconds) and runs
-    every contender in fresh worker processes (`target`, default `worker`) on the same
-    initial weights and batches; per contender, its ranks' results."""
+    every contender in fresh worker processes (`target`, default `worker`; `worlds[pair]` of
+    them, default WORLD) on the same initial weights and batches; per contender, its ranks'
+    results."""
     ranks: dict[str, list[dict]] = {}
     context = fork_server()
     with tempfile.TemporaryDirectory(prefix="piperc-bench-") as tmp:
@@ -466,7 +469,8 @@ def run_pairs(pairs: dict[str, tuple[str, ...]], config: dict, model, batches: l
             print(f"compiled piperc {pair} in {seconds:.1f} s", flush=True)
             for name in names:
                 start = time.perf_counter()
-                ranks[name] = run_contender(context, name, scratch, target=target or worker)
+                ranks[name] = run_contender(context, name, scratch, target=target or worker,
+                                            world=(worlds or {}).get(pair, WORLD))
                 print(f"ran {name} in {time.perf_counter() - start:.1f} s", flush=True)
     return ranks
 
@@ -477,7 +481,7 @@ def print_steps(pairs: dict[str, tuple[str, ...]], results: dict[str, dict], lab
     print()
     label = max(len(label) for label in labels.values()) + 1
     print(f"{'pair':<{width}}  {'contender':<{label}} {'median s':>9} {'min s':>7} {'max s':>7} "
-          f"{'loss@0':>9} {'loss@last':>9}  peak RSS MiB, ranks 0/1/2/3")
+          f"{'loss@0':>9} {'loss@last':>9}  peak RSS MiB, by rank")
     for pair, names in pairs.items():
         for name in names:
             r = results[name]
@@ -502,10 +506,11 @@ def step_ratio(pair: str, mine: dict, theirs: dict) -> float:
     return gap
 
 
-def print_footer(command: str) -> None:
-    """The note on noise and the command that reproduces the run."""
+def print_footer(command: str, ranks: int = WORLD) -> None:
+    """The note on noise (`ranks`: the most processes that ran at once) and the command that
+    reproduces the run."""
     print()
-    print(f"note: {WORLD} ranks share {os.cpu_count()} cores, and anything else running on them "
+    print(f"note: {ranks} ranks share {os.cpu_count()} cores, and anything else running on them "
           f"shows up in the step times (load average after: {load_average()}); compare ratios "
           "from the same run, and rerun before trusting a difference under ~10%")
     print(f"command: {command}")
