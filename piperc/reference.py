@@ -33,28 +33,43 @@ def torch_optimizer(optimizer: SGD | AdamW, params) -> torch.optim.Optimizer:
 
 
 def train_eager(model: torch.nn.Module, batches: Sequence[Sequence[torch.Tensor]],
-                optimizer: SGD | AdamW, slices: int = 1) -> tuple[list[float], dict[str, torch.Tensor]]:
+                optimizer: SGD | AdamW, slices: int = 1,
+                groups: int = 1) -> tuple[list[float], dict[str, torch.Tensor]]:
     """Trains a copy of `model` on one device; returns the losses and final state_dict.
 
     With `slices` > 1, each step accumulates the gradient over that many equal row
     slices of the batch, in order, each slice's loss scaled by 1/slices (as a strategy
     that cuts the batch into replicas x microbatches does); the step's loss is the sum
-    of the scaled slice losses.
+    of the scaled slice losses. With `groups` > 1 (a divisor of `slices`), the slices
+    are summed as data parallelism sums them: each of `groups` consecutive runs of
+    slices (a replica's rows, its microbatches) is accumulated on its own, and the
+    step's gradient is the sum of the groups' in order.
     """
+    if slices % groups:
+        raise ValueError(f"{slices} slices do not split into {groups} equal groups")
     model = copy.deepcopy(model)
-    opt = torch_optimizer(optimizer, model.parameters())
+    params = list(model.parameters())
+    opt = torch_optimizer(optimizer, params)
     losses = []
     for step, batch in enumerate(batches):
         rows = batch[0].shape[0]
         if rows % slices:
             raise ValueError(f"batch {step} has {rows} rows, which do not split into {slices} equal slices")
-        opt.zero_grad()
         total = torch.zeros(())
-        for part in zip(*(x.tensor_split(slices) for x in batch), strict=True):
-            out = model(*part)
-            loss = (out[0] if isinstance(out, tuple) else out) * (1.0 / slices)
-            loss.backward()
-            total = total + loss.detach()
+        summed: list[torch.Tensor | None] | None = None
+        parts = list(zip(*(x.tensor_split(slices) for x in batch), strict=True))
+        for group in range(groups):
+            opt.zero_grad()
+            for part in parts[group * slices // groups:(group + 1) * slices // groups]:
+                out = model(*part)
+                loss = (out[0] if isinstance(out, tuple) else out) * (1.0 / slices)
+                loss.backward()
+                total = total + loss.detach()
+            grads = [None if p.grad is None else p.grad.clone() for p in params]
+            summed = grads if summed is None else [
+                a if b is None else b if a is None else a + b for a, b in zip(summed, grads, strict=True)]
+        for p, g in zip(params, summed, strict=True):
+            p.grad = g
         opt.step()
         losses.append(total.item())
     return losses, {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -86,10 +101,11 @@ def loss_errors(result_losses: Sequence[float], losses: Sequence[float]) -> list
     return [abs(a - b) / max(abs(b), 1e-12) for a, b in zip(result_losses, losses, strict=True)]
 
 
-def compiled_training(compiled) -> tuple[SGD | AdamW, int]:
-    """The optimizer `compiled` updates with, and how many equal row slices it cuts each
-    global batch into (replicas x microbatches), read from the pass pipeline it ran
-    (`compiled.pipeline`: the `optimizer` and `microbatch` passes' options)."""
+def compiled_training(compiled) -> tuple[SGD | AdamW, int, int]:
+    """The optimizer `compiled` updates with, how many equal row slices it cuts each global
+    batch into (replicas x microbatches) and how many data-parallel replicas sum them, read
+    from the pass pipeline it ran (`compiled.pipeline`: the `optimizer` and `microbatch`
+    passes' options)."""
     specs = {spec.name: spec.parameters for spec in parse_pipeline_spec(compiled.pipeline)}
     options = {key: values[0] for key, values in specs["optimizer"].items()}
     defaults = OptimizerPass()
@@ -103,8 +119,8 @@ def compiled_training(compiled) -> tuple[SGD | AdamW, int]:
         optimizer = AdamW(lr=number("lr"), betas=(number("beta1"), number("beta2")), eps=number("eps"),
                           weight_decay=number("weight_decay"))
     microbatch = specs["microbatch"]
-    slices = int(microbatch.get("count", (1,))[0]) * int(microbatch.get("replicas", (1,))[0])
-    return optimizer, slices
+    replicas = int(microbatch.get("replicas", (1,))[0])
+    return optimizer, int(microbatch.get("count", (1,))[0]) * replicas, replicas
 
 
 @dataclasses.dataclass
@@ -112,8 +128,10 @@ class Verification:
     """What `verify` found: a compiled strategy's training run next to one device's.
 
     `floor_*` are the errors of the same one-device training when it accumulates each
-    batch over the strategy's `slices` (float reassociation alone, no strategy); a run
-    whose errors stay within twice those differs from one device by summation order.
+    batch over the strategy's `slices` (float reassociation alone, no strategy): the
+    larger, per step and per parameter, of accumulating them in order and of summing them
+    per replica first, as data parallelism does. A run whose errors stay within twice
+    those differs from one device by summation order.
     """
 
     losses: list[float]
@@ -212,25 +230,33 @@ def verify(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor], compi
     steps). The one-device runs start from `compiled.initial_state`, use the
     optimizer the strategy was compiled with (torch.optim), and are trained twice:
     on whole batches (the reference) and accumulating each batch over the
-    strategy's slices (the noise floor). `progress` and `timeout` are `launch`'s.
+    strategy's slices (the noise floor: in order, and, with several replicas that each
+    hold several microbatches, per replica and then summed; the larger error of the two).
+    `progress` and `timeout` are `launch`'s.
     """
     from piperc.compiler import launch
 
     batches = [tuple(example_inputs)] * 3 if batches is None else [tuple(b) for b in batches]
     if not batches:
         raise ValueError("verify needs at least one batch")
-    optimizer, slices = compiled_training(compiled)
+    optimizer, slices, replicas = compiled_training(compiled)
     start = _at_initial_state(model, compiled)
     run = launch(compiled, batches, progress=progress, timeout=timeout)
     reference_losses, reference_state = train_eager(start, batches, optimizer)
-    floor_losses, floor_state = train_eager(start, batches, optimizer, slices)
+    floor_loss, floor_parameter = [], {}
+    for groups in (1, replicas) if 1 < replicas < slices else (1,):
+        losses, state = train_eager(start, batches, optimizer, slices, groups)
+        errors = loss_errors(losses, reference_losses)
+        floor_loss = [max(pair) for pair in zip(floor_loss, errors, strict=True)] if floor_loss else errors
+        for name, error in parameter_errors(state, reference_state).items():
+            floor_parameter[name] = max(error, floor_parameter.get(name, 0.0))
     return Verification(
         losses=list(run.losses),
         reference_losses=reference_losses,
         loss_errors=loss_errors(run.losses, reference_losses),
-        floor_loss_errors=loss_errors(floor_losses, reference_losses),
+        floor_loss_errors=floor_loss,
         parameter_errors=parameter_errors(run.state_dict, reference_state),
-        floor_parameter_errors=parameter_errors(floor_state, reference_state),
+        floor_parameter_errors=floor_parameter,
         slices=slices,
         run=run,
     )

@@ -51,7 +51,7 @@ def test_cli_rejects_a_strategy_it_cannot_build(argv, message, capsys):
 ])  # fmt: skip
 def test_the_optimizer_and_slices_are_read_from_the_compiled_pipeline(optimizer):
     passes = [OptimizerPass(**optimizer.pass_options(), directive=repr(optimizer)), MicrobatchPass(count=4, replicas=2)]
-    assert compiled_training(SimpleNamespace(pipeline=pipeline_text(passes))) == (optimizer, 8)
+    assert compiled_training(SimpleNamespace(pipeline=pipeline_text(passes))) == (optimizer, 8, 2)
 
 
 class Regression(torch.nn.Module):
@@ -76,6 +76,13 @@ def test_accumulating_over_slices_differs_from_the_whole_batch_by_rounding_only(
         assert torch.allclose(sliced_state[name], value, rtol=1e-6, atol=1e-7), name
     with pytest.raises(ValueError, match="batch 0 has 8 rows, which do not split into 3 equal slices"):
         train_eager(model, batches, optimizer, slices=3)
+    # two replicas of two microbatches: each pair summed on its own, then the pairs added
+    grouped_losses, grouped_state = train_eager(model, batches, optimizer, slices=4, groups=2)
+    assert grouped_losses == pytest.approx(losses, rel=1e-6)
+    for name, value in state.items():
+        assert torch.allclose(grouped_state[name], value, rtol=1e-6, atol=1e-7), name
+    with pytest.raises(ValueError, match="4 slices do not split into 3 equal groups"):
+        train_eager(model, batches, optimizer, slices=4, groups=3)
 
 
 def verification(loss_error: float, parameter_error: float, loss_floor: float, parameter_floor: float):
