@@ -14,6 +14,7 @@ import json
 import re
 import textwrap
 from collections import defaultdict
+from collections.abc import Sequence
 from typing import Any
 
 from xdsl.dialects import func
@@ -444,8 +445,13 @@ def _input_layouts(programs: list[ex.ProgramOp]) -> dict[int, list[list[str]]]:
 
 
 @cycle_collection_paused()  # the text is built from many small strings, and nothing here makes cycles
-def generate(module: ModuleOp, state_kinds: dict[str, dict[str, Any]]) -> dict[str, str]:
+def generate(module: ModuleOp, state_kinds: dict[str, dict[str, Any]],
+             signature: Sequence[tuple[tuple[int, ...], str]] = ()) -> dict[str, str]:
     """Files of a compiled step: `rank<r>.py` for every program and `manifest.json`.
+
+    `signature` gives each global input's shape and dtype name (`int64`), written into the
+    manifest so that the runtime checks every batch against it before running; without it
+    the manifest has no input shapes and batches are not checked.
 
     `state_kinds` maps each state name that is not a model tensor to how the
     runtime creates it (`{"kind": "zeros", "like": "w"}`, `{"kind": "scalar",
@@ -484,7 +490,9 @@ def generate(module: ModuleOp, state_kinds: dict[str, dict[str, Any]]) -> dict[s
         "mesh": [[a, mesh.axis_size(a)] for a in mesh.axis_names()],
         "device": device,
         "groups": [["world", world], *groups],
-        "inputs": [{"index": i, "name": f"input{i}", "layout": layout} for i, layout in sorted(layouts.items())],
+        "inputs": [{"index": i, "name": f"input{i}", "layout": layout,
+                    **({"shape": list(signature[i][0]), "dtype": signature[i][1]} if i < len(signature) else {})}
+                   for i, layout in sorted(layouts.items())],
         "microbatches": module.attributes[MICROBATCHES].value.data,
         "ranks": ranks,
         "params": {name: {"owners": r} for name, r in sorted(owners.items())},

@@ -177,7 +177,8 @@ def compile(  # noqa: A001 - the public name users expect
     # until the compile ends; cyclic collections in between would walk them over and over.
     with cycle_collection_paused():
         captured = capture(model, tuple(x[:rows] for x in example_inputs))
-        return _lower(captured, passes, options, keep_ir)
+        signature = [(tuple(x.shape), str(x.dtype).removeprefix("torch.")) for x in example_inputs]
+        return _lower(captured, passes, options, keep_ir, signature)
 
 
 def assemble_pipeline(ctx: StrategyContext) -> list[ModulePass]:
@@ -272,7 +273,7 @@ def _cycle(fragments: list[tuple[str, Fragment]], after: list[set[int]], done: l
 
 
 def _lower(captured: Captured, passes: list[ModulePass], options: PipelineOptions | None,
-           keep_ir: bool) -> Compiled:
+           keep_ir: bool, signature: Sequence[tuple[tuple[int, ...], str]] = ()) -> Compiled:
     aliases = {}
     for attrs in main_function(captured.module).arg_attrs.data:
         if ARG_ALIASES in attrs.data:
@@ -300,7 +301,7 @@ def _lower(captured: Captured, passes: list[ModulePass], options: PipelineOption
             raise e.__cause__ from e.__cause__.__cause__
         raise
     module = captured.module
-    files = codegen.generate(module, optimizer_state(module))
+    files = codegen.generate(module, optimizer_state(module), signature)
     table = find_schedule(module).table()
     kind = next((p.kind for p in passes if isinstance(p, SchedulePass)), "user")
     sched = schedules.from_lists([[a.compact() for a in table[d]] for d in sorted(table)], name=kind)

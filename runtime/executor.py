@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from .comm import Group, Runtime, Work
-from .manifest import Manifest, RankPlan, StateEntry, local_part, read_manifest
+from .manifest import Manifest, RankPlan, StateEntry, check_batch, local_part, read_manifest
 from .trace import Recorder
 
 DEFAULT_TIMEOUT = 60.0
@@ -94,25 +94,19 @@ class Executor:
     def step(self, global_batch: tuple[torch.Tensor, ...]) -> float:
         """Runs one training step on the full global batch (every rank gets the same
         batch and reads its own slices); returns the global mean loss."""
-        batch = tuple(global_batch)
-        self._check_arity(batch, "step()")
-        return self._run(batch, shard=False)
+        check_batch(self.manifest, global_batch, f"step() {self.steps_done}")
+        return self._run(tuple(global_batch), shard=False)
 
     def step_shard(self, shard: tuple[torch.Tensor | None, ...]) -> float:
         """Runs one training step on this rank's own data, as `shard()` cuts it
         (only the inputs its stages read, only its replica's rows); returns the
         global mean loss."""
+        check_batch(self.manifest, shard, f"step_shard() {self.steps_done}", whole=False)
         batch = tuple(shard)
-        self._check_arity(batch, "step_shard()")
         missing = [i for i in self.plan.inputs if batch[i] is None]
         if missing:
             raise ValueError(f"rank {self.rank}: step_shard() got no data for inputs {missing}")
         return self._run(batch, shard=True)
-
-    def _check_arity(self, batch: tuple, what: str) -> None:
-        names = self.manifest.input_names
-        if len(batch) != len(names):
-            raise ValueError(f"{what} got {len(batch)} inputs, but the model takes {len(names)}: {list(names)}")
 
     def _run(self, batch: tuple, shard: bool) -> float:
         rt = self.runtime

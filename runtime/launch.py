@@ -24,7 +24,7 @@ from typing import ClassVar
 
 import torch
 
-from .manifest import read_manifest, shard
+from .manifest import check_batch, read_manifest, shard
 from .trace import merge
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -123,6 +123,9 @@ def launch_dir(
     input tensors, one step each) with `nprocs` local processes over the
     manifest's backend.
 
+    Every batch is first checked against the inputs the program was compiled for
+    (`check_batch`: count, dtype, shape); one that differs raises ValueError naming the
+    batch, the input and the difference, before any process starts.
     `nprocs` defaults to the manifest's world size. `timeout` bounds the whole
     job in seconds (None: unbounded; each rank still ends on its own when a
     communication times out, see PIPERC_TIMEOUT). `progress=True` draws a
@@ -135,6 +138,8 @@ def launch_dir(
     directory = Path(path).resolve()
     manifest = read_manifest(directory)
     nprocs = manifest.world_size if nprocs is None else nprocs
+    for step, batch in enumerate(batches):  # before any process starts
+        check_batch(manifest, batch, f"batch {step}")
     batches = [tuple(batch) for batch in batches]
     on_step = progress_bar(len(batches)) if progress is True else progress or None
     with tempfile.TemporaryDirectory(prefix="piperc-launch-") as scratch:

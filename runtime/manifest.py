@@ -65,6 +65,9 @@ class Manifest:
     microbatches: int
     ranks: tuple[RankPlan, ...]
     params: dict[str, tuple[int, ...]]
+    input_signature: tuple[tuple[tuple[int, ...], str] | None, ...] = ()
+    """Per input, the global (shape, dtype name) it was compiled for; None where the
+    manifest does not say (then `check_batch` checks the count of inputs only)."""
 
 
 def read_manifest(directory: str | Path) -> Manifest:
@@ -98,6 +101,9 @@ def _parse(path: Path, data: dict) -> Manifest:
         input_names = tuple(str(i["name"]) for i in inputs)
         input_layouts = tuple(
             tuple(tuple(str(a) for a in axes) for axes in i["layout"]) for i in inputs
+        )
+        input_signature = tuple(
+            (tuple(int(n) for n in i["shape"]), str(i["dtype"])) if "shape" in i else None for i in inputs
         )
         microbatches = int(data["microbatches"])
         ranks = tuple(_parse_rank(r) for r in data["ranks"])
@@ -152,8 +158,34 @@ def _parse(path: Path, data: dict) -> Manifest:
             if name not in owned[owner]:
                 raise fail(f"param {name!r}: owner rank {owner} has no 'param' state entry for it")
     return Manifest(
-        path, world_size, device, mesh, groups, input_names, input_layouts, microbatches, ranks, params
+        path, world_size, device, mesh, groups, input_names, input_layouts, microbatches, ranks, params,
+        input_signature,
     )
+
+
+def check_batch(manifest: Manifest, batch, what: str, whole: bool = True) -> None:
+    """Raises ValueError, naming the input and the difference, unless `batch` has one
+    tensor per model input with the dtype and (`whole`: a global batch, not a rank's
+    shard) the shape the program was compiled for. `what` says which batch (`batch 3`)."""
+    names = manifest.input_names
+    if not isinstance(batch, (tuple, list)) or len(batch) != len(names):
+        got = f"{len(batch)} inputs" if isinstance(batch, (tuple, list)) else f"a {type(batch).__name__}"
+        raise ValueError(f"{what}: got {got}, but the model takes {len(names)}: {list(names)}")
+    for index, (name, tensor) in enumerate(zip(names, batch, strict=True)):
+        expected = manifest.input_signature[index] if index < len(manifest.input_signature) else None
+        if tensor is None and not whole:
+            continue
+        if not isinstance(tensor, torch.Tensor):
+            raise ValueError(f"{what}: input {index} ({name}) is a {type(tensor).__name__}, not a tensor")
+        if expected is None:
+            continue
+        shape, dtype = expected
+        if str(tensor.dtype).removeprefix("torch.") != dtype:
+            raise ValueError(f"{what}: input {index} ({name}) has dtype {str(tensor.dtype).removeprefix('torch.')}, "
+                             f"but the program was compiled for {dtype}")
+        if whole and tuple(tensor.shape) != shape:
+            raise ValueError(f"{what}: input {index} ({name}) has shape {tuple(tensor.shape)}, but the program "
+                             f"was compiled for {shape} (a global batch; compile again for another shape)")
 
 
 def _parse_rank(data: dict) -> RankPlan:

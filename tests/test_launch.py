@@ -57,6 +57,32 @@ def test_generated_programs_are_readable_python_within_120_columns():
     assert "def s0_F(p_embed_weight, input_0, p_pos_weight," in programs["rank0.py"]
 
 
+@pytest.fixture(scope="module")
+def saved_job(tmp_path_factory):
+    """A small pp=2 x dp=2 GPT job saved once, and its example batch."""
+    model, inputs = small_gpt()
+    return compile_pp2_dp2(model, inputs).save(str(tmp_path_factory.mktemp("saved") / "job")), inputs
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda b: b[:1], "batch 1: got 1 inputs, but the model takes 2: ['input0', 'input1']"),
+    (lambda b: (b[0], b[1].float()), "batch 1: input 1 (input1) has dtype float32, but the program was compiled "
+                                     "for int64"),
+    (lambda b: (b[0][:, :8], b[1]), "batch 1: input 0 (input0) has shape (8, 8), but the program was compiled "
+                                    "for (8, 16) (a global batch; compile again for another shape)"),
+    (lambda b: (b[0].tolist(), b[1]), "batch 1: input 0 (input0) is a list, not a tensor"),
+])  # fmt: skip
+def test_a_batch_unlike_the_compiled_one_is_refused_before_any_process_starts(saved_job, change, message):
+    job, inputs = saved_job
+    manifest = piperc.runtime.read_manifest(job)
+    assert manifest.input_signature == (((8, 16), "int64"), ((8, 16), "int64"))
+    started = time.perf_counter()
+    with pytest.raises(ValueError) as e:
+        piperc.runtime.launch_dir(job, [inputs, change(inputs)], timeout=60)
+    assert str(e.value) == message
+    assert time.perf_counter() - started < 5  # refused, not run
+
+
 def test_saved_programs_run_under_torchrun(tmp_path):
     model, inputs = small_gpt()
     batches = [gpt.make(n_layers=2, seed=10 + s)[1] for s in range(3)]
