@@ -346,7 +346,10 @@ def verify_command(args: argparse.Namespace) -> int:
           f"{', '.join(map(str, directives)) or '(none)'}; {optimizer}", flush=True)
     compiled = piperc.compile(model, example_inputs, mesh=mesh, strategy=directives, optimizer=optimizer,
                               keep_ir=False)
-    result = piperc.verify(model, example_inputs, compiled, batches)
+    try:
+        result = piperc.verify(model, example_inputs, compiled, batches)
+    except ValueError as e:  # a batch unlike the example inputs, or a model unlike the compiled one
+        raise PipercError(str(e)) from e
     print(result)
     return 0 if result.ok else 1
 

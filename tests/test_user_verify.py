@@ -8,6 +8,7 @@ import torch
 
 import piperc
 from piperc import cli
+from piperc.examples import gpt
 from piperc.passes.microbatch import MicrobatchPass
 from piperc.passes.optimizer import OptimizerPass
 from piperc.passmanager import pipeline_text
@@ -114,3 +115,13 @@ def test_verify_refuses_a_model_that_is_not_the_one_compiled():
     with pytest.raises(ValueError, match=r"compiled only: \['head.weight'\]; model only: \['fc.bias'\]; "
                                          r"other shapes: \['fc.weight'\]"):
         piperc.verify(Regression(), batch, compiled)
+
+
+def test_cli_refuses_batches_unlike_the_example_inputs_without_a_traceback(tmp_path, capsys):
+    _, inputs = gpt.make(n_layers=2, d_model=32, n_heads=2, seq=4, batch=8)  # GPT's, 4 tokens short
+    torch.save([inputs], tmp_path / "batches.pt")
+    status = cli.main(["verify", *GPT, "--mesh", "dp=2", "--dp", "--batches", str(tmp_path / "batches.pt")])
+    err = capsys.readouterr().err
+    assert status == 1
+    assert err == ("piperc: error: batch 0: input 0 (input0) has shape (8, 4), but the program was compiled for "
+                   "(8, 8) (a global batch; compile again for another shape)\n")
