@@ -20,7 +20,7 @@ from xdsl.dialects.builtin import ModuleOp
 from xdsl.passes import ModulePass
 
 from piperc import codegen, schedules
-from piperc.errors import PassError, StrategyError
+from piperc.errors import CaptureError, PassError, StrategyError
 from piperc.frontend import ARG_ALIASES, Captured, capture, main_function
 from piperc.ir import cycle_collection_paused, print_ir
 from piperc.memory import PeakMemory, memory_table, predict_memory
@@ -108,6 +108,20 @@ class Compiled:
         return path
 
 
+def _check_model(model: object, example_inputs: object) -> None:
+    """CaptureError unless `model` is a torch.nn.Module and `example_inputs` a non-empty
+    tuple or list of tensors."""
+    if not isinstance(model, torch.nn.Module):
+        raise CaptureError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(example_inputs, tuple | list) or not example_inputs:
+        raise CaptureError(f"example_inputs must be a non-empty tuple of tensors (one global batch, the "
+                           f"arguments of {type(model).__name__}.forward), got {example_inputs!r:.80}")
+    for i, x in enumerate(example_inputs):
+        if not isinstance(x, torch.Tensor):
+            raise CaptureError(f"example input {i} is a {type(x).__name__}, not a tensor; piperc captures "
+                               "forward(*tensors) with the batch along dimension 0 of each")
+
+
 def _check_strategy(mesh: Mesh, strategy: Sequence[object], optimizer: object, device: str) -> StrategyContext:
     if not isinstance(mesh, Mesh):
         raise StrategyError(f"mesh must be a piperc.Mesh, got {type(mesh).__name__}")
@@ -159,6 +173,7 @@ def compile(  # noqa: A001 - the public name users expect
     `keep_ir=False` skips keeping the IR after every pass (faster; `dump`
     then writes no `ir/`).
     """
+    _check_model(model, example_inputs)
     ctx = _check_strategy(mesh, strategy, optimizer, device)
     if world_size is not None and world_size != mesh.size:
         raise StrategyError(f"{mesh!r} has {mesh.size} ranks but the world size is {world_size}")

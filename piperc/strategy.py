@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from xdsl.passes import ModulePass
 
@@ -355,9 +355,19 @@ class Optimizer(Directive):
         """The optimizer pass's options."""
 
     def check(self, ctx: StrategyContext) -> None:
-        """One optimizer per strategy."""
+        """One optimizer per strategy, with hyperparameters torch.optim accepts."""
         if next(d for d in ctx.directives if isinstance(d, Optimizer)) is not self:
             raise StrategyError(f"{self!r}: only one optimizer is allowed; pass it as optimizer=")
+        for name, value, ok, rule in self.hyperparameters():
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise StrategyError(f"{self!r}: {name} must be a number, got {value!r}")
+            if not ok(value):
+                raise StrategyError(f"{self!r}: invalid {name} {value!r}; torch.optim requires {rule}")
+
+    @abc.abstractmethod
+    def hyperparameters(self) -> list[tuple[str, object, Callable[[float], bool], str]]:
+        """(name, value, the check torch.optim applies, that check in words) for each
+        hyperparameter."""
 
     def fragments(self, ctx: StrategyContext) -> list[Fragment]:
         """optimizer: `@s<i>_update` for every stage."""
@@ -377,6 +387,10 @@ class SGD(Optimizer):
         """The optimizer pass's options."""
         return {"kind": "sgd", "lr": self.lr, "momentum": self.momentum, "weight_decay": self.weight_decay}
 
+    def hyperparameters(self) -> list[tuple[str, object, Callable[[float], bool], str]]:
+        """lr, momentum and weight_decay, each >= 0 (torch.optim.SGD's checks)."""
+        return [(name, getattr(self, name), _non_negative, ">= 0") for name in ("lr", "momentum", "weight_decay")]
+
 
 @dataclasses.dataclass(frozen=True)
 class AdamW(Optimizer):
@@ -391,6 +405,19 @@ class AdamW(Optimizer):
         """The optimizer pass's options."""
         return {"kind": "adamw", "lr": self.lr, "beta1": self.betas[0], "beta2": self.betas[1],
                 "eps": self.eps, "weight_decay": self.weight_decay}
+
+    def hyperparameters(self) -> list[tuple[str, object, Callable[[float], bool], str]]:
+        """lr, eps and weight_decay >= 0, each beta in [0, 1) (torch.optim.AdamW's checks)."""
+        if not isinstance(self.betas, tuple | list) or len(self.betas) != 2:
+            raise StrategyError(f"{self!r}: betas must be a pair (beta1, beta2), got {self.betas!r}")
+        in_unit = (lambda b: 0.0 <= b < 1.0, "0 <= beta < 1")
+        return [("lr", self.lr, _non_negative, ">= 0"), ("eps", self.eps, _non_negative, ">= 0"),
+                ("betas[0]", self.betas[0], *in_unit), ("betas[1]", self.betas[1], *in_unit),
+                ("weight_decay", self.weight_decay, _non_negative, ">= 0")]
+
+
+def _non_negative(value: float) -> bool:
+    return value >= 0.0
 
 
 class optim:  # noqa: N801 - a namespace, spelled like torch.optim

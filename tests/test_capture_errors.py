@@ -80,3 +80,32 @@ def test_op_the_dialects_cannot_represent():
 def test_inputs_must_be_tensors():
     with pytest.raises(CaptureError, match="example input 0 is a list"):
         piperc.capture(ReturnsLogits(), ([1, 2],))
+
+
+@pytest.mark.parametrize("model,inputs,message", [
+    (lambda x: x, (torch.ones(2, 4),), "model must be a torch.nn.Module, got function"),
+    (ReturnsLogits(), torch.ones(2, 4), "example_inputs must be a non-empty tuple of tensors"),
+    (ReturnsLogits(), (), "example_inputs must be a non-empty tuple of tensors"),
+    (ReturnsLogits(), (torch.ones(2, 4), 3), "example input 1 is a int, not a tensor"),
+])  # fmt: skip
+def test_compile_checks_its_model_and_example_inputs_first(model, inputs, message):
+    with pytest.raises(CaptureError, match=re.escape(message)):
+        piperc.compile(model, inputs, mesh=piperc.Mesh(dp=2), strategy=[piperc.data_parallel()],
+                       optimizer=piperc.optim.SGD(lr=0.1))
+
+
+@pytest.mark.parametrize("optimizer,message", [
+    (piperc.optim.SGD(lr=-0.1), "SGD(lr=-0.1, momentum=0.0, weight_decay=0.0): invalid lr -0.1; torch.optim "
+                                "requires >= 0"),
+    (piperc.optim.SGD(lr=0.1, momentum=-0.9), "invalid momentum -0.9; torch.optim requires >= 0"),
+    (piperc.optim.SGD(lr="0.1"), "lr must be a number, got '0.1'"),
+    (piperc.optim.AdamW(betas=(0.9, 1.0)), "invalid betas[1] 1.0; torch.optim requires 0 <= beta < 1"),
+    (piperc.optim.AdamW(eps=-1e-8), "invalid eps -1e-08; torch.optim requires >= 0"),
+    (piperc.optim.AdamW(weight_decay=float("nan")), "invalid weight_decay nan"),
+    (piperc.optim.AdamW(betas=0.9), "betas must be a pair (beta1, beta2), got 0.9"),
+])  # fmt: skip
+def test_optimizer_hyperparameters_are_checked_as_torch_optim_checks_them(optimizer, message):
+    model = ReturnsLogits()
+    with pytest.raises(piperc.StrategyError, match=re.escape(message)):
+        piperc.compile(model, (torch.ones(2, 4),), mesh=piperc.Mesh(dp=2), strategy=[piperc.data_parallel()],
+                       optimizer=optimizer)
