@@ -60,6 +60,13 @@ class Compiled:
     """The compile report of sharding propagation: each change of layout it inserted (value,
     from -> to, bytes per device, the op and rule that needed it) and each op computed
     replicated for want of a rule; empty without tensor parallelism."""
+    optimizer: Optimizer | None = None
+    """The optimizer directive the update was compiled from."""
+    microbatches: int = 1
+    """How many microbatches each replica's rows are cut into."""
+    replicas: int = 1
+    """How many data-parallel replicas share each global batch (it is cut into
+    replicas x microbatches row slices)."""
 
     @property
     def world_size(self) -> int:
@@ -193,7 +200,9 @@ def compile(  # noqa: A001 - the public name users expect
     with cycle_collection_paused():
         captured = capture(model, tuple(x[:rows] for x in example_inputs))
         signature = [(tuple(x.shape), str(x.dtype).removeprefix("torch.")) for x in example_inputs]
-        return _lower(captured, passes, options, keep_ir, signature)
+        compiled = _lower(captured, passes, options, keep_ir, signature)
+    compiled.optimizer, compiled.microbatches, compiled.replicas = optimizer, ctx.microbatches, ctx.replicas
+    return compiled
 
 
 def assemble_pipeline(ctx: StrategyContext) -> list[ModulePass]:

@@ -13,9 +13,7 @@ import dataclasses
 from collections.abc import Sequence
 
 import torch
-from xdsl.utils.arg_spec import parse_pipeline as parse_pipeline_spec
 
-from piperc.passes.optimizer import OptimizerPass
 from piperc.runtime.launch import LaunchResult
 from piperc.strategy import SGD, AdamW
 
@@ -103,24 +101,9 @@ def loss_errors(result_losses: Sequence[float], losses: Sequence[float]) -> list
 
 def compiled_training(compiled) -> tuple[SGD | AdamW, int, int]:
     """The optimizer `compiled` updates with, how many equal row slices it cuts each global
-    batch into (replicas x microbatches) and how many data-parallel replicas sum them, read
-    from the pass pipeline it ran (`compiled.pipeline`: the `optimizer` and `microbatch`
-    passes' options)."""
-    specs = {spec.name: spec.parameters for spec in parse_pipeline_spec(compiled.pipeline)}
-    options = {key: values[0] for key, values in specs["optimizer"].items()}
-    defaults = OptimizerPass()
-
-    def number(key: str) -> float:
-        return float(options.get(key, getattr(defaults, key)))
-
-    if options.get("kind", defaults.kind) == "sgd":
-        optimizer = SGD(lr=number("lr"), momentum=number("momentum"), weight_decay=number("weight_decay"))
-    else:
-        optimizer = AdamW(lr=number("lr"), betas=(number("beta1"), number("beta2")), eps=number("eps"),
-                          weight_decay=number("weight_decay"))
-    microbatch = specs["microbatch"]
-    replicas = int(microbatch.get("replicas", (1,))[0])
-    return optimizer, int(microbatch.get("count", (1,))[0]) * replicas, replicas
+    batch into (replicas x microbatches) and how many data-parallel replicas sum them, as
+    `piperc.compile` recorded them on it."""
+    return compiled.optimizer, compiled.replicas * compiled.microbatches, compiled.replicas
 
 
 @dataclasses.dataclass

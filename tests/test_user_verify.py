@@ -9,9 +9,6 @@ import torch
 import piperc
 from piperc import cli
 from piperc.examples import gpt
-from piperc.passes.microbatch import MicrobatchPass
-from piperc.passes.optimizer import OptimizerPass
-from piperc.passmanager import pipeline_text
 from piperc.reference import Verification, compiled_training, train_eager
 from piperc.runtime.launch import LaunchResult
 
@@ -50,9 +47,12 @@ def test_cli_rejects_a_strategy_it_cannot_build(argv, message, capsys):
     piperc.optim.AdamW(lr=1e-5, betas=(0.9, 0.95), eps=1e-12, weight_decay=1e-6),
     piperc.optim.SGD(lr=0.05, momentum=0.9),
 ])  # fmt: skip
-def test_the_optimizer_and_slices_are_read_from_the_compiled_pipeline(optimizer):
-    passes = [OptimizerPass(**optimizer.pass_options(), directive=repr(optimizer)), MicrobatchPass(count=4, replicas=2)]
-    assert compiled_training(SimpleNamespace(pipeline=pipeline_text(passes))) == (optimizer, 8, 2)
+def test_the_optimizer_and_slices_are_the_ones_compiled(optimizer):
+    torch.manual_seed(0)
+    compiled = piperc.compile(Regression(), (torch.randn(8, 8), torch.randn(8, 1)), mesh=piperc.Mesh(pp=1, dp=2),
+                              strategy=[piperc.pipeline(stages=1, microbatches=4), piperc.data_parallel()],
+                              optimizer=optimizer, keep_ir=False)
+    assert compiled_training(compiled) == (optimizer, 8, 2)
 
 
 class Regression(torch.nn.Module):
@@ -109,7 +109,7 @@ def test_verdict(errors, verdict):
 def test_verify_refuses_a_model_that_is_not_the_one_compiled():
     optimizer = piperc.optim.SGD(lr=0.1)
     compiled = SimpleNamespace(
-        pipeline=pipeline_text([OptimizerPass(**optimizer.pass_options()), MicrobatchPass()]),
+        optimizer=optimizer, microbatches=1, replicas=1,
         initial_state={"fc.weight": torch.zeros(1, 4), "head.weight": torch.zeros(1)}, aliases={})
     batch = (torch.randn(8, 8), torch.randn(8, 1))
     with pytest.raises(ValueError, match=r"compiled only: \['head.weight'\]; model only: \['fc.bias'\]; "
