@@ -43,7 +43,7 @@ _LAZY = {
 __all__ = ["annotate", *_LAZY]
 
 
-_SUBPACKAGES = ("runtime", "dialects", "passes", "examples")
+_SUBPACKAGES = ("runtime", "dialects", "passes", "examples", "checkpoint")
 """Sub-packages reachable as attributes: `import piperc; piperc.runtime.load(...)`."""
 
 

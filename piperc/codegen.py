@@ -446,8 +446,12 @@ def _input_layouts(programs: list[ex.ProgramOp]) -> dict[int, list[list[str]]]:
 
 @cycle_collection_paused()  # the text is built from many small strings, and nothing here makes cycles
 def generate(module: ModuleOp, state_kinds: dict[str, dict[str, Any]],
-             signature: Sequence[tuple[tuple[int, ...], str]] = ()) -> dict[str, str]:
+             signature: Sequence[tuple[tuple[int, ...], str]] = (),
+             aliases: dict[str, str] | None = None) -> dict[str, str]:
     """Files of a compiled step: `rank<r>.py` for every program and `manifest.json`.
+
+    `aliases` maps each other name of a tied parameter to the one the programs use; the
+    manifest lists them so that the runtime's state dicts hold every name the model's does.
 
     `signature` gives each global input's shape and dtype name (`int64`), written into the
     manifest so that the runtime checks every batch against it before running; without it
@@ -496,6 +500,7 @@ def generate(module: ModuleOp, state_kinds: dict[str, dict[str, Any]],
         "microbatches": module.attributes[MICROBATCHES].value.data,
         "ranks": ranks,
         "params": {name: {"owners": r} for name, r in sorted(owners.items())},
+        "aliases": dict(sorted((aliases or {}).items())),
     }
     files["manifest.json"] = json.dumps(manifest, indent=1) + "\n"
     return files

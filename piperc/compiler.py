@@ -325,7 +325,7 @@ def _lower(captured: Captured, passes: list[ModulePass], options: PipelineOption
             raise e.__cause__ from e.__cause__.__cause__
         raise
     module = captured.module
-    files = codegen.generate(module, optimizer_state(module), signature)
+    files = codegen.generate(module, optimizer_state(module), signature, aliases)
     table = find_schedule(module).table()
     kind = next((p.kind for p in passes if isinstance(p, SchedulePass)), "user")
     sched = schedules.from_lists([[a.compact() for a in table[d]] for d in sorted(table)], name=kind)
@@ -334,7 +334,8 @@ def _lower(captured: Captured, passes: list[ModulePass], options: PipelineOption
 
 
 def launch(compiled: Compiled, batches: Sequence[Sequence[torch.Tensor]], *, progress: bool = False,
-           timeout: float | None = None, trace: str | None = None):
+           timeout: float | None = None, trace: str | None = None, checkpoint_dir: str | None = None,
+           checkpoint_every: int = 0, resume: bool = False):
     """Trains with `compiled` on local processes, one global batch per step.
 
     Returns a result with `.losses` (one float per step), `.state_dict`
@@ -343,14 +344,17 @@ def launch(compiled: Compiled, batches: Sequence[Sequence[torch.Tensor]], *, pro
     `compiled.memory()` predicts it). With `trace="dir"`, each rank writes its
     timeline to `dir/rank<r>.json` and all ranks' to `dir/trace.json`
     (Chrome trace format: open in ui.perfetto.dev; `piperc.runtime.trace`).
+
+    With `checkpoint_dir=` and `checkpoint_every=N`, the ranks write a checkpoint (DCP format)
+    after every N steps; `resume=True` continues from the latest one there, written under
+    this strategy or another, skipping the batches it trained on (`launch_dir`;
+    `piperc.checkpoint.to_state_dict(dir)` reads one back as a plain state_dict).
     """
     from piperc.runtime.launch import launch_dir
 
     with tempfile.TemporaryDirectory(prefix="piperc-") as path:
         compiled.save(path)
-        result = launch_dir(path, [tuple(b) for b in batches], timeout=timeout, progress=progress, trace=trace)
-    for alias, canonical in compiled.aliases.items():
-        if canonical in result.state_dict:
-            result.state_dict[alias] = result.state_dict[canonical]
+        result = launch_dir(path, [tuple(b) for b in batches], timeout=timeout, progress=progress, trace=trace,
+                            checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, resume=resume)
     return result
 

@@ -20,11 +20,19 @@ a stage function (`stream=None`) is part of that function's work, not counted.
 With a `recorder` (tracing, `trace.py`), it also records every task launched
 through `launch`, every communication from its issue to its wait, and every
 wait; without one it does none of this.
+
+A communication that fails or times out names the rank that is stuck: the
+failing rank publishes what it waited for in the job's store (the default
+group's), then reads the reports of the ranks it waited on, and of those they
+wait on in turn, for up to `REPORT_WAIT` seconds (at most the timeout). A rank
+that reports nothing is stalled in its own code, or dead.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -44,6 +52,8 @@ _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather
 _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 REDUCE_OPS = ("sum", "avg", "max")
+REPORT_WAIT = 10.0
+"""Seconds a failed rank waits, at most, for the reports of the ranks it waited on."""
 LIVE_ITEMS = ("gradients", "activations", "comm_buffers")
 """What the live count is split into, in the order of `Runtime.peak_live_items`."""
 _GRADIENTS, _ACTIVATIONS, _COMM_BUFFERS = range(len(LIVE_ITEMS))
@@ -78,6 +88,9 @@ class Work:
 
     `handle` is a torch work handle, or a list of them for a batch of transfers
     issued together (`batch_isend_irecv`), which completes when all have.
+    `peers` are the ranks it waits on (None: every rank); `collective` is
+    (group, n) for the n-th collective issued over a group, the same
+    communication on every member.
     """
 
     def __init__(
@@ -92,6 +105,8 @@ class Work:
         # Holding the tensors keeps their buffers alive until the transfer completed.
         self.outputs = tuple(outputs)
         self.finish = finish
+        self.peers: tuple[int, ...] | None = None
+        self.collective: tuple[str, int] | None = None
         self.done = False
         self.completed = False
         self.staged = 0  # bytes of staging buffers counted live until the wait
@@ -144,6 +159,7 @@ class Runtime:
         self._streams: dict[str, Any] = {}
         self._pending: list[Work] = []
         self._sequence = {}
+        self._collectives: dict[str, int] = {}  # group -> collectives issued over it so far
         self._outstanding: list[Work] = []
         self._outstanding_lock = threading.Lock()
         self._live: dict[int, list[int]] = {}  # storage address -> [bytes, references, item]
@@ -673,6 +689,7 @@ class Runtime:
             # The message carries the backend's error; its chained traceback adds nothing.
             raise RuntimeError(
                 f"rank {self.rank}: {work.what} failed (timeout {self.timeout:g} s): {e}"
+                + "".join(f"\nrank {self.rank}: {line}" for line in self._find_stuck(work))
             ) from None
         if work.finish is not None:
             work.finish()
@@ -711,9 +728,15 @@ class Runtime:
         sends: Sequence[tuple[torch.Tensor, int]] = (),
         recvs: Sequence[tuple[torch.Tensor, int]] = (),
     ) -> Work:
-        """Notes `work` as in flight until its wait. When tracing, also records its issue: a
-        collective `kind` of `data` over `group`, or the transfers `sends` (tensor, dst) and
-        `recvs` (buffer, src)."""
+        """Notes `work` as in flight until its wait, and the peers it waits on. When tracing,
+        also records its issue: a collective `kind` of `data` over `group`, or the transfers
+        `sends` (tensor, dst) and `recvs` (buffer, src)."""
+        if sends or recvs:
+            work.peers = tuple(sorted({peer for _, peer in (*sends, *recvs)}))
+        else:
+            work.peers = tuple(r for r in self._groups[group].ranks if r != self.rank)
+            work.collective = (group, self._collectives.get(group, 0))
+            self._collectives[group] = work.collective[1] + 1
         self._pending.append(work)
         with self._outstanding_lock:
             self._outstanding.append(work)
@@ -734,6 +757,53 @@ class Runtime:
             return
         args = {"bytes": sum(t.nbytes for t in data), "group": group}
         recorder.issued(work, self._lane(stream), f"{kind} {recorder.describe(data)} over {group}", "collective", args)
+
+    # ------------------------------------------------------------ finding a stuck rank
+
+    def _find_stuck(self, work: Work, store: dist.Store | None = None) -> list[str]:
+        """Lines saying which ranks `work` waited on are stuck, and where: this rank reports
+        `work` in the job's `store` (default: the default group's), then reads the reports of
+        its peers, and of the peers they wait on, for up to `REPORT_WAIT` s (at most the
+        timeout). A rank without a report is stalled or dead."""
+        if store is None:
+            if not dist.is_initialized():
+                return []
+            store = dist.distributed_c10d._get_default_store()
+        self.last_progress = time.monotonic()  # a bounded search: the watchdog leaves it alone
+        wait = min(self.timeout, REPORT_WAIT)
+        report = {"what": work.what, "peers": work.peers, "collective": work.collective}
+        try:
+            store.set(_report_key(self.rank), json.dumps(report))
+        except RuntimeError as e:
+            return [_store_lost(e)]
+        asked, reports, lost = self._read_reports(store, work.peers, wait)
+        lines = [_silent(p, wait, lost) for p in asked if p not in reports]
+        same = [p for p in asked if p in reports and work.collective is not None
+                and tuple(reports[p]["collective"] or ()) == work.collective]
+        lines += [f"rank {p} is stuck in {reports[p]['what']}" for p in asked if p in reports and p not in same]
+        if same:
+            lines.append(f"ranks {same} fail in the same collective")
+        return lines
+
+    def _read_reports(self, store, peers: tuple[int, ...] | None, wait: float):
+        """The ranks asked (`peers`, then the peers they report waiting on), the reports read
+        within `wait` s, and the store's error if it stopped answering (its host exited)."""
+        everyone = [r for r in range(self.world_size) if r != self.rank]
+        asked = list(everyone if peers is None else peers)
+        reports: dict[int, dict] = {}
+        deadline = time.monotonic() + wait
+        while len(reports) < len(asked) and time.monotonic() < deadline:
+            try:
+                arrived = [p for p in asked if p not in reports and store.check([_report_key(p)])]
+                for p in arrived:
+                    reports[p] = json.loads(store.get(_report_key(p)))
+            except RuntimeError as e:
+                return asked, reports, e
+            for p in arrived:
+                theirs = reports[p]["peers"]
+                asked += [q for q in (everyone if theirs is None else theirs) if q != self.rank and q not in asked]
+            time.sleep(0.1)
+        return asked, reports, None
 
     def _member(self, group: str, what: str, peer: int | None = None, peer_may_be_self=False):
         """The torch handle of `group`, after checking that this rank (and `peer`) are in it."""
@@ -775,6 +845,32 @@ class Runtime:
         self.wait(*self._pending)
         self._batch = None
         self.last_progress = time.monotonic()
+
+
+def _report_key(rank: int) -> str:
+    """The store key under which `rank` reports the communication it failed in."""
+    return f"piperc/stuck/rank{rank}"
+
+
+def _rank0_serves_store() -> bool:
+    """Whether rank 0's process serves the job's store (torchrun's agent serves it otherwise)."""
+    return os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
+
+
+def _store_lost(error: Exception) -> str:
+    """Why the stuck rank cannot be found when the job's store does not answer."""
+    if _rank0_serves_store():
+        return f"rank 0 is gone: the job's store, which rank 0 serves, does not answer ({error})"
+    return f"cannot ask the other ranks which one is stuck: torchrun's store does not answer ({error})"
+
+
+def _silent(rank: int, wait: float, lost: Exception | None) -> str:
+    """What a rank that did not report is: stalled or dead, or gone with the store."""
+    if lost is None:
+        return f"rank {rank} is stalled or dead: it reported no failed communication within {wait:g} s"
+    if rank == 0 and _rank0_serves_store():
+        return f"rank 0 is gone: the job's store, which rank 0 serves, stopped answering ({lost})"
+    return f"rank {rank} is stalled or dead, or had not reported when the job's store stopped answering ({lost})"
 
 
 def _copied(source: torch.Tensor, tensor: torch.Tensor) -> bool:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
-import math
 import os
 import sys
 from datetime import timedelta
@@ -15,7 +14,15 @@ import torch
 import torch.distributed as dist
 
 from .comm import Group, Runtime, Work
-from .manifest import Manifest, RankPlan, StateEntry, check_batch, local_part, read_manifest
+from .manifest import (
+    Manifest,
+    RankPlan,
+    StateEntry,
+    check_batch,
+    local_part,
+    part_box,
+    read_manifest,
+)
 from .trace import Recorder
 
 DEFAULT_TIMEOUT = 60.0
@@ -135,7 +142,8 @@ class Executor:
         return total.item()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """The full parameters by name, on CPU; the same dict on every rank.
+        """The full parameters by name (tied ones under each of their names), on CPU; the same
+        dict on every rank.
 
         Collective: every rank must call it. The lowest owner of each whole
         parameter contributes its copy; a parameter held in parts (its state
@@ -150,7 +158,8 @@ class Executor:
         }
         gathered: list[dict[str, torch.Tensor] | None] = [None] * self.manifest.world_size
         dist.all_gather_object(gathered, mine)
-        return {name: self._whole(name, owners, gathered, layouts) for name, owners in params.items()}
+        whole = {name: self._whole(name, owners, gathered, layouts) for name, owners in params.items()}
+        return whole | {alias: whole[name] for alias, name in self.manifest.aliases.items()}
 
     def _whole(self, name: str, owners: tuple[int, ...], parts: list, layouts: list[dict]) -> torch.Tensor:
         """Parameter `name`, whole, from the parts its owners sent (`layouts`: per rank, each
@@ -160,11 +169,28 @@ class Executor:
         if layout is None:
             return first
         mesh = self.manifest.mesh
-        shape = [size * math.prod(mesh[a] for a in axes) for size, axes in zip(first.shape, layout, strict=True)]
+        coords = self.manifest.ranks[min(owners)].coords
+        shape = [size for _, size in part_box(layout, first.shape, mesh, coords)]
         whole = torch.empty(shape, dtype=first.dtype)
         for rank in owners:
             local_part(whole, layouts[rank][name], mesh, self.manifest.ranks[rank].coords).copy_(parts[rank][name])
         return whole
+
+    def save_checkpoint(self, root: str | Path) -> Path:
+        """Writes this program's state after `steps_done` steps to `root/step_<n>` (DCP
+        format, each rank its own parts) and publishes it atomically; returns the path.
+        Collective: every rank must call it (`piperc.runtime.checkpoint.save`)."""
+        from . import checkpoint  # torch.distributed.checkpoint takes 2 s to import; only when used
+
+        return checkpoint.save(self, root)
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        """Continues from the checkpoint at `path`, written under this or another strategy:
+        parameters, optimizer state and step count, resharded to this program's layouts.
+        Collective: every rank must call it (`piperc.runtime.checkpoint.load`)."""
+        from . import checkpoint
+
+        checkpoint.load(self, path)
 
     def peak_live_bytes(self) -> list[int]:
         """Per rank, the peak of its live activation bytes over the steps run so far

@@ -24,6 +24,8 @@ from typing import ClassVar
 
 import torch
 
+from .comm import REPORT_WAIT
+from .executor import default_timeout
 from .manifest import check_batch, read_manifest, shard
 from .trace import merge
 
@@ -101,6 +103,8 @@ class LaunchResult:
     losses: list[float]
     state_dict: dict[str, torch.Tensor]
     peak_memory: list[PeakMemory]
+    first_step: int = 0
+    """The step `losses[0]` belongs to: 0, or the steps a resumed job found done."""
 
     @property
     def peak_live_bytes(self) -> list[int]:
@@ -116,8 +120,11 @@ def launch_dir(
     timeout: float | None = None,
     progress: bool | OnStep = False,
     *,
-    grace: float = 3.0,
+    grace: float | None = None,
     trace: str | Path | None = None,
+    checkpoint_dir: str | Path | None = None,
+    checkpoint_every: int = 0,
+    resume: bool = False,
 ) -> LaunchResult:
     """Trains the compiled model in `path` on `batches` (each a tuple of global
     input tensors, one step each) with `nprocs` local processes over the
@@ -131,12 +138,25 @@ def launch_dir(
     communication times out, see PIPERC_TIMEOUT). `progress=True` draws a
     progress bar with the loss on stderr; a callable is called as
     `progress(step, loss)` after each step. `grace` is how long the other ranks
-    get to end on their own once one failed, before they are terminated.
+    get to end on their own once one failed, before they are terminated (default: long
+    enough for a survivor to learn from its peers' reports which rank is stuck, 2 s more
+    than `min(PIPERC_TIMEOUT, comm.REPORT_WAIT)`).
     With a `trace` directory, every rank writes its timeline there as
     `rank<r>.json`, and `trace.json` holds all ranks' (`piperc.runtime.trace`).
+
+    With `checkpoint_every=N`, the ranks write a checkpoint to `checkpoint_dir/step_<n>` after
+    every N steps (`piperc.runtime.checkpoint`: DCP format, published atomically). With
+    `resume=True`, they first load the latest checkpoint in `checkpoint_dir` (written under
+    this strategy or another) and train on the batches after its last step: `batches` is
+    the whole run's, and the result's `losses` start at `first_step`.
     """
+    if not isinstance(checkpoint_every, int) or isinstance(checkpoint_every, bool) or checkpoint_every < 0:
+        raise ValueError(f"checkpoint_every must be a whole number >= 0, got {checkpoint_every!r}")
+    if (checkpoint_every or resume) and checkpoint_dir is None:
+        raise ValueError("checkpoint_every and resume need a checkpoint_dir")
     directory = Path(path).resolve()
     manifest = read_manifest(directory)
+    grace = min(default_timeout(), REPORT_WAIT) + 2.0 if grace is None else grace
     nprocs = manifest.world_size if nprocs is None else nprocs
     for step, batch in enumerate(batches):  # before any process starts
         check_batch(manifest, batch, f"batch {step}")
@@ -155,6 +175,11 @@ def launch_dir(
         ]  # fmt: skip
         if trace is not None:
             command += ["--trace", str(Path(trace).resolve())]
+        if checkpoint_dir is not None:
+            command += ["--checkpoint-dir", str(Path(checkpoint_dir).resolve()),
+                        "--checkpoint-every", str(int(checkpoint_every))]
+        if resume:
+            command.append("--resume")
         job = _Job(directory, scratch)
         try:
             job.start(command, nprocs)
@@ -170,6 +195,7 @@ def launch_dir(
         losses=list(saved["losses"]),
         state_dict=dict(saved["state_dict"]),
         peak_memory=[PeakMemory(**items) for items in saved["peak_memory"]],
+        first_step=int(saved["first_step"]),
     )
 
 

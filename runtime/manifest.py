@@ -8,9 +8,10 @@ field named, not in the middle of a training step.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,6 +69,8 @@ class Manifest:
     input_signature: tuple[tuple[tuple[int, ...], str] | None, ...] = ()
     """Per input, the global (shape, dtype name) it was compiled for; None where the
     manifest does not say (then `check_batch` checks the count of inputs only)."""
+    aliases: dict[str, str] = dataclasses.field(default_factory=dict)
+    """The other names of tied parameters, each mapped to the name in `params`."""
 
 
 def read_manifest(directory: str | Path) -> Manifest:
@@ -108,6 +111,7 @@ def _parse(path: Path, data: dict) -> Manifest:
         microbatches = int(data["microbatches"])
         ranks = tuple(_parse_rank(r) for r in data["ranks"])
         params = {str(n): tuple(int(o) for o in p["owners"]) for n, p in data["params"].items()}
+        aliases = {str(a): str(n) for a, n in data.get("aliases", {}).items()}
     except ManifestError:
         raise
     except KeyError as e:
@@ -157,9 +161,12 @@ def _parse(path: Path, data: dict) -> Manifest:
                 raise fail(f"param {name!r}: owner {owner} is not a rank")
             if name not in owned[owner]:
                 raise fail(f"param {name!r}: owner rank {owner} has no 'param' state entry for it")
+    for alias, name in aliases.items():
+        if name not in params or alias in params:
+            raise fail(f"alias {alias!r} must name another name of a param, got {name!r}")
     return Manifest(
         path, world_size, device, mesh, groups, input_names, input_layouts, microbatches, ranks, params,
-        input_signature,
+        input_signature, aliases,
     )
 
 
@@ -230,10 +237,7 @@ def local_part(
             f"the tensor has {tensor.dim()} (shape {tuple(tensor.shape)})"
         )
     for dim, axes in enumerate(layout):
-        parts, index = 1, 0
-        for axis in axes:
-            parts *= mesh[axis]
-            index = index * mesh[axis] + coords[axis]
+        parts, index = _slice(axes, mesh, coords)
         size = tensor.shape[dim]
         if size % parts:
             raise ValueError(
@@ -242,6 +246,27 @@ def local_part(
             )
         tensor = tensor.narrow(dim, index * (size // parts), size // parts)
     return tensor
+
+
+def part_box(
+    layout: Layout, local_shape: Sequence[int], mesh: Mapping[str, int], coords: Mapping[str, int]
+) -> list[tuple[int, int]]:
+    """Per dimension, (offset, global size) of the part of shape `local_shape` that the rank at
+    `coords` holds under `layout`: where `local_part` cut it from the global tensor."""
+    box = []
+    for axes, size in zip(layout, local_shape, strict=True):
+        parts, index = _slice(axes, mesh, coords)
+        box.append((index * size, parts * size))
+    return box
+
+
+def _slice(axes: Sequence[str], mesh: Mapping[str, int], coords: Mapping[str, int]) -> tuple[int, int]:
+    """Into how many slices `axes` cut a dimension, and which of them the rank at `coords` holds."""
+    parts, index = 1, 0
+    for axis in axes:
+        parts *= mesh[axis]
+        index = index * mesh[axis] + coords[axis]
+    return parts, index
 
 
 def shard(manifest: Manifest, rank: int, global_batch) -> tuple:

@@ -1,12 +1,16 @@
 """The process entry point of one rank.
 
     python -m piperc.runtime.worker DIR --batches FILE [--result FILE] [--trace TRACE_DIR]
+        [--checkpoint-dir CKPT [--checkpoint-every N] [--resume]]
     torchrun --nproc-per-node N -m piperc.runtime.worker DIR --batches FILE --result FILE
 
 `FILE` given to --batches holds `torch.save(list_of_global_batches)`, each a
 tuple of tensors. Every rank runs every step; rank 0 prints `PIPERC_STEP i loss`
-after each and writes `{"losses", "state_dict", "peak_memory"}`
-(the last one per rank) to the --result file. A
+after each and writes `{"losses", "state_dict", "peak_memory", "first_step"}`
+(the last one per rank) to the --result file. With --checkpoint-every N, the
+ranks write a checkpoint to CKPT/step_<n> after every N steps (`piperc.runtime.checkpoint`);
+with --resume they continue from the latest one there, at the batch after its last step
+(`first_step`; `losses` holds the steps run by this invocation). A
 failing rank prints its traceback to stderr, each line prefixed `[rank R]`, and
 exits with status 1 at once, so a collective stuck in another thread cannot
 keep it alive. With --trace (or PIPERC_TRACE), every rank writes its timeline
@@ -45,7 +49,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--trace", help="directory where every rank writes its timeline, rank<r>.json (default: PIPERC_TRACE)"
     )
+    parser.add_argument(
+        "--checkpoint-dir", help="where checkpoints are written (DCP format, one step_<n> directory each)"
+    )
+    parser.add_argument(
+        "--checkpoint-every", type=int, default=0, metavar="N",
+        help="write a checkpoint after every N steps (needs --checkpoint-dir)",
+    )
+    parser.add_argument(
+        "--resume", action="store_true",
+        help="continue from the latest checkpoint in --checkpoint-dir (from step 0 when there is none), "
+             "skipping the batches it already trained on",
+    )
     args = parser.parse_args(argv)
+    if (args.checkpoint_every or args.resume) and not args.checkpoint_dir:
+        parser.error("--checkpoint-every and --resume need --checkpoint-dir")
+    if args.checkpoint_every < 0:
+        parser.error(f"--checkpoint-every must be >= 0, got {args.checkpoint_every}")
     rank = os.environ.get("RANK", "?")
     try:
         torch.set_num_threads(int(os.environ.get("PIPERC_THREADS") or 1))
@@ -53,27 +73,45 @@ def main(argv: list[str] | None = None) -> None:
         batches = torch.load(args.batches.format(rank=rank), weights_only=True)
         executor = load(args.directory, trace=args.trace)
         _start_watchdog(executor, rank)
+        if args.resume:
+            _resume(executor, args.checkpoint_dir)
+        first = executor.steps_done
         losses = []
         step = executor.step_shard if sharded else executor.step
-        for i, batch in enumerate(batches):
-            losses.append(step(tuple(batch)))
+        for i in range(first, len(batches)):
+            losses.append(step(tuple(batches[i])))
             if executor.rank == 0:
                 print(f"{STEP_PREFIX} {i} {losses[-1]!r}", flush=True)
+            if args.checkpoint_every and executor.steps_done % args.checkpoint_every == 0:
+                executor.save_checkpoint(args.checkpoint_dir)
         state = executor.state_dict()
         memory = _peak_memory(executor)
         if executor.rank == 0 and args.result:
-            _write_result(args.result, losses, state, memory)
+            _write_result(args.result, losses, state, memory, first)
         executor.close()
     except BaseException:
         _exit(1, "".join(f"[rank {rank}] {line}\n" for line in traceback.format_exc().splitlines()))
     _exit(0, "")
 
 
+def _resume(executor: Executor, root: str) -> None:
+    """Loads the latest checkpoint under `root` into `executor`, if there is one."""
+    from . import checkpoint  # torch.distributed.checkpoint takes 2 s to import; only when used
+
+    path = checkpoint.latest(root)
+    if path is not None:
+        executor.load_checkpoint(path)
+    if executor.rank == 0:
+        done = f"{path} ({executor.steps_done} steps done)" if path else f"no checkpoint in {root}; from step 0"
+        print(f"piperc: resuming from {done}", file=sys.stderr, flush=True)
+
+
 def _write_result(
-    path: str, losses: list[float], state: dict[str, torch.Tensor], memory: list[dict[str, int | None]]
+    path: str, losses: list[float], state: dict[str, torch.Tensor], memory: list[dict[str, int | None]],
+    first_step: int,
 ) -> None:
     partial = f"{path}.partial"
-    result = {"losses": losses, "state_dict": state, "peak_memory": memory}
+    result = {"losses": losses, "state_dict": state, "peak_memory": memory, "first_step": first_step}
     torch.save(result, partial)
     os.replace(partial, path)
 
@@ -100,11 +138,12 @@ def _peak_memory(executor: Executor) -> list[dict[str, int | None]]:
 
 def _start_watchdog(executor: Executor, rank: str) -> None:
     """Last resort against a hang the communication timeouts do not catch (a peer
-    stuck in its own code): exits when nothing progressed for twice the timeout.
+    stuck in its own code): exits when nothing progressed for twice the timeout, or the
+    timeout and 25 s where that is shorter (within PIPERC_TIMEOUT + 30 s of a stall).
 
     Progress is a communication seen complete (polled, so asynchronous CUDA waits
     count only once their work is done) or a finished step."""
-    limit = 2 * executor.timeout
+    limit = min(2 * executor.timeout, executor.timeout + 25)
 
     def watch() -> None:
         while True:
@@ -114,7 +153,7 @@ def _start_watchdog(executor: Executor, rank: str) -> None:
                 _exit(
                     1,
                     f"[rank {rank}] piperc watchdog: no communication completed and no step "
-                    f"finished for {idle:.0f} s (limit: twice the {executor.timeout:g} s "
+                    f"finished for {idle:.0f} s (limit: {limit:g} s for the {executor.timeout:g} s "
                     f"timeout, PIPERC_TIMEOUT); this rank or a peer is stuck, exiting\n",
                 )
 
