@@ -86,6 +86,13 @@ class _Step:
         for (role, name), v in zip(result_roles(self.main), ret.operands, strict=True):
             self.stores[v].append((role, str(name)))
 
+    def frozen(self, stage: int, kind: PassKind) -> bool:
+        """Whether `kind` is a backward pass of a stage that has no backward at all: every
+        parameter it reads is frozen and no earlier stage needs its input gradients, so the
+        schedule's B and W actions for it run nothing."""
+        return (kind in (PassKind.B, PassKind.W) and bool(self.tasks.get((stage, PassKind.F)))
+                and not self.tasks.get((stage, PassKind.B)) and not self.tasks.get((stage, PassKind.W)))
+
     def stage_of(self, op: Operation) -> int:
         """The stage `op` belongs to; a reshard of the step belongs to the tasks that read it."""
         if isinstance(op, par.ReshardOp):
@@ -127,6 +134,8 @@ class _ProgramWriter:
         self.issue_ready()  # what needs no task (a gather of sharded parameters) starts first
         for action in self.row:
             tasks = self.step.tasks.get((action.stage, action.pass_kind), [])
+            if not tasks and self.step.frozen(action.stage, action.pass_kind):
+                continue
             if not tasks:
                 what = ("the backward is not split into B and W" if action.pass_kind == PassKind.W
                         else "the step has no such task")

@@ -94,7 +94,9 @@ def stage_gradients(module: ModuleOp, stage: int) -> dict[str, SSAValue]:
 
 @dataclass(frozen=True)
 class OptimizerPass(ModulePass):
-    """Adds `@s<i>_update` for every stage.
+    """Adds `@s<i>_update` for every stage: it updates the stage's parameters that have a
+    gradient. A frozen parameter (no `piperc.grad` result) gets no update and no state, and
+    a stage whose parameters are all frozen gets no update function.
 
     Options: kind (sgd | adamw), lr, momentum (sgd), weight-decay,
     beta1, beta2, eps (adamw), directive (quoted in errors).
@@ -120,9 +122,16 @@ class OptimizerPass(ModulePass):
         if not stage_functions(op, 0, PassKind.F):
             raise StrategyError(f"{self.directive}: run outline-stages first (the module has no stage functions)")
         main = main_function(op)
+        trainable = {name for role, name in result_roles(main) if role == "grad"}
+        if not trainable:
+            raise StrategyError(f"{self.directive}: every parameter of the model is frozen (requires_grad=False), "
+                                "so there is nothing to train; unfreeze the parameters to train")
         updates = []
         for stage in range(stages):
-            params = stage_parameters(op, stage)
+            # A frozen parameter (captured without a gradient) is read but never updated.
+            params = {n: v for n, v in stage_parameters(op, stage).items() if n in trainable}
+            if not params:  # a stage whose parameters are all frozen has nothing to update
+                continue
             update = self._update(stage, params)
             op.body.block.insert_op_before(update, main)
             updates.append((stage, update, params))

@@ -13,8 +13,15 @@ paths give the same IR (tests/test_capture.py checks it on every example).
 
 The captured `func.func @main` takes the parameters, buffers, user inputs and
 the tangents of the outputs (1.0 for the loss) as arguments, and returns the
-loss, any further outputs, and one gradient per parameter. Each argument and
-result says what it is in its attributes; each op carries `piperc.origin`.
+loss, any further outputs, and one gradient per parameter that requires grad. A
+frozen parameter (`requires_grad=False`) is a `piperc.param` argument with no
+`piperc.grad` result: passes place and shard it like any parameter, and nothing
+updates, reduces or keeps optimizer state for it. Each argument and result says
+what it is in its attributes; each op carries `piperc.origin`.
+
+A forward that writes a parameter or a buffer in place (`self.w.add_(1)` under
+no_grad, `.data` writes, BatchNorm's running statistics) is a `CaptureError`
+that names the tensor and its module: the step is a function of its arguments.
 """
 
 from __future__ import annotations
@@ -137,17 +144,26 @@ def capture(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor]) -> C
             raise CaptureError(f"example input {i} is a {type(x).__name__}; inputs must be tensors")
 
     gm = _trace(model, example_inputs)
+    mutation = None
     if gm is not None:
         try:
             return _captured(model, example_inputs, gm)
-        except CaptureError:
-            pass  # reported below, from the graph whose nodes carry source lines
-    exported = _export(model, example_inputs)
+        except CaptureError as e:  # reported below, from the graph whose nodes carry source lines
+            mutation = e if _state_mutation(model, gm) else None
+    try:
+        exported = _export(model, example_inputs)
+    except CaptureError:
+        if mutation is not None:  # torch.export fails on `.data` writes; the mutation is the cause
+            raise mutation from None
+        raise
     return _captured(model, example_inputs, _joint_graph(model, exported, example_inputs))
 
 
 def _captured(model: torch.nn.Module, example_inputs: tuple, gm: torch.fx.GraphModule) -> Captured:
     """The captured step made from the joint graph `gm` of `model`."""
+    mutation = _state_mutation(model, gm)
+    if mutation:
+        raise CaptureError(mutation)
     params, buffers = _fold_tied_parameters(model, gm)
     num_outputs = _check_outputs(model, gm)
     _drop_none_outputs(gm)
@@ -319,6 +335,61 @@ def _sum_tied_gradients(gm: torch.fx.GraphModule, aliases: dict[str, str]) -> No
             results[i] = None
         results[slots[-1]] = total
     out.args = (tuple(results),)
+
+
+def _state_mutation(model: torch.nn.Module, gm: torch.fx.GraphModule) -> str | None:
+    """Why `model`'s forward cannot be captured if it writes a parameter or a buffer in place
+    (the joint graph returns the new value as an `InputMutationAOTOutput`), else None.
+
+    A captured step is a function of the parameters and buffers: its only state change is
+    the optimizer's update of the parameters. Carrying buffer updates (BatchNorm's running
+    statistics) from one microbatch and step to the next is not supported.
+    """
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    params: list[tuple[str, torch.fx.Node]] = []
+    buffers: dict[str, list[str]] = {}
+    for a, d in zip(out.args[0], out.meta["desc"], strict=True):
+        if not isinstance(d, aot_desc.InputMutationAOTOutput):
+            continue
+        target = d.mutated_input
+        if isinstance(target, aot_desc.ParamAOTInput):
+            params.append((target.target, a))
+        elif isinstance(target, aot_desc.BufferAOTInput):
+            buffers.setdefault(target.target.rpartition(".")[0], []).append(target.target)
+    root = type(model).__name__
+    if params:
+        name, node = params[0]
+        stack = node.meta.get("nn_module_stack") or {}
+        path = list(stack.values())[-1][0] if stack else ""
+        where = f"in '{path}' ({_module_kind(model, path)})" if path else f"in {root}.forward"
+        source = _source(node)
+        return (
+            f"{root}.forward updates parameter '{name}' in place ({where}"
+            f"{f', at {source}' if source else ''}); in piperc a parameter changes only in the "
+            "optimizer step. Compute the changed weight as a new tensor instead (e.g. "
+            "`w = self.weight * 0.5`, not `self.weight.data.mul_(0.5)` or `self.weight.add_(1)` "
+            "under no_grad)"
+        )
+    if buffers:
+        path, names = next(iter(buffers.items()))
+        listed = ", ".join(f"'{n}'" for n in names)
+        owner = f"'{path}' ({_module_kind(model, path)})" if path else root
+        return (
+            f"{root}.forward updates buffer{'s' if len(names) > 1 else ''} {listed} of {owner} in place; "
+            "piperc does not carry buffer updates from one microbatch or step to the next. For a "
+            "BatchNorm, construct it with track_running_stats=False (batch statistics, no running "
+            f"state) or put it in eval mode ({'.'.join(('model', path) if path else ('model',))}.eval(): "
+            "running statistics read, not updated); or use LayerNorm/GroupNorm"
+        )
+    return None
+
+
+def _module_kind(model: torch.nn.Module, path: str) -> str:
+    """The class name of the submodule of `model` at `path`."""
+    try:
+        return type(model.get_submodule(path)).__name__
+    except AttributeError:
+        return "module"
 
 
 def _check_outputs(model, gm: torch.fx.GraphModule) -> int:

@@ -42,6 +42,10 @@ def train_eager(model: torch.nn.Module, batches: Sequence[Sequence[torch.Tensor]
     are summed as data parallelism sums them: each of `groups` consecutive runs of
     slices (a replica's rows, its microbatches) is accumulated on its own, and the
     step's gradient is the sum of the groups' in order.
+
+    Each slice is its own forward, so a layer that normalises over the batch (BatchNorm
+    with `track_running_stats=False`) sees slice-sized batches, as a strategy's
+    microbatches do: that is the one-device run such a model matches.
     """
     if slices % groups:
         raise ValueError(f"{slices} slices do not split into {groups} equal groups")
