@@ -19,7 +19,7 @@ import sys
 from collections.abc import Callable
 
 from piperc import schedules
-from piperc.errors import PipercError
+from piperc.errors import PipercError, describe
 
 CAPTURE_HELP = """\
 TARGET names a function that builds the model: FILE.py:FUNC or package.module:FUNC.
@@ -202,7 +202,11 @@ def _load_file(path: str):
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:
+        del sys.modules[name]
+        raise PipercError(f"cannot import {path}: {describe(e)}") from e
     return module
 
 
@@ -211,6 +215,8 @@ def _load_module(name: str):
         return importlib.import_module(name)
     except ModuleNotFoundError as e:
         raise PipercError(f"cannot import {name}: {e}") from e
+    except Exception as e:
+        raise PipercError(f"cannot import {name}: {describe(e)}") from e
 
 
 def build_model(fn: Callable, overrides: dict[str, object]):
@@ -219,7 +225,11 @@ def build_model(fn: Callable, overrides: dict[str, object]):
         inspect.signature(fn).bind(**overrides)
     except TypeError as e:
         raise PipercError(f"cannot call {fn.__name__} with --set {_show(overrides)}: {e}") from e
-    built = fn(**overrides)
+    try:
+        built = fn(**overrides)
+    except Exception as e:
+        call = ", ".join(f"{k}={v!r}" for k, v in overrides.items())
+        raise PipercError(f"{fn.__name__}({call}) failed: {describe(e)}") from e
     if not (isinstance(built, tuple) and len(built) == 2):
         raise PipercError(
             f"{fn.__name__} must return (model, example_inputs), got {type(built).__name__}"
@@ -233,6 +243,8 @@ def _show(overrides: dict[str, object]) -> str:
 
 def capture_command(args: argparse.Namespace) -> int:
     """`piperc capture`: see CAPTURE_HELP."""
+    if args.dump_dir and os.path.exists(args.dump_dir) and not os.path.isdir(args.dump_dir):
+        raise UsageError(f"--dump-dir {args.dump_dir} is a file; give a directory (it is made if missing)")
     fn = load_function(args.target)
     # Imported here, not at the top, so that --help and a mistyped TARGET answer at once.
     from piperc.frontend import capture
@@ -278,8 +290,12 @@ def load_schedule(args: argparse.Namespace):
         raise UsageError(
             f"unknown schedule '{args.name}': neither a built-in schedule ({known}) nor a table file"
         )
-    with open(args.name) as f:
-        text = f.read()
+    try:
+        with open(args.name, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise PipercError(f"cannot read {args.name}: not UTF-8 text (byte {e.start}); a table file is text, "
+                          "one row of actions per device") from e
     name = os.path.splitext(os.path.basename(args.name))[0]
     schedule = schedules.from_table(text, num_microbatches=args.microbatches, name=name)
     if args.pp is not None and args.pp != len(schedule.devices):
@@ -337,7 +353,15 @@ def verify_command(args: argparse.Namespace) -> int:
     if args.batches:
         if not os.path.isfile(args.batches):
             raise PipercError(f"cannot read {args.batches}: no such file")
-        batches = torch.load(args.batches, weights_only=True)
+        try:
+            batches = torch.load(args.batches, weights_only=True)
+        except Exception as e:
+            raise PipercError(f"cannot read {args.batches}: torch.load fails ({type(e).__name__}); --batches "
+                              "takes a file written by torch.save(list_of_batches)") from e
+        if not isinstance(batches, list | tuple) or not batches or not all(
+                isinstance(b, list | tuple) and all(isinstance(t, torch.Tensor) for t in b) for b in batches):
+            raise PipercError(f"{args.batches} holds a {type(batches).__name__}, not a non-empty list of global "
+                              "batches, each a tuple of tensors (one per model input)")
     elif args.steps >= 1:
         batches = [example_inputs] * args.steps
     else:
@@ -364,6 +388,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except PipercError as e:
         print(f"piperc: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        if e.filename is None:  # not about a file the user named
+            raise
+        print(f"piperc: error: {e.filename}: {e.strerror}", file=sys.stderr)
         return 1
 
 

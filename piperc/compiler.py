@@ -20,7 +20,7 @@ from xdsl.dialects.builtin import ModuleOp
 from xdsl.passes import ModulePass
 
 from piperc import codegen, schedules
-from piperc.errors import CaptureError, PassError, StrategyError
+from piperc.errors import CaptureError, PassError, StrategyError, describe
 from piperc.frontend import ARG_ALIASES, Captured, capture, main_function
 from piperc.ir import cycle_collection_paused, print_ir
 from piperc.memory import PeakMemory, memory_table, predict_memory
@@ -117,7 +117,7 @@ class Compiled:
 
 def _check_model(model: object, example_inputs: object) -> None:
     """CaptureError unless `model` is a torch.nn.Module and `example_inputs` a non-empty
-    tuple or list of tensors."""
+    tuple or list of tensors that do not require grad."""
     if not isinstance(model, torch.nn.Module):
         raise CaptureError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(example_inputs, tuple | list) or not example_inputs:
@@ -127,9 +127,37 @@ def _check_model(model: object, example_inputs: object) -> None:
         if not isinstance(x, torch.Tensor):
             raise CaptureError(f"example input {i} is a {type(x).__name__}, not a tensor; piperc captures "
                                "forward(*tensors) with the batch along dimension 0 of each")
+        if x.requires_grad:
+            raise CaptureError(f"example input {i} requires grad; piperc trains the model's parameters and takes "
+                               "its inputs as data: pass it detached (x.detach())")
+
+
+def _run_eagerly(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+    """Runs `model` once on `inputs` without gradients; CaptureError with torch's own message
+    if that fails. Capture traces with fake tensors, which let some mistakes through (an int64
+    or bf16 input to fp32 weights) that would otherwise fail only on the ranks. The run leaves
+    the random state and the buffers (running statistics) as they were."""
+    buffers = {name: (b, b.clone()) for name, b in model.named_buffers()}
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            model(*inputs)
+    except Exception as e:
+        shown = ", ".join(f"{str(x.dtype).removeprefix('torch.')}{list(x.shape)}" for x in inputs)
+        raise CaptureError(f"{type(model).__name__}.forward fails on the example inputs, run eagerly on one "
+                           f"microbatch ({shown}): {describe(e)}") from e
+    finally:
+        for name, (buffer, saved) in buffers.items():
+            module, _, leaf = name.rpartition(".")
+            buffer.copy_(saved)
+            setattr(model.get_submodule(module), leaf, buffer)
 
 
 def _check_strategy(mesh: Mesh, strategy: Sequence[object], optimizer: object, device: str) -> StrategyContext:
+    if not isinstance(strategy, list | tuple):
+        raise StrategyError(f"strategy must be a list of directives, e.g. [piperc.data_parallel()], got "
+                            f"{strategy!r:.80}")
+    if device not in ("cpu", "cuda"):
+        raise StrategyError(f"device must be 'cpu' or 'cuda', got {device!r}")
     if not isinstance(mesh, Mesh):
         raise StrategyError(f"mesh must be a piperc.Mesh, got {type(mesh).__name__}")
     if not isinstance(optimizer, Optimizer):
@@ -168,7 +196,10 @@ def compile(  # noqa: A001 - the public name users expect
 ) -> Compiled:
     """Compiles one training step of `model` for `mesh` under `strategy`.
 
-    `example_inputs` is one global batch (dim 0 is the batch). Each directive
+    `example_inputs` is one global batch (dim 0 is the batch). The arguments are
+    checked first, then the model runs once eagerly on one microbatch (no
+    gradients, random state and buffers restored), so a model that cannot run
+    on these inputs is a CaptureError here, not a failure on the ranks. Each directive
     (and the optimizer) contributes its passes as fragments; they run with
     piperc's own (fold-detach, mesh, microbatch, lower-to-exec) in the order
     their `requires`/`provides` facts give (see `assemble_pipeline`).
@@ -183,7 +214,7 @@ def compile(  # noqa: A001 - the public name users expect
     _check_model(model, example_inputs)
     ctx = _check_strategy(mesh, strategy, optimizer, device)
     if world_size is not None and world_size != mesh.size:
-        raise StrategyError(f"{mesh!r} has {mesh.size} ranks but the world size is {world_size}")
+        raise StrategyError(f"{mesh!r} has {mesh.size} ranks but the world size is {world_size!r}")
     batch = example_inputs[0].shape[0]
     for i, x in enumerate(example_inputs):
         if x.dim() == 0 or x.shape[0] != batch:
@@ -195,10 +226,12 @@ def compile(  # noqa: A001 - the public name users expect
         )
     passes = assemble_pipeline(ctx)
     rows = batch // (ctx.replicas * ctx.microbatches)
+    microbatch = tuple(x[:rows] for x in example_inputs)
+    _run_eagerly(model, microbatch)
     # Capture, the passes and code generation allocate millions of objects that live
     # until the compile ends; cyclic collections in between would walk them over and over.
     with cycle_collection_paused():
-        captured = capture(model, tuple(x[:rows] for x in example_inputs))
+        captured = capture(model, microbatch)
         signature = [(tuple(x.shape), str(x.dtype).removeprefix("torch.")) for x in example_inputs]
         compiled = _lower(captured, passes, options, keep_ir, signature)
     compiled.optimizer, compiled.microbatches, compiled.replicas = optimizer, ctx.microbatches, ctx.replicas
@@ -352,9 +385,17 @@ def launch(compiled: Compiled, batches: Sequence[Sequence[torch.Tensor]], *, pro
     """
     from piperc.runtime.launch import launch_dir
 
+    if not isinstance(compiled, Compiled):
+        raise TypeError(f"launch: compiled must be what piperc.compile returns, got {type(compiled).__name__}")
+    if not isinstance(batches, list | tuple) or not batches:
+        raise ValueError(f"launch: batches must be a non-empty list of global batches, one per step, got "
+                         f"{batches!r:.80}")
+    if all(isinstance(b, torch.Tensor) for b in batches):
+        raise ValueError("launch: batches holds tensors, not batches: each batch is a tuple of tensors, one per "
+                         "model input; to train one step on (x, y), pass [(x, y)]")
     with tempfile.TemporaryDirectory(prefix="piperc-") as path:
         compiled.save(path)
-        result = launch_dir(path, [tuple(b) for b in batches], timeout=timeout, progress=progress, trace=trace,
+        result = launch_dir(path, list(batches), timeout=timeout, progress=progress, trace=trace,
                             checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, resume=resume)
     return result
 

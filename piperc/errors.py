@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import traceback
+
 
 class PipercError(Exception):
     """Base class of every error piperc raises on purpose."""
@@ -17,3 +20,19 @@ class StrategyError(PipercError):
 
 class PassError(PipercError):
     """A pass failed or produced IR that does not verify."""
+
+
+def describe(error: BaseException) -> str:
+    """`Type: first line of the message`, then where it was raised in the user's code: the
+    innermost frame of its traceback outside torch, piperc's driver and the import machinery, as
+    `\\n  at FILE:LINE in FUNCTION: CODE` (nothing when every frame is theirs)."""
+    import torch  # here, not at the top: the CLIs import this module and answer --help without torch
+
+    text = str(error).strip()
+    where = ""
+    skipped = (os.path.dirname(torch.__file__), os.path.dirname(__file__), "<frozen ")
+    frames = [f for f in traceback.extract_tb(error.__traceback__) if not f.filename.startswith(skipped)]
+    if frames:
+        f = frames[-1]
+        where = f"\n  at {f.filename}:{f.lineno} in {f.name}: {(f.line or '').strip()}"
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else '(no message)'}{where}"

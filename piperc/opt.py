@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from xdsl.utils.exceptions import ParseError
@@ -13,7 +14,7 @@ from xdsl.utils.exceptions import ParseError
 from piperc.errors import PipercError
 from piperc.ir import make_context, parse_module, print_ir
 from piperc.passes import PASSES
-from piperc.passmanager import PipelineOptions, run_pipeline
+from piperc.passmanager import PipelineOptions, parse_pipeline, run_pipeline
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,6 +43,15 @@ def main(argv: list[str] | None = None) -> int:
         for name in sorted(PASSES):
             print(name)
         return 0
+    try:
+        passes = parse_pipeline(args.passes)
+    except PipercError as e:
+        print(f"piperc-opt: error: {e}", file=sys.stderr)
+        return 1
+    usage = _usage_error(args, [p.name for p in passes])
+    if usage:
+        print(f"piperc-opt: error: {usage}", file=sys.stderr)
+        return 1
     name = "<stdin>" if args.input == "-" else args.input
     try:
         text = sys.stdin.read() if args.input == "-" else _read(args.input)
@@ -65,17 +75,37 @@ def main(argv: list[str] | None = None) -> int:
         time_passes=args.time_passes,
     )
     try:
-        run_pipeline(module, ctx, args.passes, options)
+        run_pipeline(module, ctx, passes, options)
     except PipercError as e:
         print(f"piperc-opt: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # writing --dump-dir
+        print(f"piperc-opt: cannot write {e.filename}: {e.strerror}", file=sys.stderr)
         return 1
     result = print_ir(module)
     if args.output == "-":
         sys.stdout.write(result)
-    else:
+        return 0
+    try:
         with open(args.output, "w") as f:
             f.write(result)
+    except OSError as e:
+        print(f"piperc-opt: cannot write {args.output}: {e.strerror}", file=sys.stderr)
+        return 1
     return 0
+
+
+def _usage_error(args: argparse.Namespace, pipeline: list[str]) -> str | None:
+    """What is wrong with options that name passes or a directory, before any work is done."""
+    for flag in ("print_ir_after", "print_ir_before"):
+        for name in getattr(args, flag):
+            if name not in pipeline:
+                option = "--" + flag.replace("_", "-")
+                return (f"{option}={name}: the pipeline {args.passes!r} has no pass {name!r} "
+                        f"(its passes: {', '.join(pipeline) or 'none'})")
+    if args.dump_dir and os.path.exists(args.dump_dir) and not os.path.isdir(args.dump_dir):
+        return f"--dump-dir {args.dump_dir} is a file; give a directory (it is made if missing)"
+    return None
 
 
 def _read(path: str) -> str:

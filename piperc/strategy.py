@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 from xdsl.passes import ModulePass
 
+from piperc import schedules
 from piperc.errors import StrategyError
 from piperc.passes.data_parallel import DataParallelPass
 from piperc.passes.expand_schedule import ExpandSchedulePass
@@ -41,7 +42,7 @@ class Mesh:
         if not axes:
             raise StrategyError("Mesh() needs at least one axis, e.g. Mesh(dp=2)")
         for name, size in axes.items():
-            if not isinstance(size, int) or size < 1:
+            if not _is_count(size):
                 raise StrategyError(f"Mesh: axis '{name}' must have an int size >= 1, got {size!r}")
         self.axes: dict[str, int] = dict(axes)
 
@@ -191,16 +192,30 @@ class Pipeline(Directive):
         return (self.axis,)
 
     def check(self, ctx: StrategyContext) -> None:
-        """One pipeline per strategy, one stage per device of its axis, at least one microbatch."""
+        """One pipeline per strategy, one stage per device of its axis, at least one microbatch,
+        a built-in schedule's name or a table, split points and region as strs."""
         if next(d for d in ctx.directives if isinstance(d, Pipeline)) is not self:
             raise StrategyError(f"{self}: only one pipeline directive is allowed")
+        for name in ("stages", "microbatches"):
+            if not _is_count(getattr(self, name)):
+                raise StrategyError(f"{self}: {name} must be an int >= 1, got {getattr(self, name)!r}")
+        if not all(isinstance(s, str) for s in self.split_at) or not isinstance(self.region, str):
+            raise StrategyError(f"{self}: split_at must be module paths (strs, e.g. ['blocks.2']) and "
+                                f"region a str, got split_at={list(self.split_at)!r}, region={self.region!r}")
+        table = isinstance(self.schedule, list | tuple) and all(isinstance(r, list | tuple) for r in self.schedule)
+        if not isinstance(self.schedule, str) and not table:
+            raise StrategyError(f"{self}: schedule must be a name ('gpipe', '1f1b') or a table, one row of actions "
+                                f"per device ([['0F0', '0B0'], ['1F0', '1B0']]), got {self.schedule!r}")
+        kind = self.schedule_options()["kind"]
+        if kind != "user" and kind not in schedules.BUILTIN_SCHEDULES:
+            known = ", ".join(sorted(schedules.BUILTIN_SCHEDULES))
+            raise StrategyError(f"{self}: unknown schedule {kind!r}; use a built-in ({known}) or a table, "
+                                "one row of actions per device")
         if self.stages != ctx.mesh.axes[self.axis]:
             raise StrategyError(
                 f"{self}: {self.stages} stages on axis '{self.axis}' of size {ctx.mesh.axes[self.axis]}; "
                 "piperc runs one stage per device"
             )
-        if self.microbatches < 1:
-            raise StrategyError(f"{self}: microbatches must be >= 1")
 
     def batch_split(self, mesh: Mesh) -> tuple[int, int]:
         """Each replica's batch is cut into `microbatches`."""
@@ -234,8 +249,13 @@ class DataParallel(Directive):
         return f"data_parallel(axis={self.axis!r}{zero}{keep})"
 
     def check(self, ctx: StrategyContext) -> None:
-        """`zero` is 0, 1, 2 or 3."""
-        if self.zero not in (0, 1, 2, 3):
+        """`zero` is 0, 1, 2 or 3, `bucket_mb` a positive number, `reshard_after_forward` a bool."""
+        if isinstance(self.bucket_mb, bool) or not isinstance(self.bucket_mb, int | float) or not self.bucket_mb > 0:
+            raise StrategyError(f"{self}: bucket_mb must be a number of MiB > 0, got {self.bucket_mb!r}")
+        if not isinstance(self.reshard_after_forward, bool):
+            raise StrategyError(f"{self}: reshard_after_forward must be True or False, got "
+                                f"{self.reshard_after_forward!r}")
+        if isinstance(self.zero, bool) or self.zero not in (0, 1, 2, 3):
             raise StrategyError(f"{self}: zero must be 0, 1, 2 or 3, got {self.zero!r}")
         if not self.reshard_after_forward and self.zero != 3:
             raise StrategyError(f"{self}: reshard_after_forward applies to zero=3 (sharded parameters) only")
@@ -279,7 +299,10 @@ class TensorParallel(Directive):
         return (self.axis,)
 
     def check(self, ctx: StrategyContext) -> None:
-        """A non-empty plan of placements."""
+        """A non-empty plan of placements; `sequence_parallel` and `strict` are bools."""
+        for name in ("sequence_parallel", "strict"):
+            if not isinstance(getattr(self, name), bool):
+                raise StrategyError(f"{self}: {name} must be True or False, got {getattr(self, name)!r}")
         if not self.plan:
             raise StrategyError(f"{self}: the plan is empty; map parameter globs to piperc.Shard(dim) or "
                                 "piperc.Replicate(), e.g. {'blocks.*.mlp.fc.weight': piperc.Shard(0)}")
@@ -318,6 +341,9 @@ def tensor_parallel(axis: str = "tp", plan: Mapping[str, Placement] | None = Non
     `[batch, sequence, ...]` inputs and what propagation traces back to it; its length must
     be a multiple of the axis size (a StrategyError naming the input otherwise).
     """
+    if plan is not None and not isinstance(plan, Mapping):
+        raise StrategyError(f"tensor_parallel(axis={axis!r}): plan must map parameter globs to placements, "
+                            f"e.g. {{'blocks.*.mlp.fc.weight': piperc.Shard(0)}}, got {plan!r}")
     return TensorParallel(axis, tuple((plan or {}).items()), sequence_parallel, strict)
 
 
@@ -418,6 +444,11 @@ class AdamW(Optimizer):
 
 def _non_negative(value: float) -> bool:
     return value >= 0.0
+
+
+def _is_count(value: object) -> bool:
+    """An int >= 1 (not a bool, not a float that happens to be whole)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 class optim:  # noqa: N801 - a namespace, spelled like torch.optim

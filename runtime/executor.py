@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import os
+import pickle
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -296,7 +297,11 @@ def _load_state(path: Path, manifest: Manifest, plan: RankPlan, device: torch.de
     layout gives the rank, for state held in parts."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: the initial parameters (state.pt) are missing")
-    saved = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path}: not a state file torch.load can read ({first})") from e
     state: dict[str, torch.Tensor] = {}
     for entry in plan.state:
         source = entry.name if entry.kind == "param" else entry.like

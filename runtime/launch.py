@@ -154,6 +154,8 @@ def launch_dir(
         raise ValueError(f"checkpoint_every must be a whole number >= 0, got {checkpoint_every!r}")
     if (checkpoint_every or resume) and checkpoint_dir is None:
         raise ValueError("checkpoint_every and resume need a checkpoint_dir")
+    if not batches:
+        raise ValueError("launch_dir: no batches; pass a list of global batches, one per step")
     directory = Path(path).resolve()
     manifest = read_manifest(directory)
     grace = min(default_timeout(), REPORT_WAIT) + 2.0 if grace is None else grace

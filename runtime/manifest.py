@@ -84,6 +84,8 @@ def read_manifest(directory: str | Path) -> Manifest:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ManifestError(f"{path}: not valid JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise ManifestError(f"{path}: the manifest must be a JSON object, got a {type(data).__name__}")
     return _parse(path, data)
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import pickle
 import sys
 import threading
 import time
@@ -70,8 +71,11 @@ def main(argv: list[str] | None = None) -> None:
     try:
         torch.set_num_threads(int(os.environ.get("PIPERC_THREADS") or 1))
         sharded = "{rank}" in args.batches
-        batches = torch.load(args.batches.format(rank=rank), weights_only=True)
-        executor = load(args.directory, trace=args.trace)
+        try:  # what the user gave: one line each, not a traceback
+            batches = torch.load(args.batches.format(rank=rank), weights_only=True)
+            executor = load(args.directory, trace=args.trace)
+        except (OSError, ValueError, KeyError, pickle.UnpicklingError) as e:
+            raise _Refused(_first_line(e)) from e
         _start_watchdog(executor, rank)
         if args.resume:
             _resume(executor, args.checkpoint_dir)
@@ -89,6 +93,8 @@ def main(argv: list[str] | None = None) -> None:
         if executor.rank == 0 and args.result:
             _write_result(args.result, losses, state, memory, first)
         executor.close()
+    except _Refused as e:
+        _exit(1, f"[rank {rank}] piperc worker: error: {e}\n")
     except BaseException:
         _exit(1, "".join(f"[rank {rank}] {line}\n" for line in traceback.format_exc().splitlines()))
     _exit(0, "")
@@ -100,10 +106,22 @@ def _resume(executor: Executor, root: str) -> None:
 
     path = checkpoint.latest(root)
     if path is not None:
-        executor.load_checkpoint(path)
+        try:
+            executor.load_checkpoint(path)
+        except checkpoint.CheckpointError as e:
+            raise _Refused(str(e)) from e
     if executor.rank == 0:
         done = f"{path} ({executor.steps_done} steps done)" if path else f"no checkpoint in {root}; from step 0"
         print(f"piperc: resuming from {done}", file=sys.stderr, flush=True)
+
+
+class _Refused(Exception):
+    """A job, batch file or checkpoint the worker cannot use: one error line, no traceback."""
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
 
 
 def _write_result(
