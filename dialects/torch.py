@@ -531,8 +531,20 @@ def aten_is_pure(overload: torch._ops.OpOverload) -> bool:
         schema.is_mutable
         or schema.name.endswith("_")
         or not schema.returns
-        or torch.Tag.nondeterministic_seeded in overload.tags
+        or aten_is_random(overload)
     )
+
+
+RANDOM_INDEX = "piperc.random"
+"""Attribute of a random ATen op (`aten_is_random`): its index among the captured forward's
+random ops, in execution order. The runtime seeds each one from (seed, step, microbatch
+slice, index), so its draws do not depend on where the strategy places it."""
+
+
+def aten_is_random(overload: torch._ops.OpOverload) -> bool:
+    """True if the operator draws from torch's random generator (dropout, rand, bernoulli:
+    torch tags them `nondeterministic_seeded`)."""
+    return torch.Tag.nondeterministic_seeded in overload.tags
 
 
 @functools.cache

@@ -38,7 +38,9 @@ affected: the loss tangent is an argument of its own).
 
 New ops take the `piperc.origin` of the op they stand for, and their layouts.
 An op whose shapes the pass cannot make local is a StrategyError naming the op, its
-module and why; so is a dimension that does not split over its axes.
+module and why; so is a dimension that does not split over its axes, and a random op
+(`piperc.random`: dropout) whose result is sharded, since each device would draw its own
+piece rather than its piece of what one device draws.
 
 Options: `mesh-axes` (the axes propagate-sharding laid values out over; default all of
 `@mesh`'s). Requires: propagate-sharding has run on `@main` (and the mesh pass).
@@ -67,7 +69,7 @@ from piperc.dialects.par import (
     value_name,
 )
 from piperc.dialects.roles import ORIGIN, RES_LOSS, main_function, parameter_names
-from piperc.dialects.torch import ConstantBoolOp, ListConstructOp, ValueTensorType
+from piperc.dialects.torch import RANDOM_INDEX, ConstantBoolOp, ListConstructOp, ValueTensorType
 from piperc.dialects.torch_builder import TorchBuilder
 from piperc.errors import StrategyError
 from piperc.passes.mesh import MESH_SYMBOL, find_mesh
@@ -140,6 +142,8 @@ class _Localise:
                 continue
             if LAYOUTS not in op.attributes:
                 continue
+            if RANDOM_INDEX in op.attributes:
+                self.random(op)
             handler = handlers.get(op.name)
             if handler is not None:
                 handler(op)
@@ -295,6 +299,17 @@ class _Localise:
         if shape is None:
             raise self.fail(op, f"its result {value.type} does not split evenly as {layout}")
         return ValueTensorType(shape, value.type.dtype)
+
+    def random(self, op: Operation) -> None:
+        """A random op draws for the tensor its device holds; on a sharded tensor each device's
+        piece would not be the piece of what one device draws, so that is refused."""
+        sharded = [value_layout(r) for r in op.results
+                   if isinstance(r.type, ValueTensorType) and _is_sharded(value_layout(r))]
+        if sharded:
+            raise self.fail(op, f"it draws random numbers (dropout) for a tensor laid out as {sharded[0]}, and "
+                                "each device would draw its own piece, not its piece of one device's draw; keep the "
+                                "tensor it reads whole (e.g. dropout after a row-parallel projection, whose output is "
+                                "replicated)")
 
     def not_localisable(self, op: Operation) -> None:
         """Strided views of a sharded tensor cannot be made local from the sizes alone."""

@@ -119,6 +119,8 @@ def _function_source(fn: func.FuncOp, launch: ex.LaunchOp) -> list[str]:
         if isinstance(op, t.ListUnpackOp):
             lines.append(f"    {lhs} = {_operand(names, inline, op.operands[0])}")
         elif isinstance(op, t.AtenOp):
+            if t.RANDOM_INDEX in op.attributes:  # draws as one device would for this microbatch slice
+                lines.append(f"    RT.seed_random({op.attributes[t.RANDOM_INDEX].value.data})")
             lines.append(f"    {lhs} = {_aten_call(op, names, inline)}")
         elif isinstance(op, par.AllGatherBucketOp | par.ReduceScatterBucketOp):
             lines += _bucket_statements(op, targets, [names[v] for v in op.inputs])
@@ -306,11 +308,17 @@ def _step_source(program: ex.ProgramOp, functions: dict[str, func.FuncOp]) -> li
         "    global DEVICE",
         "    DEVICE = rt.device",
     ]
-    if _axis_groups(program):
+    if _axis_groups(program) or _draws_random(program, functions):
         lines += ["    global RT", "    RT = rt"]
     for op in program.body.block.ops:
         lines += ["    " + line for line in _exec_statement(op, names, functions)]
     return lines
+
+
+def _draws_random(program: ex.ProgramOp, functions: dict[str, func.FuncOp]) -> bool:
+    """Whether a function `program` launches has a random op (its code calls `RT.seed_random`)."""
+    called = {op.callee.root_reference.data for op in program.walk() if isinstance(op, ex.LaunchOp)}
+    return any(t.RANDOM_INDEX in op.attributes for name in called for op in functions[name].walk())
 
 
 def _type_args(type_: t.ValueTensorType) -> str:
@@ -447,9 +455,10 @@ def _input_layouts(programs: list[ex.ProgramOp]) -> dict[int, list[list[str]]]:
 @cycle_collection_paused()  # the text is built from many small strings, and nothing here makes cycles
 def generate(module: ModuleOp, state_kinds: dict[str, dict[str, Any]],
              signature: Sequence[tuple[tuple[int, ...], str]] = (),
-             aliases: dict[str, str] | None = None) -> dict[str, str]:
+             aliases: dict[str, str] | None = None, seed: int = 0) -> dict[str, str]:
     """Files of a compiled step: `rank<r>.py` for every program and `manifest.json`.
 
+    `seed` is the seed random ops draw from (`Runtime.seed_random`), written into the manifest.
     `aliases` maps each other name of a tied parameter to the one the programs use; the
     manifest lists them so that the runtime's state dicts hold every name the model's does.
 
@@ -501,6 +510,7 @@ def generate(module: ModuleOp, state_kinds: dict[str, dict[str, Any]],
         "ranks": ranks,
         "params": {name: {"owners": r} for name, r in sorted(owners.items())},
         "aliases": dict(sorted((aliases or {}).items())),
+        "seed": seed,
     }
     files["manifest.json"] = json.dumps(manifest, indent=1) + "\n"
     return files

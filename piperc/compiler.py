@@ -20,6 +20,7 @@ from xdsl.dialects.builtin import ModuleOp
 from xdsl.passes import ModulePass
 
 from piperc import codegen, schedules
+from piperc.dialects.torch import RANDOM_INDEX
 from piperc.errors import CaptureError, PassError, StrategyError, describe
 from piperc.frontend import ARG_ALIASES, Captured, capture, main_function
 from piperc.ir import cycle_collection_paused, print_ir
@@ -67,6 +68,11 @@ class Compiled:
     replicas: int = 1
     """How many data-parallel replicas share each global batch (it is cut into
     replicas x microbatches row slices)."""
+    seed: int = 0
+    """The seed its random ops draw from (`compile(seed=)`)."""
+    random_ops: int = 0
+    """How many random ops (dropout) the model's forward runs; with any, it trains as one
+    device does only when that device cuts each batch into the same slices (`seed`)."""
 
     @property
     def world_size(self) -> int:
@@ -193,6 +199,7 @@ def compile(  # noqa: A001 - the public name users expect
     world_size: int | None = None,
     options: PipelineOptions | None = None,
     keep_ir: bool = True,
+    seed: int = 0,
 ) -> Compiled:
     """Compiles one training step of `model` for `mesh` under `strategy`.
 
@@ -209,9 +216,13 @@ def compile(  # noqa: A001 - the public name users expect
     `world_size`, when given, must equal the mesh size. `options` observe the
     pass pipeline (`print_ir_after_all`, `dump_dir`, `time_passes`, ...).
     `keep_ir=False` skips keeping the IR after every pass (faster; `dump`
-    then writes no `ir/`).
+    then writes no `ir/`). Random ops (dropout) draw from `seed`: each one is seeded from
+    (seed, step, microbatch slice, its index among the forward's random ops), so every launch
+    draws the same, whatever the strategy (`piperc.runtime.comm.Runtime.seed_random`).
     """
     _check_model(model, example_inputs)
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise StrategyError(f"compile: seed must be a whole number >= 0, got {seed!r}")
     ctx = _check_strategy(mesh, strategy, optimizer, device)
     if world_size is not None and world_size != mesh.size:
         raise StrategyError(f"{mesh!r} has {mesh.size} ranks but the world size is {world_size!r}")
@@ -232,9 +243,11 @@ def compile(  # noqa: A001 - the public name users expect
     # until the compile ends; cyclic collections in between would walk them over and over.
     with cycle_collection_paused():
         captured = capture(model, microbatch)
+        random_ops = sum(RANDOM_INDEX in op.attributes for op in captured.module.walk())
         signature = [(tuple(x.shape), str(x.dtype).removeprefix("torch.")) for x in example_inputs]
-        compiled = _lower(captured, passes, options, keep_ir, signature)
+        compiled = _lower(captured, passes, options, keep_ir, signature, seed)
     compiled.optimizer, compiled.microbatches, compiled.replicas = optimizer, ctx.microbatches, ctx.replicas
+    compiled.seed, compiled.random_ops = seed, random_ops
     return compiled
 
 
@@ -330,7 +343,7 @@ def _cycle(fragments: list[tuple[str, Fragment]], after: list[set[int]], done: l
 
 
 def _lower(captured: Captured, passes: list[ModulePass], options: PipelineOptions | None,
-           keep_ir: bool, signature: Sequence[tuple[tuple[int, ...], str]] = ()) -> Compiled:
+           keep_ir: bool, signature: Sequence[tuple[tuple[int, ...], str]] = (), seed: int = 0) -> Compiled:
     aliases = {}
     for attrs in main_function(captured.module).arg_attrs.data:
         if ARG_ALIASES in attrs.data:
@@ -358,7 +371,7 @@ def _lower(captured: Captured, passes: list[ModulePass], options: PipelineOption
             raise e.__cause__ from e.__cause__.__cause__
         raise
     module = captured.module
-    files = codegen.generate(module, optimizer_state(module), signature, aliases)
+    files = codegen.generate(module, optimizer_state(module), signature, aliases, seed)
     table = find_schedule(module).table()
     kind = next((p.kind for p in passes if isinstance(p, SchedulePass)), "user")
     sched = schedules.from_lists([[a.compact() for a in table[d]] for d in sorted(table)], name=kind)

@@ -46,6 +46,7 @@ from xdsl.dialects.builtin import (
     ArrayAttr,
     DictionaryAttr,
     IntAttr,
+    IntegerAttr,
     ModuleOp,
     StringAttr,
     UnitAttr,
@@ -70,7 +71,7 @@ from piperc.dialects.roles import (  # noqa: F401 - the captured step's conventi
     main_function,
     result_roles,
 )
-from piperc.dialects.torch import OperatorOp, aten_overload
+from piperc.dialects.torch import RANDOM_INDEX, AtenOp, OperatorOp, aten_is_random, aten_overload
 from piperc.errors import CaptureError
 from piperc.ir import PipercContext, cycle_collection_paused, make_context, print_ir
 
@@ -522,6 +523,7 @@ class _Builder:
         self.types: dict[mlir_ir.Type, Attribute] = {}
         self.attrs: dict[mlir_ir.Attribute, Attribute] = {}
         self.origins: dict[tuple, OriginAttr] = {}
+        self.random_ops = 0  # random ops built so far, in the graph's (execution) order
 
     def op(self, mlir_op) -> Operation:
         """The xDSL op for `mlir_op` (an Operation or OpView), its regions built too."""
@@ -544,6 +546,9 @@ class _Builder:
         )
         if isinstance(op, OperatorOp):
             op = op.as_aten_op()
+        if isinstance(op, AtenOp) and aten_is_random(op.aten):
+            op.attributes[RANDOM_INDEX] = IntegerAttr(self.random_ops, 64)
+            self.random_ops += 1
         mark = self.marks.get(node) if node else None
         if mark is not None:
             op.attributes[ORIGIN] = self.origin(mark)

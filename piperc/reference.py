@@ -8,12 +8,15 @@ and says how far apart they are, next to the noise floor of float reassociation.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 from collections.abc import Sequence
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
+from piperc.runtime.comm import random_seed
 from piperc.runtime.launch import LaunchResult
 from piperc.strategy import SGD, AdamW
 
@@ -32,7 +35,7 @@ def torch_optimizer(optimizer: SGD | AdamW, params) -> torch.optim.Optimizer:
 
 def train_eager(model: torch.nn.Module, batches: Sequence[Sequence[torch.Tensor]],
                 optimizer: SGD | AdamW, slices: int = 1,
-                groups: int = 1) -> tuple[list[float], dict[str, torch.Tensor]]:
+                groups: int = 1, seed: int | None = None) -> tuple[list[float], dict[str, torch.Tensor]]:
     """Trains a copy of `model` on one device; returns the losses and final state_dict.
 
     With `slices` > 1, each step accumulates the gradient over that many equal row
@@ -46,6 +49,10 @@ def train_eager(model: torch.nn.Module, batches: Sequence[Sequence[torch.Tensor]
     Each slice is its own forward, so a layer that normalises over the batch (BatchNorm
     with `track_running_stats=False`) sees slice-sized batches, as a strategy's
     microbatches do: that is the one-device run such a model matches.
+
+    With a `seed`, random ops (dropout) draw as a compiled program with that seed does
+    (`compile(seed=)`): each is seeded from (seed, step, slice, its index among the slice's
+    forward's random ops). A program cut into the same slices then draws the same numbers.
     """
     if slices % groups:
         raise ValueError(f"{slices} slices do not split into {groups} equal groups")
@@ -62,8 +69,10 @@ def train_eager(model: torch.nn.Module, batches: Sequence[Sequence[torch.Tensor]
         parts = list(zip(*(x.tensor_split(slices) for x in batch), strict=True))
         for group in range(groups):
             opt.zero_grad()
-            for part in parts[group * slices // groups:(group + 1) * slices // groups]:
-                out = model(*part)
+            for piece in range(group * slices // groups, (group + 1) * slices // groups):
+                part = parts[piece]
+                with _Seeded(seed, step, piece) if seed is not None else contextlib.nullcontext():
+                    out = model(*part)
                 loss = (out[0] if isinstance(out, tuple) else out) * (1.0 / slices)
                 loss.backward()
                 total = total + loss.detach()
@@ -75,6 +84,21 @@ def train_eager(model: torch.nn.Module, batches: Sequence[Sequence[torch.Tensor]
         opt.step()
         losses.append(total.item())
     return losses, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+class _Seeded(TorchDispatchMode):
+    """Seeds torch's generator before each random op of one slice's forward as
+    `Runtime.seed_random` does in a compiled program."""
+
+    def __init__(self, seed: int, step: int, piece: int):
+        super().__init__()
+        self.seed, self.step, self.piece, self.index = seed, step, piece, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if torch.Tag.nondeterministic_seeded in func.tags:
+            torch.manual_seed(random_seed(self.seed, self.step, self.piece, self.index))
+            self.index += 1
+        return func(*args, **(kwargs or {}))
 
 
 def compare(result_losses: Sequence[float], result_state: dict[str, torch.Tensor],
@@ -229,10 +253,14 @@ def verify(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor], compi
     optimizer, slices, replicas = compiled_training(compiled)
     start = _at_initial_state(model, compiled)
     run = launch(compiled, batches, progress=progress, timeout=timeout)
-    reference_losses, reference_state = train_eager(start, batches, optimizer)
+    # A model that draws random numbers draws them per slice: one device matches it only
+    # when it runs the same slices (in order), seeded the same way.
+    seed = compiled.seed if compiled.random_ops else None
+    reference_losses, reference_state = train_eager(start, batches, optimizer, slices if seed is not None else 1,
+                                                    seed=seed)
     floor_loss, floor_parameter = [], {}
     for groups in (1, replicas) if 1 < replicas < slices else (1,):
-        losses, state = train_eager(start, batches, optimizer, slices, groups)
+        losses, state = train_eager(start, batches, optimizer, slices, groups, seed=seed)
         errors = loss_errors(losses, reference_losses)
         floor_loss = [max(pair) for pair in zip(floor_loss, errors, strict=True)] if floor_loss else errors
         for name, error in parameter_errors(state, reference_state).items():

@@ -31,6 +31,7 @@ that reports nothing is stalled in its own code, or dead.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import threading
@@ -139,6 +140,7 @@ class Runtime:
         input_layouts: Sequence[Layout],
         microbatches: int,
         state: dict[str, torch.Tensor],
+        seed: int = 0,
     ):
         self.rank = rank
         self.world_size = world_size
@@ -154,6 +156,13 @@ class Runtime:
         self._input_layouts = tuple(input_layouts)
         self._microbatches = microbatches
         self._state = state
+        self.seed = seed
+        self.step_index = 0  # the training step running (steps done before it)
+        self._microbatch = 0  # of the task running
+        batch_axes = self._input_layouts[0][0] if self._input_layouts and self._input_layouts[0] else ()
+        self._replica = 0  # which replica's rows this rank holds: row-major over the batch dim's axes
+        for axis in batch_axes:
+            self._replica = self._replica * self._mesh[axis] + self.coords[axis]
         self._batch: tuple[torch.Tensor | None, ...] | None = None
         self._batch_is_shard = False
         self._streams: dict[str, Any] = {}
@@ -198,6 +207,7 @@ class Runtime:
         """Context manager around one launch of stage function `task` (`exec.launch`): kernels
         inside run on `stream`, as with `on`. When tracing, the launch is recorded as a task
         of `stage`, `pass_kind` and `microbatch` (None for an update)."""
+        self._microbatch = microbatch or 0
         if self.recorder is None:
             return self.on(stream)
         return self._traced_launch(task, stage, pass_kind, microbatch, stream)
@@ -214,6 +224,16 @@ class Runtime:
         if stream is None:
             return None
         return next(name for name, s in self._streams.items() if s is stream)
+
+    def seed_random(self, index: int) -> None:
+        """Seeds torch's generators for random op `index` of the model's forward (its place
+        among the forward's random ops) in the running task: from the job's seed, the step,
+        the task's microbatch slice of the global batch (replica x microbatches + microbatch,
+        the order one device accumulating over the same slices takes them) and `index`
+        (`random_seed`). So a launch draws what every other launch draws, and what one device
+        draws when it seeds the same way (`piperc.reference.train_eager(seed=)`)."""
+        piece = self._replica * self._microbatches + self._microbatch
+        torch.manual_seed(random_seed(self.seed, self.step_index, piece, index))
 
     def event_record(self, stream):
         """Records an event on `stream`: a point that `event_wait` can wait for."""
@@ -829,8 +849,9 @@ class Runtime:
 
     # ------------------------------------------------------------ step boundaries (executor)
 
-    def _begin_step(self, batch: tuple[torch.Tensor | None, ...], shard: bool = False) -> None:
+    def _begin_step(self, batch: tuple[torch.Tensor | None, ...], shard: bool = False, step: int = 0) -> None:
         self._batch = batch
+        self.step_index = step
         self._batch_is_shard = shard
         self.outputs = {}
         self._pending = []
@@ -871,6 +892,14 @@ def _silent(rank: int, wait: float, lost: Exception | None) -> str:
     if rank == 0 and _rank0_serves_store():
         return f"rank 0 is gone: the job's store, which rank 0 serves, stopped answering ({lost})"
     return f"rank {rank} is stalled or dead, or had not reported when the job's store stopped answering ({lost})"
+
+
+def random_seed(seed: int, step: int, piece: int, index: int) -> int:
+    """The seed of random op `index` (its place among the forward's random ops) at `step` for
+    microbatch slice `piece` of the global batch, under the job's `seed`: a hash of the four,
+    so that neighbouring slices and steps draw unrelated streams."""
+    digest = hashlib.blake2b(f"{seed}/{step}/{piece}/{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
 def _copied(source: torch.Tensor, tensor: torch.Tensor) -> bool:

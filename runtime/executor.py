@@ -85,6 +85,7 @@ class Executor:
             input_layouts=self.manifest.input_layouts,
             microbatches=self.manifest.microbatches,
             state=_load_state(self.directory / "state.pt", self.manifest, self.plan, device),
+            seed=self.manifest.seed,
         )
         self.program = _import_program(self.directory / self.plan.program, self.rank)
         self.steps_done = 0
@@ -119,7 +120,7 @@ class Executor:
     def _run(self, batch: tuple, shard: bool) -> float:
         rt = self.runtime
         started = rt.recorder.begin_step(self.steps_done) if rt.recorder is not None else 0.0
-        rt._begin_step(batch, shard=shard)
+        rt._begin_step(batch, shard=shard, step=self.steps_done)
         self.program.step(rt)
         rt._end_step()
         total = torch.zeros((), dtype=torch.float64, device=rt.device)

@@ -71,6 +71,8 @@ class Manifest:
     manifest does not say (then `check_batch` checks the count of inputs only)."""
     aliases: dict[str, str] = dataclasses.field(default_factory=dict)
     """The other names of tied parameters, each mapped to the name in `params`."""
+    seed: int = 0
+    """The seed the programs' random ops draw from (`Runtime.seed_random`)."""
 
 
 def read_manifest(directory: str | Path) -> Manifest:
@@ -114,6 +116,7 @@ def _parse(path: Path, data: dict) -> Manifest:
         ranks = tuple(_parse_rank(r) for r in data["ranks"])
         params = {str(n): tuple(int(o) for o in p["owners"]) for n, p in data["params"].items()}
         aliases = {str(a): str(n) for a, n in data.get("aliases", {}).items()}
+        seed = int(data.get("seed", 0))
     except ManifestError:
         raise
     except KeyError as e:
@@ -168,7 +171,7 @@ def _parse(path: Path, data: dict) -> Manifest:
             raise fail(f"alias {alias!r} must name another name of a param, got {name!r}")
     return Manifest(
         path, world_size, device, mesh, groups, input_names, input_layouts, microbatches, ranks, params,
-        input_signature, aliases,
+        input_signature, aliases, seed,
     )
 
 

@@ -11,7 +11,6 @@ rows in the batch checks (starting a process fails the test), loader rows before
 after joining a one-rank process group made in memory. CLI rows, the worker's among them,
 call `main(argv)` in process; one process per installed command (`piperc`, `piperc-opt`)
 shows it answers the same way.
-Rows marked xfail(strict=True) are bugs found here whose fix belongs to another file.
 """
 
 import io
@@ -66,18 +65,9 @@ X, Y = torch.randn(8, 4), torch.randn(8, 4)
 SGD = piperc.optim.SGD(lr=0.1)
 
 
-def xfail(raises, reason):
-    """A bug this corpus found whose fix belongs to a file outside it: `reason` says where."""
-    return pytest.mark.xfail(strict=True, raises=raises, reason=reason)
-
-
 def table(rows):
-    """pytest params named by each row's first field; a row may end with an xfail mark."""
-    params = []
-    for name, *values in rows:
-        marks = values.pop() if isinstance(values[-1], pytest.MarkDecorator) else ()
-        params.append(pytest.param(*values, id=name, marks=marks))
-    return params
+    """pytest params named by each row's first field."""
+    return [pytest.param(*values, id=name) for name, *values in rows]
 
 
 # ---------------------------------------------------------------- piperc.compile
@@ -174,9 +164,8 @@ COMPILE = [
     ("adamw-beta-1.5", compiling(optimizer=piperc.optim.AdamW(betas=(1.5, 0.999))), StrategyError,
      r"invalid betas\[0\] 1\.5; torch\.optim requires 0 <= beta < 1"),
     ("sgd-lr-a-str", compiling(optimizer=piperc.optim.SGD(lr="0.1")), StrategyError, r"lr must be a number, got '0\.1'"),
-    ("seed-a-str", compiling(seed="0"), StrategyError, r"seed",
-     xfail(TypeError, "issue 12 item 5: compile has no seed= yet, so dropout differs between launches and "
-                      "nothing says so")),
+    ("seed-a-str", compiling(seed="0"), StrategyError, r"compile: seed must be a whole number >= 0, got '0'"),
+    ("seed-negative", compiling(seed=-1), StrategyError, r"seed must be a whole number >= 0, got -1"),
 ]  # fmt: skip
 
 
