@@ -121,7 +121,8 @@ def _function_source(fn: func.FuncOp, launch: ex.LaunchOp) -> list[str]:
         elif isinstance(op, t.AtenOp):
             if t.RANDOM_INDEX in op.attributes:  # draws as one device would for this microbatch slice
                 lines.append(f"    RT.seed_random({op.attributes[t.RANDOM_INDEX].value.data})")
-            lines.append(f"    {lhs} = {_aten_call(op, names, inline)}")
+            call = _aten_call(op, names, inline)
+            lines.append(f"    {lhs} = {call}" if targets else f"    {call}")  # an op may return nothing
         elif isinstance(op, par.AllGatherBucketOp | par.ReduceScatterBucketOp):
             lines += _bucket_statements(op, targets, [names[v] for v in op.inputs])
         elif isinstance(op, par.CollectiveOp):
