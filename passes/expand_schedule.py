@@ -228,7 +228,6 @@ class _ProgramWriter:
     def accumulate(self, acc: par.AccumulateOp, mb: int, task: par.TaskOp) -> None:
         new = [self.env[(v, mb)] for v in acc.values]
         if acc in self.acc_value:
-            self.flush([])
             total = self.add(par.TaskOp(acc.callee.root_reference.data, self.step.stage_of(acc),
                                         task.pass_kind.data, [*self.acc_value[acc], *new],
                                         list(acc.sums.types), mb))

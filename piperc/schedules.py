@@ -383,7 +383,10 @@ def validate(schedule: Schedule) -> None:
     runs F and B once per microbatch (and W, when the stage uses W at all);
     then overlap groups; then, by executing the rows in order, that no set of
     devices waits on each other; then that both sides of every pair of devices
-    issue their messages in the same order (transfers match in issue order).
+    issue their messages in the same order (transfers match in issue order);
+    then that the rows still run to the end when a transfer completes only once
+    both sides have started it, as the compiled programs issue them
+    (`_check_rendezvous`).
     """
     _check_shape(schedule)
     _check_actions(schedule)
@@ -391,6 +394,7 @@ def validate(schedule: Schedule) -> None:
     _check_overlap(schedule)
     _execute(schedule, lambda _: 0.0, 0.0)
     _check_message_order(schedule)
+    _check_rendezvous(schedule)
 
 
 def _check_shape(schedule: Schedule) -> None:
@@ -401,6 +405,12 @@ def _check_shape(schedule: Schedule) -> None:
             f"{schedule.num_stages} stages and {schedule.num_microbatches} microbatches"
         )
     num_devices = len(schedule.devices)
+    for d, row in enumerate(schedule.devices):
+        if not row:
+            raise ScheduleError(
+                f"{where}: device {d} runs no action; every device runs a stage, "
+                f"so remove its row or give it a stage's actions"
+            )
     for stage, device in sorted(schedule.stage_device.items()):
         if not 0 <= device < num_devices:
             raise ScheduleError(
@@ -523,6 +533,90 @@ def _check_message_order(schedule: Schedule) -> None:
                     f"devices match in issue order: receive them on device {peer} in the order "
                     f"device {d} sends them"
                 )
+
+
+def _check_rendezvous(schedule: Schedule) -> None:
+    """The rows run to the end when a transfer completes only once both sides have started it.
+
+    NCCL's point-to-point rule (stricter than buffered sends): a send waits for its
+    receive. Each device issues its transfers as the compiled program does: before
+    each step, the sends of the step before and the receives the step needs, as one
+    batch (after its last step, its last sends); batches start in order, each once
+    the one before has completed, and a transfer completes once the batch holding
+    its other side has started. A device waits before a step until the batch with
+    the step's receives completes. Runs after `_check_message_order`, so the k-th
+    send between two devices is the k-th receive there.
+    """
+    n, mbs = schedule.num_stages, schedule.num_microbatches
+    batches: list[list[list[Message]]] = []  # per device, its batches in issue order
+    plans: list[list[tuple[int, int]]] = []  # per device and step: (batches issued, batch to wait for)
+    for d in range(len(schedule.devices)):
+        mine: list[list[Message]] = []
+        plan = []
+        pending: list[Message] = []
+        for step in _steps(schedule, d):
+            receives = [
+                _message(schedule.device_of(producer.stage), d, kind, producer, mbs)
+                for action in step
+                for kind, producer in _receives(action, n)
+                if schedule.device_of(producer.stage) != d
+            ]
+            if pending or receives:
+                mine.append(pending + receives)
+            plan.append((len(mine), len(mine) - 1 if receives else -1))
+            pending = [
+                _message(d, schedule.device_of(consumer.stage), kind, action, mbs)
+                for action in step
+                for kind, consumer in _sends(action, n)
+                if schedule.device_of(consumer.stage) != d
+            ]
+        if pending:
+            mine.append(pending)
+        batches.append(mine)
+        plans.append(plan)
+    place = {
+        (m, d): (d, i)
+        for d, mine in enumerate(batches)
+        for i, batch in enumerate(mine)
+        for m in batch
+    }
+    step = [0] * len(batches)
+    issued = [0] * len(batches)
+    head = [0] * len(batches)  # each device's first batch not yet complete
+
+    def started(message: Message, d: int) -> bool:
+        peer = message.dst_device if message.src_device == d else message.src_device
+        _, i = place[message, peer]
+        return i < issued[peer] and i <= head[peer]
+
+    progressed = True
+    while progressed:
+        progressed = False
+        for d, plan in enumerate(plans):
+            while step[d] < len(plan):
+                issued[d], wait_for = plan[step[d]]
+                if head[d] <= wait_for:
+                    break
+                step[d] += 1
+                progressed = True
+            if step[d] == len(plan):
+                issued[d] = len(batches[d])
+            while head[d] < issued[d] and all(started(m, d) for m in batches[d][head[d]]):
+                head[d] += 1
+                progressed = True
+    stuck = [d for d in range(len(batches)) if head[d] < len(batches[d])]
+    if stuck:
+        waits = []
+        for d in stuck:
+            m = next(m for m in batches[d][head[d]] if not started(m, d))
+            side = f"send to device {m.dst_device}" if m.src_device == d else (
+                f"receive from device {m.src_device}")
+            waits.append(f"device {d} waits at its {side} of {m.kind} {m.producer} -> {m.consumer}")
+        raise ScheduleError(
+            f"schedule '{schedule.name}': deadlock once a send waits for its receive (NCCL's "
+            f"rule): {'; '.join(waits)}; receive a message before sending what the sender "
+            f"waits for, or send it later"
+        )
 
 
 # ---------------------------------------------------------------- execution

@@ -573,8 +573,8 @@ def test_expand_schedule_gpipe():
           %g0, %dw1 = par.task @s1_B stage 1 pass B microbatch 0 (%h0, %w1) : (!torch.vtensor<[2,4],f32>, !torch.vtensor<[4,4],f32>) -> (!torch.vtensor<[2,4],f32>, !torch.vtensor<[4,4],f32>)
           par.send %g0 to 0 "g0 mb0" batch 2 : !torch.vtensor<[2,4],f32>
           %g0_1, %dw1_1 = par.task @s1_B stage 1 pass B microbatch 1 (%h0_1, %w1) : (!torch.vtensor<[2,4],f32>, !torch.vtensor<[4,4],f32>) -> (!torch.vtensor<[2,4],f32>, !torch.vtensor<[4,4],f32>)
-          par.send %g0_1 to 0 "g0 mb1" batch 3 : !torch.vtensor<[2,4],f32>
           %dw1_2 = par.task @s1_B_accumulate stage 1 pass B microbatch 1 (%dw1, %dw1_1) : (!torch.vtensor<[4,4],f32>, !torch.vtensor<[4,4],f32>) -> !torch.vtensor<[4,4],f32>
+          par.send %g0_1 to 0 "g0 mb1" batch 3 : !torch.vtensor<[2,4],f32>
           %3 = par.all_reduce_bucket 0 stage 1 (%dw1_2) over @mesh ["dp"] stages [1] : !torch.vtensor<[4,4],f32>
           %4 = par.task @s1_update stage 1 pass update (%w1, %3) : (!torch.vtensor<[4,4],f32>, !torch.vtensor<[4,4],f32>) -> !torch.vtensor<[4,4],f32>
           par.set_state "blocks.1.w", %4 : !torch.vtensor<[4,4],f32>
@@ -600,8 +600,8 @@ def test_expand_schedule_1f1b():
           %2 = par.task @s1_F_accumulate stage 1 pass F microbatch 1 (%0, %1) : (!torch.vtensor<[],f32>, !torch.vtensor<[],f32>) -> !torch.vtensor<[],f32>
           par.output "loss", %2 : !torch.vtensor<[],f32>
           %g0_1, %dw1_1 = par.task @s1_B stage 1 pass B microbatch 1 (%h0_1, %w1) : (!torch.vtensor<[2,4],f32>, !torch.vtensor<[4,4],f32>) -> (!torch.vtensor<[2,4],f32>, !torch.vtensor<[4,4],f32>)
-          par.send %g0_1 to 0 "g0 mb1" batch 2 : !torch.vtensor<[2,4],f32>
           %dw1_2 = par.task @s1_B_accumulate stage 1 pass B microbatch 1 (%dw1, %dw1_1) : (!torch.vtensor<[4,4],f32>, !torch.vtensor<[4,4],f32>) -> !torch.vtensor<[4,4],f32>
+          par.send %g0_1 to 0 "g0 mb1" batch 2 : !torch.vtensor<[2,4],f32>
           %3 = par.all_reduce_bucket 0 stage 1 (%dw1_2) over @mesh ["dp"] stages [1] : !torch.vtensor<[4,4],f32>
           %4 = par.task @s1_update stage 1 pass update (%w1, %3) : (!torch.vtensor<[4,4],f32>, !torch.vtensor<[4,4],f32>) -> !torch.vtensor<[4,4],f32>
           par.set_state "blocks.1.w", %4 : !torch.vtensor<[4,4],f32>
