@@ -10,13 +10,14 @@ terminated.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import time
+import types
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,6 @@ from .executor import default_timeout
 from .manifest import check_batch, read_manifest, shard
 from .trace import merge
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 STEP_PREFIX = "PIPERC_STEP"
 """Rank 0 prints `PIPERC_STEP <step> <loss>` on stdout after each step."""
 STDERR_TAIL_LINES = 30
@@ -171,10 +171,7 @@ def launch_dir(
             shards = [shard(manifest, rank, batch) for batch in batches] if rank < manifest.world_size else []
             torch.save(shards, scratch / f"batches.rank{rank}.pt")
         result = scratch / "result.pt"
-        command = [
-            sys.executable, "-m", "piperc.runtime.worker", str(directory),
-            "--batches", str(scratch / "batches.rank{rank}.pt"), "--result", str(result),
-        ]  # fmt: skip
+        command = [str(directory), "--batches", str(scratch / "batches.rank{rank}.pt"), "--result", str(result)]
         if trace is not None:
             command += ["--trace", str(Path(trace).resolve())]
         if checkpoint_dir is not None:
@@ -221,11 +218,17 @@ class _Job:
     def __init__(self, directory: Path, scratch: Path):
         self.directory = directory
         self.scratch = scratch
-        self.procs: list[subprocess.Popen] = []
+        self.procs: list[_Rank] = []
         self.stdout_tails: list[_LineTail] = []
 
-    def start(self, command: list[str], nprocs: int) -> None:
-        """Starts ranks 0..nprocs-1, each running `command` in the torchrun environment."""
+    def start(self, argv: list[str], nprocs: int) -> None:
+        """Starts ranks 0..nprocs-1, each running the worker with `argv` in the torchrun
+        environment, in a session of its own (so that terminating a rank also ends anything
+        it started), its output going to files.
+
+        The ranks are forked from a server process that has imported the runtime once
+        (multiprocessing's forkserver, kept for later launches from this process): a rank
+        starts in milliseconds instead of paying for `import torch` again."""
         port = _free_port()
         for rank in range(nprocs):
             env = dict(os.environ)
@@ -237,13 +240,8 @@ class _Job:
                 MASTER_ADDR="127.0.0.1",
                 MASTER_PORT=str(port),
                 OMP_NUM_THREADS="1",
-                PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")])),
             )
-            with open(self._stdout(rank), "wb") as stdout, open(self._stderr(rank), "wb") as stderr:
-                # Its own session, so that terminating a rank also ends anything it started.
-                proc = subprocess.Popen(
-                    command, env=env, stdout=stdout, stderr=stderr, start_new_session=True
-                )
+            proc = _Rank(argv, env, self._stdout(rank), self._stderr(rank))
             self.procs.append(proc)
             self.stdout_tails.append(_LineTail(self._stdout(rank)))
 
@@ -328,6 +326,59 @@ class _Job:
             proc.wait()
 
 
+class _Rank:
+    """One worker process forked from the runtime's forkserver, with `subprocess.Popen`'s
+    `pid`, `poll`, `returncode` and `wait`."""
+
+    _context = None
+
+    def __init__(self, argv: list[str], env: dict[str, str], stdout: Path, stderr: Path):
+        if _Rank._context is None:
+            _Rank._context = multiprocessing.get_context("forkserver")
+            _Rank._context.set_forkserver_preload(["piperc.runtime.worker"])
+        stdout.touch()
+        stderr.touch()
+        self.process = _Rank._context.Process(
+            target=_rank_main, args=(argv, env, os.getcwd(), str(stdout), str(stderr)), daemon=False
+        )
+        # multiprocessing would run the launcher's __main__ again in the rank (a user script
+        # without a main guard would launch again); the rank needs only _rank_main.
+        launcher_main = sys.modules["__main__"]
+        sys.modules["__main__"] = types.ModuleType("__main__")
+        try:
+            self.process.start()
+        finally:
+            sys.modules["__main__"] = launcher_main
+        self.pid = self.process.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self.process.exitcode
+
+    def poll(self) -> int | None:
+        return self.process.exitcode
+
+    def wait(self) -> int:
+        self.process.join()
+        return self.process.exitcode
+
+
+def _rank_main(argv: list[str], env: dict[str, str], cwd: str, stdout: str, stderr: str) -> None:
+    """A forked rank: its own session, the launcher's environment and directory, output to
+    files, then the worker (which ends the process)."""
+    os.setsid()
+    for fd, path in ((1, stdout), (2, stderr)):
+        out = os.open(path, os.O_WRONLY | os.O_APPEND)
+        os.dup2(out, fd)
+        os.close(out)
+    os.environ.clear()
+    os.environ.update(env)
+    os.chdir(cwd)
+    from .worker import main
+
+    main(argv)
+
+
 class _LineTail:
     """Reads the complete lines appended to a file since the last call."""
 
@@ -345,11 +396,14 @@ class _LineTail:
         return [line.decode(errors="replace") for line in lines]
 
 
-def _signal_session(proc: subprocess.Popen, sig: signal.Signals) -> None:
+def _signal_session(proc: _Rank, sig: signal.Signals) -> None:
     try:
         os.killpg(proc.pid, sig)
-    except ProcessLookupError:
-        pass
+    except ProcessLookupError:  # no session yet (the rank has not reached setsid) or gone
+        try:
+            os.kill(proc.pid, sig)
+        except ProcessLookupError:
+            pass
 
 
 def _describe_exit(returncode: int) -> str:
