@@ -19,7 +19,7 @@ demo: $(STAMP)
 	$(PY) -m piperc.demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=25 tests
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
