@@ -863,7 +863,7 @@ class BatchP2POp(CommunicationOp):
         parser.parse_keyword("group")
         group = parser.parse_attribute()
         parser.parse_keyword("on")
-        stream = parser.parse_operand()
+        stream = parser.parse_operand(StreamType())
         sends: list[tuple[SSAValue, int]] = []
         recvs: list[tuple[int, Attribute]] = []
 

@@ -38,9 +38,11 @@ affected: the loss tangent is an argument of its own).
 
 New ops take the `piperc.origin` of the op they stand for, and their layouts.
 An op whose shapes the pass cannot make local is a StrategyError naming the op, its
-module and why; so is a dimension that does not split over its axes, and a random op
-(`piperc.random`: dropout) whose result is sharded, since each device would draw its own
-piece rather than its piece of what one device draws.
+module and why; so is a dimension that does not split over its axes.
+
+A random op (`piperc.random`) whose result is sharded would draw a different piece on each
+device than the piece of what one device draws; dropout is made whole and cut as arange is:
+`bernoulli` over the whole shape, its piece kept (other random ops there are refused).
 
 Options: `mesh-axes` (the axes propagate-sharding laid values out over; default all of
 `@mesh`'s). Requires: propagate-sharding has run on `@main` (and the mesh pass).
@@ -74,7 +76,7 @@ from piperc.dialects.torch_builder import TorchBuilder
 from piperc.errors import StrategyError
 from piperc.passes.mesh import MESH_SYMBOL, find_mesh
 from piperc.passes.propagate_sharding import LAYOUTS, value_layout, where
-from piperc.passes.sharding_rules import const_int, const_ints
+from piperc.passes.sharding_rules import const_float, const_int, const_ints
 
 _SIZES_OPERAND = {
     **{f"torch.aten.{n}": 1 for n in ("view", "reshape", "_unsafe_view", "expand", "new_zeros", "new_ones",
@@ -301,15 +303,41 @@ class _Localise:
         return ValueTensorType(shape, value.type.dtype)
 
     def random(self, op: Operation) -> None:
-        """A random op draws for the tensor its device holds; on a sharded tensor each device's
-        piece would not be the piece of what one device draws, so that is refused."""
-        sharded = [value_layout(r) for r in op.results
-                   if isinstance(r.type, ValueTensorType) and _is_sharded(value_layout(r))]
-        if sharded:
-            raise self.fail(op, f"it draws random numbers (dropout) for a tensor laid out as {sharded[0]}, and "
-                                "each device would draw its own piece, not its piece of one device's draw; keep the "
-                                "tensor it reads whole (e.g. dropout after a row-parallel projection, whose output is "
-                                "replicated)")
+        """A random op on a sharded tensor draws the whole tensor, as one device does, and each
+        device keeps its piece (no communication). Dropout is rewritten so: `bernoulli` on the
+        whole shape (the draw, which keeps the op's `piperc.random`), cut to the piece, then the
+        piece of the input times it times 1/(1-p); the mask is its piece, as bools. Other random
+        ops on a sharded tensor are refused."""
+        result = op.results[0]
+        if not isinstance(result.type, ValueTensorType) or not _is_sharded(value_layout(result)):
+            return
+        if op.name != "torch.aten.native_dropout":
+            raise self.fail(op, f"it draws random numbers for a tensor laid out as {value_layout(result)}, and only "
+                                "dropout is drawn whole and cut; keep the tensor it reads whole")
+        x, p, train = op.operands
+        keep = None if const_float(p) is None else 1.0 - const_float(p)
+        if not isinstance(train.owner, ConstantBoolOp) or keep is None:
+            raise self.fail(op, "its probability and training flag are not constants")
+        if not train.owner.value.value.data:
+            return  # evaluation: nothing is drawn, the mask is all true
+        layout = value_layout(result)
+        whole = ShardingAttr.replicated(layout.rank())
+        first = op.prev_op
+        b = self.builder(op)
+        empty = b.aten("torch.aten.empty.memory_format",
+                       [b.int_list(result.type.get_shape()), b.none(), b.none(), b.device(), b.none(), b.none()],
+                       [result.type])
+        drawn = b.aten("torch.aten.bernoulli.p", [empty, b.float(keep), b.none()], [result.type])
+        drawn.owner.attributes[RANDOM_INDEX] = op.attributes[RANDOM_INDEX]
+        local = self.local_type_as(result, layout, op)
+        cut = ReshardOp(drawn, MESH_SYMBOL, whole, layout, local)
+        op.parent_block().insert_op_before(cut, op)
+        kept = b.aten("torch.aten.mul.Tensor", [x, cut.result], [local])
+        out = b.aten("torch.aten.mul.Scalar", [kept, b.float(0.0 if keep == 0 else 1.0 / keep)], [local])
+        mask = b.aten("torch.aten.ne.Scalar", [cut.result, b.int(0)], [ValueTensorType(local.get_shape(), i1)])
+        self.stamp(self.made_before(op, first), op,
+                   {empty: whole, drawn: whole, kept: layout, out: layout, mask: layout})
+        _replace_results(op, [out, mask])
 
     def not_localisable(self, op: Operation) -> None:
         """Strided views of a sharded tensor cannot be made local from the sizes alone."""

@@ -21,7 +21,7 @@ from piperc.runtime.manifest import local_part, part_box
 
 REPO = Path(__file__).resolve().parent.parent
 OPT = piperc.optim.AdamW(lr=1e-3, weight_decay=0.1)
-STEPS = 8
+STEPS = 10
 TOL = 1e-5
 
 
@@ -53,14 +53,13 @@ def noise_floor(run) -> dict[str, float]:
 
 def compile_as(model, inputs, name):
     pipeline = piperc.pipeline(axis="pp", stages=2, microbatches=2)
+    megatron_mlp = piperc.tensor_parallel(axis="tp", plan={
+        "blocks.*.mlp.fc.weight": piperc.Shard(0), "blocks.*.mlp.proj.weight": piperc.Shard(1)})
     strategies = {
         "pp2 x dp2": (piperc.Mesh(pp=2, dp=2), [pipeline, piperc.data_parallel(axis="dp")]),
         "dp4 zero3": (piperc.Mesh(dp=4), [piperc.data_parallel(axis="dp", zero=3)]),
-        "dp2 x tp2": (piperc.Mesh(dp=2, tp=2), [
-            piperc.data_parallel(axis="dp"),
-            piperc.tensor_parallel(axis="tp", plan={
-                "blocks.*.mlp.fc.weight": piperc.Shard(0), "blocks.*.mlp.proj.weight": piperc.Shard(1)}),
-        ]),
+        "dp2 x tp2": (piperc.Mesh(dp=2, tp=2), [piperc.data_parallel(axis="dp"), megatron_mlp]),
+        "dp2 x tp2 zero3": (piperc.Mesh(dp=2, tp=2), [piperc.data_parallel(axis="dp", zero=3), megatron_mlp]),
     }
     mesh, strategy = strategies[name]
     return piperc.compile(model, inputs, mesh=mesh, strategy=strategy, optimizer=OPT, keep_ir=False)
@@ -90,13 +89,14 @@ def test_part_box_is_where_local_part_cut(layout, coords):
 
 def test_a_checkpoint_reloads_under_each_other_strategy_and_trains_on_exactly(run, tmp_path):
     """One training run of STEPS steps, two steps per strategy, each continuing from the
-    checkpoint the previous one wrote: unsharded -> ZeRO-3 -> tensor parallel -> pipeline,
-    then read back in one process. Every pair reshards (whole to parts, parts to other
-    parts, parts to whole), and the run trains as one device does: losses within 1e-5,
-    parameters within 1e-5 or twice the AdamW noise floor of the same slicing."""
+    checkpoint the previous one wrote: unsharded -> ZeRO-3 -> tensor parallel -> tensor
+    parallel with ZeRO-3 (two axes on one dimension) -> pipeline, then read back in one
+    process. Every pair reshards (whole to parts, parts to other parts, parts to whole), and
+    the run trains as one device does: losses within 1e-5, parameters within 1e-5 or twice
+    the AdamW noise floor of the same slicing."""
     model, inputs, batches, eager_losses, eager_state = run
     root = tmp_path / "ckpt"
-    chain = ["pp2 x dp2", "dp4 zero3", "dp2 x tp2", "pp2 x dp2"]
+    chain = ["pp2 x dp2", "dp4 zero3", "dp2 x tp2", "dp2 x tp2 zero3", "pp2 x dp2"]
     losses = []
     for i, name in enumerate(chain):
         result = piperc.launch(compile_as(model, inputs, name), batches[: 2 * (i + 1)],
@@ -110,7 +110,7 @@ def test_a_checkpoint_reloads_under_each_other_strategy_and_trains_on_exactly(ru
     above = {name: (error, floor[name]) for name, error in errors.items() if error > max(TOL, 2 * floor[name])}
     assert not above, above
 
-    plain = piperc.checkpoint.to_state_dict(root)  # the latest, step 8, in this process
+    plain = piperc.checkpoint.to_state_dict(root)  # the latest, step 10, in this process
     assert sorted(plain) == sorted(eager_state)
     assert parameter_errors(plain, result.state_dict) == dict.fromkeys(plain, 0.0)
     info = checkpoint.read_info(checkpoint.latest(root))
@@ -158,7 +158,7 @@ def test_resume_after_a_rank_is_sigkilled_loses_only_the_steps_since_the_last_ch
     assert result["first_step"] == 4
     assert result["losses"] == uninterrupted.losses[4:]
     assert parameter_errors(result["state_dict"], uninterrupted.state_dict) == dict.fromkeys(uninterrupted.state_dict, 0.0)
-    assert checkpoint.latest(root).name == "step_00000008"
+    assert checkpoint.latest(root).name == f"step_{STEPS:08d}"
 
 
 # ---------------------------------------------------------------- publication and errors

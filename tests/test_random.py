@@ -93,12 +93,21 @@ def test_dropout_trains_as_one_device_that_runs_the_same_slices_with_the_same_se
         assert min(compare(result.losses, result.state_dict, *others)) > 1e-3
 
 
-def test_dropout_on_a_tensor_parallel_shard_is_refused(net):
+def test_dropout_on_a_tensor_parallel_shard_draws_the_whole_mask_and_keeps_its_piece(net):
+    """fc's output is split over tp, so its dropout is drawn whole (as one device draws it) and
+    each device keeps its columns: tp=2 trains as one device does with the same seed."""
     model, batches = net
-    with pytest.raises(StrategyError, match=r"localise-shapes: cannot give .*native_dropout.*blocks\.0\.drop.*"
-                                            r"draws random numbers \(dropout\)"):
-        piperc.compile(model, batches[0], mesh=piperc.Mesh(tp=2), optimizer=SGD, keep_ir=False,
-                       strategy=[piperc.tensor_parallel(axis="tp", plan={"blocks.*.fc.weight": piperc.Shard(0)})])
+    compiled = piperc.compile(
+        model, batches[0], mesh=piperc.Mesh(tp=2), optimizer=SGD, seed=5,
+        strategy=[piperc.tensor_parallel(axis="tp", plan={"blocks.*.fc.weight": piperc.Shard(0)})])
+    after = dict(compiled.ir_after)["localise-shapes"]
+    draws = [line for line in after.splitlines() if "piperc.random" in line]
+    assert len(draws) == 2 and all('"torch.aten.bernoulli.p"' in line and "[8,8],f32>" in line for line in draws)
+    assert "native_dropout\"" not in after and after.count("native_dropout_backward") == 2
+    result = piperc.launch(compiled, batches)
+    losses, state = train_eager(model, batches, SGD, seed=5)
+    loss_err, param_err = compare(result.losses, result.state_dict, losses, state)
+    assert loss_err <= 1e-5 and param_err <= 1e-5, (loss_err, param_err)
 
 
 def test_compile_seed_must_be_a_whole_number(net):
