@@ -155,7 +155,8 @@ def save(executor: Executor, root: str | Path) -> Path:
     state = _parts(executor)
     state[STEPS_KEY] = torch.tensor(executor.steps_done, dtype=torch.int64)
     state[f"{RNG_PREFIX}{executor.rank}"] = _rng_state(executor)
-    dcp.save(state, storage_writer=dcp.FileSystemWriter(partial), planner=_SavePlanner())
+    with executor.runtime.host_work():
+        dcp.save(state, storage_writer=dcp.FileSystemWriter(partial), planner=_SavePlanner())
     if executor.rank == 0:  # dcp.save returns once every rank's write and the metadata are done
         manifest = executor.manifest
         info = {
@@ -204,7 +205,8 @@ def load(executor: Executor, path: str | Path) -> None:
     same_world = info["world_size"] == executor.manifest.world_size
     if same_world:
         state[rng] = _Part(torch.empty_like(_rng_state(executor)), (0,), _rng_state(executor).shape)
-    dcp.load(state, storage_reader=dcp.FileSystemReader(path), planner=_LoadPlanner())
+    with executor.runtime.host_work():
+        dcp.load(state, storage_reader=dcp.FileSystemReader(path), planner=_LoadPlanner())
     rt = executor.runtime
     for name, part in state.items():
         if name != rng:

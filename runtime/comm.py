@@ -157,6 +157,7 @@ class Runtime:
         self._microbatches = microbatches
         self._state = state
         self.seed = seed
+        self._host_work = 0  # host_work() contexts open
         self.step_index = 0  # the training step running (steps done before it)
         self._microbatch = 0  # of the task running
         batch_axes = self._input_layouts[0][0] if self._input_layouts and self._input_layouts[0] else ()
@@ -728,6 +729,8 @@ class Runtime:
         seen complete here (`is_completed()`, which never blocks), not the host
         returning from a wait. Safe to call from another thread (the watchdog).
         """
+        if self._host_work:
+            self.last_progress = time.monotonic()
         with self._outstanding_lock:
             outstanding = list(self._outstanding)
         finished = [w for w in outstanding if w.is_completed()]
@@ -736,6 +739,18 @@ class Runtime:
             with self._outstanding_lock:
                 self._outstanding = [w for w in self._outstanding if not w.completed]
         return self.last_progress
+
+    @contextlib.contextmanager
+    def host_work(self):
+        """Marks work between steps that communicates on its own, with its own timeouts (a
+        checkpoint's torch.distributed.checkpoint collectives and file I/O): the watchdog
+        counts it as progress until it ends, however long a large model's save takes."""
+        self._host_work += 1
+        try:
+            yield
+        finally:
+            self._host_work -= 1
+            self.last_progress = time.monotonic()
 
     def _track(
         self,
