@@ -23,16 +23,27 @@ class PassError(PipercError):
 
 
 def describe(error: BaseException) -> str:
-    """`Type: first line of the message`, then where it was raised in the user's code: the
-    innermost frame of its traceback outside torch, piperc's driver and the import machinery, as
-    `\\n  at FILE:LINE in FUNCTION: CODE` (nothing when every frame is theirs)."""
+    """`Type: first line of the message`, then where it was raised in the user's code
+    (`user_frame`)."""
+    message = first_line(error) if str(error).strip() else "(no message)"
+    return f"{type(error).__name__}: {message}{user_frame(error)}"
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of `error`'s message (its type's name when it has none)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def user_frame(error: BaseException) -> str:
+    """Where `error` was raised in the user's code: the innermost frame of its traceback
+    outside torch, piperc's driver and the import machinery, as
+    `\n  at FILE:LINE in FUNCTION: CODE` (nothing when every frame is theirs)."""
     import torch  # here, not at the top: the CLIs import this module and answer --help without torch
 
-    text = str(error).strip()
-    where = ""
     skipped = (os.path.dirname(torch.__file__), os.path.dirname(__file__), "<frozen ")
     frames = [f for f in traceback.extract_tb(error.__traceback__) if not f.filename.startswith(skipped)]
-    if frames:
-        f = frames[-1]
-        where = f"\n  at {f.filename}:{f.lineno} in {f.name}: {(f.line or '').strip()}"
-    return f"{type(error).__name__}: {text.splitlines()[0] if text else '(no message)'}{where}"
+    if not frames:
+        return ""
+    f = frames[-1]
+    return f"\n  at {f.filename}:{f.lineno} in {f.name}: {(f.line or '').strip()}"

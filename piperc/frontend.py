@@ -30,7 +30,6 @@ import contextlib
 import dataclasses
 import os
 import re
-import traceback
 from collections.abc import Sequence
 
 import torch
@@ -72,7 +71,7 @@ from piperc.dialects.roles import (  # noqa: F401 - the captured step's conventi
     result_roles,
 )
 from piperc.dialects.torch import RANDOM_INDEX, AtenOp, OperatorOp, aten_is_random, aten_overload
-from piperc.errors import CaptureError
+from piperc.errors import CaptureError, first_line, user_frame
 from piperc.ir import PipercContext, cycle_collection_paused, make_context, print_ir
 
 
@@ -239,8 +238,8 @@ def _export(model: torch.nn.Module, example_inputs: tuple) -> torch.export.Expor
             return torch.export.export(model, example_inputs, strict=False)
         except Exception as e:  # torch.export raises many types; all mean "cannot trace"
             raise CaptureError(
-                f"torch.export cannot trace {type(model).__name__}: {_first_line(e)}"
-                f"{_model_frame(e, model)}"
+                f"torch.export cannot trace {type(model).__name__}: {first_line(e)}"
+                f"{user_frame(e)}"
             ) from e
 
 
@@ -255,27 +254,8 @@ def _joint_graph(model: torch.nn.Module, exported: torch.export.ExportedProgram,
         except Exception as e:
             raise CaptureError(
                 f"AOTAutograd cannot build the backward of {type(model).__name__}: "
-                f"{_first_line(e)}{_model_frame(e, model)}"
+                f"{first_line(e)}{user_frame(e)}"
             ) from e
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0]
-
-
-def _model_frame(e: BaseException, model: torch.nn.Module) -> str:
-    """' (at file:line in function)' for the innermost traceback frame in user code."""
-    torch_dir = os.path.dirname(torch.__file__)
-    frames = [
-        f
-        for f in traceback.extract_tb(e.__traceback__)
-        if not f.filename.startswith(torch_dir) and f.filename != __file__
-    ]
-    if not frames:
-        return ""
-    f = frames[-1]
-    return f"\n  at {f.filename}:{f.lineno} in {f.name}: {(f.line or '').strip()}"
 
 
 def _fold_tied_parameters(model, gm: torch.fx.GraphModule):

@@ -204,7 +204,8 @@ def load(executor: Executor, path: str | Path) -> None:
     rng = f"{RNG_PREFIX}{executor.rank}"
     same_world = info["world_size"] == executor.manifest.world_size
     if same_world:
-        state[rng] = _Part(torch.empty_like(_rng_state(executor)), (0,), _rng_state(executor).shape)
+        current = _rng_state(executor)
+        state[rng] = _Part(torch.empty_like(current), (0,), current.shape)
     with executor.runtime.host_work():
         dcp.load(state, storage_reader=dcp.FileSystemReader(path), planner=_LoadPlanner())
     rt = executor.runtime

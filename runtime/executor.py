@@ -301,8 +301,7 @@ def _load_state(path: Path, manifest: Manifest, plan: RankPlan, device: torch.de
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"{path}: not a state file torch.load can read ({first})") from e
+        raise ValueError(f"{path}: not a state file torch.load can read ({first_line(e)})") from e
     state: dict[str, torch.Tensor] = {}
     for entry in plan.state:
         source = entry.name if entry.kind == "param" else entry.like
@@ -318,6 +317,13 @@ def _load_state(path: Path, manifest: Manifest, plan: RankPlan, device: torch.de
         else:
             state[entry.name] = torch.tensor(entry.value, dtype=torch.float64, device=device)
     return state
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of `error`'s message (its type's name when it has none): what a user
+    is shown of an error in what they gave, without a traceback."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _part(tensor: torch.Tensor, entry: StateEntry, manifest: Manifest, plan: RankPlan) -> torch.Tensor:

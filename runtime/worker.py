@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 from .comm import LIVE_ITEMS
-from .executor import Executor, load
+from .executor import Executor, first_line, load
 from .launch import STEP_PREFIX
 
 
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
             batches = torch.load(args.batches.format(rank=rank), weights_only=True)
             executor = load(args.directory, trace=args.trace)
         except (OSError, ValueError, KeyError, pickle.UnpicklingError) as e:
-            raise _Refused(_first_line(e)) from e
+            raise _Refused(first_line(e)) from e
         _start_watchdog(executor, rank)
         if args.resume:
             _resume(executor, args.checkpoint_dir)
@@ -117,11 +117,6 @@ def _resume(executor: Executor, root: str) -> None:
 
 class _Refused(Exception):
     """A job, batch file or checkpoint the worker cannot use: one error line, no traceback."""
-
-
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
 
 
 def _write_result(
