@@ -68,7 +68,7 @@ from xdsl.traits import (
 from xdsl.utils.exceptions import VerifyException
 from xdsl.utils.str_enum import StrEnum
 
-from piperc.dialects.torch import ValueTensorType
+from piperc.dialects.torch import IntType, ValueTensorType
 
 # ---------------------------------------------------------------- attributes
 
@@ -1066,6 +1066,36 @@ class OutputOp(IRDLOperation):
         super().__init__(operands=[value], properties={"output_name": StringAttr(output_name)})
 
 
+@irdl_op_definition
+class SliceIndexOp(IRDLOperation):
+    """The slice of the global batch the running task works on: `%j = par.slice_index : !torch.int`.
+
+    Slices are numbered as one device accumulating over them takes them: replica x
+    microbatches + microbatch, where the replica is the position of this device's rows
+    along the batch dimension's mesh axes. Only a function that a per-microbatch task runs
+    (a stage's forward or backward) has a slice; the step `@main` and update functions do
+    not. `running-buffers` weights a buffer's increment with it; the runtime answers it
+    (`Runtime.slice_index`).
+    """
+
+    name = "par.slice_index"
+
+    result = result_def(IntType)
+
+    assembly_format = "attr-dict `:` type($result)"
+
+    def __init__(self):
+        super().__init__(result_types=[IntType()])
+
+    def verify_(self) -> None:
+        fn = self.parent_op()
+        while fn is not None and not isinstance(fn, func.FuncOp):
+            fn = fn.parent_op()
+        if fn is None or fn.sym_name.data == "main":
+            raise VerifyException(f"{self.name} must be inside a stage function (a function a par.task "
+                                  "runs per microbatch), not in the step @main")
+
+
 # ---------------------------------------------------------------- point to point
 
 
@@ -1800,6 +1830,7 @@ Par = Dialect(
         SetStateOp,
         InputOp,
         OutputOp,
+        SliceIndexOp,
         SendOp,
         RecvOp,
         AllReduceOp,

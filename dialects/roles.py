@@ -24,6 +24,12 @@ ARG_ALIASES = "piperc.aliases"  # other names of a tied parameter
 RES_LOSS = "piperc.loss"
 RES_OUTPUT = "piperc.output"
 RES_GRAD = "piperc.grad"
+RES_INCREMENT = "piperc.increment"
+"""A buffer the forward updates (its name): the result is its increment `u`, and after the step
+the buffer is `decay * buffer + u` (`RES_DECAY`). BatchNorm's running statistics have decay
+`1 - momentum`, its `num_batches_tracked` decay 1 and increment 1."""
+RES_DECAY = "piperc.decay"
+"""The decay of a buffer's update (a float): see `RES_INCREMENT`."""
 
 
 def main_function(module: ModuleOp) -> func.FuncOp:
@@ -61,7 +67,9 @@ def argument_roles(fn: func.FuncOp) -> list[tuple[str, object]]:
 
 
 def result_roles(fn: func.FuncOp) -> list[tuple[str, object]]:
-    """For each result of a captured function, (role, key): loss, output (index) or grad (name)."""
+    """For each result of a captured function, (role, key): loss, output (index), grad (name),
+    increment (a buffer's name, see `RES_INCREMENT`), or, once the passes have made them, the
+    new param, state or buffer (name)."""
     roles = []
     for i, attrs in enumerate(fn.res_attrs.data if fn.res_attrs else ()):
         if RES_LOSS in attrs.data:
@@ -70,10 +78,14 @@ def result_roles(fn: func.FuncOp) -> list[tuple[str, object]]:
             roles.append(("output", attrs.data[RES_OUTPUT].data))
         elif RES_GRAD in attrs.data:
             roles.append(("grad", attrs.data[RES_GRAD].data))
+        elif RES_INCREMENT in attrs.data:
+            roles.append(("increment", attrs.data[RES_INCREMENT].data))
         elif ARG_PARAM in attrs.data:  # the updated parameter, once the optimizer has run
             roles.append(("param", attrs.data[ARG_PARAM].data))
         elif ARG_STATE in attrs.data:
             roles.append(("state", attrs.data[ARG_STATE].data))
+        elif ARG_BUFFER in attrs.data:  # the updated buffer (running-buffers)
+            roles.append(("buffer", attrs.data[ARG_BUFFER].data))
         else:
             raise CaptureError(f"result {i} of @main has no piperc role attribute")
     return roles

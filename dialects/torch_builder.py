@@ -57,6 +57,17 @@ class TorchBuilder:
         op = t.ListConstructOp.create(operands=items, result_types=[t.ListType(t.IntType())])
         return self._add(op).results[0]
 
+    def one(self, type_: Attribute) -> SSAValue:
+        """The constant 1 as a scalar operand (`alpha` of `add.Tensor`) for tensors of `type_`:
+        a `torch.constant.int` for integer and boolean dtypes (torch refuses a float
+        alpha for them), else a `torch.constant.float`."""
+        dtype = str(type_.dtype) if isinstance(type_, t.ValueTensorType) else "f32"
+        return self.int(1) if dtype.startswith(("si", "ui", "i")) else self.float(1.0)
+
+    def insert(self, op: Operation) -> Operation:
+        """Adds `op` (of any dialect) where this builder adds ops; returns it."""
+        return self._add(op)
+
     def aten(
         self,
         name: str,

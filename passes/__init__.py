@@ -33,6 +33,7 @@ PASSES: dict[str, Callable[[], type[ModulePass]]] = {
     "data-parallel": _lazy("piperc.passes.data_parallel", "DataParallelPass"),
     "zero": _lazy("piperc.passes.zero", "ZeroPass"),
     "microbatch": _lazy("piperc.passes.microbatch", "MicrobatchPass"),
+    "running-buffers": _lazy("piperc.passes.running_buffers", "RunningBuffersPass"),
     "schedule": _lazy("piperc.passes.schedule", "SchedulePass"),
     "expand-schedule": _lazy("piperc.passes.expand_schedule", "ExpandSchedulePass"),
     "lower-to-exec": _lazy("piperc.passes.lower_to_exec", "LowerToExecPass"),

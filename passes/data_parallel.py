@@ -3,7 +3,8 @@
 Each replica takes an equal slice of the global batch: the step's inputs get
 the layout "dimension 0 split over `axis`", and so does every activation that
 depends on them (the first dimension that is a multiple of the rows a replica
-holds); the gradients the backward tasks return are partial sums over `axis`
+holds); the gradients the backward tasks return (and the buffer increments a forward
+returns, see `running-buffers`) are partial sums over `axis`
 (`partial = ["dp"]`), on top of the layouts they already have (tensor parallelism's
 shards and pending sums are kept). The pass then sums them over the axis before each
 stage's update with `par.all_reduce_bucket`, grouping the gradients of a stage
@@ -31,7 +32,7 @@ from xdsl.ir import BlockArgument, SSAValue
 from xdsl.passes import ModulePass
 
 from piperc.dialects.par import AllReduceBucketOp, PassKind, ShardingAttr, TaskOp, layout_of
-from piperc.dialects.roles import argument_roles, main_function
+from piperc.dialects.roles import argument_roles, main_function, result_roles
 from piperc.dialects.torch import ValueTensorType
 from piperc.errors import StrategyError
 from piperc.passes.mesh import MESH_SYMBOL, find_mesh
@@ -162,8 +163,12 @@ class DataParallelPass(ModulePass):
 
 
 def _gradient_results(main: func.FuncOp, task: TaskOp) -> list[bool]:
-    """Which results of `task` are parameter gradients (read by an update or a bucket)."""
+    """Which results of `task` are sums over the batch: parameter gradients (read by an update
+    or a bucket) and buffer increments (returned by the step, see `running-buffers`)."""
+    ret = main.body.block.last_op
+    increments = {v for (role, _), v in zip(result_roles(main), ret.operands, strict=True) if role == "increment"}
     readers = [[u.operation for u in r.uses] for r in task.outs]
-    return [any(isinstance(o, AllReduceBucketOp) or (isinstance(o, TaskOp) and o.pass_kind.data == PassKind.UPDATE)
-                for o in users) for users in readers]
+    return [r in increments or any(
+        isinstance(o, AllReduceBucketOp) or (isinstance(o, TaskOp) and o.pass_kind.data == PassKind.UPDATE)
+        for o in users) for r, users in zip(task.outs, readers, strict=True)]
 

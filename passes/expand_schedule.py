@@ -312,6 +312,10 @@ class ExpandSchedulePass(ModulePass):
         table = schedule.table()
         device_of = {a.stage: d for d, row in table.items() for a in row}
         step = _Step(main_function(op), microbatches, device_of)
+        unapplied = [name for role, name in result_roles(step.main) if role == "increment"]
+        if unapplied:
+            raise StrategyError(f"{self.directive}: the step returns increments of buffers {unapplied} but "
+                                "no update of them; run running-buffers after microbatch")
         for stage in {t.stage.value.data for t in step.main.body.block.ops if isinstance(t, par.TaskOp)}:
             if stage not in device_of:
                 raise StrategyError(f"{self.directive}: the schedule runs no action of stage {stage}")

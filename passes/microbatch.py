@@ -45,6 +45,8 @@ from piperc.passes.outline_stages import (
 from piperc.passes.pipeline_split import NUM_STAGES, module_count
 
 MICROBATCHES = "par.microbatches"
+REPLICAS = "par.replicas"
+"""Module attributes: how many microbatches and data-parallel replicas cut each global batch."""
 LOSS_SHARE = "loss_share"
 
 
@@ -78,6 +80,7 @@ class MicrobatchPass(ModulePass):
                 self._accumulate(op, main, task)
         step_result_layouts(op)
         op.attributes[MICROBATCHES] = IntegerAttr(self.count, 64)
+        op.attributes[REPLICAS] = IntegerAttr(self.replicas, 64)
 
     def _replace_tangents(self, module: ModuleOp, main: func.FuncOp, scale: float) -> None:
         """Replaces the tangent arguments of the step by constants: 1/(replicas*microbatches)
@@ -166,7 +169,7 @@ def _sum_function(name: str, keys: list[str], types: list, layouts: list) -> fun
     block = Block(arg_types=[*types, *types])
     b = TorchBuilder(block)
     n = len(keys)
-    sums = [b.aten("torch.aten.add.Tensor", [block.args[i], block.args[n + i], b.float(1.0)]) for i in range(n)]
+    sums = [b.aten("torch.aten.add.Tensor", [block.args[i], block.args[n + i], b.one(types[i])]) for i in range(n)]
     block.add_op(func.ReturnOp(*sums))
     return func.FuncOp(
         name,

@@ -143,7 +143,9 @@ class OptimizerPass(ModulePass):
         block = main.body.block
         ret = block.last_op
         state_args: dict[str, BlockArgument] = {}
-        results, res_attrs = [ret.operands[0]], [main.res_attrs.data[0]]
+        # The loss and the buffers' increments (`running-buffers` turns them into updates) stay.
+        kept = [i for i, (role, _) in enumerate(result_roles(main)) if i == 0 or role == "increment"]
+        results, res_attrs = [ret.operands[i] for i in kept], [main.res_attrs.data[i] for i in kept]
         for stage, update, params in updates:
             args = []
             for key, type_ in zip(arg_keys(update), update.function_type.inputs.data, strict=True):

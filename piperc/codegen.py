@@ -123,6 +123,8 @@ def _function_source(fn: func.FuncOp, launch: ex.LaunchOp) -> list[str]:
                 lines.append(f"    RT.seed_random({op.attributes[t.RANDOM_INDEX].value.data})")
             call = _aten_call(op, names, inline)
             lines.append(f"    {lhs} = {call}" if targets else f"    {call}")  # an op may return nothing
+        elif isinstance(op, par.SliceIndexOp):
+            lines.append(f"    {lhs} = RT.slice_index()")
         elif isinstance(op, par.AllGatherBucketOp | par.ReduceScatterBucketOp):
             lines += _bucket_statements(op, targets, [names[v] for v in op.inputs])
         elif isinstance(op, par.CollectiveOp):
@@ -309,17 +311,19 @@ def _step_source(program: ex.ProgramOp, functions: dict[str, func.FuncOp]) -> li
         "    global DEVICE",
         "    DEVICE = rt.device",
     ]
-    if _axis_groups(program) or _draws_random(program, functions):
+    if _axis_groups(program) or _asks_runtime(program, functions):
         lines += ["    global RT", "    RT = rt"]
     for op in program.body.block.ops:
         lines += ["    " + line for line in _exec_statement(op, names, functions)]
     return lines
 
 
-def _draws_random(program: ex.ProgramOp, functions: dict[str, func.FuncOp]) -> bool:
-    """Whether a function `program` launches has a random op (its code calls `RT.seed_random`)."""
+def _asks_runtime(program: ex.ProgramOp, functions: dict[str, func.FuncOp]) -> bool:
+    """Whether a function `program` launches asks the running step about its task: a random
+    op (its code calls `RT.seed_random`) or `par.slice_index` (`RT.slice_index`)."""
     called = {op.callee.root_reference.data for op in program.walk() if isinstance(op, ex.LaunchOp)}
-    return any(t.RANDOM_INDEX in op.attributes for name in called for op in functions[name].walk())
+    return any(t.RANDOM_INDEX in op.attributes or isinstance(op, par.SliceIndexOp)
+               for name in called for op in functions[name].walk())
 
 
 def _type_args(type_: t.ValueTensorType) -> str:

@@ -36,6 +36,7 @@ from piperc.passes.optimizer import optimizer_state
 from piperc.passes.outline_stages import OutlineStagesPass
 from piperc.passes.pipeline_split import PipelineSplitPass
 from piperc.passes.propagate_sharding import PropagateShardingPass, sharding_report
+from piperc.passes.running_buffers import RunningBuffersPass
 from piperc.passes.schedule import SchedulePass, find_schedule
 from piperc.passes.verify_exec import VerifyExecPass
 from piperc.passmanager import PipelineOptions, pipeline_text, run_pipeline
@@ -73,6 +74,11 @@ class Compiled:
     random_ops: int = 0
     """How many random ops (dropout) the model's forward runs; with any, it trains as one
     device does only when that device cuts each batch into the same slices (`seed`)."""
+    batch_statistics: int = 0
+    """How many ops normalise over the batch in training mode (BatchNorm): each slice of
+    the batch is normalised with its own statistics (and updates the running statistics
+    in turn), so with any, it trains as one device does when that device runs the same
+    slices in order (`piperc.reference.train_eager(slices=)`)."""
 
     @property
     def world_size(self) -> int:
@@ -244,11 +250,17 @@ def compile(  # noqa: A001 - the public name users expect
     with cycle_collection_paused():
         captured = capture(model, microbatch)
         random_ops = sum(RANDOM_INDEX in op.attributes for op in captured.module.walk())
+        batch_statistics = sum(op.name in _BATCH_STATISTICS for op in captured.module.walk())
         signature = [(tuple(x.shape), str(x.dtype).removeprefix("torch.")) for x in example_inputs]
         compiled = _lower(captured, passes, options, keep_ir, signature, seed)
     compiled.optimizer, compiled.microbatches, compiled.replicas = optimizer, ctx.microbatches, ctx.replicas
-    compiled.seed, compiled.random_ops = seed, random_ops
+    compiled.seed, compiled.random_ops, compiled.batch_statistics = seed, random_ops, batch_statistics
     return compiled
+
+
+_BATCH_STATISTICS = ("torch.aten._native_batch_norm_legit_functional", "torch.aten._native_batch_norm_legit",
+                     "torch.aten._native_batch_norm_legit.no_stats")
+"""BatchNorm in training mode, with and without running statistics, as capture writes it."""
 
 
 def assemble_pipeline(ctx: StrategyContext) -> list[ModulePass]:
@@ -287,10 +299,11 @@ def _front_fragments(ctx: StrategyContext, provided: set[str]) -> list[Fragment]
 
 
 def _back_fragments(ctx: StrategyContext) -> list[Fragment]:
-    """Microbatching for the strategy's batch split, then lowering to one program per rank."""
+    """Microbatching for the strategy's batch split (and the buffers the forward updates), then
+    lowering to one program per rank."""
     return [
         Fragment((MicrobatchPass(count=ctx.microbatches, replicas=ctx.replicas,
-                                 directive=str(ctx.batch_directive or "microbatch")),),
+                                 directive=str(ctx.batch_directive or "microbatch")), RunningBuffersPass()),
                  requires=("stages",), provides=("microbatches",)),
         Fragment((LowerReshardPass(), BucketCollectivesPass(), LowerToExecPass(device=ctx.device),
                   LowerCollectivesPass(), VerifyExecPass()),

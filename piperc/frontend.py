@@ -19,15 +19,19 @@ frozen parameter (`requires_grad=False`) is a `piperc.param` argument with no
 updates, reduces or keeps optimizer state for it. Each argument and result says
 what it is in its attributes; each op carries `piperc.origin`.
 
-A forward that writes a parameter or a buffer in place (`self.w.add_(1)` under
-no_grad, `.data` writes, BatchNorm's running statistics) is a `CaptureError`
-that names the tensor and its module: the step is a function of its arguments.
+A buffer the forward updates as `decay * buffer + u` (BatchNorm's running
+statistics, counters) is returned as its increment `u` (`piperc.increment`, with
+`piperc.decay`), after the gradients; `running-buffers` applies it over all slices
+of the batch. A forward that writes a parameter in place (`self.w.add_(1)` under
+no_grad, `.data` writes), or a buffer in another form, is a `CaptureError` that
+names the tensor and its module.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import operator
 import os
 import re
 from collections.abc import Sequence
@@ -44,11 +48,13 @@ from xdsl.dialects import func
 from xdsl.dialects.builtin import (
     ArrayAttr,
     DictionaryAttr,
+    FloatAttr,
     IntAttr,
     IntegerAttr,
     ModuleOp,
     StringAttr,
     UnitAttr,
+    f64,
 )
 from xdsl.ir import Attribute, Block, Operation, Region, SSAValue
 from xdsl.irdl import IRDLOperation
@@ -63,7 +69,9 @@ from piperc.dialects.roles import (  # noqa: F401 - the captured step's conventi
     ARG_PARAM,
     ARG_TANGENT,
     ORIGIN,
+    RES_DECAY,
     RES_GRAD,
+    RES_INCREMENT,
     RES_LOSS,
     RES_OUTPUT,
     argument_roles,
@@ -143,6 +151,7 @@ def capture(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor]) -> C
         if not isinstance(x, torch.Tensor):
             raise CaptureError(f"example input {i} is a {type(x).__name__}; inputs must be tensors")
 
+    _check_cumulative_batch_norm(model)
     gm = _trace(model, example_inputs)
     mutation = None
     if gm is not None:
@@ -159,18 +168,33 @@ def capture(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor]) -> C
     return _captured(model, example_inputs, _joint_graph(model, exported, example_inputs))
 
 
+def _check_cumulative_batch_norm(model: torch.nn.Module) -> None:
+    """A training-mode BatchNorm with `momentum=None` (a cumulative average) is a CaptureError:
+    its factor `1 / num_batches_tracked` is computed in Python from the buffer's value, so
+    the update is not a fixed function of the buffer that capture could record."""
+    for path, m in model.named_modules():
+        if (isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats
+                and m.momentum is None):
+            raise CaptureError(
+                f"'{path}' ({type(m).__name__}) has momentum=None: its running statistics are a "
+                "cumulative average whose factor 1/num_batches_tracked is read from the buffer "
+                "in Python, which capture cannot record. Give it a momentum (e.g. 0.1), construct "
+                "it with track_running_stats=False, or put it in eval mode")
+
+
 def _captured(model: torch.nn.Module, example_inputs: tuple, gm: torch.fx.GraphModule) -> Captured:
     """The captured step made from the joint graph `gm` of `model`."""
     mutation = _state_mutation(model, gm)
     if mutation:
         raise CaptureError(mutation)
+    decays = _buffer_increments(model, gm)
     params, buffers = _fold_tied_parameters(model, gm)
     num_outputs = _check_outputs(model, gm)
     _drop_none_outputs(gm)
     marks = _node_marks(gm)
     with cycle_collection_paused():
         module, ctx = _build(_import(gm), marks)
-        _attach_signature(module, gm)
+        _attach_signature(module, gm, decays)
         module.verify()
     return Captured(module, ctx, params, buffers, len(example_inputs), num_outputs)
 
@@ -319,50 +343,105 @@ def _sum_tied_gradients(gm: torch.fx.GraphModule, aliases: dict[str, str]) -> No
 
 
 def _state_mutation(model: torch.nn.Module, gm: torch.fx.GraphModule) -> str | None:
-    """Why `model`'s forward cannot be captured if it writes a parameter or a buffer in place
-    (the joint graph returns the new value as an `InputMutationAOTOutput`), else None.
-
-    A captured step is a function of the parameters and buffers: its only state change is
-    the optimizer's update of the parameters. Carrying buffer updates (BatchNorm's running
-    statistics) from one microbatch and step to the next is not supported.
-    """
+    """Why `model`'s forward cannot be captured if it writes a parameter in place (the joint
+    graph returns the new value as an `InputMutationAOTOutput`), else None: a parameter
+    changes only in the optimizer's update. Buffer updates are `_buffer_increments`'."""
     out = next(n for n in gm.graph.nodes if n.op == "output")
     params: list[tuple[str, torch.fx.Node]] = []
-    buffers: dict[str, list[str]] = {}
     for a, d in zip(out.args[0], out.meta["desc"], strict=True):
-        if not isinstance(d, aot_desc.InputMutationAOTOutput):
-            continue
-        target = d.mutated_input
-        if isinstance(target, aot_desc.ParamAOTInput):
-            params.append((target.target, a))
-        elif isinstance(target, aot_desc.BufferAOTInput):
-            buffers.setdefault(target.target.rpartition(".")[0], []).append(target.target)
+        if isinstance(d, aot_desc.InputMutationAOTOutput) and isinstance(d.mutated_input, aot_desc.ParamAOTInput):
+            params.append((d.mutated_input.target, a))
+    if not params:
+        return None
     root = type(model).__name__
-    if params:
-        name, node = params[0]
-        stack = node.meta.get("nn_module_stack") or {}
-        path = list(stack.values())[-1][0] if stack else ""
-        where = f"in '{path}' ({_module_kind(model, path)})" if path else f"in {root}.forward"
-        source = _source(node)
-        return (
-            f"{root}.forward updates parameter '{name}' in place ({where}"
-            f"{f', at {source}' if source else ''}); in piperc a parameter changes only in the "
-            "optimizer step. Compute the changed weight as a new tensor instead (e.g. "
-            "`w = self.weight * 0.5`, not `self.weight.data.mul_(0.5)` or `self.weight.add_(1)` "
-            "under no_grad)"
-        )
-    if buffers:
-        path, names = next(iter(buffers.items()))
-        listed = ", ".join(f"'{n}'" for n in names)
-        owner = f"'{path}' ({_module_kind(model, path)})" if path else root
-        return (
-            f"{root}.forward updates buffer{'s' if len(names) > 1 else ''} {listed} of {owner} in place; "
-            "piperc does not carry buffer updates from one microbatch or step to the next. For a "
-            "BatchNorm, construct it with track_running_stats=False (batch statistics, no running "
-            f"state) or put it in eval mode ({'.'.join(('model', path) if path else ('model',))}.eval(): "
-            "running statistics read, not updated); or use LayerNorm/GroupNorm"
-        )
-    return None
+    name, node = params[0]
+    stack = node.meta.get("nn_module_stack") or {}
+    path = list(stack.values())[-1][0] if stack else ""
+    where = f"in '{path}' ({_module_kind(model, path)})" if path else f"in {root}.forward"
+    source = _source(node)
+    return (
+        f"{root}.forward updates parameter '{name}' in place ({where}"
+        f"{f', at {source}' if source else ''}); in piperc a parameter changes only in the "
+        "optimizer step. Compute the changed weight as a new tensor instead (e.g. "
+        "`w = self.weight * 0.5`, not `self.weight.data.mul_(0.5)` or `self.weight.add_(1)` "
+        "under no_grad)"
+    )
+
+
+_BATCH_NORM = torch.ops.aten._native_batch_norm_legit_functional.default
+_RUNNING_SLOTS = {3: "running_mean", 4: "running_var"}  # result and argument index in _BATCH_NORM
+
+
+def _buffer_increments(model: torch.nn.Module, gm: torch.fx.GraphModule) -> dict[str, float]:
+    """Rewrites each buffer update of the forward into its increment; returns each updated
+    buffer's decay.
+
+    An update `new = decay * old + u` (u not reading the buffer) can be split over slices
+    of the batch: a step over slices 0..S-1 in order leaves
+    `decay**S * old + sum_j decay**(S-1-j) * u_j` (`running-buffers` builds that sum).
+    Capture makes the graph return `u`, the update with the old value read as zeros, after
+    every other output (`@main` results `piperc.increment`, `piperc.decay`). Two forms are
+    recognised: BatchNorm's running statistics in training mode (decay `1 - momentum`) and
+    a counter `buf + k` (`num_batches_tracked`, decay 1). Anything else is a CaptureError
+    naming the buffer and its module.
+    """
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    placeholders = {n.meta["desc"].target: n for n in gm.graph.nodes if n.op == "placeholder"
+                    and isinstance(n.meta.get("desc"), aot_desc.BufferAOTInput)}
+    kept, moved, decays = [], [], {}
+    for a, d in zip(out.args[0], out.meta["desc"], strict=True):
+        if not (isinstance(d, aot_desc.InputMutationAOTOutput) and isinstance(d.mutated_input, aot_desc.BufferAOTInput)):
+            kept.append((a, d))
+            continue
+        name = d.mutated_input.target
+        old = placeholders[name]
+        decays[name] = _split_update(model, gm, name, old, a)
+        moved.append((a, d))
+    out.args = (tuple(a for a, _ in [*kept, *moved]),)
+    out.meta["desc"] = [d for _, d in [*kept, *moved]]
+    return decays
+
+
+def _split_update(model: torch.nn.Module, gm: torch.fx.GraphModule, name: str, old: torch.fx.Node,
+                  new: torch.fx.Node) -> float:
+    """The decay of the update `new` of buffer `name` (placeholder `old`); rewrites `new` to
+    read zeros instead of `old` (see `_buffer_increments`)."""
+    if (new.target is operator.getitem and isinstance(new.args[0], torch.fx.Node)
+            and new.args[0].target is _BATCH_NORM and new.args[1] in _RUNNING_SLOTS
+            and new.args[0].args[new.args[1]] is old and len(old.users) == 1):
+        norm = new.args[0]
+        _read_zeros(gm, norm, new.args[1], old)
+        return 1.0 - float(norm.args[6])
+    if (new.target is torch.ops.aten.add.Tensor and new.args[0] is old and len(old.users) == 1
+            and new.kwargs.get("alpha", 1) == 1 and not isinstance(new.args[1], torch.fx.Node)):
+        _read_zeros(gm, new, 0, old)
+        return 1.0
+    path = name.rpartition(".")[0]
+    owner = f"'{path}' ({_module_kind(model, path)})" if path else type(model).__name__
+    source = _source(new)
+    raise CaptureError(
+        f"{type(model).__name__}.forward updates buffer '{name}' of {owner} in place"
+        f"{f' (at {source})' if source else ''} in a form piperc cannot split over microbatches "
+        "and replicas. Supported: BatchNorm's running statistics in training mode (with a "
+        "momentum; momentum=None is not) and counters `buf += k` with a constant k. Otherwise "
+        "compute the value as a new tensor each step, construct the BatchNorm with "
+        "track_running_stats=False, or put the module in eval mode"
+    )
+
+
+def _read_zeros(gm: torch.fx.GraphModule, user: torch.fx.Node, index: int, old: torch.fx.Node) -> None:
+    """Makes argument `index` of `user` a tensor of zeros shaped like `old` (made just before
+    `user`, with its module path)."""
+    val = old.meta["val"]
+    with gm.graph.inserting_before(user):
+        zeros = gm.graph.call_function(torch.ops.aten.zeros.default, (list(val.shape),),
+                                       {"dtype": val.dtype, "device": val.device, "pin_memory": False})
+    zeros.meta.update({k: user.meta[k] for k in ("nn_module_stack", "stack_trace", "custom", "seq_nr")
+                       if k in user.meta})
+    zeros.meta["val"] = torch.zeros_like(val)
+    args = list(user.args)
+    args[index] = zeros
+    user.args = tuple(args)
 
 
 def _module_kind(model: torch.nn.Module, path: str) -> str:
@@ -605,7 +684,7 @@ def _node_name(location) -> str | None:
     return name.removeprefix(_NODE_LOC)
 
 
-def _attach_signature(module: ModuleOp, gm: torch.fx.GraphModule) -> None:
+def _attach_signature(module: ModuleOp, gm: torch.fx.GraphModule, decays: dict[str, float]) -> None:
     fn = main_function(module)
     aliases_of: dict[str, list[str]] = {}
     for alias, canonical in gm.meta["piperc_aliases"].items():
@@ -635,9 +714,12 @@ def _attach_signature(module: ModuleOp, gm: torch.fx.GraphModule) -> None:
             entry = {RES_LOSS: UnitAttr()} if d.idx == 0 else {RES_OUTPUT: IntAttr(d.idx)}
         elif isinstance(d, aot_desc.GradAOTOutput) and isinstance(d.grad_of, aot_desc.ParamAOTInput):
             entry = {RES_GRAD: StringAttr(gm.meta["piperc_aliases"].get(d.grad_of.target, d.grad_of.target))}
+        elif isinstance(d, aot_desc.InputMutationAOTOutput) and d.mutated_input.target in decays:
+            name = d.mutated_input.target
+            entry = {RES_INCREMENT: StringAttr(name), RES_DECAY: FloatAttr(decays[name], f64)}
         else:
             raise CaptureError(
-                f"unsupported graph output {d} (the model mutates a buffer or an input; "
+                f"unsupported graph output {d} (the model mutates an input; "
                 "piperc captures functional training steps only)"
             )
         res_attrs.append(DictionaryAttr(entry))

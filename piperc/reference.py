@@ -243,6 +243,9 @@ def verify(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor], compi
     on whole batches (the reference) and accumulating each batch over the
     strategy's slices (the noise floor: in order, and, with several replicas that each
     hold several microbatches, per replica and then summed; the larger error of the two).
+    A model with random ops (`compiled.random_ops`) or batch statistics
+    (`compiled.batch_statistics`: BatchNorm in training mode) computes per slice, so its
+    reference runs the strategy's slices in order too.
     `progress` and `timeout` are `launch`'s.
     """
     from piperc.compiler import launch
@@ -253,10 +256,12 @@ def verify(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor], compi
     optimizer, slices, replicas = compiled_training(compiled)
     start = _at_initial_state(model, compiled)
     run = launch(compiled, batches, progress=progress, timeout=timeout)
-    # A model that draws random numbers draws them per slice: one device matches it only
+    # A model that draws random numbers draws them per slice, and one that normalises over
+    # the batch (BatchNorm) normalises each slice on its own: one device matches it only
     # when it runs the same slices (in order), seeded the same way.
     seed = compiled.seed if compiled.random_ops else None
-    reference_losses, reference_state = train_eager(start, batches, optimizer, slices if seed is not None else 1,
+    sliced = seed is not None or compiled.batch_statistics > 0
+    reference_losses, reference_state = train_eager(start, batches, optimizer, slices if sliced else 1,
                                                     seed=seed)
     floor_loss, floor_parameter = [], {}
     for groups in (1, replicas) if 1 < replicas < slices else (1,):

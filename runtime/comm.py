@@ -233,8 +233,13 @@ class Runtime:
         the order one device accumulating over the same slices takes them) and `index`
         (`random_seed`). So a launch draws what every other launch draws, and what one device
         draws when it seeds the same way (`piperc.reference.train_eager(seed=)`)."""
-        piece = self._replica * self._microbatches + self._microbatch
-        torch.manual_seed(random_seed(self.seed, self.step_index, piece, index))
+        torch.manual_seed(random_seed(self.seed, self.step_index, self.slice_index(), index))
+
+    def slice_index(self) -> int:
+        """The slice of the global batch the running task works on (`par.slice_index`):
+        replica x microbatches + microbatch, the order one device accumulating over the
+        same slices takes them."""
+        return self._replica * self._microbatches + self._microbatch
 
     def event_record(self, stream):
         """Records an event on `stream`: a point that `event_wait` can wait for."""

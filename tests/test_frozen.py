@@ -3,8 +3,9 @@
 A frozen parameter (`requires_grad=False`) is captured as a `piperc.param` argument with no
 `piperc.grad` result. It is placed and sharded like any parameter, never updated, reduced
 or given optimizer state, and ZeRO keeps it whole. A stage whose parameters are all frozen
-has no backward. A forward that writes a parameter or a buffer in place is a CaptureError
-naming the tensor and its module. BatchNorm trains with batch statistics
+has no backward. A forward that writes a parameter in place is a CaptureError naming the
+tensor and its module (buffers the forward updates: tests/test_buffers.py). BatchNorm trains
+with batch statistics
 (`track_running_stats=False`), and those are per microbatch: the one-device reference runs
 microbatch-sized forwards (`train_eager(slices=replicas x microbatches)`).
 
@@ -188,15 +189,6 @@ class Normed(nn.Module):
 
     def forward(self, x):
         return self.bn(self.lin(x)).pow(2).mean()
-
-
-def test_a_forward_that_updates_running_statistics_is_a_capture_error_naming_buffers_and_module():
-    with pytest.raises(CaptureError) as e:
-        capture(Normed(), (torch.randn(8, 4),))
-    assert str(e.value).startswith(
-        "Normed.forward updates buffers 'bn.running_mean', 'bn.running_var', 'bn.num_batches_tracked' "
-        "of 'bn' (BatchNorm1d) in place; piperc does not carry buffer updates")
-    assert "track_running_stats=False" in str(e.value) and "model.bn.eval()" in str(e.value)
 
 
 def test_running_statistics_in_eval_mode_are_read_only_buffer_arguments():

@@ -394,7 +394,7 @@ def test_microbatch_scales_the_loss_and_adds_accumulate_functions():
     # stage's forward also returns loss_share = loss * 0.25.
     out = run(MICROBATCHED_DP)
     assert header(out) == ("builtin.module attributes {par.num_stages = 2 : i64, "
-                           "par.microbatches = 2 : i64} {")
+                           "par.microbatches = 2 : i64, par.replicas = 2 : i64} {")
     assert functions(out) == ["s0_F", "s1_F", "s1_B", "s0_B", "s0_update", "s1_update",
                               "s1_F_accumulate", "s1_B_accumulate", "s0_B_accumulate", "main"]
     assert section(out, "func.func @s1_F") == ir(
