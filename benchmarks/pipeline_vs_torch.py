@@ -124,7 +124,13 @@ def torch_pipelining_step(config: dict, scratch: Path, rank: int) -> Step:
     stage = PipelineStage(module, rank, WORLD, torch.device("cpu"))
     # scale_grads (the default) divides by the microbatch count: the mean loss's gradient.
     schedule = Schedule1F1B(stage, n_microbatches=config["microbatches"], loss_fn=next_token_loss)
-    optimizer = torch.optim.SGD(module.parameters(), lr=LR)
+    return pipelining_step(schedule, torch.optim.SGD(module.parameters(), lr=LR), rank)
+
+
+def pipelining_step(schedule, optimizer: torch.optim.Optimizer, rank: int) -> Step:
+    """One training step under a torch.distributed.pipelining `schedule`, then `optimizer`:
+    rank 0 feeds the tokens (it holds the first stage), the last rank the targets (it holds
+    the last stage, in 1F1B's and in loop placement); the loss is the last rank's mean."""
 
     def step(batch: tuple[torch.Tensor, torch.Tensor]) -> float | None:
         tokens, targets = batch

@@ -46,6 +46,7 @@ from xdsl.dialects.builtin import ModuleOp
 from xdsl.ir import Block, BlockArgument, Operation, Region, SSAValue
 from xdsl.passes import ModulePass
 
+from piperc import schedules
 from piperc.dialects import par
 from piperc.dialects.par import PassKind, ShardingAttr, layout_of
 from piperc.dialects.roles import argument_roles, main_function, result_roles
@@ -110,8 +111,9 @@ class _Step:
 class _ProgramWriter:
     """Writes one device's `par.program`."""
 
-    def __init__(self, step: _Step, device: int, row, outgoing, directive: str):
+    def __init__(self, step: _Step, device: int, row, outgoing, directive: str, early=None):
         self.step = step
+        self.early = early or {}  # action -> messages received in the batch before it (receive_plan)
         self.device = device
         self.row = row
         self.outgoing = outgoing  # (src, dst) -> [(value, mb)] in the order src sends them
@@ -142,8 +144,9 @@ class _ProgramWriter:
                 raise StrategyError(f"{self.directive}: schedule action {action.compact()} on device "
                                     f"{self.device} runs nothing: stage {action.stage} has no "
                                     f"{action.pass_kind.value} task ({what})")
-            for task in tasks:
-                self.run(task, action.microbatch)
+            early = self.early.get(schedules.Action(action.stage, action.pass_kind.value, action.microbatch), [])
+            for i, task in enumerate(tasks):
+                self.run(task, action.microbatch, early if i == 0 else [])
         self.flush([])
         self.issue_ready(final=True)
         missing = [o for o in self.step.per_step if self.mine(o) and o not in self.done]
@@ -156,9 +159,10 @@ class _ProgramWriter:
     def mine(self, op: Operation) -> bool:
         return self.step.device_of[self.step.stage_of(op)] == self.device
 
-    def run(self, task: par.TaskOp, mb: int) -> None:
-        """Emits `task` on microbatch `mb` with the transfers around it."""
-        receives = []
+    def run(self, task: par.TaskOp, mb: int, early=()) -> None:
+        """Emits `task` on microbatch `mb` with the transfers around it; the batch before it
+        also receives the `early` messages (`schedules.receive_plan`)."""
+        receives = [r for m in early if (r := self.early_receive(m)) is not None]
         for v in task.args:
             src = self.step.device_of_value(v)
             if src is not None and src != self.device and (v, mb) not in self.env:
@@ -175,6 +179,15 @@ class _ProgramWriter:
         for acc in self.step.accumulates.get(task, []):
             self.accumulate(acc, mb, task)
         self.issue_ready()
+
+    def early_receive(self, message) -> tuple[int, SSAValue, int] | None:
+        """(source, value, microbatch) of the last value `message` brings to this device: the
+        results its producer action sends here."""
+        kind = PassKind.F if message.kind == "act" else PassKind.B
+        found = [(message.src_device, v, m) for v, m in self.outgoing[(message.src_device, self.device)]
+                 if m == message.microbatch and isinstance(v.owner, par.TaskOp)
+                 and self.step.stage_of(v.owner) == message.stage and v.owner.pass_kind.data == kind]
+        return found[-1] if found else None
 
     def destinations(self, value: SSAValue) -> list[int]:
         """The other devices whose tasks read `value`."""
@@ -329,6 +342,12 @@ class ExpandSchedulePass(ModulePass):
                                  and u.operation.pass_kind.data != PassKind.UPDATE}
                         for dst in sorted(users - {device}):
                             outgoing[(device, dst)].append((r, action.microbatch))
-        programs = [_ProgramWriter(step, d, table[d], outgoing, self.directive).write() for d in sorted(table)]
+        rows = [[a.compact() for a in table[d]] for d in sorted(table)]
+        try:
+            early = schedules.receive_plan(schedules.from_lists(rows, max(device_of) + 1, microbatches))
+        except schedules.ScheduleError as e:
+            raise StrategyError(f"{self.directive}: {e}") from e
+        programs = [_ProgramWriter(step, d, table[d], outgoing, self.directive, early[d]).write()
+                    for d in sorted(table)]
         for program in programs:
             op.body.block.add_op(program)

@@ -98,11 +98,12 @@ class LowerToExecPass(ModulePass):
         programs = _device_programs(op, mesh, axis)
         pipeline_groups = _pipeline_groups(mesh, axis)
         grad_groups = _grad_groups(mesh, axis, programs)
+        device_of = stage_devices(programs)
         for groups in (pipeline_groups, grad_groups):
             for ranks, name in groups.items():
                 op.body.block.add_op(ex.ProcessGroupOp(name, ranks))
         for rank in range(mesh.size()):
-            builder = _RankProgram(mesh, axis, rank, pipeline_groups, grad_groups)
+            builder = _RankProgram(mesh, axis, rank, pipeline_groups, grad_groups, device_of)
             op.body.block.add_op(builder.build(programs[mesh.coords(rank)[axis]]))
         for program in programs:
             program.detach()
@@ -153,14 +154,24 @@ def _pipeline_groups(mesh: MeshAttr, axis: str) -> dict[tuple[int, ...], str]:
     return {ranks: f"pp_{i}" for i, ranks in enumerate(mesh.all_groups(axis))}
 
 
-def bucket_ranks(mesh: MeshAttr, axis: str, rank: int, bucket: par.AllReduceBucketOp) -> tuple[int, ...]:
+def stage_devices(programs: list[par.ProgramOp]) -> dict[int, int]:
+    """The device along the pipeline axis that runs each stage, from the tasks of the device
+    programs (a device may run several stages)."""
+    return {op.stage.value.data: program.device.value.data
+            for program in programs for op in program.body.block.ops if isinstance(op, par.TaskOp)}
+
+
+def bucket_ranks(mesh: MeshAttr, axis: str, rank: int, bucket: par.AllReduceBucketOp,
+                 device_of: dict[int, int]) -> tuple[int, ...]:
     """The ranks `rank` sums `bucket` with: those that differ from it only along the bucket's
-    axes and the pipeline axis `axis`, and whose pipeline coordinate is one of its stages."""
+    axes and the pipeline axis `axis`, and whose pipeline coordinate is the device of one of
+    its stages (`device_of`, see `stage_devices`)."""
     coords = mesh.coords(rank)
     fixed = [a for a in mesh.axis_names() if a != axis and a not in bucket.axis_names()]
+    devices = {device_of[s] for s in bucket.stage_list()}
     return tuple(
         r for r in range(mesh.size())
-        if mesh.coords(r)[axis] in bucket.stage_list() and all(mesh.coords(r)[a] == coords[a] for a in fixed)
+        if mesh.coords(r)[axis] in devices and all(mesh.coords(r)[a] == coords[a] for a in fixed)
     )
 
 
@@ -169,10 +180,11 @@ def _grad_groups(mesh: MeshAttr, axis: str, programs: list[par.ProgramOp]) -> di
     collective of the step (a ZeRO gather of parameters) spans, numbered in the order ranks
     0, 1, ... meet them in their programs (the same on every rank)."""
     groups: dict[tuple[int, ...], str] = {}
+    device_of = stage_devices(programs)
     for rank in range(mesh.size()):
         for op in programs[mesh.coords(rank)[axis]].body.block.ops:
             if isinstance(op, par.AllReduceBucketOp):
-                ranks = bucket_ranks(mesh, axis, rank, op)
+                ranks = bucket_ranks(mesh, axis, rank, op, device_of)
             elif isinstance(op, _STEP_COLLECTIVES):
                 ranks = mesh.group_ranks(op.axis.data, rank)
             else:
@@ -191,8 +203,10 @@ class _RankProgram:
     """Builds the `exec.program` of one rank from its device's `par.program`."""
 
     def __init__(self, mesh: MeshAttr, axis: str, rank: int,
-                 pipeline_groups: dict[tuple[int, ...], str], grad_groups: dict[tuple[int, ...], str]):
+                 pipeline_groups: dict[tuple[int, ...], str], grad_groups: dict[tuple[int, ...], str],
+                 device_of: dict[int, int]):
         self.mesh = mesh
+        self.device_of = device_of
         self.axis = axis
         self.rank = rank
         self.coords = mesh.coords(rank)
@@ -291,7 +305,7 @@ class _RankProgram:
 
     def all_reduce(self, op: par.AllReduceBucketOp) -> None:
         """One bucketed all-reduce over the bucket's group; nothing for a group of one rank."""
-        ranks = bucket_ranks(self.mesh, self.axis, self.rank, op)
+        ranks = bucket_ranks(self.mesh, self.axis, self.rank, op, self.device_of)
         if len(ranks) == 1:
             for total, value in zip(op.sums, op.values, strict=True):
                 self.values[total] = self.values[value]

@@ -5,16 +5,19 @@
       par.device 1 [1F0, 1B0, 1F1, 1B1, 1F2, 1B2, 1F3, 1B3]
     }
 
-Options: kind (gpipe | 1f1b | user), table (a user schedule: one row per
-device, rows separated by `;`, actions by spaces, e.g. `0F0 0B0;1F0 1B0`),
-axis (the pipeline mesh axis), directive. The schedule is validated before it
-is written (every action once, dependencies, matched messages, no
-deadlock); a bad one is a StrategyError naming the first offending action.
+Options: kind (gpipe | 1f1b | interleaved | user), table (a user schedule: one
+row per device, rows separated by `;`, actions by spaces, e.g. `0F0 0B0;1F0 1B0`),
+axis (the pipeline mesh axis), directive. A device may hold several stages
+(`interleaved` places stage s on device s mod the axis size); every device holds
+the same number. The schedule is validated before it is written (every action
+once, dependencies, matched messages, no deadlock); a bad one is a StrategyError
+naming the first offending action.
 Requires: mesh, outline-stages and microbatch have run.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 from xdsl.context import Context
@@ -22,7 +25,8 @@ from xdsl.dialects.builtin import ModuleOp
 from xdsl.passes import ModulePass
 
 from piperc import schedules
-from piperc.dialects.par import ActionAttr, DeviceOp, PassKind, ScheduleOp
+from piperc.dialects.par import ActionAttr, AllReduceBucketOp, DeviceOp, PassKind, ScheduleOp
+from piperc.dialects.roles import main_function
 from piperc.errors import StrategyError
 from piperc.passes.mesh import MESH_SYMBOL, find_mesh
 from piperc.passes.microbatch import MICROBATCHES
@@ -56,22 +60,37 @@ class SchedulePass(ModulePass):
             raise StrategyError(f"{self.directive}: axis '{self.axis}' is not in the mesh {list(mesh.axis_names())}")
         stages = module_count(op, NUM_STAGES, self.directive, "pipeline-split")
         microbatches = module_count(op, MICROBATCHES, self.directive, "microbatch")
-        if stages != mesh.axis_size(self.axis):
+        size = mesh.axis_size(self.axis)
+        if stages % size:
             raise StrategyError(
-                f"{self.directive}: {stages} stages on a '{self.axis}' axis of size "
-                f"{mesh.axis_size(self.axis)}; piperc runs one stage per device"
+                f"{self.directive}: {stages} stages on a '{self.axis}' axis of size {size}; each device "
+                f"holds the same number of stages, so stages must be a multiple of {size}"
             )
         try:
             if self.kind == "user" or self.table:
                 rows = [r.split() for r in self.table.split(";")]
                 sched = schedules.from_lists(rows, stages, microbatches, name="user")
             else:
-                sched = schedules.builtin(self.kind, stages, microbatches)
+                sched = schedules.builtin(self.kind, stages, microbatches, num_devices=size)
             schedules.validate(sched)
         except schedules.ScheduleError as e:
             raise StrategyError(f"{self.directive}: {e}") from e
-        if any(sched.device_of(s) != s for s in range(stages)):
-            raise StrategyError(f"{self.directive}: stage s must run on device s of axis '{self.axis}'")
+        if len(sched.devices) != size:
+            raise StrategyError(f"{self.directive}: the schedule has {len(sched.devices)} device rows but axis "
+                                f"'{self.axis}' has {size} devices")
+        held = Counter(sched.device_of(s) for s in range(stages))
+        if set(held.values()) != {stages // size}:
+            counts = ", ".join(f"device {d}: {held.get(d, 0)}" for d in range(size))
+            raise StrategyError(f"{self.directive}: every device must hold {stages // size} stage(s) of the "
+                                f"{stages}; the schedule places {counts}")
+        for bucket in main_function(op).body.block.ops:
+            if isinstance(bucket, AllReduceBucketOp) and len(bucket.stage_list()) > 1:
+                owners = [sched.device_of(s) for s in bucket.stage_list()]
+                if len(set(owners)) < len(owners):
+                    raise StrategyError(
+                        f"{self.directive}: a parameter tied across stages {list(bucket.stage_list())} would have "
+                        f"two of them on one device ({owners}); its partial gradients are summed across "
+                        "devices, so place the stages that share it on different devices")
         devices = [
             DeviceOp(d, [ActionAttr(a.stage, PassKind(a.kind), a.microbatch) for a in row])
             for d, row in enumerate(sched.devices)

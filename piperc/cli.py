@@ -72,8 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     show.add_argument("name", metavar="NAME",
-                      help="a built-in schedule (gpipe, 1f1b) or a table file, one row per device")
-    show.add_argument("--pp", type=int, metavar="N", help="pipeline devices (one stage each)")
+                      help="a built-in schedule (gpipe, 1f1b, interleaved) or a table file, "
+                           "one row per device")
+    show.add_argument("--pp", type=int, metavar="N", help="pipeline devices")
+    show.add_argument("--stages", type=int, metavar="S",
+                      help="pipeline stages (default: --pp, one per device); interleaved runs "
+                           "S / N stages per device")
     show.add_argument("--microbatches", type=int, metavar="M", help="microbatches per step")
     show.add_argument("--costs", type=parse_costs, default={}, metavar="F=1,B=1,W=1",
                       help="time per F, B and W action for the time-slot table (default 1 each)")
@@ -112,10 +116,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 SCHEDULE_SHOW_HELP = """\
-NAME is a built-in schedule, sized by --pp and --microbatches (both needed), or a
-file holding a table as `Schedule.table()` writes it (`device 0: 0F0 0F1 0B0 0B1`,
-one line per device, `#` comments); a table gives its own sizes, and --pp and
---microbatches, when given, must agree with it.
+NAME is a built-in schedule, sized by --pp and --microbatches (both needed) and
+--stages (default --pp), or a file holding a table as `Schedule.table()` writes it
+(`device 0: 0F0 0F1 0B0 0B1`, one line per device, `#` comments); a table gives its
+own sizes, and --pp, --stages and --microbatches, when given, must agree with it.
+gpipe and 1f1b run one stage per device; interleaved runs several, stage s on
+device s % N:
+
+  piperc schedule show interleaved --pp 4 --stages 8 --microbatches 4
 """
 
 
@@ -284,7 +292,11 @@ def load_schedule(args: argparse.Namespace):
     if args.name in schedules.BUILTIN_SCHEDULES:
         if args.pp is None or args.microbatches is None:
             raise UsageError(f"schedule '{args.name}' needs --pp and --microbatches")
-        return schedules.builtin(args.name, args.pp, args.microbatches)
+        stages = args.pp if args.stages is None else args.stages
+        try:
+            return schedules.builtin(args.name, stages, args.microbatches, num_devices=args.pp)
+        except schedules.ScheduleError as e:
+            raise UsageError(str(e)) from e
     if not os.path.isfile(args.name):
         known = ", ".join(sorted(schedules.BUILTIN_SCHEDULES))
         raise UsageError(
@@ -297,7 +309,9 @@ def load_schedule(args: argparse.Namespace):
         raise PipercError(f"cannot read {args.name}: not UTF-8 text (byte {e.start}); a table file is text, "
                           "one row of actions per device") from e
     name = os.path.splitext(os.path.basename(args.name))[0]
-    schedule = schedules.from_table(text, num_microbatches=args.microbatches, name=name)
+    schedule = schedules.from_table(
+        text, num_stages=args.stages, num_microbatches=args.microbatches, name=name
+    )
     if args.pp is not None and args.pp != len(schedule.devices):
         raise PipercError(
             f"{args.name} has {len(schedule.devices)} device rows but --pp is {args.pp}; "

@@ -9,8 +9,8 @@ gradients together, or input gradient alone when the stage also lists W),
     device 0: 0F0 0F1 0B0 0F2 0B1 0F3 0B2 0B3
     device 1: 1F0 1B0 1F1 1B1 1F2 1B2 1F3 1B3
 
-Built-in schedules (`gpipe`, `one_f_one_b`) are functions that return this
-data; users write their own as lists (`from_lists`) or as a table
+Built-in schedules (`gpipe`, `one_f_one_b`, `interleaved`) are functions that
+return this data; users write their own as lists (`from_lists`) or as a table
 (`from_table`). `validate` checks a schedule before anything runs, and
 `simulate` predicts its timeline, which `render_text` and `render_svg` draw.
 `Schedule.view` gathers the tabular view (`piperc schedule show`): the action
@@ -195,18 +195,109 @@ def one_f_one_b(num_stages: int, num_microbatches: int) -> Schedule:
     )
 
 
-BUILTIN_SCHEDULES: dict[str, Callable[[int, int], Schedule]] = {
-    "gpipe": gpipe,
-    "1f1b": one_f_one_b,
+def interleaved(num_stages: int, num_microbatches: int, num_devices: int) -> Schedule:
+    """Interleaved 1F1B (torch's ScheduleInterleaved1F1B): v = stages / devices stages per device.
+
+    Loop placement: stage s runs on device s % num_devices, so device d holds
+    stages d, d + p, d + 2p, ... (p devices). Microbatches go in rounds of
+    m / max(1, m // p): a device runs one round's forwards on its first stage,
+    then on its next, and so on, and its backwards the same way from its last
+    stage. Device d first runs min((v - 1) * round + 2 * (p - 1 - d), v * m)
+    warm-up forwards, then alternates one forward and one backward, then runs the
+    remaining backwards. With v = 1 this is still torch's interleaved order, not
+    1F1B: its warm-up is 2 * (p - 1 - d) forwards, twice 1F1B's, for the same bubble.
+
+    Refuses what torch refuses: stages that are not a multiple of the devices,
+    and microbatch counts that are not a multiple of their number of rounds.
+    """
+    _check_sizes(num_stages, num_microbatches)
+    if num_devices < 1:
+        raise ScheduleError(f"schedule 'interleaved' needs at least one device, got {num_devices}")
+    if num_stages % num_devices:
+        raise ScheduleError(
+            f"schedule 'interleaved': {num_stages} stages do not divide evenly over "
+            f"{num_devices} devices; stage s runs on device s % {num_devices}, so give a "
+            f"multiple of {num_devices} stages, e.g. {2 * num_devices}"
+        )
+    p, v, m = num_devices, num_stages // num_devices, num_microbatches
+    rounds = max(1, m // p)
+    if m % rounds:
+        fewer = next(k for k in range(m - 1, 0, -1) if k % max(1, k // p) == 0)
+        more = next(k for k in range(m + 1, 2 * m + 1) if k % max(1, k // p) == 0)
+        raise ScheduleError(
+            f"schedule 'interleaved': {m} microbatches on {p} devices run in "
+            f"max(1, {m} // {p}) = {rounds} rounds and do not split evenly into them "
+            f"(torch's ScheduleInterleaved1F1B refuses this too); use {fewer} or {more} microbatches"
+        )
+    per_round = m // rounds
+    devices = [_interleaved_row(d, p, v, m, per_round) for d in range(p)]
+    stage_device = {s: s % p for s in range(num_stages)}
+    return Schedule("interleaved", num_stages, num_microbatches, devices, stage_device)
+
+
+def _interleaved_row(d: int, p: int, v: int, m: int, per_round: int) -> list[Action]:
+    """Device d's row of `interleaved`, as torch's `_get_1f1b_rank_ops` orders it."""
+    total = v * m
+    warmup = min((v - 1) * per_round + 2 * (p - 1 - d), total)
+    taken: Counter[tuple[int, str]] = Counter()
+
+    def take(kind: str, local: int) -> Action:
+        # A stage's microbatches run in order, so its k-th action of a kind is microbatch k.
+        stage = local * p + d
+        taken[stage, kind] += 1
+        return Action(stage, kind, taken[stage, kind] - 1)
+
+    def forward(i: int) -> Action:
+        return take("F", (i // per_round) % v)
+
+    def backward(j: int) -> Action:
+        return take("B", v - 1 - (j // per_round) % v)
+
+    row = [forward(i) for i in range(warmup)]
+    for j in range(total - warmup):
+        row += [forward(warmup + j), backward(j)]
+    row += [backward(j) for j in range(total - warmup, total)]
+    return row
+
+
+BuiltinSchedule = Callable[[int, int, int], Schedule]
+"""A built-in: (num_stages, num_microbatches, num_devices) -> Schedule."""
+
+def _single_stage(name: str, make: Callable[[int, int], Schedule]) -> BuiltinSchedule:
+    """`make` as a built-in taking the device count, which must equal the stage count."""
+
+    def build(num_stages: int, num_microbatches: int, num_devices: int) -> Schedule:
+        schedule = make(num_stages, num_microbatches)
+        if num_devices != num_stages:
+            raise ScheduleError(
+                f"schedule '{name}' runs one stage per device, but got {num_stages} stages "
+                f"for {num_devices} devices; use schedule 'interleaved' to run several "
+                f"stages per device, or give {num_devices} stages"
+            )
+        return schedule
+
+    return build
+
+
+BUILTIN_SCHEDULES: dict[str, BuiltinSchedule] = {
+    "gpipe": _single_stage("gpipe", gpipe),
+    "1f1b": _single_stage("1f1b", one_f_one_b),
+    "interleaved": interleaved,
 }
 
 
-def builtin(name: str, num_stages: int, num_microbatches: int) -> Schedule:
-    """The built-in schedule `name` ("gpipe" or "1f1b") for these sizes."""
+def builtin(
+    name: str, num_stages: int, num_microbatches: int, num_devices: int | None = None
+) -> Schedule:
+    """The built-in schedule `name` (gpipe, 1f1b, interleaved) for these sizes.
+
+    `num_devices` is the number of pipeline devices; None means one stage per device.
+    """
     if name not in BUILTIN_SCHEDULES:
         known = ", ".join(sorted(BUILTIN_SCHEDULES))
         raise ScheduleError(f"unknown schedule '{name}' (known: {known})")
-    return BUILTIN_SCHEDULES[name](num_stages, num_microbatches)
+    devices = num_stages if num_devices is None else num_devices
+    return BUILTIN_SCHEDULES[name](num_stages, num_microbatches, devices)
 
 
 def _check_sizes(num_stages: int, num_microbatches: int) -> None:
@@ -536,44 +627,101 @@ def _check_message_order(schedule: Schedule) -> None:
 
 
 def _check_rendezvous(schedule: Schedule) -> None:
-    """The rows run to the end when a transfer completes only once both sides have started it.
+    """The rows run to the end when a transfer completes only once both sides have started it
+    (NCCL's rule), with the receives that `receive_plan` posts early; raises ScheduleError
+    naming what each stuck device waits at when no early receive resolves a deadlock."""
+    receive_plan(schedule)
+
+
+def receive_plan(schedule: Schedule) -> list[dict[Action, list[Message]]]:
+    """Per device, the receives it posts early: the first action of a step -> the messages
+    received in the batch before that step although a later step consumes them.
 
     NCCL's point-to-point rule (stricter than buffered sends): a send waits for its
-    receive. Each device issues its transfers as the compiled program does: before
-    each step, the sends of the step before and the receives the step needs, as one
-    batch (after its last step, its last sends); batches start in order, each once
-    the one before has completed, and a transfer completes once the batch holding
-    its other side has started. A device waits before a step until the batch with
-    the step's receives completes. Runs after `_check_message_order`, so the k-th
-    send between two devices is the k-th receive there.
+    receive. Each device issues its transfers as the compiled program does: before each
+    step, the sends of the step before and the receives the step needs, as one batch
+    (after its last step, its last sends); batches start in order, each once the one
+    before has completed, and a transfer completes once the batch holding its other
+    side has started. A device waits before a step until the batch with the step's
+    receives completes. Two devices can then each wait at a send to the other whose
+    receive the other posts only after its own send (interleaved 1F1B crosses
+    gradients this way from 2 x devices microbatches on). The plan resolves each such
+    crossing by posting the blocked device's receive of the other's send (and of the
+    messages before it from that device) in the batch it is stuck at; expand-schedule
+    posts the same receives there. Receiving early costs only the buffer held longer.
+    Runs after `_check_message_order`, so the k-th send between two devices is the k-th
+    receive there. Raises ScheduleError naming what each stuck device waits at when a
+    deadlock remains.
     """
+    plan: list[dict[Action, list[Message]]] = [{} for _ in schedule.devices]
+    while True:
+        stuck = _rendezvous(schedule, plan)
+        if stuck is None:
+            return plan
+        if not _receive_early(schedule, plan, stuck):
+            waits = []
+            for d, m in stuck.items():
+                side = f"send to device {m.dst_device}" if m.src_device == d else (
+                    f"receive from device {m.src_device}")
+                waits.append(f"device {d} waits at its {side} of {m.kind} {m.producer} -> {m.consumer}")
+            raise ScheduleError(
+                f"schedule '{schedule.name}': deadlock once a send waits for its receive (NCCL's "
+                f"rule): {'; '.join(waits)}; receive a message before sending what the sender "
+                f"waits for, or send it later"
+            )
+
+
+def _step_receives(schedule: Schedule, d: int, step: tuple[Action, ...]) -> list[Message]:
+    """The messages device `d` receives for `step`, in order."""
     n, mbs = schedule.num_stages, schedule.num_microbatches
-    batches: list[list[list[Message]]] = []  # per device, its batches in issue order
-    plans: list[list[tuple[int, int]]] = []  # per device and step: (batches issued, batch to wait for)
+    return [
+        _message(schedule.device_of(producer.stage), d, kind, producer, mbs)
+        for action in step
+        for kind, producer in _receives(action, n)
+        if schedule.device_of(producer.stage) != d
+    ]
+
+
+def _step_sends(schedule: Schedule, d: int, step: tuple[Action, ...]) -> list[Message]:
+    """The messages device `d` sends when `step` completes, in order."""
+    n, mbs = schedule.num_stages, schedule.num_microbatches
+    return [
+        _message(d, schedule.device_of(consumer.stage), kind, action, mbs)
+        for action in step
+        for kind, consumer in _sends(action, n)
+        if schedule.device_of(consumer.stage) != d
+    ]
+
+
+def _batches(schedule: Schedule, plan: list[dict[Action, list[Message]]]):
+    """Per device, its batches of transfers in issue order and, per step, (batches issued
+    before it, the batch it waits for or -1), with the plan's early receives."""
+    batches: list[list[list[Message]]] = []
+    waits: list[list[tuple[int, int]]] = []
     for d in range(len(schedule.devices)):
+        early = {m for ms in plan[d].values() for m in ms}
         mine: list[list[Message]] = []
-        plan = []
+        steps = []
         pending: list[Message] = []
         for step in _steps(schedule, d):
-            receives = [
-                _message(schedule.device_of(producer.stage), d, kind, producer, mbs)
-                for action in step
-                for kind, producer in _receives(action, n)
-                if schedule.device_of(producer.stage) != d
-            ]
+            own = [m for m in _step_receives(schedule, d, step) if m not in early]
+            receives = plan[d].get(step[0], []) + own
             if pending or receives:
                 mine.append(pending + receives)
-            plan.append((len(mine), len(mine) - 1 if receives else -1))
-            pending = [
-                _message(d, schedule.device_of(consumer.stage), kind, action, mbs)
-                for action in step
-                for kind, consumer in _sends(action, n)
-                if schedule.device_of(consumer.stage) != d
-            ]
+            steps.append((len(mine), len(mine) - 1 if receives else -1))
+            pending = _step_sends(schedule, d, step)
         if pending:
             mine.append(pending)
         batches.append(mine)
-        plans.append(plan)
+        waits.append(steps)
+    return batches, waits
+
+
+def _rendezvous(schedule: Schedule, plan: list[dict[Action, list[Message]]]) -> dict[int, Message] | None:
+    """Runs the batches of `_batches` under NCCL's rule; None when every device reaches its
+    end, else per stuck device the first transfer of the batch it is stuck at that has not
+    started."""
+    batches, plans = _batches(schedule, plan)
     place = {
         (m, d): (d, i)
         for d, mine in enumerate(batches)
@@ -592,31 +740,47 @@ def _check_rendezvous(schedule: Schedule) -> None:
     progressed = True
     while progressed:
         progressed = False
-        for d, plan in enumerate(plans):
-            while step[d] < len(plan):
-                issued[d], wait_for = plan[step[d]]
+        for d, waits in enumerate(plans):
+            while step[d] < len(waits):
+                issued[d], wait_for = waits[step[d]]
                 if head[d] <= wait_for:
                     break
                 step[d] += 1
                 progressed = True
-            if step[d] == len(plan):
+            if step[d] == len(waits):
                 issued[d] = len(batches[d])
             while head[d] < issued[d] and all(started(m, d) for m in batches[d][head[d]]):
                 head[d] += 1
                 progressed = True
     stuck = [d for d in range(len(batches)) if head[d] < len(batches[d])]
-    if stuck:
-        waits = []
-        for d in stuck:
-            m = next(m for m in batches[d][head[d]] if not started(m, d))
-            side = f"send to device {m.dst_device}" if m.src_device == d else (
-                f"receive from device {m.src_device}")
-            waits.append(f"device {d} waits at its {side} of {m.kind} {m.producer} -> {m.consumer}")
-        raise ScheduleError(
-            f"schedule '{schedule.name}': deadlock once a send waits for its receive (NCCL's "
-            f"rule): {'; '.join(waits)}; receive a message before sending what the sender "
-            f"waits for, or send it later"
-        )
+    if not stuck:
+        return None
+    return {d: next(m for m in batches[d][head[d]] if not started(m, d)) for d in stuck}
+
+
+def _receive_early(schedule: Schedule, plan: list[dict[Action, list[Message]]], stuck: dict[int, Message]) -> bool:
+    """Resolves one wait among the `stuck` devices: device d stuck at a send to p while p is
+    stuck too (a cycle of such sends deadlocks them all). p then receives d's message (and
+    those before it from d) in the batch p is stuck at. False when no stuck device waits so
+    on another stuck device that still has a later step to receive for."""
+    batches, waits = _batches(schedule, plan)
+    for d, m in stuck.items():
+        p = m.dst_device
+        if m.src_device != d or p not in stuck:
+            continue
+        head = next(i for i, batch in enumerate(batches[p]) if stuck[p] in batch)
+        steps = _steps(schedule, p)
+        index = next((i for i, (issued, _) in enumerate(waits[p]) if issued > head), None)
+        if index is None:  # p is stuck at its last sends: nothing after them to receive
+            continue
+        received = {x for step in steps[: index + 1] for x in _step_receives(schedule, p, step)}
+        received |= {x for ms in plan[p].values() for x in ms}
+        from_d = [x for step in steps for x in _step_receives(schedule, p, step) if x.src_device == d]
+        move = [x for x in from_d[: from_d.index(m) + 1] if x not in received]
+        if move:
+            plan[p].setdefault(steps[index][0], []).extend(move)
+            return True
+    return False
 
 
 # ---------------------------------------------------------------- execution
@@ -785,9 +949,22 @@ def _fill_drain_bubble(schedule: Schedule) -> ClosedForm:
     return ClosedForm("(p-1)/(m+p-1)", f"p={p}, m={m}", bubble_fraction(p, m))
 
 
+def _interleaved_bubble(schedule: Schedule) -> ClosedForm:
+    # Megatron's (p-1)/(v*m+p-1) once a round holds p microbatches. With fewer
+    # (m < p), a device waits for each round to come back round the ring: the
+    # step then lasts v*p + m - 1 (F+B) units of which v*m are busy.
+    p, m = len(schedule.devices), schedule.num_microbatches
+    v = schedule.num_stages // p
+    sizes = f"p={p}, v={v}, m={m}"
+    if m >= p:
+        return ClosedForm("(p-1)/(v*m+p-1)", sizes, (p - 1) / (v * m + p - 1))
+    return ClosedForm("(v*(p-m)+m-1)/(v*p+m-1)", sizes, (v * (p - m) + m - 1) / (v * p + m - 1))
+
+
 CLOSED_FORMS: dict[str, Callable[[Schedule], ClosedForm]] = {
     "gpipe": _fill_drain_bubble,
     "1f1b": _fill_drain_bubble,
+    "interleaved": _interleaved_bubble,
 }
 """Per built-in schedule, its bubble ratio in closed form (equal-cost stages)."""
 
@@ -796,13 +973,18 @@ def closed_form_bubble(schedule: Schedule) -> ClosedForm | None:
     """The closed-form bubble ratio of a built-in schedule; None for any other.
 
     A schedule counts as built-in when its rows are the built-in's of that
-    name and sizes, so a user table named "1f1b" gets the formula only if
-    it is 1F1B.
+    name, sizes and device count, so a user table named "1f1b" gets the
+    formula only if it is 1F1B.
     """
     form = CLOSED_FORMS.get(schedule.name)
     if form is None:
         return None
-    reference = builtin(schedule.name, schedule.num_stages, schedule.num_microbatches)
+    try:
+        reference = builtin(
+            schedule.name, schedule.num_stages, schedule.num_microbatches, len(schedule.devices)
+        )
+    except ScheduleError:  # sizes the built-in refuses: the rows cannot be its
+        return None
     return form(schedule) if reference.devices == schedule.devices else None
 
 

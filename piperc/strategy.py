@@ -162,7 +162,8 @@ def schedule_fragment(options: dict[str, str], axis: str, directive: str) -> Fra
 
 @dataclasses.dataclass(frozen=True)
 class Pipeline(Directive):
-    """Pipeline parallelism: `stages` stages along `axis`, `microbatches` per step."""
+    """Pipeline parallelism: `stages` stages along `axis`, `microbatches` per step. `stages` is a
+    multiple of the axis size: one stage per device, or several (`schedule="interleaved"`)."""
 
     axis: str
     stages: int
@@ -192,8 +193,9 @@ class Pipeline(Directive):
         return (self.axis,)
 
     def check(self, ctx: StrategyContext) -> None:
-        """One pipeline per strategy, one stage per device of its axis, at least one microbatch,
-        a built-in schedule's name or a table, split points and region as strs."""
+        """One pipeline per strategy, the same number of stages on every device of its axis (a
+        built-in schedule must accept the sizes), at least one microbatch, a built-in
+        schedule's name or a table, split points and region as strs."""
         if next(d for d in ctx.directives if isinstance(d, Pipeline)) is not self:
             raise StrategyError(f"{self}: only one pipeline directive is allowed")
         for name in ("stages", "microbatches"):
@@ -204,18 +206,25 @@ class Pipeline(Directive):
                                 f"region a str, got split_at={list(self.split_at)!r}, region={self.region!r}")
         table = isinstance(self.schedule, list | tuple) and all(isinstance(r, list | tuple) for r in self.schedule)
         if not isinstance(self.schedule, str) and not table:
-            raise StrategyError(f"{self}: schedule must be a name ('gpipe', '1f1b') or a table, one row of actions "
+            raise StrategyError(f"{self}: schedule must be a name ('gpipe', '1f1b', 'interleaved') or a table, one row of actions "
                                 f"per device ([['0F0', '0B0'], ['1F0', '1B0']]), got {self.schedule!r}")
         kind = self.schedule_options()["kind"]
         if kind != "user" and kind not in schedules.BUILTIN_SCHEDULES:
             known = ", ".join(sorted(schedules.BUILTIN_SCHEDULES))
             raise StrategyError(f"{self}: unknown schedule {kind!r}; use a built-in ({known}) or a table, "
                                 "one row of actions per device")
-        if self.stages != ctx.mesh.axes[self.axis]:
+        size = ctx.mesh.axes[self.axis]
+        if self.stages % size:
             raise StrategyError(
-                f"{self}: {self.stages} stages on axis '{self.axis}' of size {ctx.mesh.axes[self.axis]}; "
-                "piperc runs one stage per device"
+                f"{self}: {self.stages} stages on axis '{self.axis}' of size {size}; each device holds the "
+                f"same number of stages, so stages must be a multiple of {size} ({size} for one stage per "
+                f"device, {2 * size} for two with schedule='interleaved')"
             )
+        if kind != "user":
+            try:
+                schedules.builtin(kind, self.stages, self.microbatches, num_devices=size)
+            except schedules.ScheduleError as e:
+                raise StrategyError(f"{self}: {e}") from None
 
     def batch_split(self, mesh: Mesh) -> tuple[int, int]:
         """Each replica's batch is cut into `microbatches`."""
@@ -354,9 +363,11 @@ def pipeline(axis: str = "pp", stages: int = 2, microbatches: int = 1,
 
     Stages come from `split_at` (module paths where stages 1..N-1 begin), from
     `piperc.annotate(region, i)` regions, or, with `stages` alone, from
-    balancing the blocks by cost. `schedule` is "gpipe", "1f1b", or a user
-    schedule: one row of actions per device (`[["0F0", "0B0"], ["1F0", "1B0"]]`
-    or the same as text, one row per line).
+    balancing the blocks by cost. `schedule` is "gpipe", "1f1b", "interleaved"
+    (several stages per device: `stages` = v x the axis size, stage s on device
+    s mod the axis size, torch's Interleaved1F1B order), or a user schedule: one
+    row of actions per device (`[["0F0", "0B0"], ["1F0", "1B0"]]` or the same as
+    text, one row per line), whose rows say which device runs each stage.
     """
     return Pipeline(axis, stages, microbatches, schedule, tuple(split_at), region)
 

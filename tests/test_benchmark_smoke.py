@@ -70,3 +70,19 @@ def test_pp_zero_memory_reports_the_largest_microbatch_count_per_policy():
     assert result.returncode == 0, result.stdout + result.stderr
     for policy in ("dp", "zero3", "zero3-keep"):
         assert re.search(rf"^{policy}: largest count that fits \d+", result.stdout, re.M), result.stdout
+
+
+def test_schedules_vs_torch_reports_the_interleaved_ratio():
+    # The 1f1b pair is pipeline_vs_torch's, smoke-tested above; interleaved alone keeps this short.
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    tiny = ["--layers", "8", "--d-model", "16", "--steps", "1", "--warmup", "0",
+            "--batch", "4", "--seq", "8", "--microbatches", "4", "--only", "interleaved"]  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "benchmarks/schedules_vs_torch.py", *tiny],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    ratio = re.search(r"^interleaved ratio piperc/torch: (\d+\.\d+)", result.stdout, re.M)
+    assert ratio, f"no interleaved ratio in:\n{result.stdout}"
+    assert float(ratio.group(1)) > 0
+    assert "command: " in result.stdout

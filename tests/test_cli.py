@@ -192,10 +192,63 @@ def test_schedule_show_unknown_name_is_a_usage_error():
     result = piperc("schedule", "show", "zb", "--pp", "4", "--microbatches", "8")
     assert result.returncode == 2
     assert result.stderr == (
-        "piperc: error: unknown schedule 'zb': neither a built-in schedule (1f1b, gpipe) "
+        "piperc: error: unknown schedule 'zb': neither a built-in schedule (1f1b, gpipe, interleaved) "
         "nor a table file\n"
     )
     assert result.stdout == ""
+
+
+def test_schedule_show_interleaved_runs_several_stages_per_device(capsys):
+    assert cli_main(["schedule", "show", "interleaved", "--pp", "2", "--stages", "4",
+                     "--microbatches", "3"]) == 0
+    assert capsys.readouterr().out == """\
+schedule interleaved: 2 devices, 4 stages, 3 microbatches
+
+actions per device:
+device 0: 0F0 0F1 0F2 2F0 2F1 2F2 2B0 2B1 2B2 0B0 0B1 0B2
+device 1: 1F0 1F1 1F2 3F0 3B0 3F1 3B1 3F2 3B2 1B0 1B1 1B2
+
+closed-form bubble: (p-1)/(v*m+p-1) = 14.3% (p=2, v=2, m=3)
+
+idealised time slots (F=1, B=1; communication free):
+time     | 0   1   2   3   4   5   6   7   8   9   10  11  12  13
+device 0 | 0F0 0F1 0F2 2F0 2F1 2F2 2B0 .   2B1 .   2B2 0B0 0B1 0B2
+device 1 | .   1F0 1F1 1F2 3F0 3B0 3F1 3B1 3F2 3B2 1B0 1B1 1B2 .
+interleaved: makespan 14, bubble 14.3%
+
+peak in-flight activations (microbatches held for their backward):
+device 0: 6
+device 1: 4
+"""
+
+
+def test_schedule_show_interleaved_with_two_rounds_shows_the_view(capsys):
+    """torch's order at pp=4 x v=2 x 8 microbatches crosses gradient sends; the compiled
+    programs post those receives early (`schedules.receive_plan`), so the schedule is shown."""
+    argv = ["schedule", "show", "interleaved", "--pp", "4", "--stages", "8", "--microbatches", "8"]
+    assert cli_main(argv) == 0
+    out, err = capsys.readouterr()
+    assert err == ""
+    assert out.startswith("schedule interleaved: 4 devices, 8 stages, 8 microbatches\n")
+    assert "closed-form bubble: (p-1)/(v*m+p-1) = 15.8% (p=4, v=2, m=8)" in out
+    assert out.endswith("device 0: 11\ndevice 1: 9\ndevice 2: 7\ndevice 3: 5\n")
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["interleaved", "--pp", "4", "--stages", "6", "--microbatches", "8"],
+     "schedule 'interleaved': 6 stages do not divide evenly over 4 devices; stage s runs on "
+     "device s % 4, so give a multiple of 4 stages, e.g. 8"),
+    (["interleaved", "--pp", "4", "--stages", "8", "--microbatches", "9"],
+     "schedule 'interleaved': 9 microbatches on 4 devices run in max(1, 9 // 4) = 2 rounds and "
+     "do not split evenly into them (torch's ScheduleInterleaved1F1B refuses this too); "
+     "use 8 or 10 microbatches"),
+    (["1f1b", "--pp", "4", "--stages", "8", "--microbatches", "8"],
+     "schedule '1f1b' runs one stage per device, but got 8 stages for 4 devices; use schedule "
+     "'interleaved' to run several stages per device, or give 4 stages"),
+])
+def test_schedule_show_an_invalid_combination_is_a_usage_error(argv, message, capsys):
+    assert cli_main(["schedule", "show", *argv]) == 2
+    assert capsys.readouterr().err == f"piperc: error: {message}\n"
 
 
 def test_schedule_show_a_builtin_needs_its_sizes(capsys):

@@ -19,9 +19,11 @@ from piperc.schedules import (
     from_lists,
     from_table,
     gpipe,
+    interleaved,
     messages,
     one_f_one_b,
     peak_in_flight,
+    receive_plan,
     render_svg,
     render_text,
     save_svg,
@@ -101,6 +103,101 @@ def test_unknown_builtin_lists_known_names():
 def test_builtin_needs_a_stage_and_a_microbatch():
     with pytest.raises(ScheduleError, match="0 microbatches"):
         gpipe(2, 0)
+
+
+def test_builtin_takes_the_device_count():
+    assert builtin("1f1b", 4, 8, num_devices=4).to_rows() == one_f_one_b(4, 8).to_rows()
+    assert builtin("interleaved", 8, 4, num_devices=4).to_rows() == interleaved(8, 4, 4).to_rows()
+
+
+@pytest.mark.parametrize("name", ["gpipe", "1f1b"])
+def test_single_stage_builtins_refuse_several_stages_per_device(name):
+    with pytest.raises(ScheduleError, match=(
+        f"schedule '{name}' runs one stage per device, but got 8 stages for 4 devices; "
+        f"use schedule 'interleaved' to run several stages per device, or give 4 stages"
+    )):
+        builtin(name, 8, 8, num_devices=4)
+
+
+def test_interleaved_rows_2_devices_4_stages_3_microbatches():
+    schedule = interleaved(4, 3, 2)
+    assert schedule.table() == (
+        "device 0: 0F0 0F1 0F2 2F0 2F1 2F2 2B0 2B1 2B2 0B0 0B1 0B2\n"
+        "device 1: 1F0 1F1 1F2 3F0 3B0 3F1 3B1 3F2 3B2 1B0 1B1 1B2"
+    )
+    assert schedule.stage_device == {0: 0, 1: 1, 2: 0, 3: 1}
+    validate(schedule)
+
+
+def test_interleaved_rows_4_devices_8_stages_8_microbatches():
+    """Two rounds of 4 microbatches; device d warms up with 4 + 2 * (3 - d) forwards."""
+    assert interleaved(8, 8, 4).table() == (
+        "device 0: 0F0 0F1 0F2 0F3 4F0 4F1 4F2 4F3 0F4 0F5 0F6 4B0 0F7 4B1 4F4 4B2 "
+        "4F5 4B3 4F6 0B0 4F7 0B1 0B2 0B3 4B4 4B5 4B6 4B7 0B4 0B5 0B6 0B7\n"
+        "device 1: 1F0 1F1 1F2 1F3 5F0 5F1 5F2 5F3 1F4 5B0 1F5 5B1 1F6 5B2 1F7 5B3 "
+        "5F4 1B0 5F5 1B1 5F6 1B2 5F7 1B3 5B4 5B5 5B6 5B7 1B4 1B5 1B6 1B7\n"
+        "device 2: 2F0 2F1 2F2 2F3 6F0 6F1 6F2 6B0 6F3 6B1 2F4 6B2 2F5 6B3 2F6 2B0 "
+        "2F7 2B1 6F4 2B2 6F5 2B3 6F6 6B4 6F7 6B5 6B6 6B7 2B4 2B5 2B6 2B7\n"
+        "device 3: 3F0 3F1 3F2 3F3 7F0 7B0 7F1 7B1 7F2 7B2 7F3 7B3 3F4 3B0 3F5 3B1 "
+        "3F6 3B2 3F7 3B3 7F4 7B4 7F5 7B5 7F6 7B6 7F7 7B7 3B4 3B5 3B6 3B7"
+    )
+
+
+@pytest.mark.parametrize("stages,mbs,devices", [(8, 4, 4), (8, 7, 4), (8, 3, 4), (4, 2, 2),
+                                                (4, 3, 2), (6, 2, 2), (12, 5, 4), (3, 8, 3)])
+def test_interleaved_validates_with_loop_placement(stages, mbs, devices):
+    schedule = interleaved(stages, mbs, devices)
+    validate(schedule)
+    assert schedule.stage_device == {s: s % devices for s in range(stages)}
+
+
+def test_interleaved_with_one_stage_per_device_is_torchs_order_not_1f1b():
+    """v = 1 warms up with 2 * (p - 1 - d) forwards, 1F1B with p - 1 - d: same bubble,
+    more activations held."""
+    schedule = builtin("interleaved", 4, 8)
+    assert schedule.to_rows()[0][:8] == ["0F0", "0F1", "0F2", "0F3", "0F4", "0F5", "0F6", "0B0"]
+    assert peak_in_flight(schedule) == [7, 5, 3, 1]
+    assert peak_in_flight(one_f_one_b(4, 8)) == [4, 3, 2, 1]
+    assert simulate(schedule).bubble_fraction == pytest.approx(bubble_fraction(4, 8))
+
+
+@pytest.mark.parametrize("stages,mbs,devices,message", [
+    (6, 8, 4, "schedule 'interleaved': 6 stages do not divide evenly over 4 devices; stage s "
+              "runs on device s % 4, so give a multiple of 4 stages, e.g. 8"),
+    (2, 8, 4, "2 stages do not divide evenly over 4 devices"),
+    (8, 9, 4, r"schedule 'interleaved': 9 microbatches on 4 devices run in max\(1, 9 // 4\) = 2 "
+              r"rounds and do not split evenly into them \(torch's ScheduleInterleaved1F1B "
+              r"refuses this too\); use 8 or 10 microbatches"),
+    (4, 7, 2, r"7 microbatches on 2 devices run in max\(1, 7 // 2\) = 3 rounds .* use 6 or 8"),
+    (8, 8, 0, "schedule 'interleaved' needs at least one device, got 0"),
+    (8, 0, 4, "a schedule needs at least one stage and one microbatch"),
+])
+def test_interleaved_refuses_what_torch_refuses(stages, mbs, devices, message):
+    with pytest.raises(ScheduleError, match=message):
+        interleaved(stages, mbs, devices)
+
+
+def test_interleaved_with_two_rounds_posts_the_crossing_receives_early():
+    """piperc's compiled programs issue a step's sends with the next step's receives, one
+    batch at a time, and a send completes only once its receive is posted (NCCL's rule).
+    With m >= 2p microbatches torch's order crosses gradient sends: at pp=2, m=4 device 1
+    sends 3B1's gradient before it posts the receive of 2B0's, and device 0 sends 2B0's
+    before it posts the receive of 3B1's (torch's runtime relies on sends that complete
+    without their receive). `receive_plan` has device 1 receive 2B0's gradient in the batch
+    it was stuck at (the one before 1F2, with its send of 3B1's), rather than before 1B0,
+    and so on down the row; device 0 needs none."""
+    plan = receive_plan(interleaved(4, 4, 2))
+    assert plan[0] == {}
+    assert {str(a): [str(m.producer) for m in ms] for a, ms in plan[1].items()} == {
+        "1F2": ["2B0"], "1B0": ["0F3"], "1F3": ["2B1"], "1B1": ["2F2"]}
+    for stages, mbs, devices in [(4, 4, 2), (8, 8, 4), (4, 8, 2), (6, 6, 3), (12, 16, 4)]:
+        validate(interleaved(stages, mbs, devices))
+
+
+def test_one_f_one_b_and_gpipe_need_no_early_receive():
+    for name in ("gpipe", "1f1b"):
+        for stages, mbs in [(2, 4), (4, 8), (4, 2)]:
+            assert receive_plan(builtin(name, stages, mbs)) == [{} for _ in range(stages)]
 
 
 # ---------------------------------------------------------------- user schedules
@@ -386,6 +483,42 @@ def test_closed_form_bubble_agrees_with_the_time_slots(name, stages, mbs):
     assert view.closed_form.value == pytest.approx(view.timeline.bubble_fraction)
 
 
+@pytest.mark.parametrize("stages,mbs,devices,formula", [
+    (8, 4, 4, "(p-1)/(v*m+p-1)"), (8, 7, 4, "(p-1)/(v*m+p-1)"), (12, 4, 4, "(p-1)/(v*m+p-1)"),
+    (4, 2, 2, "(p-1)/(v*m+p-1)"), (6, 3, 2, "(p-1)/(v*m+p-1)"), (4, 8, 4, "(p-1)/(v*m+p-1)"),
+    (8, 2, 4, "(v*(p-m)+m-1)/(v*p+m-1)"), (12, 3, 4, "(v*(p-m)+m-1)/(v*p+m-1)"),
+    (8, 1, 4, "(v*(p-m)+m-1)/(v*p+m-1)"), (4, 2, 4, "(v*(p-m)+m-1)/(v*p+m-1)"),
+])
+@pytest.mark.parametrize("costs", [{}, {"B": 2}])
+def test_interleaved_closed_form_agrees_with_the_time_slots(stages, mbs, devices, formula, costs):
+    view = interleaved(stages, mbs, devices).view(costs)
+    assert view.closed_form.formula == formula
+    assert view.closed_form.value == pytest.approx(view.timeline.bubble_fraction)
+
+
+def test_interleaved_closed_form_is_megatrons():
+    """p=4 devices, v=2 stages each, m=4: (4-1)/(2*4+4-1) = 3/11, less than 1F1B's 3/7."""
+    assert interleaved(8, 4, 4).view().closed_form == ClosedForm(
+        "(p-1)/(v*m+p-1)", "p=4, v=2, m=4", 3 / 11
+    )
+    assert closed_form_bubble(interleaved(8, 8, 4)).value == pytest.approx(3 / 19)
+
+
+def test_interleaved_closed_form_only_for_its_own_rows_and_devices():
+    rows = interleaved(8, 4, 4).to_rows()
+    assert closed_form_bubble(from_lists(rows, name="interleaved")) is not None
+    assert closed_form_bubble(from_lists(one_f_one_b(4, 4).to_rows(), name="interleaved")) is None
+    assert closed_form_bubble(from_lists(rows[:2], name="interleaved")) is None
+    assert closed_form_bubble(from_lists(rows, name="1f1b")) is None
+
+
+def test_interleaved_peak_in_flight_4_devices_2_stages_each_8_microbatches():
+    """Device d warms up with (v-1)*4 + 2*(3-d) = 10, 8, 6, 4 forwards, then runs one more
+    forward before its first backward and one forward per backward after that: warm-up + 1.
+    1F1B on 4 devices holds 4, 3, 2, 1, each a stage twice the size of one of these."""
+    assert peak_in_flight(interleaved(8, 8, 4)) == [11, 9, 7, 5]
+
+
 def test_gpipe_holds_every_microbatch():
     assert peak_in_flight(gpipe(4, 8)) == [8, 8, 8, 8]
 
@@ -528,3 +661,43 @@ def test_action_order_against_torchs_pipeline_order_table(name):
                 f"3F{int(a[2:]) - 1}" if a.startswith("3F") else a for a in table[:-1]
             ] + table[-1:]
         assert table[:-1] == rows[rank]
+
+
+class _InterleavedStage:
+    """What ScheduleInterleaved1F1B's constructor reads of one of a rank's stages."""
+
+    def __init__(self, stage_index, num_stages, rank, num_devices):
+        self.stage_index = stage_index
+        self.num_stages = num_stages
+        self.group_rank = rank
+        self.group_size = num_devices
+        self.is_first = stage_index == 0
+        self.is_last = stage_index == num_stages - 1
+        self.stage_index_to_group_rank = {}
+
+
+def _torch_interleaved_order(stages, microbatches, devices):
+    """torch's `pipeline_order` for every rank, built from rank 0's stages (loop placement:
+    rank 0 holds stages 0, p, 2p, ...; every rank computes the whole table), None dropped."""
+    from torch.distributed.pipelining import ScheduleInterleaved1F1B
+
+    local = [_InterleavedStage(s, stages, 0, devices) for s in range(0, stages, devices)]
+    order = ScheduleInterleaved1F1B(local, microbatches).pipeline_order
+    return [[str(a) for a in order[rank] if a is not None] for rank in range(devices)]
+
+
+@pytest.mark.parametrize("stages,mbs,devices", [(8, 8, 4), (4, 4, 2), (4, 8, 2), (8, 4, 4),
+                                                (8, 6, 4), (8, 3, 4), (12, 8, 4), (4, 8, 4)])
+def test_interleaved_is_torchs_pipeline_order(stages, mbs, devices):
+    """Identical action for action, with torch's None (idle) slots dropped; at pp=4 x v=2 x 8
+    microbatches and pp=2 x v=2 x 4 and 8 microbatches as well as the other shapes. Those
+    with m >= 2p fail piperc's rendezvous check (see the deadlock test above)."""
+    assert _torch_interleaved_order(stages, mbs, devices) == interleaved(stages, mbs, devices).to_rows()
+
+
+@pytest.mark.parametrize("stages,mbs,devices", [(8, 9, 4), (4, 5, 2)])
+def test_interleaved_refuses_the_microbatch_counts_torch_refuses(stages, mbs, devices):
+    with pytest.raises(ValueError, match="multiple of the number of rounds"):
+        _torch_interleaved_order(stages, mbs, devices)
+    with pytest.raises(ScheduleError, match="do not split evenly into them"):
+        interleaved(stages, mbs, devices)
