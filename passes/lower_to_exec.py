@@ -40,8 +40,9 @@ Then the ordering and lifetime rules that make the program correct under NCCL
     with results (all_reduce, recv, batch with receives) is waited where its results
     are first used, and the tensors it holds are freed right after that wait; an op
     without results (a send, a batch of sends) whose tensor is dead is waited on `comm`
-    at the program's next wait (the host stops there anyway; waiting at once would
-    hold it until the peer posts the receive), and the tensor is freed right after;
+    at the wait of a later receive from each of its peers (by then the peer has posted
+    the receive; waiting at once, or at the next wait, would hold the host until the
+    peer posts it), and the tensor is freed right after;
   * whatever is still in flight is waited at the end of the program.
 
 Process groups are declared in an order every rank agrees on: `@pp_<i>` for each
@@ -402,13 +403,23 @@ class _RankProgram:
                 self.ready[result].add(stream)
 
 
+def _peers(op: Operation, side: str) -> set[int]:
+    """The peers an async p2p op sends to (`side` "send") or receives from ("recv")."""
+    if isinstance(op, ex.BatchP2POp):
+        return set((op.send_peers if side == "send" else op.recv_peers).get_values())
+    if isinstance(op, ex.SendOp if side == "send" else ex.RecvOp):
+        return {op.peer.value.data}
+    return set()
+
+
 def _with_lifetimes(ops: list[Operation], comm: SSAValue) -> list[Operation]:
     """`ops` with `exec.free` after each tensor's last use, and the waits that lifetime needs.
 
     A tensor an async op still reads or writes is not freed before that op's wait: an op
     with results is waited where the results are first used (already in `ops`), so its
     tensors are freed right after that wait; an op without results (a send) whose input is
-    dead is waited on `comm` at the program's next wait, and its input freed right after.
+    dead is waited on `comm` at the wait of a later receive from its peer (by then the peer
+    has posted its receive), and its input freed right after.
     What is still in flight at the end is waited there, and the tensors it held are freed after.
     """
     order: dict[SSAValue, int] = {}
@@ -430,6 +441,7 @@ def _with_lifetimes(ops: list[Operation], comm: SSAValue) -> list[Operation]:
     for v, i in last_use.items():
         dying[i].append(v)
 
+    position = {op: i for i, op in enumerate(ops)}
     out: list[Operation] = []
     in_flight: list[Operation] = []
     held: dict[SSAValue, set[Operation]] = {}  # dead tensor -> async ops it waits for
@@ -455,11 +467,15 @@ def _with_lifetimes(ops: list[Operation], comm: SSAValue) -> list[Operation]:
         finished = {w.owner for w in op.works} if isinstance(op, ex.WaitOp) else set()
         for v in dying[i]:
             held[v] = {o for o in holders[v] if o in in_flight}
-        # A send no longer needed by compute is waited at the program's next wait (where the
-        # host stops anyway), not where its input dies: waiting there would hold the host until
-        # the peer posts its receive, and the pipeline would stop overlapping.
+        # A send no longer needed by compute is waited once a later receive from each of its
+        # peers has completed, not where its input dies: waiting there would hold the host
+        # until the peer posts its receive, and the pipeline would stop overlapping. Transfers
+        # between two devices are issued in the same order on both, so by then the peer has
+        # posted the receive of the send, which completes without holding the host.
         sends = [o for o in in_flight if not _holds_results(o) and o not in finished
-                 and any(o in waiting for waiting in held.values())] if finished else []
+                 and any(o in waiting for waiting in held.values())
+                 and _peers(o, "send") <= {p for f in finished if position[f] > position[o]
+                                           for p in _peers(f, "recv")}] if finished else []
         if sends:
             out.append(ex.WaitOp([o.results[0] for o in sends], comm))
         free(done(finished | set(sends)))
