@@ -19,7 +19,9 @@ per device along the schedule's axis, in the order the device issues its work:
     }
 
 For each action of its schedule row, a device runs the action's tasks (a
-backward action runs the stage's backward chunks in order) on that
+backward action runs the stage's backward chunks in order, and its weight
+gradients too when the backward is split but the schedule lists no W action
+for the stage) on that
 microbatch, sends each result another device reads right after the task
 that makes it, and receives what it reads from other devices before the
 first task that needs it. Transfers between two devices pair up in the order
@@ -27,6 +29,10 @@ each issues them: a device receives from a peer in exactly the order the peer
 sends, so a receive may bring in a value needed only later. The sends after a
 task and the receives before the next one are one `batch`, issued together,
 so a forward send and a backward receive that cross cannot block each other.
+Where two devices would still each wait at a send to the other (torch's
+interleaved order from 2 x devices microbatches on), the schedule's
+`receive_plan` names receives to post earlier, in the batch where the device
+would wait, and this pass posts them there.
 A microbatch's per-step results are summed as they arrive (the combiner of
 `par.accumulate` runs from the second microbatch on). Every once-per-step op
 (bucket reductions, updates, stores, the loss, a `par.reshard` of the step such
@@ -82,15 +88,20 @@ class _Step:
                 self.accumulates[op.values[0].owner].append(op)
             elif not isinstance(op, func.ReturnOp):
                 self.per_step.append(op)
+        self.split_weights = any(kind == PassKind.W for _, kind in self.tasks)
+        self.w_stages: set[int] = set()  # the stages whose W actions the schedule lists
         ret = block.last_op
         self.stores: dict[SSAValue, list[tuple[str, str]]] = defaultdict(list)
         for (role, name), v in zip(result_roles(self.main), ret.operands, strict=True):
             self.stores[v].append((role, str(name)))
 
     def frozen(self, stage: int, kind: PassKind) -> bool:
-        """Whether `kind` is a backward pass of a stage that has no backward at all: every
-        parameter it reads is frozen and no earlier stage needs its input gradients, so the
-        schedule's B and W actions for it run nothing."""
+        """Whether `kind` is a backward pass with nothing to compute: a stage without any
+        backward (every parameter it reads is frozen and no earlier stage needs its input
+        gradients) runs nothing for its B and W actions, and a stage whose backward is split
+        but has no weight gradients (no trainable parameter) nothing for its W actions."""
+        if kind == PassKind.W and self.tasks.get((stage, PassKind.B)) and self.split_weights:
+            return not self.tasks.get((stage, PassKind.W))
         return (kind in (PassKind.B, PassKind.W) and bool(self.tasks.get((stage, PassKind.F)))
                 and not self.tasks.get((stage, PassKind.B)) and not self.tasks.get((stage, PassKind.W)))
 
@@ -136,6 +147,8 @@ class _ProgramWriter:
         self.issue_ready()  # what needs no task (a gather of sharded parameters) starts first
         for action in self.row:
             tasks = self.step.tasks.get((action.stage, action.pass_kind), [])
+            if action.pass_kind == PassKind.B and action.stage not in self.step.w_stages:
+                tasks = tasks + self.step.tasks.get((action.stage, PassKind.W), [])  # B runs the whole backward
             if not tasks and self.step.frozen(action.stage, action.pass_kind):
                 continue
             if not tasks:
@@ -325,6 +338,7 @@ class ExpandSchedulePass(ModulePass):
         table = schedule.table()
         device_of = {a.stage: d for d, row in table.items() for a in row}
         step = _Step(main_function(op), microbatches, device_of)
+        step.w_stages = {a.stage for row in table.values() for a in row if a.pass_kind == PassKind.W}
         unapplied = [name for role, name in result_roles(step.main) if role == "increment"]
         if unapplied:
             raise StrategyError(f"{self.directive}: the step returns increments of buffers {unapplied} but "

@@ -143,13 +143,16 @@ def _pass_of(op: Operation) -> PassKind:
 class OutlineStagesPass(ModulePass):
     """Outlines `@main` into `@s<i>_F` and `@s<i>_B[<chunk>]` per stage with keyed arguments/results.
 
-    Options: split-backward (one backward function per block), directive
-    (quoted in errors). Requires: `par.stage` on every op.
+    Options: split-backward (one backward function per block), split-weights (each
+    stage's weight gradients in `@s<i>_W`, apart from the input gradients of
+    `@s<i>_B`, for schedules that run W actions: zero bubble), directive (quoted in
+    errors). Requires: `par.stage` on every op.
     """
 
     name = "outline-stages"
 
     split_backward: bool = True
+    split_weights: bool = False
     directive: str = "outline-stages"
 
     def apply(self, ctx: Context, op: ModuleOp) -> None:
@@ -169,6 +172,7 @@ class OutlineStagesPass(ModulePass):
 
         partial_grads, dropped = self._split_tied_sums(wanted)
 
+        weights = self._weight_gradient_ops(block, ret, wanted, dropped) if self.split_weights else set()
         groups: dict[tuple[int, PassKind, int], list[Operation]] = defaultdict(list)
         chunk = {s: (0, None) for s in range(num_stages)}  # stage -> (chunk, its block)
         chunk_paths: dict[tuple[int, int], str | None] = {}
@@ -177,6 +181,8 @@ class OutlineStagesPass(ModulePass):
             if o is ret or o.has_trait(ConstantLike) or o in dropped:
                 continue
             stage, kind = stage_of(o), _pass_of(o)
+            if o in weights:
+                kind = PassKind.W
             index = 0
             if kind == PassKind.B and self.split_backward:
                 index, current = chunk[stage]
@@ -188,6 +194,8 @@ class OutlineStagesPass(ModulePass):
                 if chunk_paths.get((stage, index)) is None:
                     chunk_paths[(stage, index)] = block_path
             first_op_index.setdefault((stage, kind, index), position)
+            if kind == PassKind.W:  # after every op of the B pass it reads: at its last op
+                first_op_index[(stage, kind, index)] = position
             groups[(stage, kind, index)].append(o)
         group_of = {o: g for g, ops in groups.items() for o in ops}
 
@@ -281,14 +289,42 @@ class OutlineStagesPass(ModulePass):
                                                                                    main.function_type.inputs.data,
                                                                                    strict=True))
 
+    def _weight_gradient_ops(self, block: Block, ret: Operation, wanted: dict[str, SSAValue],
+                             dropped: set[Operation]) -> set[Operation]:
+        """The backward ops that only compute weight gradients (the W pass): those whose results
+        reach nothing but the step's `grad:` results and other such ops of their stage, and
+        read nothing from another stage (the gradient a later stage sends arrives at B). The
+        rest of the backward (B) computes the input gradients the earlier stages need."""
+        grads = {id(v) for k, v in wanted.items() if k.startswith("grad:")}
+        for o in dropped:  # a tied weight's sum over stages: each part is a gradient result
+            grads.update(id(v) for v in o.operands)
+        weights: set[Operation] = set()
+        for o in reversed(list(block.ops)):
+            if o is ret or o in dropped or o.has_trait(ConstantLike) or _pass_of(o) != PassKind.B:
+                continue
+            uses = [u for r in o.results for u in r.uses]
+            # what comes from another stage (its input gradient) arrives at the B pass
+            local = all(isinstance(v, BlockArgument) or v.owner.has_trait(ConstantLike)
+                        or stage_of(v.owner) == stage_of(o) for v in o.operands)
+            if uses and local and all(
+                (u.operation is ret and id(u.operation.operands[u.index]) in grads)
+                or u.operation in dropped
+                or (u.operation in weights and stage_of(u.operation) == stage_of(o))
+                for u in uses
+            ):
+                weights.add(o)
+        return weights
+
     def _check_flow(self, src, dst, consumer: Operation, producer: Operation) -> None:
         (s1, k1, c1), (s2, k2, c2) = src, dst
         # Forward values may feed any later forward and any backward (saved
-        # activations are sent at the forward and received at the backward).
+        # activations are sent at the forward and received at the backward); a stage's
+        # weight gradients (W) read its forward's and its input-gradient backward's values.
         ok = (
             (k1 == PassKind.F and k2 == PassKind.F and s2 > s1)
-            or (k1 == PassKind.F and k2 == PassKind.B)
+            or (k1 == PassKind.F and k2 in (PassKind.B, PassKind.W))
             or (k1 == PassKind.B and k2 == PassKind.B and (s2 < s1 or (s2 == s1 and c2 > c1)))
+            or (k1 == PassKind.B and k2 == PassKind.W and s2 == s1)
         )
         if ok:
             return

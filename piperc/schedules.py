@@ -279,10 +279,53 @@ def _single_stage(name: str, make: Callable[[int, int], Schedule]) -> BuiltinSch
     return build
 
 
+def zero_bubble_h1(num_stages: int, num_microbatches: int) -> Schedule:
+    """ZB-H1 (Qi et al., "Zero Bubble Pipeline Parallelism", 2023): 1F1B with each backward
+    split into B (the input gradient, which the earlier stage waits for) and W (the weight
+    gradient, which nothing waits for), the Ws placed in the bubbles 1F1B leaves.
+
+    Built by running the pipeline under unit costs (F = B = W = 1, communication free):
+    each device, whenever it is free, starts its next backward B if it can, else its next
+    forward if its microbatches between F and B stay within 1F1B's p - d and those between
+    F and W within p (1F1B's peak, on device 0), else its oldest pending W. Later devices
+    thus defer their Ws into the bubbles at no cost in peak memory. Microbatches go in order
+    in each pass. Stage s runs on device s.
+    """
+    _check_sizes(num_stages, num_microbatches)
+    p, m = num_stages, num_microbatches
+    finish: dict[Action, int] = {}
+    rows: list[list[Action]] = [[] for _ in range(p)]
+    next_f, next_b, next_w = [0] * p, [0] * p, [0] * p
+    t = 0
+    while any(w < m for w in next_w):
+        for d in range(p):
+            if rows[d] and finish[rows[d][-1]] > t:
+                continue
+            f, b = Action(d, "F", next_f[d]), Action(d, "B", next_b[d])
+            if next_b[d] < m and all(finish.get(x, t + 1) <= t for x in _dependencies(b, p)):
+                choice, next_b[d] = b, next_b[d] + 1
+            elif (next_f[d] < m and next_f[d] - next_b[d] < p - d and next_f[d] - next_w[d] < p
+                    and all(finish.get(x, t + 1) <= t for x in _dependencies(f, p))):
+                choice, next_f[d] = f, next_f[d] + 1
+            elif next_w[d] < next_b[d]:
+                choice, next_w[d] = Action(d, "W", next_w[d]), next_w[d] + 1
+            else:
+                continue
+            rows[d].append(choice)
+            finish[choice] = t + 1
+        t += 1
+    return Schedule("zb-h1", p, m, rows, _one_stage_per_device(p))
+
+
+SPLIT_BACKWARD = ("zb-h1",)
+"""The built-in schedules that run weight gradients as actions of their own (W)."""
+
+
 BUILTIN_SCHEDULES: dict[str, BuiltinSchedule] = {
     "gpipe": _single_stage("gpipe", gpipe),
     "1f1b": _single_stage("1f1b", one_f_one_b),
     "interleaved": interleaved,
+    "zb-h1": _single_stage("zb-h1", zero_bubble_h1),
 }
 
 

@@ -206,7 +206,7 @@ class Pipeline(Directive):
                                 f"region a str, got split_at={list(self.split_at)!r}, region={self.region!r}")
         table = isinstance(self.schedule, list | tuple) and all(isinstance(r, list | tuple) for r in self.schedule)
         if not isinstance(self.schedule, str) and not table:
-            raise StrategyError(f"{self}: schedule must be a name ('gpipe', '1f1b', 'interleaved') or a table, one row of actions "
+            raise StrategyError(f"{self}: schedule must be a name ('gpipe', '1f1b', 'interleaved', 'zb-h1') or a table, one row of actions "
                                 f"per device ([['0F0', '0B0'], ['1F0', '1B0']]), got {self.schedule!r}")
         kind = self.schedule_options()["kind"]
         if kind != "user" and kind not in schedules.BUILTIN_SCHEDULES:
@@ -230,12 +230,20 @@ class Pipeline(Directive):
         """Each replica's batch is cut into `microbatches`."""
         return 1, self.microbatches
 
+    def splits_weights(self) -> bool:
+        """Whether the schedule runs weight gradients as actions of their own (W)."""
+        options = self.schedule_options()
+        if options["kind"] == "user":
+            return any("W" in action for action in options["table"].split())
+        return options["kind"] in schedules.SPLIT_BACKWARD
+
     def fragments(self, ctx: StrategyContext) -> list[Fragment]:
-        """pipeline-split and outline-stages (the stages), then the schedule."""
+        """pipeline-split and outline-stages (the stages; the weight gradients apart when the
+        schedule runs W actions), then the schedule."""
         stages = Fragment(
             (PipelineSplitPass(stages=self.stages, split_at=self.split_at, region=self.region,
                                directive=str(self)),
-             OutlineStagesPass(directive=str(self))),
+             OutlineStagesPass(split_weights=self.splits_weights(), directive=str(self))),
             requires=("layouts",),
             provides=("stages",),
         )
@@ -365,9 +373,11 @@ def pipeline(axis: str = "pp", stages: int = 2, microbatches: int = 1,
     `piperc.annotate(region, i)` regions, or, with `stages` alone, from
     balancing the blocks by cost. `schedule` is "gpipe", "1f1b", "interleaved"
     (several stages per device: `stages` = v x the axis size, stage s on device
-    s mod the axis size, torch's Interleaved1F1B order), or a user schedule: one
-    row of actions per device (`[["0F0", "0B0"], ["1F0", "1B0"]]` or the same as
-    text, one row per line), whose rows say which device runs each stage.
+    s mod the axis size, torch's Interleaved1F1B order), "zb-h1" (zero bubble:
+    each backward split into B and W), or a user schedule: one row of actions per
+    device (`[["0F0", "0B0"], ["1F0", "1B0"]]` or the same as text, one row per
+    line), whose rows say which device runs each stage; a row that lists W actions
+    (`0W1`) splits that stage's backward into input (B) and weight (W) gradients.
     """
     return Pipeline(axis, stages, microbatches, schedule, tuple(split_at), region)
 

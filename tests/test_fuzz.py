@@ -74,14 +74,17 @@ def test_the_sample_to_run_holds_50_distinct_accepted_tables_on_2_and_4_devices(
     assert {c.stages for c in cases} == {2, 4}
 
 
-def test_a_table_that_deadlocks_once_sends_wait_for_receives_is_rejected():
-    # Buffered sends would let device 0 run all its forwards first; under NCCL's rule
-    # its send of microbatch 2 waits for device 1, which waits to send a gradient first.
+def test_a_table_whose_sends_cross_under_nccls_rule_receives_early_and_compiles(captured):
+    # Buffered sends would let device 0 run all its forwards first; under NCCL's rule its
+    # send of microbatch 2 waits for device 1, which waits to send a gradient first. Device
+    # 1 then posts the receive of 0F2 (and 0F3) in the batch it waits at (`receive_plan`),
+    # and the generated programs pass verify-exec's simulation of the same rule.
     table = "0F0 0F1 0F2 0F3 0B0 0B1 0B2 0B3\n1F0 1B0 1F1 1B1 1F2 1B2 1F3 1B3"
-    with pytest.raises(schedules.ScheduleError, match=(
-            r"deadlock once a send waits for its receive .*device 0 waits at its send to device 1 "
-            r"of act 0F2 -> 1F2; device 1 waits at its send to device 0 of grad 1B0 -> 0B0")):
-        schedules.validate(schedules.from_table(table))
+    schedule = schedules.from_table(table)
+    schedules.validate(schedule)
+    plan = schedules.receive_plan(schedule)
+    assert plan[0] == {} and [str(m.producer) for ms in plan[1].values() for m in ms] == ["0F2", "0F3"]
+    run_pipeline(captured.module.clone(), captured.ctx, pipeline_text(Case(2, 4, schedule.to_rows(), "table")))
 
 
 def test_a_device_with_no_actions_is_rejected():
@@ -99,6 +102,24 @@ def compile_sample() -> list[Case]:
 @pytest.mark.parametrize("index", range(4))
 def test_accepted_tables_compile_through_verify_exec(captured, index):
     run_pipeline(captured.module.clone(), captured.ctx, pipeline_text(compile_sample()[index]))
+
+
+def test_accepted_tables_with_weight_gradient_actions_compile_with_the_backward_split(captured):
+    found = {}
+    for case in TABLES:
+        if len(case.rows) == case.stages and any("W" in a for r in case.rows for a in r):
+            try:
+                check(case)
+            except schedules.ScheduleError:
+                continue
+            found.setdefault(case.key(), case)
+    assert len(found) >= 5
+    for case in list(found.values())[:5]:
+        assert "outline-stages{split-weights=true}" in pipeline_text(case)
+        try:
+            run_pipeline(captured.module.clone(), captured.ctx, pipeline_text(case))
+        except PipercError as e:
+            pytest.fail(f"{case.rows}: {e}")
 
 
 def test_an_accepted_table_whose_gradient_send_crosses_a_forward_compiles(captured):

@@ -1,0 +1,119 @@
+"""Zero-bubble pipelines: the backward split into B (input gradients) and W (weight
+gradients), and the ZB-H1 schedule (issue 8).
+
+`outline-stages{split-weights}` puts each stage's weight-gradient ops in `@s<i>_W`; the
+pipeline directive asks for it when its schedule runs W actions (`zb-h1`, or a table
+with W). The arithmetic is the backward's own, so a zero-bubble run is bit-identical to
+1F1B. IR first, then the schedule as data, then real multi-process runs.
+"""
+
+import pytest
+import torch
+
+import piperc
+from piperc import schedules
+from piperc.examples import gpt, llama
+from piperc.ir import make_context, parse_module, print_ir
+from piperc.passmanager import run_pipeline
+from piperc.reference import compare, train_eager
+from tests.test_passes_ir import TWO_BLOCKS, functions, ir, section
+
+SPLIT = 'mesh{shape="pp=2"},pipeline-split{stages=2 split-at="blocks.1"},outline-stages{split-weights=true}'
+
+
+def run(pipeline: str) -> str:
+    ctx = make_context()
+    module = parse_module(TWO_BLOCKS, ctx)
+    run_pipeline(module, ctx, pipeline)
+    return print_ir(module)
+
+
+def test_the_weight_gradient_of_a_stage_is_a_function_of_its_own():
+    out = run(SPLIT)
+    assert functions(out) == ["s0_F", "s1_F", "s1_B", "s1_W", "s0_B", "main"]
+    # Stage 1's B computes the input gradient g0 (sent to stage 0) and hands W what it needs.
+    assert section(out, "func.func @s1_W") == ir("""
+        func.func @s1_W(%0: !torch.vtensor<[4,2],f32> {piperc.key = "v1", par.layout = #par.sharding<[[], []]>}, %1: !torch.vtensor<[2,4],f32> {piperc.key = "v2", par.layout = #par.sharding<[[], []]>}) -> (!torch.vtensor<[4,4],f32> {piperc.key = "grad:blocks.1.w", par.layout = #par.sharding<[[], []]>}) {
+          %dw1 = "torch.aten.mm"(%0, %1) {piperc.origin = #par.origin<"blocks.1.lin", B>, par.stage = 1 : i64} : (!torch.vtensor<[4,2],f32>, !torch.vtensor<[2,4],f32>) -> !torch.vtensor<[4,4],f32>
+          func.return %dw1 : !torch.vtensor<[4,4],f32>
+        }
+    """)
+    main = section(out, "func.func @main")
+    assert ("%h0t, %g1, %g0 = par.task @s1_B stage 1 pass B (%dloss, %h0, %w1)" in main
+            and "%dw1 = par.task @s1_W stage 1 pass W (%h0t, %g1)" in main)
+    # Stage 0's only weight gradient reads the gradient stage 1 sends, which arrives at B:
+    # it stays in B, and stage 0 has no W.
+    assert "%dw0 = par.task @s0_B stage 0 pass B (%x, %g0)" in main
+
+
+def test_without_the_option_the_backward_is_whole():
+    out = run(SPLIT.replace("{split-weights=true}", ""))
+    assert functions(out) == ["s0_F", "s1_F", "s1_B", "s0_B", "main"]
+
+
+# ---------------------------------------------------------------- the schedule
+
+
+def test_zb_h1_defers_weight_gradients_into_1f1bs_bubbles_within_its_peak_memory():
+    schedule = schedules.builtin("zb-h1", 2, 4)
+    assert schedule.table() == (
+        "device 0: 0F0 0F1 0B0 0W0 0B1 0F2 0W1 0F3 0B2 0W2 0B3 0W3\n"
+        "device 1: 1F0 1B0 1F1 1B1 1W0 1W1 1F2 1B2 1F3 1B3 1W2 1W3")
+    for p, m, zb, one_f_one_b in [(2, 4, 1 / 13, 0.2), (4, 8, 5 / 29, 9 / 33), (4, 16, 5 / 53, 9 / 57)]:
+        schedule = schedules.builtin("zb-h1", p, m)
+        schedules.validate(schedule)
+        # at equal F, B and W; 1F1B's backward does B and W together
+        assert schedules.simulate(schedule, f_time=1, b_time=1, w_time=1).bubble_fraction == pytest.approx(zb)
+        assert schedules.simulate(schedules.builtin("1f1b", p, m), f_time=1, b_time=2).bubble_fraction == (
+            pytest.approx(one_f_one_b))
+        # 1F1B's peak (p microbatches, on device 0), on every device
+        assert schedules.peak_in_flight(schedule) == [p] * p
+        assert schedules.receive_plan(schedule) == [{} for _ in range(p)]
+
+
+def test_zb_h1_runs_one_stage_per_device():
+    with pytest.raises(schedules.ScheduleError, match="'zb-h1' runs one stage per device"):
+        schedules.builtin("zb-h1", 4, 8, num_devices=2)
+
+
+# ---------------------------------------------------------------- against 1F1B and one device
+
+ADAMW = piperc.optim.AdamW(lr=1e-4, weight_decay=0.1)
+# pp=2 with a user table that runs W actions: each W right after its B on device 1
+TABLE = [["0F0", "0F1", "0B0", "0W0", "0B1", "0W1"], ["1F0", "1B0", "1W0", "1F1", "1B1", "1W1"]]
+CASES = {
+    "gpt-pp2": (gpt, piperc.Mesh(pp=2), 4, "zb-h1"),
+    "llama-pp4": (llama, piperc.Mesh(pp=4), 4, "zb-h1"),
+    "gpt-pp2xdp2": (gpt, piperc.Mesh(pp=2, dp=2), 2, "zb-h1"),
+    "llama-pp2-table": (llama, piperc.Mesh(pp=2), 2, TABLE),
+}
+
+
+def _strategy(mesh, microbatches, schedule):
+    strategy = [piperc.pipeline(stages=mesh.axes["pp"], microbatches=microbatches, schedule=schedule)]
+    return strategy + ([piperc.data_parallel()] if "dp" in mesh.axes else [])
+
+
+def _param(name, device):
+    size = CASES[name][1].size
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    skip = pytest.mark.skipif(device == "cuda" and gpus < size, reason=f"needs {size} CUDA devices for NCCL, found {gpus}")
+    return pytest.param(name, device, id=f"{name}-{device}", marks=skip)
+
+
+@pytest.mark.parametrize("name,device", [_param(n, d) for d in ("cpu", "cuda") for n in CASES])
+def test_zero_bubble_is_bit_identical_to_1f1b_and_trains_as_one_device(name, device):
+    example, mesh, microbatches, schedule = CASES[name]
+    model, inputs = example.make(n_layers=4)
+    batches = [example.make(n_layers=4, seed=100 + s)[1] for s in range(3)]
+    runs = {}
+    for kind in (schedule, "1f1b"):
+        compiled = piperc.compile(model, inputs, mesh=mesh, strategy=_strategy(mesh, microbatches, kind),
+                                  optimizer=ADAMW, device=device, keep_ir=False)
+        runs[str(kind)] = piperc.launch(compiled, batches, timeout=240)
+    zero_bubble, one_f_one_b = runs[str(schedule)], runs["1f1b"]
+    assert zero_bubble.losses == one_f_one_b.losses
+    assert all(torch.equal(zero_bubble.state_dict[k], v) for k, v in one_f_one_b.state_dict.items())
+    losses, state = train_eager(model, batches, ADAMW)
+    loss_err, param_err = compare(zero_bubble.losses, zero_bubble.state_dict, losses, state)
+    assert loss_err <= 1e-5 and param_err <= 1e-5, (loss_err, param_err)
