@@ -159,7 +159,7 @@ class _ProgramWriter:
                                     f"{action.pass_kind.value} task ({what})")
             early = self.early.get(schedules.Action(action.stage, action.pass_kind.value, action.microbatch), [])
             for i, task in enumerate(tasks):
-                self.run(task, action.microbatch, early if i == 0 else [])
+                self.run(task, action.microbatch, early if i == 0 else [], first=i == 0)
         self.flush([])
         self.issue_ready(final=True)
         missing = [o for o in self.step.per_step if self.mine(o) and o not in self.done]
@@ -172,15 +172,18 @@ class _ProgramWriter:
     def mine(self, op: Operation) -> bool:
         return self.step.device_of[self.step.stage_of(op)] == self.device
 
-    def run(self, task: par.TaskOp, mb: int, early=()) -> None:
+    def run(self, task: par.TaskOp, mb: int, early=(), first: bool = True) -> None:
         """Emits `task` on microbatch `mb` with the transfers around it; the batch before it
-        also receives the `early` messages (`schedules.receive_plan`)."""
+        also receives the `early` messages (`schedules.receive_plan`). The sends of an
+        action's tasks wait for the next action's batch (as the schedule's checker models
+        them), unless a later task of the action (`first` False) receives something."""
         receives = [r for m in early if (r := self.early_receive(m)) is not None]
         for v in task.args:
             src = self.step.device_of_value(v)
             if src is not None and src != self.device and (v, mb) not in self.env:
                 receives.append((src, v, mb))
-        self.flush(receives)
+        if first or receives:
+            self.flush(receives)
         args = [self.operand(v, mb, task) for v in task.args]
         new = self.add(par.TaskOp(task.callee.root_reference.data, self.step.stage_of(task),
                                   task.pass_kind.data, args, list(task.outs.types), mb))

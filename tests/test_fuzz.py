@@ -122,6 +122,20 @@ def test_accepted_tables_with_weight_gradient_actions_compile_with_the_backward_
             pytest.fail(f"{case.rows}: {e}")
 
 
+def test_a_table_with_w_on_one_stage_only_batches_each_actions_sends_with_the_next_actions(captured):
+    # Found by the fuzzer: stages 1-3 list no W, so their B actions run B and W tasks; the
+    # sends of B must wait for the next action's batch, as the checker models them, not
+    # go out alone before W (a lone send batch blocks until received: deadlock at pp=4).
+    rows = [r.split() for r in (
+        "0F0 0F1 0F2 0F3 0F4 0F5 0B0 0W0 0B1 0W1 0B2 0W2 0B3 0W3 0B4 0W4 0B5 0W5",
+        "1F0 1F1 1F2 1F3 1F4 1F5 1B0 1B1 1B2 1B3 1B4 1B5",
+        "2F0 2F1 2F2 2F3 2F4 2F5 2B0 2B1 2B2 2B3 2B4 2B5",
+        "3F0 3F1 3F2 3F3 3B0 3F4 3B1 3F5 3B2 3B3 3B4 3B5")]
+    case = Case(4, 6, rows, "random warm-up, split_backward")
+    check(case)
+    run_pipeline(captured.module.clone(), captured.ctx, pipeline_text(case))
+
+
 def test_an_accepted_table_whose_gradient_send_crosses_a_forward_compiles(captured):
     case = Case(2, 4, [["0F0", "0F1", "0B0", "0F2", "0F3", "0B1", "0B2", "0B3"],
                        ["1F0", "1B0", "1F1", "1B1", "1F2", "1B2", "1F3", "1B3"]], "random warm-up")
