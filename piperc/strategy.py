@@ -168,25 +168,47 @@ class Pipeline(Directive):
     axis: str
     stages: int
     microbatches: int
-    schedule: str | Sequence[Sequence[str]] = "1f1b"
+    schedule: str | Sequence[Sequence[str]] | Callable[[int, int, int], object] = "1f1b"
     split_at: tuple[str, ...] = ()
     region: str = ""
 
     def __str__(self) -> str:
         extra = f", split_at={list(self.split_at)}" if self.split_at else ""
         extra += f", region={self.region!r}" if self.region else ""
-        schedule = self.schedule if isinstance(self.schedule, str) else "<table>"
+        if callable(self.schedule):
+            schedule = getattr(self.schedule, "__name__", "<function>")
+        else:
+            schedule = self.schedule if isinstance(self.schedule, str) else "<table>"
         return (f"pipeline(axis={self.axis!r}, stages={self.stages}, "
                 f"microbatches={self.microbatches}, schedule={schedule!r}{extra})")
 
-    def schedule_options(self) -> dict[str, str]:
-        """The schedule pass's options for this directive."""
+    def schedule_options(self, devices: int | None = None) -> dict[str, str]:
+        """The schedule pass's options for this directive. A schedule function is called with
+        (stages, microbatches, `devices`: the pipeline axis size) for its rows."""
+        if callable(self.schedule):
+            return {"kind": "user", "table": ";".join(" ".join(row) for row in self._function_rows(devices))}
         if isinstance(self.schedule, str):
             if "\n" not in self.schedule and " " not in self.schedule.strip():
                 return {"kind": self.schedule}
             rows = [r.split(":", 1)[-1] for r in self.schedule.strip().splitlines() if r.strip()]
             return {"kind": "user", "table": ";".join(" ".join(r.replace(",", " ").split()) for r in rows)}
         return {"kind": "user", "table": ";".join(" ".join(str(a) for a in row) for row in self.schedule)}
+
+    def _function_rows(self, devices: int | None) -> list[list[str]]:
+        """The rows a schedule function returns (a `piperc.schedules.Schedule` or one list of
+        actions per device), as text; StrategyError naming the function when it fails or
+        returns something else."""
+        name = getattr(self.schedule, "__name__", "the schedule function")
+        try:
+            made = self.schedule(self.stages, self.microbatches, devices if devices is not None else self.stages)
+        except Exception as e:  # the user's code: any failure is theirs to see, named
+            raise StrategyError(f"{self}: {name}({self.stages}, {self.microbatches}, {devices}) raised "
+                                f"{type(e).__name__}: {e}") from e
+        rows = made.to_rows() if isinstance(made, schedules.Schedule) else made
+        if not isinstance(rows, list | tuple) or not all(isinstance(r, list | tuple) for r in rows):
+            raise StrategyError(f"{self}: {name} must return a piperc.schedules.Schedule or one list of "
+                                f"actions per device, got {type(made).__name__}")
+        return [[str(a) for a in row] for row in rows]
 
     def mesh_axes(self) -> tuple[str, ...]:
         """The pipeline axis: one stage per device along it."""
@@ -205,15 +227,23 @@ class Pipeline(Directive):
             raise StrategyError(f"{self}: split_at must be module paths (strs, e.g. ['blocks.2']) and "
                                 f"region a str, got split_at={list(self.split_at)!r}, region={self.region!r}")
         table = isinstance(self.schedule, list | tuple) and all(isinstance(r, list | tuple) for r in self.schedule)
-        if not isinstance(self.schedule, str) and not table:
+        if not isinstance(self.schedule, str) and not table and not callable(self.schedule):
             raise StrategyError(f"{self}: schedule must be a name ('gpipe', '1f1b', 'interleaved', 'zb-h1') or a table, one row of actions "
                                 f"per device ([['0F0', '0B0'], ['1F0', '1B0']]), got {self.schedule!r}")
-        kind = self.schedule_options()["kind"]
+        size = ctx.mesh.axes[self.axis]
+        options = self.schedule_options(size)
+        kind = options["kind"]
+        if callable(self.schedule):  # checked here, naming the first offending action
+            rows = [row.split() for row in options["table"].split(";")]
+            try:
+                schedules.validate(schedules.from_lists(rows, self.stages, self.microbatches,
+                                                        name=getattr(self.schedule, "__name__", "user")))
+            except schedules.ScheduleError as e:
+                raise StrategyError(f"{self}: {e}") from None
         if kind != "user" and kind not in schedules.BUILTIN_SCHEDULES:
             known = ", ".join(sorted(schedules.BUILTIN_SCHEDULES))
             raise StrategyError(f"{self}: unknown schedule {kind!r}; use a built-in ({known}) or a table, "
                                 "one row of actions per device")
-        size = ctx.mesh.axes[self.axis]
         if self.stages % size:
             raise StrategyError(
                 f"{self}: {self.stages} stages on axis '{self.axis}' of size {size}; each device holds the "
@@ -230,9 +260,9 @@ class Pipeline(Directive):
         """Each replica's batch is cut into `microbatches`."""
         return 1, self.microbatches
 
-    def splits_weights(self) -> bool:
+    def splits_weights(self, devices: int | None = None) -> bool:
         """Whether the schedule runs weight gradients as actions of their own (W)."""
-        options = self.schedule_options()
+        options = self.schedule_options(devices)
         if options["kind"] == "user":
             return any("W" in action for action in options["table"].split())
         return options["kind"] in schedules.SPLIT_BACKWARD
@@ -243,11 +273,11 @@ class Pipeline(Directive):
         stages = Fragment(
             (PipelineSplitPass(stages=self.stages, split_at=self.split_at, region=self.region,
                                directive=str(self)),
-             OutlineStagesPass(split_weights=self.splits_weights(), directive=str(self))),
+             OutlineStagesPass(split_weights=self.splits_weights(ctx.mesh.axes[self.axis]), directive=str(self))),
             requires=("layouts",),
             provides=("stages",),
         )
-        return [stages, schedule_fragment(self.schedule_options(), self.axis, str(self))]
+        return [stages, schedule_fragment(self.schedule_options(ctx.mesh.axes[self.axis]), self.axis, str(self))]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -365,7 +395,7 @@ def tensor_parallel(axis: str = "tp", plan: Mapping[str, Placement] | None = Non
 
 
 def pipeline(axis: str = "pp", stages: int = 2, microbatches: int = 1,
-             schedule: str | Sequence[Sequence[str]] = "1f1b",
+             schedule: str | Sequence[Sequence[str]] | Callable[[int, int, int], object] = "1f1b",
              split_at: Sequence[str] = (), region: str = "") -> Pipeline:
     """Pipeline directive.
 
@@ -377,7 +407,9 @@ def pipeline(axis: str = "pp", stages: int = 2, microbatches: int = 1,
     each backward split into B and W), or a user schedule: one row of actions per
     device (`[["0F0", "0B0"], ["1F0", "1B0"]]` or the same as text, one row per
     line), whose rows say which device runs each stage; a row that lists W actions
-    (`0W1`) splits that stage's backward into input (B) and weight (W) gradients.
+    (`0W1`) splits that stage's backward into input (B) and weight (W) gradients. A
+    schedule may also be a function `(stages, microbatches, devices)` returning such
+    rows or a `piperc.schedules.Schedule`; its rows are checked before anything runs.
     """
     return Pipeline(axis, stages, microbatches, schedule, tuple(split_at), region)
 

@@ -131,14 +131,14 @@ CASES = {
 }
 
 
-def _param(name, device):
-    size = CASES[name][2].size
+def device_param(name: str, size: int, device: str):
+    """The case `name` on `device` as a pytest param, skipped on CUDA without a GPU per rank."""
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     skip = pytest.mark.skipif(device == "cuda" and gpus < size, reason=f"needs {size} CUDA devices for NCCL, found {gpus}")
     return pytest.param(name, device, id=f"{name}-{device}", marks=skip)
 
 
-@pytest.mark.parametrize("name,device", [_param(n, d) for d in ("cpu", "cuda") for n in CASES])
+@pytest.mark.parametrize("name,device", [device_param(n, CASES[n][2].size, d) for d in ("cpu", "cuda") for n in CASES])
 def test_interleaved_trains_as_one_device(name, device):
     example, layers, mesh, stages, microbatches = CASES[name]
     model, inputs = example.make(n_layers=layers)

@@ -147,3 +147,47 @@ def test_a_strategy_error_in_a_pass_reaches_the_user_as_itself():
         piperc.compile(model, inputs, mesh=PP2, optimizer=OPT,
                        strategy=[Broken("strategy"), piperc.pipeline(stages=2, microbatches=2)])
     assert isinstance(raised.value.__cause__, ValueError)
+
+
+# ---------------------------------------------------------------- schedule functions
+
+
+def eager_1f1b(stages, microbatches, devices):
+    """1F1B with one more warm-up forward per device (the README's example)."""
+    rows = []
+    for s in range(stages):
+        warmup = min(stages - s, microbatches)
+        row = [f"{s}F{m}" for m in range(warmup)]
+        for m in range(warmup, microbatches):
+            row += [f"{s}F{m}", f"{s}B{m - warmup}"]
+        rows.append(row + [f"{s}B{m}" for m in range(microbatches - warmup, microbatches)])
+    return rows
+
+
+def backwards_first(stages, microbatches, devices):
+    return [[f"{s}B{m}" for m in range(microbatches)] + [f"{s}F{m}" for m in range(microbatches)]
+            for s in range(stages)]
+
+
+def test_a_schedule_function_compiles_runs_and_matches_one_device():
+    model, inputs = gpt.make(n_layers=2)
+    optimizer = piperc.optim.SGD(lr=0.05, momentum=0.9)
+    compiled = piperc.compile(model, inputs, mesh=piperc.Mesh(pp=2), optimizer=optimizer, keep_ir=False,
+                              strategy=[piperc.pipeline(stages=2, microbatches=4, schedule=eager_1f1b)])
+    assert compiled.schedule.to_rows() == eager_1f1b(2, 4, 2)
+    assert piperc.verify(model, inputs, compiled).verdict == "exact"
+
+
+@pytest.mark.parametrize("schedule,message", [
+    (backwards_first, r"schedule='backwards_first'\): schedule 'backwards_first': 0B0 runs before 0F0 on "
+                      r"device 0, but needs its result; move 0B0 after 0F0"),
+    (lambda stages, microbatches, devices: 1 / 0,
+     r"<lambda>\(2, 4, 2\) raised ZeroDivisionError: division by zero"),
+    (lambda stages, microbatches, devices: "0F0 0B0",
+     r"<lambda> must return a piperc.schedules.Schedule or one list of actions per device, got str"),
+])
+def test_a_bad_schedule_function_is_refused_before_anything_runs(schedule, message):
+    model, inputs = gpt.make(n_layers=2)
+    with pytest.raises(StrategyError, match=message):
+        piperc.compile(model, inputs, mesh=piperc.Mesh(pp=2), optimizer=piperc.optim.SGD(lr=0.05), keep_ir=False,
+                       strategy=[piperc.pipeline(stages=2, microbatches=4, schedule=schedule)])

@@ -16,7 +16,7 @@ from piperc.examples import gpt, llama
 from piperc.ir import make_context, parse_module, print_ir
 from piperc.passmanager import run_pipeline
 from piperc.reference import compare, train_eager
-from tests.test_interleaved import bounds
+from tests.test_interleaved import bounds, device_param
 from tests.test_passes_ir import TWO_BLOCKS, functions, ir, section
 
 SPLIT = 'mesh{shape="pp=2"},pipeline-split{stages=2 split-at="blocks.1"},outline-stages{split-weights=true}'
@@ -95,14 +95,7 @@ def _strategy(mesh, microbatches, schedule):
     return strategy + ([piperc.data_parallel()] if "dp" in mesh.axes else [])
 
 
-def _param(name, device):
-    size = CASES[name][1].size
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    skip = pytest.mark.skipif(device == "cuda" and gpus < size, reason=f"needs {size} CUDA devices for NCCL, found {gpus}")
-    return pytest.param(name, device, id=f"{name}-{device}", marks=skip)
-
-
-@pytest.mark.parametrize("name,device", [_param(n, d) for d in ("cpu", "cuda") for n in CASES])
+@pytest.mark.parametrize("name,device", [device_param(n, CASES[n][1].size, d) for d in ("cpu", "cuda") for n in CASES])
 def test_zero_bubble_is_bit_identical_to_1f1b_and_trains_as_one_device(name, device):
     example, mesh, microbatches, schedule = CASES[name]
     model, inputs = example.make(n_layers=4)
