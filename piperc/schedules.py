@@ -9,7 +9,7 @@ gradients together, or input gradient alone when the stage also lists W),
     device 0: 0F0 0F1 0B0 0F2 0B1 0F3 0B2 0B3
     device 1: 1F0 1B0 1F1 1B1 1F2 1B2 1F3 1B3
 
-Built-in schedules (`gpipe`, `one_f_one_b`, `interleaved`) are functions that
+Built-in schedules (`gpipe`, `one_f_one_b`, `interleaved`, `zero_bubble_h1`) are functions that
 return this data; users write their own as lists (`from_lists`) or as a table
 (`from_table`). `validate` checks a schedule before anything runs, and
 `simulate` predicts its timeline, which `render_text` and `render_svg` draw.
@@ -332,7 +332,7 @@ BUILTIN_SCHEDULES: dict[str, BuiltinSchedule] = {
 def builtin(
     name: str, num_stages: int, num_microbatches: int, num_devices: int | None = None
 ) -> Schedule:
-    """The built-in schedule `name` (gpipe, 1f1b, interleaved) for these sizes.
+    """The built-in schedule `name` (gpipe, 1f1b, interleaved, zb-h1) for these sizes.
 
     `num_devices` is the number of pipeline devices; None means one stage per device.
     """
