@@ -98,10 +98,12 @@ class _Step:
     def frozen(self, stage: int, kind: PassKind) -> bool:
         """Whether `kind` is a backward pass with nothing to compute: a stage without any
         backward (every parameter it reads is frozen and no earlier stage needs its input
-        gradients) runs nothing for its B and W actions, and a stage whose backward is split
-        but has no weight gradients (no trainable parameter) nothing for its W actions."""
-        if kind == PassKind.W and self.tasks.get((stage, PassKind.B)) and self.split_weights:
-            return not self.tasks.get((stage, PassKind.W))
+        gradients) runs nothing for its B and W actions; a stage whose backward is split runs
+        nothing for W when it has no weight gradient of its own, and nothing for B when no
+        other stage needs an input gradient from it (a single stage: all of it is W)."""
+        if self.split_weights and kind in (PassKind.B, PassKind.W) and (
+                self.tasks.get((stage, PassKind.B)) or self.tasks.get((stage, PassKind.W))):
+            return not self.tasks.get((stage, kind))
         return (kind in (PassKind.B, PassKind.W) and bool(self.tasks.get((stage, PassKind.F)))
                 and not self.tasks.get((stage, PassKind.B)) and not self.tasks.get((stage, PassKind.W)))
 

@@ -112,3 +112,19 @@ def test_zero_bubble_is_bit_identical_to_1f1b_and_trains_as_one_device(name, dev
     errors = compare(zero_bubble.losses, zero_bubble.state_dict, losses, state)
     limits = bounds(model, batches, microbatches * mesh.axes.get("dp", 1), losses, state)
     assert all(e <= b for e, b in zip(errors, limits, strict=True)), (errors, limits)
+
+
+def test_a_single_stage_runs_its_whole_backward_as_w():
+    # No earlier stage waits for an input gradient, so every backward op computes a weight
+    # gradient: the B actions run nothing and the W actions everything, bit-identical to 1F1B.
+    model, inputs = gpt.make(n_layers=2)
+    batches = [gpt.make(n_layers=2, seed=100 + s)[1] for s in range(2)]
+    runs = {}
+    for kind in ("zb-h1", "1f1b"):
+        compiled = piperc.compile(model, inputs, mesh=piperc.Mesh(pp=1), optimizer=ADAMW, keep_ir=False,
+                                  strategy=[piperc.pipeline(stages=1, microbatches=2, schedule=kind)])
+        runs[kind] = (compiled.files["rank0.py"], piperc.launch(compiled, batches, timeout=120))
+    program = runs["zb-h1"][0]
+    assert 'rt.launch("s0_W"' in program and 'rt.launch("s0_B' not in program
+    assert runs["zb-h1"][1].losses == runs["1f1b"][1].losses
+    assert all(torch.equal(runs["zb-h1"][1].state_dict[k], v) for k, v in runs["1f1b"][1].state_dict.items())

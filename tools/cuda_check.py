@@ -4,7 +4,8 @@ NCCL refuses two ranks on one GPU, and tests/test_train_exact.py's CUDA cases ne
 rank, so on a one-GPU machine they all skip. This script checks what one GPU can check: jobs
 on meshes of size 1 whose programs still hold their collectives (an NCCL world of one), the
 compute and communication streams, events and waits, microbatching and ZeRO's gathers, seeded
-dropout, frozen parameters, BatchNorm's running statistics and checkpoint/resume, run by piperc's runtime alone and compared
+dropout, frozen parameters, BatchNorm's running statistics, checkpoint/resume, two stages on
+one device (interleaved) and the backward split into B and W (zb-h1), run by piperc's runtime alone and compared
 with single-device eager training on CPU and on the GPU.
 
     python tools/cuda_check.py prepare OUT [--device cuda] [--only NAME ...]   # the compiler; no GPU
@@ -161,6 +162,11 @@ def jobs_to_check() -> dict[str, Job]:
         "mlp-batchnorm-pp1xdp1-1f1b-mb4-adamw": Job(
             make_normed_mlp, piperc.Mesh(pp=1, dp=1),
             [piperc.pipeline(**one_stage, schedule="1f1b"), piperc.data_parallel(axis="dp")], adamw),
+        # two stages on the one device (interleaved), and the backward split into B and W (zb-h1)
+        "gpt-pp1-interleaved-v2-mb4-adamw": Job(
+            gpt.make, piperc.Mesh(pp=1),
+            [piperc.pipeline(axis="pp", stages=2, microbatches=4, schedule="interleaved")], adamw),
+        "gpt-pp1-zb-h1-mb4-adamw": Job(gpt.make, piperc.Mesh(pp=1), [piperc.pipeline(**one_stage, schedule="zb-h1")], adamw),
     }
 
 
