@@ -406,19 +406,24 @@ def check_config(args: argparse.Namespace) -> None:
         raise SystemExit("--steps must be >= 1 and --warmup >= 0")
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Runs the chosen pairs and prints the table; returns the exit code."""
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def gpt_options(description: str, pairs, layers_help: str) -> argparse.ArgumentParser:
+    """The options of a benchmark timing pairs of contenders on the example GPT."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--steps", type=int, default=20, help="timed steps per contender")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps before them")
     ap.add_argument("--d-model", type=int, default=128)
-    ap.add_argument("--layers", type=int, default=8, help="transformer blocks (multiple of 4)")
+    ap.add_argument("--layers", type=int, default=8, help=layers_help)
     ap.add_argument("--batch", type=int, default=32, help="global batch (rows)")
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--microbatches", type=int, default=8, help="pipeline microbatches")
-    ap.add_argument("--only", choices=sorted(PAIRS), help="run one pair only")
-    args = ap.parse_args(argv)
-    check_config(args)
+    ap.add_argument("--only", choices=sorted(pairs), help="run one pair only")
+    return ap
+
+
+def set_up(args: argparse.Namespace, argv: list[str] | None, script: str, split: str):
+    """The run's config, the command that repeats it, the model and the batches (warm-up and
+    timed) from `gpt_options`' `args`; prints the run's header (`split` says how the
+    microbatches are used, e.g. " (pp)")."""
     config = {
         "steps": args.steps,
         "warmup": args.warmup,
@@ -428,10 +433,8 @@ def main(argv: list[str] | None = None) -> int:
         "seq": args.seq,
         "microbatches": args.microbatches,
     }
-    pairs = [args.only] if args.only else list(PAIRS)
     argv = sys.argv[1:] if argv is None else argv
-    command = shlex.join([os.path.relpath(sys.executable), os.path.relpath(__file__), *argv])
-
+    command = shlex.join([os.path.relpath(sys.executable), os.path.relpath(script), *argv])
     model = new_model(config)
     params = sum(p.numel() for p in model.parameters())
     torch.manual_seed(1)
@@ -439,11 +442,20 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"GPT: {args.layers} blocks, d_model={args.d_model}, {N_HEADS} heads, seq={args.seq}, "
         f"vocab={VOCAB}, {params / 1e6:.2f}M parameters; global batch {args.batch}, "
-        f"{args.microbatches} microbatches (pp); SGD lr={LR}"
+        f"{args.microbatches} microbatches{split}; SGD lr={LR}"
     )
     print(f"{WORLD} ranks (gloo, 1 thread each) on {machine()}")
     print(f"{args.warmup} warm-up + {args.steps} timed steps per contender; "
           f"load average before: {load_average()}", flush=True)
+    return config, command, model, batches
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs the chosen pairs and prints the table; returns the exit code."""
+    args = gpt_options(__doc__.splitlines()[0], PAIRS, "transformer blocks (multiple of 4)").parse_args(argv)
+    check_config(args)
+    pairs = [args.only] if args.only else list(PAIRS)
+    config, command, model, batches = set_up(args, argv, __file__, " (pp)")
 
     ranks = run_pairs({pair: PAIRS[pair] for pair in pairs}, config, model, batches,
                       lambda pair, scratch: compile_piperc(pair, config, model, batches[0], scratch))

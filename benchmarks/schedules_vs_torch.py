@@ -34,8 +34,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shlex
 import sys
 import time
 from collections.abc import Callable
@@ -48,15 +46,12 @@ import torch.distributed as dist  # noqa: E402
 from pipeline_vs_torch import (  # noqa: E402
     LR,
     N_HEADS,
-    VOCAB,
     WORLD,
     GPTStage,
     Step,
+    gpt_options,
     initial_model,
     join,
-    load_average,
-    machine,
-    new_model,
     next_token_loss,
     peak_rss_mib,
     pipelining_step,
@@ -64,6 +59,7 @@ from pipeline_vs_torch import (  # noqa: E402
     print_footer,
     print_steps,
     run_pairs,
+    set_up,
     step_ratio,
     summarize,
     timed_steps,
@@ -175,42 +171,10 @@ def check_config(args: argparse.Namespace, pairs: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Runs the chosen pairs and prints the table; returns the exit code."""
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=20, help="timed steps per contender")
-    ap.add_argument("--warmup", type=int, default=3, help="untimed steps before them")
-    ap.add_argument("--d-model", type=int, default=128)
-    ap.add_argument("--layers", type=int, default=8, help="transformer blocks (multiple of 8)")
-    ap.add_argument("--batch", type=int, default=32, help="global batch (rows)")
-    ap.add_argument("--seq", type=int, default=64)
-    ap.add_argument("--microbatches", type=int, default=8)
-    ap.add_argument("--only", choices=list(PAIRS), help="run one pair only")
-    args = ap.parse_args(argv)
+    args = gpt_options(__doc__.splitlines()[0], PAIRS, "transformer blocks (multiple of 8)").parse_args(argv)
     pairs = [args.only] if args.only else list(PAIRS)
     check_config(args, pairs)
-    config = {
-        "steps": args.steps,
-        "warmup": args.warmup,
-        "d_model": args.d_model,
-        "layers": args.layers,
-        "batch": args.batch,
-        "seq": args.seq,
-        "microbatches": args.microbatches,
-    }
-    argv = sys.argv[1:] if argv is None else argv
-    command = shlex.join([os.path.relpath(sys.executable), os.path.relpath(__file__), *argv])
-
-    model = new_model(config)
-    params = sum(p.numel() for p in model.parameters())
-    torch.manual_seed(1)
-    batches = [gpt.sample_batch(VOCAB, args.seq, args.batch) for _ in range(args.warmup + args.steps)]
-    print(
-        f"GPT: {args.layers} blocks, d_model={args.d_model}, {N_HEADS} heads, seq={args.seq}, "
-        f"vocab={VOCAB}, {params / 1e6:.2f}M parameters; global batch {args.batch}, "
-        f"{args.microbatches} microbatches; SGD lr={LR}"
-    )
-    print(f"{WORLD} ranks (gloo, 1 thread each) on {machine()}")
-    print(f"{args.warmup} warm-up + {args.steps} timed steps per contender; "
-          f"load average before: {load_average()}", flush=True)
+    config, command, model, batches = set_up(args, argv, __file__, "")
 
     chosen = {pair: PAIRS[pair] for pair in pairs}
     ranks = run_pairs(chosen, config, model, batches,

@@ -73,6 +73,8 @@ class _Step:
     main: func.FuncOp
     microbatches: int
     device_of: dict[int, int]
+    w_stages: set[int]
+    """The stages whose W actions the schedule lists."""
 
     def __post_init__(self):
         block = self.main.body.block
@@ -89,7 +91,6 @@ class _Step:
             elif not isinstance(op, func.ReturnOp):
                 self.per_step.append(op)
         self.split_weights = any(kind == PassKind.W for _, kind in self.tasks)
-        self.w_stages: set[int] = set()  # the stages whose W actions the schedule lists
         ret = block.last_op
         self.stores: dict[SSAValue, list[tuple[str, str]]] = defaultdict(list)
         for (role, name), v in zip(result_roles(self.main), ret.operands, strict=True):
@@ -342,8 +343,8 @@ class ExpandSchedulePass(ModulePass):
         microbatches = module_count(op, MICROBATCHES, self.directive, "microbatch")
         table = schedule.table()
         device_of = {a.stage: d for d, row in table.items() for a in row}
-        step = _Step(main_function(op), microbatches, device_of)
-        step.w_stages = {a.stage for row in table.values() for a in row if a.pass_kind == PassKind.W}
+        step = _Step(main_function(op), microbatches, device_of,
+                     {a.stage for row in table.values() for a in row if a.pass_kind == PassKind.W})
         unapplied = [name for role, name in result_roles(step.main) if role == "increment"]
         if unapplied:
             raise StrategyError(f"{self.directive}: the step returns increments of buffers {unapplied} but "

@@ -295,9 +295,9 @@ class OutlineStagesPass(ModulePass):
         reach nothing but the step's `grad:` results and other such ops of their stage, and
         read nothing from another stage (the gradient a later stage sends arrives at B). The
         rest of the backward (B) computes the input gradients the earlier stages need."""
-        grads = {id(v) for k, v in wanted.items() if k.startswith("grad:")}
+        grads = {v for k, v in wanted.items() if k.startswith("grad:")}
         for o in dropped:  # a tied weight's sum over stages: each part is a gradient result
-            grads.update(id(v) for v in o.operands)
+            grads.update(o.operands)
         weights: set[Operation] = set()
         for o in reversed(list(block.ops)):
             if o is ret or o in dropped or o.has_trait(ConstantLike) or _pass_of(o) != PassKind.B:
@@ -307,7 +307,7 @@ class OutlineStagesPass(ModulePass):
             local = all(isinstance(v, BlockArgument) or v.owner.has_trait(ConstantLike)
                         or stage_of(v.owner) == stage_of(o) for v in o.operands)
             if uses and local and all(
-                (u.operation is ret and id(u.operation.operands[u.index]) in grads)
+                (u.operation is ret and u.operation.operands[u.index] in grads)
                 or u.operation in dropped
                 or (u.operation in weights and stage_of(u.operation) == stage_of(o))
                 for u in uses

@@ -80,6 +80,8 @@ class _Increment:
     total: SSAValue
     buffer: BlockArgument
     stage: int = 0
+    layout: ShardingAttr | None = None
+    """The layout of the total once summed (the forward's, without its pending sums)."""
 
 
 @dataclass(frozen=True)
@@ -166,6 +168,7 @@ class RunningBuffersPass(ModulePass):
         groups: dict[tuple, list[_Increment]] = defaultdict(list)
         for inc in increments:
             layout = self._layout(module, inc.total)
+            inc.layout = ShardingAttr([layout.dim_axes(d) for d in range(layout.rank())], [])
             if layout.partial_axes():
                 groups[(inc.stage, tuple(layout.partial_axes()), str(inc.total.type.dtype))].append(inc)
         ret = main.body.block.last_op
@@ -199,7 +202,7 @@ class RunningBuffersPass(ModulePass):
         for inc in increments:
             by_stage[inc.stage].append(inc)
         for stage, members in sorted(by_stage.items()):
-            fn = self._function(module, main, stage, members, slices)
+            fn = self._function(main, stage, members, slices)
             module.body.block.insert_op_before(fn, main)
             args = [v for m in members for v in (m.buffer, m.total)]
             task = TaskOp(fn.sym_name.data, stage, PassKind.UPDATE, args, [m.buffer.type for m in members])
@@ -220,8 +223,7 @@ class RunningBuffersPass(ModulePass):
                                                          [v.type for v in operands])
         main.res_attrs = ArrayAttr(with_layout(a, v.type, layout_of(a)) for a, v in zip(attrs, operands, strict=True))
 
-    def _function(self, module: ModuleOp, main: func.FuncOp, stage: int, members: list[_Increment],
-                  slices: int) -> func.FuncOp:
+    def _function(self, main: func.FuncOp, stage: int, members: list[_Increment], slices: int) -> func.FuncOp:
         """`@s<i>_buffers(buffer..., increment...)`: each buffer times decay**slices plus its increment."""
         types = [t for m in members for t in (m.buffer.type, m.total.type)]
         block = Block(arg_types=types)
@@ -231,24 +233,15 @@ class RunningBuffersPass(ModulePass):
             old, total = block.args[2 * i], block.args[2 * i + 1]
             buffer_layout = layout_of(main.arg_attrs.data[m.buffer.index]) or ShardingAttr.replicated(
                 len(m.buffer.type.get_shape()))
-            total_layout = self._layout(module, m.total)
-            whole = ShardingAttr([total_layout.dim_axes(d) for d in range(total_layout.rank())], [])
-            if whole != buffer_layout:
+            if m.layout != buffer_layout:
                 raise StrategyError(f"{self.directive}: buffer '{m.name}' is laid out {buffer_layout} but its "
-                                    f"update {whole}; a buffer the forward updates must be laid out as its update")
+                                    f"update {m.layout}; a buffer the forward updates must be laid out as its update")
             if m.decay != 1.0:
                 old = b.aten("torch.aten.mul.Scalar", [old, b.float(m.decay ** slices)])
             results.append(b.aten("torch.aten.add.Tensor", [old, total, b.one(m.buffer.type)]))
             arg_attrs += [named(f"buffer:{m.name}", m.buffer.type, buffer_layout),
-                          named(f"increment:{m.name}", m.total.type, whole)]
+                          named(f"increment:{m.name}", m.total.type, m.layout)]
             res_attrs.append(named(f"buffer:{m.name}", m.buffer.type, buffer_layout))
         block.add_op(func.ReturnOp(*results))
-        if find_function_or_none(module, buffers_name(stage)) is not None:
-            raise StrategyError(f"{self.directive}: @{buffers_name(stage)} exists already; run this pass once")
         return func.FuncOp(buffers_name(stage), (types, [m.buffer.type for m in members]), Region(block),
                            arg_attrs=ArrayAttr(arg_attrs), res_attrs=ArrayAttr(res_attrs))
-
-
-def find_function_or_none(module: ModuleOp, name: str) -> func.FuncOp | None:
-    """The function `@name` of `module`, or None."""
-    return next((o for o in module.ops if isinstance(o, func.FuncOp) and o.sym_name.data == name), None)

@@ -698,10 +698,11 @@ def receive_plan(schedule: Schedule) -> list[dict[Action, list[Message]]]:
     """
     plan: list[dict[Action, list[Message]]] = [{} for _ in schedule.devices]
     while True:
-        stuck = _rendezvous(schedule, plan)
+        batches, waits = _batches(schedule, plan)
+        stuck = _rendezvous(batches, waits)
         if stuck is None:
             return plan
-        if not _receive_early(schedule, plan, stuck):
+        if not _receive_early(schedule, plan, stuck, batches, waits):
             waits = []
             for d, m in stuck.items():
                 side = f"send to device {m.dst_device}" if m.src_device == d else (
@@ -760,11 +761,10 @@ def _batches(schedule: Schedule, plan: list[dict[Action, list[Message]]]):
     return batches, waits
 
 
-def _rendezvous(schedule: Schedule, plan: list[dict[Action, list[Message]]]) -> dict[int, Message] | None:
-    """Runs the batches of `_batches` under NCCL's rule; None when every device reaches its
-    end, else per stuck device the first transfer of the batch it is stuck at that has not
-    started."""
-    batches, plans = _batches(schedule, plan)
+def _rendezvous(batches: list[list[list[Message]]], plans: list[list[tuple[int, int]]]) -> dict[int, Message] | None:
+    """Runs the batches and waits of `_batches` under NCCL's rule; None when every device
+    reaches its end, else per stuck device the first transfer of the batch it is stuck at
+    that has not started."""
     place = {
         (m, d): (d, i)
         for d, mine in enumerate(batches)
@@ -801,12 +801,13 @@ def _rendezvous(schedule: Schedule, plan: list[dict[Action, list[Message]]]) -> 
     return {d: next(m for m in batches[d][head[d]] if not started(m, d)) for d in stuck}
 
 
-def _receive_early(schedule: Schedule, plan: list[dict[Action, list[Message]]], stuck: dict[int, Message]) -> bool:
+def _receive_early(schedule: Schedule, plan: list[dict[Action, list[Message]]], stuck: dict[int, Message],
+                   batches: list[list[list[Message]]], waits: list[list[tuple[int, int]]]) -> bool:
     """Resolves one wait among the `stuck` devices: device d stuck at a send to p while p is
     stuck too (a cycle of such sends deadlocks them all). p then receives d's message (and
     those before it from d) in the batch p is stuck at. False when no stuck device waits so
-    on another stuck device that still has a later step to receive for."""
-    batches, waits = _batches(schedule, plan)
+    on another stuck device that still has a later step to receive for. `batches` and
+    `waits` are `plan`'s (`_batches`)."""
     for d, m in stuck.items():
         p = m.dst_device
         if m.src_device != d or p not in stuck:

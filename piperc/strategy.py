@@ -260,24 +260,25 @@ class Pipeline(Directive):
         """Each replica's batch is cut into `microbatches`."""
         return 1, self.microbatches
 
-    def splits_weights(self, devices: int | None = None) -> bool:
-        """Whether the schedule runs weight gradients as actions of their own (W)."""
-        options = self.schedule_options(devices)
-        if options["kind"] == "user":
-            return any("W" in action for action in options["table"].split())
-        return options["kind"] in schedules.SPLIT_BACKWARD
-
     def fragments(self, ctx: StrategyContext) -> list[Fragment]:
         """pipeline-split and outline-stages (the stages; the weight gradients apart when the
         schedule runs W actions), then the schedule."""
+        options = self.schedule_options(ctx.mesh.axes[self.axis])
         stages = Fragment(
             (PipelineSplitPass(stages=self.stages, split_at=self.split_at, region=self.region,
                                directive=str(self)),
-             OutlineStagesPass(split_weights=self.splits_weights(ctx.mesh.axes[self.axis]), directive=str(self))),
+             OutlineStagesPass(split_weights=_splits_weights(options), directive=str(self))),
             requires=("layouts",),
             provides=("stages",),
         )
-        return [stages, schedule_fragment(self.schedule_options(ctx.mesh.axes[self.axis]), self.axis, str(self))]
+        return [stages, schedule_fragment(options, self.axis, str(self))]
+
+
+def _splits_weights(options: dict[str, str]) -> bool:
+    """Whether the schedule pass `options` run weight gradients as actions of their own (W)."""
+    if options["kind"] == "user":
+        return any("W" in action for action in options["table"].split())
+    return options["kind"] in schedules.SPLIT_BACKWARD
 
 
 @dataclasses.dataclass(frozen=True)

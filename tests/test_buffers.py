@@ -18,10 +18,9 @@ import piperc
 from piperc.checkpoint import to_state_dict
 from piperc.errors import CaptureError
 from piperc.frontend import capture
-from piperc.ir import make_context, parse_module, print_ir
-from piperc.passmanager import run_pipeline
 from piperc.reference import compare, train_eager
 from tests.test_passes_ir import functions, header, ir, section
+from tests.test_passes_ir import run as run_ir
 
 # The captured step of a linear layer followed by a running mean of its output and a
 # counter, as capture writes BatchNorm's: `bn.running_mean` becomes 0.9 * itself + the
@@ -62,10 +61,7 @@ DP2_MB2 = ('mesh{shape="pp=1,dp=2"},pipeline-split{stages=1},outline-stages,opti
 
 
 def run(pipeline: str, text: str = RUNNING) -> str:
-    ctx = make_context()
-    module = parse_module(text, ctx)
-    run_pipeline(module, ctx, pipeline)
-    return print_ir(module)
+    return run_ir(pipeline, text)
 
 
 def test_the_forward_weights_its_increment_by_the_decay_to_the_slices_after_its_own():

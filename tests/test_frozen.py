@@ -23,10 +23,10 @@ import piperc
 from piperc.errors import CaptureError, PassError
 from piperc.examples import gpt
 from piperc.frontend import capture
-from piperc.ir import make_context, parse_module, print_ir
+from piperc.ir import make_context, parse_module
 from piperc.passmanager import run_pipeline
 from piperc.reference import compare, compiled_training, train_eager
-from tests.test_passes_ir import PIPELINED_DP, TWO_BLOCKS, functions, header, ir, section
+from tests.test_passes_ir import PIPELINED_DP, TWO_BLOCKS, functions, header, ir, run, section
 from tests.test_tensor_parallel import GPT_PLAN
 from tests.test_zero import zero
 
@@ -39,10 +39,7 @@ FROZEN_W0 = re.sub(r"    %(w1t|g0|xt|dw0) = .*\n", "", TWO_BLOCKS).replace(
 
 
 def run_frozen(pipeline: str) -> str:
-    ctx = make_context()
-    module = parse_module(FROZEN_W0, ctx)
-    run_pipeline(module, ctx, pipeline)
-    return print_ir(module)
+    return run(pipeline, FROZEN_W0)
 
 
 def test_a_frozen_weight_gets_no_update_no_state_and_stays_whole_under_zero3():

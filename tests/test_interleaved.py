@@ -13,10 +13,9 @@ import torch
 import piperc
 from piperc.errors import PassError, StrategyError
 from piperc.examples import gpt, llama, tied
-from piperc.ir import make_context, parse_module, print_ir
-from piperc.passmanager import run_pipeline
 from piperc.reference import compare, train_eager
 from tests.test_passes_ir import ir, section
+from tests.test_passes_ir import run as run_ir
 
 # Four single-matmul stages, two per device, one microbatch (loop placement: stages 0 and 2
 # on device 0, 1 and 3 on device 1).
@@ -60,10 +59,7 @@ STAGED = ('pipeline-split{stages=4},outline-stages,optimizer{lr=0.1},data-parall
 
 
 def run(pipeline: str) -> str:
-    ctx = make_context()
-    module = parse_module(FOUR_BLOCKS, ctx)
-    run_pipeline(module, ctx, pipeline)
-    return print_ir(module)
+    return run_ir(pipeline, FOUR_BLOCKS)
 
 
 def test_a_device_runs_the_tasks_of_its_two_stages_and_reduces_both_stages_gradients():

@@ -35,10 +35,10 @@ def ir(text: str) -> str:
     return textwrap.dedent(text).strip() + "\n"
 
 
-def run(pipeline: str) -> str:
-    """Runs the textual `pipeline` on TWO_BLOCKS and prints the result."""
+def run(pipeline: str, text: str | None = None) -> str:
+    """Runs the textual `pipeline` on `text` (TWO_BLOCKS by default) and prints the result."""
     ctx = make_context()
-    module = parse_module(TWO_BLOCKS, ctx)
+    module = parse_module(TWO_BLOCKS if text is None else text, ctx)
     run_pipeline(module, ctx, pipeline)
     return print_ir(module)
 

@@ -13,20 +13,11 @@ import torch
 import piperc
 from piperc import schedules
 from piperc.examples import gpt, llama
-from piperc.ir import make_context, parse_module, print_ir
-from piperc.passmanager import run_pipeline
 from piperc.reference import compare, train_eager
 from tests.test_interleaved import bounds, device_param
-from tests.test_passes_ir import TWO_BLOCKS, functions, ir, section
+from tests.test_passes_ir import functions, ir, run, section
 
 SPLIT = 'mesh{shape="pp=2"},pipeline-split{stages=2 split-at="blocks.1"},outline-stages{split-weights=true}'
-
-
-def run(pipeline: str) -> str:
-    ctx = make_context()
-    module = parse_module(TWO_BLOCKS, ctx)
-    run_pipeline(module, ctx, pipeline)
-    return print_ir(module)
 
 
 def test_the_weight_gradient_of_a_stage_is_a_function_of_its_own():
