@@ -127,21 +127,21 @@ def torch_pipelining_step(config: dict, scratch: Path, rank: int) -> Step:
     return pipelining_step(schedule, torch.optim.SGD(module.parameters(), lr=LR), rank)
 
 
-def pipelining_step(schedule, optimizer: torch.optim.Optimizer, rank: int) -> Step:
+def pipelining_step(schedule, optimizer: torch.optim.Optimizer, rank: int, last: int = WORLD - 1) -> Step:
     """One training step under a torch.distributed.pipelining `schedule`, then `optimizer`:
-    rank 0 feeds the tokens (it holds the first stage), the last rank the targets (it holds
-    the last stage, in 1F1B's and in loop placement); the loss is the last rank's mean."""
+    rank 0 feeds the tokens (it holds the first stage), rank `last` the targets (it holds
+    the last stage: the last rank in 1F1B's and in loop placement, rank 0 in V placement);
+    the loss is that rank's mean."""
 
     def step(batch: tuple[torch.Tensor, torch.Tensor]) -> float | None:
         tokens, targets = batch
         losses: list[torch.Tensor] = []
+        inputs = (tokens,) if rank == 0 else ()
         # return_outputs=False: piperc does not gather the logits either.
-        if rank == 0:
-            schedule.step(tokens, return_outputs=False)
-        elif rank == WORLD - 1:
-            schedule.step(target=targets, losses=losses, return_outputs=False)
+        if rank == last:
+            schedule.step(*inputs, target=targets, losses=losses, return_outputs=False)
         else:
-            schedule.step(return_outputs=False)
+            schedule.step(*inputs, return_outputs=False)
         optimizer.step()
         optimizer.zero_grad()
         return torch.stack(losses).mean().item() if losses else None

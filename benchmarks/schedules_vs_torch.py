@@ -1,14 +1,18 @@
 """Training step time of piperc's pipeline schedules next to torch's, on 4 CPU ranks.
 
     python benchmarks/schedules_vs_torch.py [--steps 20] [--warmup 3] [--d-model 128]
-        [--layers 8] [--batch 32] [--seq 64] [--microbatches 8] [--only interleaved|1f1b]
+        [--layers 8] [--batch 32] [--seq 64] [--microbatches 8]
+        [--only interleaved|interleaved-zb|zbv|dualpipev|1f1b]
 
-Two pairs of contenders train the same GPT (examples/gpt.py, 4 heads, vocab 1024) from the
+Pairs of contenders train the same GPT (examples/gpt.py, 4 heads, vocab 1024) from the
 same initial weights on the same global batches, each a full step with an SGD update:
 
     interleaved  piperc pipeline(stages=8, schedule="interleaved")
                  vs  torch.distributed.pipelining ScheduleInterleaved1F1B, two PipelineStages
                      per rank (stage r and r+4 on rank r)
+    interleaved-zb, zbv, dualpipev
+                 the same, vs ScheduleInterleavedZeroBubble, ScheduleZBVZeroBubble and
+                     ScheduleDualPipeV
     1f1b         piperc pipeline(stages=4, schedule="1f1b")
                  vs  torch.distributed.pipelining Schedule1F1B (the reference row:
                      benchmarks/pipeline_vs_torch.py's pp pair)
@@ -19,9 +23,10 @@ embeddings go with the first block, the final norm, the head and the loss with t
 Interleaved places stages in a loop, stage s on rank s % 4, and runs torch's
 Interleaved1F1B order on both sides.
 
-Not compared yet: torch's ScheduleInterleavedZeroBubble, ScheduleZBVZeroBubble and
-ScheduleDualPipeV split each backward into input-gradient (B) and weight-gradient (W) work,
-which piperc's pipeline does not do yet.
+The zero-bubble pairs (interleaved-zb, zbv, dualpipev) split each backward into input-
+gradient (B) and weight-gradient (W) work on both sides, in the same order (piperc's rows are
+torch's pipeline_order: tests/test_schedules.py); zbv and dualpipev place stages r and 7 - r
+on rank r. DualPipeV's overlapped forward and backward run in turn on CPU on both sides.
 
 Measured as benchmarks/pipeline_vs_torch.py measures (and with its code): each contender runs
 in 4 fresh worker processes (gloo, one thread each), every step sits between two barriers, a
@@ -33,6 +38,7 @@ script fails.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -67,17 +73,23 @@ from pipeline_vs_torch import (  # noqa: E402
 )
 
 import piperc  # noqa: E402
+from piperc import schedules  # noqa: E402
 from piperc.examples import gpt  # noqa: E402
 
-PAIRS = {
-    "interleaved": ("piperc-interleaved", "torch-interleaved"),
-    "1f1b": ("piperc-1f1b", "torch-1f1b"),
+TORCH_SCHEDULES = {
+    "interleaved": "ScheduleInterleaved1F1B",
+    "interleaved-zb": "ScheduleInterleavedZeroBubble",
+    "zbv": "ScheduleZBVZeroBubble",
+    "dualpipev": "ScheduleDualPipeV",
 }
+"""piperc's multi-stage built-ins and the torch schedule each is compared with."""
+PAIRS = {**{kind: (f"piperc-{kind}", f"torch-{kind}") for kind in TORCH_SCHEDULES},
+         "1f1b": ("piperc-1f1b", "torch-1f1b")}
 """Each pair is named after piperc's schedule."""
-STAGES_PER_RANK = {"interleaved": 2, "1f1b": 1}
+STAGES_PER_RANK = {**{kind: 2 for kind in TORCH_SCHEDULES}, "1f1b": 1}
 LABELS = {
-    "piperc-interleaved": f"piperc interleaved v=2 ({2 * WORLD} stages)",
-    "torch-interleaved": "torch ScheduleInterleaved1F1B",
+    **{f"piperc-{kind}": f"piperc {kind} ({2 * WORLD} stages)" for kind in TORCH_SCHEDULES},
+    **{f"torch-{kind}": f"torch {name}" for kind, name in TORCH_SCHEDULES.items()},
     "piperc-1f1b": f"piperc 1F1B ({WORLD} stages)",
     "torch-1f1b": "torch Schedule1F1B",
 }
@@ -86,29 +98,38 @@ LABELS = {
 # ----------------------------------------------------------------------------- contenders
 
 
-def torch_interleaved_step(config: dict, scratch: Path, rank: int) -> Step:
-    """This rank's two stages (r and r + WORLD) under torch's ScheduleInterleaved1F1B, then SGD."""
-    from torch.distributed.pipelining import PipelineStage, ScheduleInterleaved1F1B
+def rank_stages(kind: str, rank: int) -> list[int]:
+    """The stages `rank` holds under piperc's `kind`: loop placement (r, r + WORLD) or, for
+    zbv and dualpipev, V placement (r, 2 * WORLD - 1 - r)."""
+    stages = STAGES_PER_RANK[kind] * WORLD
+    if kind in schedules.V_PLACEMENT:
+        return [rank, stages - 1 - rank]
+    return list(range(rank, stages, WORLD))
 
-    stages = STAGES_PER_RANK["interleaved"] * WORLD
+
+def torch_multi_stage_step(kind: str, config: dict, scratch: Path, rank: int) -> Step:
+    """This rank's two stages (`rank_stages`) under torch's counterpart of `kind`, then SGD."""
+    import torch.distributed.pipelining as pipelining
+
+    stages = STAGES_PER_RANK[kind] * WORLD
     model = initial_model(config, scratch)
-    modules = [GPTStage(model, index, stages) for index in range(rank, stages, WORLD)]
+    held = rank_stages(kind, rank)
+    modules = [GPTStage(model, index, stages) for index in held]
     pipeline_stages = [
-        PipelineStage(module, index, stages, torch.device("cpu"))
-        for module, index in zip(modules, range(rank, stages, WORLD), strict=True)
+        pipelining.PipelineStage(module, index, stages, torch.device("cpu"))
+        for module, index in zip(modules, held, strict=True)
     ]
     # scale_grads (the default) divides by the microbatch count: the mean loss's gradient.
-    schedule = ScheduleInterleaved1F1B(
+    schedule = getattr(pipelining, TORCH_SCHEDULES[kind])(
         pipeline_stages, n_microbatches=config["microbatches"], loss_fn=next_token_loss
     )
     optimizer = torch.optim.SGD([p for module in modules for p in module.parameters()], lr=LR)
-    return pipelining_step(schedule, optimizer, rank)
+    return pipelining_step(schedule, optimizer, rank, last=0 if kind in schedules.V_PLACEMENT else WORLD - 1)
 
 
 CONTENDERS: dict[str, Callable[[dict, Path, int], Step]] = {
-    "piperc-interleaved": lambda config, scratch, rank: piperc_step(config, scratch, rank, "interleaved"),
-    "torch-interleaved": torch_interleaved_step,
-    "piperc-1f1b": lambda config, scratch, rank: piperc_step(config, scratch, rank, "1f1b"),
+    **{f"piperc-{kind}": functools.partial(piperc_step, pair=kind) for kind in PAIRS},
+    **{f"torch-{kind}": functools.partial(torch_multi_stage_step, kind) for kind in TORCH_SCHEDULES},
     "torch-1f1b": torch_pipelining_step,
 }
 

@@ -762,6 +762,12 @@ class TaskOp(IRDLOperation):
     microbatch. In a `par.program`, `expand-schedule` gives each task its
     microbatch; an optimizer update has none. Operands and results match the
     callee's signature, whose arguments and results all carry layouts.
+
+    `lane k` (`par.task @s0_F stage 0 pass F microbatch 3 lane 1 (...)`) marks a
+    task of an overlap group of the schedule: the group's k-th action in row
+    order (lane 0 the first), which runs next to the group's other lanes on a
+    compute stream of its own (`compute` for lane 0, `compute<k>` otherwise).
+    A task without a lane runs on `compute`.
     """
 
     name = "par.task"
@@ -770,18 +776,19 @@ class TaskOp(IRDLOperation):
     stage = prop_def(IntegerAttr[I64])
     pass_kind = prop_def(PassKindAttr)
     microbatch = opt_prop_def(IntegerAttr[I64])
+    lane = opt_prop_def(IntegerAttr[I64])
     args = var_operand_def()
     outs = var_result_def()
 
     assembly_format = (
         "$callee `stage` $stage `pass` custom<EnumKeyword>($pass_kind) (`microbatch` $microbatch^)? "
-        "` ` `(` $args `)` attr-dict `:` functional-type($args, $outs)"
+        "(`lane` $lane^)? ` ` `(` $args `)` attr-dict `:` functional-type($args, $outs)"
     )
 
     custom_directives = (EnumKeyword,)
 
     def __init__(self, callee: str, stage: int, pass_kind: PassKind, args: Sequence[SSAValue],
-                 result_types: Sequence[Attribute], microbatch: int | None = None):
+                 result_types: Sequence[Attribute], microbatch: int | None = None, lane: int | None = None):
         super().__init__(
             operands=[args],
             result_types=[result_types],
@@ -790,8 +797,13 @@ class TaskOp(IRDLOperation):
                 "stage": IntegerAttr(stage, 64),
                 "pass_kind": PassKindAttr(pass_kind),
                 "microbatch": None if microbatch is None else IntegerAttr(microbatch, 64),
+                "lane": None if lane is None else IntegerAttr(lane, 64),
             },
         )
+
+    def lane_index(self) -> int:
+        """The task's lane: 0 (`compute`) unless it runs in an overlap group's later lane."""
+        return 0 if self.lane is None else self.lane.value.data
 
     def action(self) -> str:
         """The task as a schedule action, `0F1` (`0U` for an update)."""
@@ -805,6 +817,9 @@ class TaskOp(IRDLOperation):
             raise VerifyException(f"{where}: stage {self.stage.value.data} must be >= 0")
         if self.microbatch is not None and self.microbatch.value.data < 0:
             raise VerifyException(f"{where}: microbatch {self.microbatch.value.data} must be >= 0")
+        if self.lane is not None and (self.lane.value.data < 0 or self.microbatch is None):
+            raise VerifyException(f"{where}: lane {self.lane.value.data} needs a microbatch and must be >= 0 "
+                                  "(a lane is a place in an overlap group of a device program)")
         _verify_call(self, self.callee, self.args, self.outs, where)
 
 

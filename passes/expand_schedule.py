@@ -38,7 +38,19 @@ A microbatch's per-step results are summed as they arrive (the combiner of
 (bucket reductions, updates, stores, the loss, a `par.reshard` of the step such
 as ZeRO-3's gather of a parameter that stays whole across microbatches) is
 issued as soon as what it reads is available, so a gradient bucket starts while
-earlier chunks still compute and a gather of state starts before the first task. Options: directive (quoted in errors). Requires: schedule has run.
+earlier chunks still compute and a gather of state starts before the first task.
+
+An overlap group of the schedule (`par.device ... overlap [[0F3, 3B1]]`) runs as one
+step, as the schedule's checker models it: the batch before the group receives what
+any of its actions reads, its tasks follow back to back, each action's tasks (its
+gradient sums included) marked with the action's lane, its place in the group in row
+order (`par.task @s0_F stage 0 pass F microbatch 3 lane 0 ...`, `... lane 1 ...`), and
+the group's sends, then the once-per-step ops it makes ready, come after its last task.
+lower-to-exec runs each lane on a compute stream of its own. Two lanes never write the
+same value: a gradient sum is a new value per microbatch, computed from the previous
+one, so a lane that adds to a sum another lane made reads it (and lower-to-exec orders
+its stream after the other's).
+Options: directive (quoted in errors). Requires: schedule has run.
 """
 
 from __future__ import annotations
@@ -59,11 +71,37 @@ from piperc.dialects.roles import argument_roles, main_function, result_roles
 from piperc.errors import StrategyError
 from piperc.passes.microbatch import MICROBATCHES
 from piperc.passes.pipeline_split import module_count
-from piperc.passes.schedule import find_schedule
+from piperc.passes.schedule import find_schedule, schedule_data
 
 
 def _label(value: SSAValue, mb: int) -> str:
     return f"{value.name_hint or 'v'} mb{mb}"
+
+
+def _steps(device: par.DeviceOp, directive: str) -> list[list[par.ActionAttr]]:
+    """`device`'s row cut into steps: one action, or one overlap group (its actions in row
+    order), which must be contiguous in the row."""
+    row = list(device.actions.data)
+    position = {a: i for i, a in enumerate(row)}
+    group_of = {}
+    for group in device.overlap_groups():
+        ordered = sorted(group, key=position.__getitem__)
+        if position[ordered[-1]] - position[ordered[0]] != len(ordered) - 1:
+            text = "[" + ", ".join(a.compact() for a in group) + "]"
+            raise StrategyError(f"{directive}: overlap group {text} on device {device.index.value.data} is "
+                                "not contiguous in its row; place its actions next to each other")
+        group_of |= {a: ordered for a in ordered}
+    steps: list[list[par.ActionAttr]] = []
+    for action in row:
+        step = group_of.get(action, [action])
+        if not steps or steps[-1] is not step:
+            steps.append(step)
+    return steps
+
+
+def _action(action: par.ActionAttr) -> schedules.Action:
+    """The schedule action `action` stands for."""
+    return schedules.Action(action.stage, action.pass_kind.value, action.microbatch)
 
 
 @dataclass
@@ -125,11 +163,11 @@ class _Step:
 class _ProgramWriter:
     """Writes one device's `par.program`."""
 
-    def __init__(self, step: _Step, device: int, row, outgoing, directive: str, early=None):
+    def __init__(self, step: _Step, device: int, steps, outgoing, directive: str, early=None):
         self.step = step
         self.early = early or {}  # action -> messages received in the batch before it (receive_plan)
         self.device = device
-        self.row = row
+        self.steps = steps  # the row as `_steps` cuts it
         self.outgoing = outgoing  # (src, dst) -> [(value, mb)] in the order src sends them
         self.received = defaultdict(int)  # src -> how many of src's sends to us are received
         self.directive = directive
@@ -148,21 +186,23 @@ class _ProgramWriter:
 
     def write(self) -> par.ProgramOp:
         self.issue_ready()  # what needs no task (a gather of sharded parameters) starts first
-        for action in self.row:
-            tasks = self.step.tasks.get((action.stage, action.pass_kind), [])
-            if action.pass_kind == PassKind.B and action.stage not in self.step.w_stages:
-                tasks = tasks + self.step.tasks.get((action.stage, PassKind.W), [])  # B runs the whole backward
-            if not tasks and self.step.frozen(action.stage, action.pass_kind):
+        for step in self.steps:
+            early = [m for a in step for m in self.early.get(_action(a), [])]
+            if len(step) == 1:
+                action = step[0]
+                for i, task in enumerate(self.tasks_of(action)):
+                    self.run(task, action.microbatch, early if i == 0 else [], first=i == 0)
+                    self.issue_ready()
                 continue
-            if not tasks:
-                what = ("the backward is not split into B and W" if action.pass_kind == PassKind.W
-                        else "the step has no such task")
-                raise StrategyError(f"{self.directive}: schedule action {action.compact()} on device "
-                                    f"{self.device} runs nothing: stage {action.stage} has no "
-                                    f"{action.pass_kind.value} task ({what})")
-            early = self.early.get(schedules.Action(action.stage, action.pass_kind.value, action.microbatch), [])
-            for i, task in enumerate(tasks):
-                self.run(task, action.microbatch, early if i == 0 else [], first=i == 0)
+            lanes = [(lane, action, self.tasks_of(action)) for lane, action in enumerate(step)]
+            receives = [r for m in early if (r := self.early_receive(m)) is not None]
+            for _, action, tasks in lanes:
+                receives += [r for task in tasks for r in self.receives(task, action.microbatch)]
+            self.flush(receives)
+            for lane, action, tasks in lanes:
+                for task in tasks:
+                    self.run(task, action.microbatch, first=False, lane=lane)
+            self.issue_ready()
         self.flush([])
         self.issue_ready(final=True)
         missing = [o for o in self.step.per_step if self.mine(o) and o not in self.done]
@@ -172,32 +212,52 @@ class _ProgramWriter:
                                 "schedule run every action of its stages?")
         return par.ProgramOp(f"device{self.device}", self.device, Region(self.block))
 
+    def tasks_of(self, action: par.ActionAttr) -> list[par.TaskOp]:
+        """The step's tasks that `action` runs (none for a backward with nothing to compute)."""
+        tasks = self.step.tasks.get((action.stage, action.pass_kind), [])
+        if action.pass_kind == PassKind.B and action.stage not in self.step.w_stages:
+            tasks = tasks + self.step.tasks.get((action.stage, PassKind.W), [])  # B runs the whole backward
+        if not tasks and not self.step.frozen(action.stage, action.pass_kind):
+            what = ("the backward is not split into B and W" if action.pass_kind == PassKind.W
+                    else "the step has no such task")
+            raise StrategyError(f"{self.directive}: schedule action {action.compact()} on device "
+                                f"{self.device} runs nothing: stage {action.stage} has no "
+                                f"{action.pass_kind.value} task ({what})")
+        return tasks
+
     def mine(self, op: Operation) -> bool:
         return self.step.device_of[self.step.stage_of(op)] == self.device
 
-    def run(self, task: par.TaskOp, mb: int, early=(), first: bool = True) -> None:
-        """Emits `task` on microbatch `mb` with the transfers around it; the batch before it
-        also receives the `early` messages (`schedules.receive_plan`). The sends of an
-        action's tasks wait for the next action's batch (as the schedule's checker models
-        them), unless a later task of the action (`first` False) receives something."""
+    def run(self, task: par.TaskOp, mb: int, early=(), first: bool = True, lane: int | None = None) -> None:
+        """Emits `task` on microbatch `mb` (in overlap-group `lane`, if any) with the transfers
+        before it; the batch before it also receives the `early` messages
+        (`schedules.receive_plan`). The sends of an action's tasks wait for the next action's
+        batch (as the schedule's checker models them), unless a later task of the action
+        (`first` False) receives something."""
         receives = [r for m in early if (r := self.early_receive(m)) is not None]
-        for v in task.args:
-            src = self.step.device_of_value(v)
-            if src is not None and src != self.device and (v, mb) not in self.env:
-                receives.append((src, v, mb))
+        receives += self.receives(task, mb)
         if first or receives:
             self.flush(receives)
         args = [self.operand(v, mb, task) for v in task.args]
         new = self.add(par.TaskOp(task.callee.root_reference.data, self.step.stage_of(task),
-                                  task.pass_kind.data, args, list(task.outs.types), mb))
+                                  task.pass_kind.data, args, list(task.outs.types), mb, lane))
         for old, r in zip(task.outs, new.outs, strict=True):
             r.name_hint = old.name_hint
             self.env[(old, mb)] = r
             for dst in self.destinations(old):
                 self.pending_sends.append((r, dst, _label(old, mb)))
         for acc in self.step.accumulates.get(task, []):
-            self.accumulate(acc, mb, task)
-        self.issue_ready()
+            self.accumulate(acc, mb, task, lane)
+
+    def receives(self, task: par.TaskOp, mb: int) -> list[tuple[int, SSAValue, int]]:
+        """(source, value, microbatch) of what `task` on microbatch `mb` reads from other
+        devices and this device has not received yet."""
+        found = []
+        for v in task.args:
+            src = self.step.device_of_value(v)
+            if src is not None and src != self.device and (v, mb) not in self.env:
+                found.append((src, v, mb))
+        return found
 
     def early_receive(self, message) -> tuple[int, SSAValue, int] | None:
         """(source, value, microbatch) of the last value `message` brings to this device: the
@@ -257,12 +317,12 @@ class _ProgramWriter:
                             f"{getattr(user, 'callee', '')} of microbatch {mb} reads "
                             f"{v.name_hint or 'a value'} before the schedule has computed it")
 
-    def accumulate(self, acc: par.AccumulateOp, mb: int, task: par.TaskOp) -> None:
+    def accumulate(self, acc: par.AccumulateOp, mb: int, task: par.TaskOp, lane: int | None) -> None:
         new = [self.env[(v, mb)] for v in acc.values]
         if acc in self.acc_value:
             total = self.add(par.TaskOp(acc.callee.root_reference.data, self.step.stage_of(acc),
                                         task.pass_kind.data, [*self.acc_value[acc], *new],
-                                        list(acc.sums.types), mb))
+                                        list(acc.sums.types), mb, lane))
             for old, r in zip(acc.sums, total.outs, strict=True):
                 r.name_hint = old.name_hint
             new = list(total.outs)
@@ -362,12 +422,12 @@ class ExpandSchedulePass(ModulePass):
                                  and u.operation.pass_kind.data != PassKind.UPDATE}
                         for dst in sorted(users - {device}):
                             outgoing[(device, dst)].append((r, action.microbatch))
-        rows = [[a.compact() for a in table[d]] for d in sorted(table)]
+        steps = {d.index.value.data: _steps(d, self.directive) for d in schedule.devices()}
         try:
-            early = schedules.receive_plan(schedules.from_lists(rows, max(device_of) + 1, microbatches))
+            early = schedules.receive_plan(schedule_data(schedule, "user", max(device_of) + 1, microbatches))
         except schedules.ScheduleError as e:
             raise StrategyError(f"{self.directive}: {e}") from e
-        programs = [_ProgramWriter(step, d, table[d], outgoing, self.directive, early[d]).write()
+        programs = [_ProgramWriter(step, d, steps[d], outgoing, self.directive, early[d]).write()
                     for d in sorted(table)]
         for program in programs:
             op.body.block.add_op(program)

@@ -11,6 +11,8 @@ process groups and `exec.program @rank<r>` for every rank, then erases the
   * `par.input i` -> `exec.load_input "i"` with the input's layout (the runtime cuts
     the global input by the mesh axes the layout names, then takes the microbatch);
   * `par.task` -> `exec.launch` on the `compute` stream (callee, stage, pass, microbatch);
+    a task in lane k > 0 of an overlap group (`par.task ... lane 1`) on the stream
+    `compute<k>`, which the program creates after `comm` when one of its tasks uses it;
   * `par.send`/`par.recv` -> `exec.send`/`exec.recv` on the `comm` stream, to the
     rank whose pipeline coordinate is the peer device and whose other coordinates
     are this rank's, on the rank's pipeline group `@pp_<i>`. The tag is the
@@ -31,7 +33,13 @@ Then the ordering and lifetime rules that make the program correct under NCCL
 
   * a tensor made on one stream and read on another is ordered after its producer
     there (`exec.event_record` + `exec.event_wait`, once before a run of comm ops
-    that needs it) and given to `exec.record_stream` for that stream;
+    that needs it) and given to `exec.record_stream` for that stream; so the lanes of an
+    overlap group run side by side, and what reads a later lane's result after the
+    group (a task on `compute`, a send on `comm`) waits for that lane's event; a later
+    lane also records the state and inputs it reads (the runtime makes them on `compute`);
+  * the host reads (`exec.set_state`, `exec.output`) what `compute` has: a tensor made
+    on another compute stream is ordered after it on `compute` first (the runtime reads
+    outputs and keeps state on `compute`, the device's default stream);
   * the results of an async op (recv, batch_p2p, all_reduce) are waited
     (`exec.wait` on the stream of their first use; host reads wait on `compute`)
     before that use;
@@ -233,8 +241,12 @@ class _RankProgram:
         self.compute = self.add(ex.StreamOp("compute")).results[0]
         self.comm = self.add(ex.StreamOp("comm")).results[0]
         ops = list(program.body.block.ops)
-        i = 0
+        lanes = sorted({op.lane_index() for op in ops if isinstance(op, par.TaskOp)} - {0})
+        self.lanes = {0: self.compute} | {k: self.add(ex.StreamOp(f"compute{k}")).results[0] for k in lanes}
+        i = group_end = 0
         while i < len(ops):
+            if i >= group_end and isinstance(ops[i], par.TaskOp) and ops[i].lane is not None:
+                group_end = i + self.start_group(ops[i:])
             run = [ops[i]]
             if isinstance(ops[i], par.SendOp | par.RecvOp):
                 while (ops[i].batch is not None and i + len(run) < len(ops)
@@ -248,6 +260,26 @@ class _RankProgram:
         block = Block(_with_lifetimes(self.ops, self.comm))
         return ex.ProgramOp(f"rank{self.rank}", self.rank, self.mesh.size(), Region(block))
 
+    def start_group(self, ops: list[Operation]) -> int:
+        """Orders each later lane's stream of the overlap group that `ops` starts with after
+        what its tasks read from before the group, so the lanes start together (an event
+        recorded after the group's lane-0 task would hold the other lanes behind it).
+        Returns the number of ops the group spans: its tasks, lanes in increasing order,
+        and the host ops between them (inputs, state, stores)."""
+        lane, length = 0, 0
+        reads: dict[int, list[SSAValue]] = defaultdict(list)
+        for op in ops:
+            if isinstance(op, par.TaskOp) and op.lane is not None and op.lane_index() >= lane:
+                lane = op.lane_index()
+                reads[lane] += [v for v in op.args if v in self.values]
+            elif not isinstance(op, par.InputOp | par.StateOp | par.SetStateOp | par.OutputOp):
+                break
+            length += 1
+        for k, values in sorted(reads.items()):
+            if k > 0:
+                self.read(values, self.lanes[k])
+        return length
+
     # ------------------------------------------------------------ one op
 
     def lower(self, op: Operation) -> None:
@@ -259,17 +291,18 @@ class _RankProgram:
             load = ex.LoadInputOp(str(op.index.value.data), op.microbatch.value.data, op.result.type, op.layout)
             self.define(op.result, self.add(load).results[0])
         elif isinstance(op, par.TaskOp):
-            args = self.read(op.args, self.compute)
+            stream = self.lanes[op.lane_index()]
+            args = self.read(op.args, stream)
             launch = self.add(ex.LaunchOp(
-                op.callee.root_reference.data, args, self.compute, list(op.outs.types),
+                op.callee.root_reference.data, args, stream, list(op.outs.types),
                 stage=op.stage.value.data, pass_kind=op.pass_kind.data.value,
                 microbatch=None if op.microbatch is None else op.microbatch.value.data))
             for old, new in zip(op.outs, launch.results, strict=True):
-                self.define(old, new, self.compute)
+                self.define(old, new, stream)
         elif isinstance(op, par.SetStateOp):
-            self.add(ex.SetStateOp(op.state_name.data, self.read([op.value], None)[0]))
+            self.add(ex.SetStateOp(op.state_name.data, self.host_read(op.value)))
         elif isinstance(op, par.OutputOp):
-            self.add(ex.OutputOp(op.output_name.data, self.read([op.value], None)[0]))
+            self.add(ex.OutputOp(op.output_name.data, self.host_read(op.value)))
         elif isinstance(op, par.AllReduceBucketOp):
             self.all_reduce(op)
         elif isinstance(op, _STEP_COLLECTIVES):
@@ -380,19 +413,33 @@ class _RankProgram:
             self.wait(pending, stream or self.compute)
         if stream is None:
             return exec_values
-        producers = list(dict.fromkeys(self.home[v] for v in exec_values
-                                       if v in self.home and stream not in self.ready[v]))
+        # An event on a stream the tensor is ready on: its producer's, or, for an async
+        # result, the compute stream that waited for it (a received tensor read on a later lane).
+        producers = list(dict.fromkeys(
+            self.home[v] if self.home[v] in self.ready[v] else next(s for s in self.lanes.values() if s in self.ready[v])
+            for v in exec_values if v in self.home and stream not in self.ready[v]))
         for producer in producers:
             event = self.add(ex.EventRecordOp(producer)).results[0]
             self.add(ex.EventWaitOp(stream, event))
             for streams in self.ready.values():
                 if producer in streams:
                     streams.add(stream)
+        # State and inputs (no home) come from `compute`, the default stream, too: a later
+        # lane records them, so their memory outlives its reads whatever `compute` does next.
+        later_lane = stream in list(self.lanes.values())[1:]
         for v in dict.fromkeys(exec_values):
-            if v in self.home and self.home[v] != stream and (v, stream) not in self.recorded:
+            home = self.home.get(v, self.compute if later_lane and isinstance(v.type, ValueTensorType) else None)
+            if home is not None and home != stream and (v, stream) not in self.recorded:
                 self.add(ex.RecordStreamOp(v, stream))
                 self.recorded.add((v, stream))
         return exec_values
+
+    def host_read(self, value: SSAValue) -> SSAValue:
+        """The exec value of par `value` as the host reads it: a tensor made on a later lane's
+        compute stream is first ordered after it on `compute`."""
+        if self.home.get(self.values[value]) in list(self.lanes.values())[1:]:
+            return self.read([value], self.compute)[0]
+        return self.read([value], None)[0]
 
     def wait(self, ops: list[Operation], stream: SSAValue) -> None:
         """Waits on `stream` for async `ops`; their results become readable there."""

@@ -6,10 +6,11 @@
     }
 
 Options: kind (gpipe | 1f1b | interleaved | user), table (a user schedule: one
-row per device, rows separated by `;`, actions by spaces, e.g. `0F0 0B0;1F0 1B0`),
-axis (the pipeline mesh axis), directive. A device may hold several stages
-(`interleaved` places stage s on device s mod the axis size); every device holds
-the same number. The schedule is validated before it is written (every action
+row per device, rows separated by `;`, actions by spaces, e.g. `0F0 0B0;1F0 1B0`;
+actions joined by `+` are an overlap group, run together on two compute streams,
+e.g. `0F0 0F1 0F3+3B1 0B0;...`), axis (the pipeline mesh axis), directive. A device
+may hold several stages (`interleaved` places stage s on device s mod the axis
+size); every device holds the same number. The schedule is validated before it is written (every action
 once, dependencies, matched messages, no deadlock); a bad one is a StrategyError
 naming the first offending action.
 Requires: mesh, outline-stages and microbatch have run.
@@ -43,6 +44,35 @@ def find_schedule(module: ModuleOp) -> ScheduleOp:
     raise StrategyError("no pipeline schedule; run the schedule pass first")
 
 
+def parse_table(table: str, num_stages: int, num_microbatches: int, name: str = "user") -> schedules.Schedule:
+    """The user schedule the `table` option writes: rows separated by `;`, actions by
+    spaces, the actions of an overlap group joined by `+` (`0F3+3B1`). Raises
+    ScheduleError naming a bad action."""
+    return schedules.from_lists([row.split() for row in table.split(";")], num_stages, num_microbatches, name=name)
+
+
+def table_text(schedule: schedules.Schedule) -> str:
+    """`schedule` as the `table` option that `parse_table` reads back, overlap groups
+    included; raises ScheduleError for a group whose actions are apart in their row."""
+    return ";".join(" ".join(row) for row in schedule.grouped_rows())
+
+
+def schedule_data(op: ScheduleOp, name: str = "user", num_stages: int | None = None,
+                  num_microbatches: int | None = None) -> schedules.Schedule:
+    """`op`'s rows as schedule data (`piperc.schedules.Schedule`), each overlap group's
+    actions in row order."""
+    devices = sorted(op.devices(), key=lambda d: d.index.value.data)
+    rows = [[a.compact() for a in d.actions.data] for d in devices]
+    schedule = schedules.from_lists(rows, num_stages, num_microbatches, name=name)
+    groups = []
+    for device, row in zip(devices, schedule.devices, strict=True):
+        position = {a.compact(): i for i, a in enumerate(device.actions.data)}
+        groups.append([tuple(row[i] for i in sorted(position[a.compact()] for a in g))
+                       for g in device.overlap_groups()])
+    schedule.overlap = groups if any(groups) else []
+    return schedule
+
+
 @dataclass(frozen=True)
 class SchedulePass(ModulePass):
     """Builds, validates and inserts the pipeline schedule."""
@@ -68,8 +98,7 @@ class SchedulePass(ModulePass):
             )
         try:
             if self.kind == "user" or self.table:
-                rows = [r.split() for r in self.table.split(";")]
-                sched = schedules.from_lists(rows, stages, microbatches, name="user")
+                sched = parse_table(self.table, stages, microbatches)
             else:
                 sched = schedules.builtin(self.kind, stages, microbatches, num_devices=size)
             schedules.validate(sched)
@@ -91,8 +120,13 @@ class SchedulePass(ModulePass):
                         f"{self.directive}: a parameter tied across stages {list(bucket.stage_list())} would have "
                         f"two of them on one device ({owners}); its partial gradients are summed across "
                         "devices, so place the stages that share it on different devices")
+
+        def action(a: schedules.Action) -> ActionAttr:
+            return ActionAttr(a.stage, PassKind(a.kind), a.microbatch)
+
         devices = [
-            DeviceOp(d, [ActionAttr(a.stage, PassKind(a.kind), a.microbatch) for a in row])
+            DeviceOp(d, [action(a) for a in row], [[action(a) for a in g] for g in sched.overlap[d]]
+                     if sched.overlap else ())
             for d, row in enumerate(sched.devices)
         ]
         op.body.block.add_op(ScheduleOp(SCHEDULE_SYMBOL, MESH_SYMBOL, self.axis, devices))

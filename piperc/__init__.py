@@ -27,6 +27,7 @@ _LAZY = {
     "Replicate": "piperc.passes.tensor_parallel",
     "Partial": "piperc.passes.tensor_parallel",
     "verify": "piperc.reference",
+    "profile": "piperc.simulator",
     "Verification": "piperc.reference",
     "capture": "piperc.frontend",
     "Captured": "piperc.frontend",

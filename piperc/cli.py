@@ -5,6 +5,7 @@ shows a pipeline schedule as tables without running it; checks a strategy agains
     piperc capture piperc.examples.gpt:make -p 'fold-detach,cse' --dump-dir out/
     piperc schedule show 1f1b --pp 4 --microbatches 8 --costs F=1,B=2 --svg 1f1b.svg
     piperc verify piperc.examples.gpt:make --mesh pp=2,dp=2 --pipeline stages=2,microbatches=4 --dp zero=3
+    piperc simulate piperc.examples.gpt:make --mesh pp=4 --pipeline stages=4,microbatches=8 --costs profile
 """
 
 from __future__ import annotations
@@ -72,12 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     show.add_argument("name", metavar="NAME",
-                      help="a built-in schedule (gpipe, 1f1b, interleaved) or a table file, "
-                           "one row per device")
+                      help=f"a built-in schedule ({', '.join(schedules.BUILTIN_SCHEDULES)}) or a "
+                           "table file, one row per device")
     show.add_argument("--pp", type=int, metavar="N", help="pipeline devices")
     show.add_argument("--stages", type=int, metavar="S",
-                      help="pipeline stages (default: --pp, one per device); interleaved runs "
-                           "S / N stages per device")
+                      help="pipeline stages (default: --pp, one per device; 2 x --pp for zbv and "
+                           "dualpipev); interleaved and interleaved-zb run S / N stages per device")
     show.add_argument("--microbatches", type=int, metavar="M", help="microbatches per step")
     show.add_argument("--costs", type=parse_costs, default={}, metavar="F=1,B=1,W=1",
                       help="time per F, B and W action for the time-slot table (default 1 each)")
@@ -95,35 +96,69 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=VERIFY_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    ver.add_argument("target", metavar="TARGET", help="FILE.py:FUNC or package.module:FUNC, as for capture")
-    ver.add_argument("--set", dest="overrides", action="append", default=[], type=parse_override,
-                     metavar="KEY=VALUE", help="keyword argument for FUNC (repeatable)")
-    ver.add_argument("--mesh", required=True, type=parse_options, metavar="AXIS=SIZE,...",
-                     help="the device mesh, e.g. pp=2,dp=2")
-    ver.add_argument("--pipeline", nargs="?", const={}, type=parse_options, metavar="KEY=VALUE,...",
-                     help="piperc.pipeline(...) keyword arguments, e.g. stages=2,microbatches=4,schedule=1f1b")
-    ver.add_argument("--dp", nargs="?", const={}, type=parse_options, metavar="KEY=VALUE,...",
-                     help="piperc.data_parallel(...) keyword arguments, e.g. zero=3")
-    ver.add_argument("--optimizer", default="adamw", metavar="KIND[:KEY=VALUE,...]",
-                     help="sgd or adamw and keyword arguments, e.g. sgd:lr=0.05,momentum=0.9 "
-                          "(default: adamw, piperc.optim.AdamW's defaults)")
+    add_strategy_arguments(ver)
     ver.add_argument("--batches", metavar="FILE",
                      help="torch.save'd list of global batches, one per step (as the runtime worker takes)")
     ver.add_argument("--steps", type=int, default=3,
                      help="without --batches: train this many steps on the example inputs (default 3)")
     ver.set_defaults(run=verify_command)
+
+    sim = commands.add_parser(
+        "simulate",
+        help="predict a strategy's step time without running it",
+        description="Compile a model for a strategy and simulate one training step of the "
+                    "generated per-rank programs (piperc.simulator): tasks on streams, "
+                    "transfers and collectives under a network model. Prints the predicted "
+                    "step time, bubble, busy time and peak memory per rank.",
+        epilog=SIMULATE_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_strategy_arguments(sim)
+    sim.add_argument("--costs", choices=("profile", "flops"), default="flops",
+                     help="task times: measured by a short run on local processes (profile) or "
+                          "counted from matmul FLOPs at --flops-rate (flops, the default)")
+    sim.add_argument("--steps", type=int, default=3, help="with --costs profile: timed steps (default 3)")
+    sim.add_argument("--flops-rate", type=float, default=100e12, metavar="FLOP/S",
+                     help="with --costs flops: FLOP/s of one device (default 1e14)")
+    sim.add_argument("--cluster", default=None, metavar="KEY=VALUE,...|local",
+                     help="the network: piperc.simulator.cluster(...) keyword arguments, e.g. "
+                          "gpus_per_node=8,intra_gbps=400,inter_gbps=50,latency_us=5, or 'local': "
+                          "calibrate this machine (default: local with --costs profile, cluster's "
+                          "defaults with --costs flops)")
+    sim.add_argument("--host-cores", type=int, metavar="N",
+                     help="with --costs profile on CPU: the ranks share N cores")
+    sim.add_argument("--trace", metavar="DIR", help="write the predicted timeline to DIR (rank<r>.json)")
+    sim.set_defaults(run=simulate_command)
     return ap
+
+
+def add_strategy_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model and strategy options of `piperc verify` and `piperc simulate`."""
+    parser.add_argument("target", metavar="TARGET", help="FILE.py:FUNC or package.module:FUNC, as for capture")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], type=parse_override,
+                        metavar="KEY=VALUE", help="keyword argument for FUNC (repeatable)")
+    parser.add_argument("--mesh", required=True, type=parse_options, metavar="AXIS=SIZE,...",
+                        help="the device mesh, e.g. pp=2,dp=2")
+    parser.add_argument("--pipeline", nargs="?", const={}, type=parse_options, metavar="KEY=VALUE,...",
+                        help="piperc.pipeline(...) keyword arguments, e.g. stages=2,microbatches=4,schedule=1f1b")
+    parser.add_argument("--dp", nargs="?", const={}, type=parse_options, metavar="KEY=VALUE,...",
+                        help="piperc.data_parallel(...) keyword arguments, e.g. zero=3")
+    parser.add_argument("--optimizer", default="adamw", metavar="KIND[:KEY=VALUE,...]",
+                        help="sgd or adamw and keyword arguments, e.g. sgd:lr=0.05,momentum=0.9 "
+                             "(default: adamw, piperc.optim.AdamW's defaults)")
 
 
 SCHEDULE_SHOW_HELP = """\
 NAME is a built-in schedule, sized by --pp and --microbatches (both needed) and
---stages (default --pp), or a file holding a table as `Schedule.table()` writes it
-(`device 0: 0F0 0F1 0B0 0B1`, one line per device, `#` comments); a table gives its
-own sizes, and --pp, --stages and --microbatches, when given, must agree with it.
-gpipe and 1f1b run one stage per device; interleaved runs several, stage s on
-device s % N:
+--stages, or a file holding a table as `Schedule.table()` writes it
+(`device 0: 0F0 0F1 0B0 0B1`, one line per device, overlap groups joined by `+`,
+`#` comments); a table gives its own sizes, and --pp, --stages and --microbatches,
+when given, must agree with it. gpipe, 1f1b, zb-h1 and zb-h2 run one stage per
+device; interleaved and interleaved-zb run several, stage s on device s % N; zbv and
+dualpipev run two in V placement, stages d and 2N - 1 - d on device d:
 
   piperc schedule show interleaved --pp 4 --stages 8 --microbatches 4
+  piperc schedule show dualpipev --pp 4 --microbatches 8
 """
 
 
@@ -135,6 +170,22 @@ from Python for those. Example:
 
   piperc verify piperc.examples.gpt:make --mesh pp=2,dp=2 \\
       --pipeline stages=2,microbatches=4,schedule=1f1b --dp zero=3 --optimizer adamw:lr=1e-4
+"""
+
+
+SIMULATE_HELP = """\
+The strategy options are piperc verify's. Task times come from matmul FLOPs at
+--flops-rate (--costs flops) or from a short real run on local processes that
+trains --steps steps on the example inputs (--costs profile); communication from
+a target cluster (--cluster) or this machine, calibrated. Examples:
+
+  piperc simulate piperc.examples.gpt:make --set n_layers=4 --mesh pp=4 \\
+      --pipeline stages=4,microbatches=8,schedule=1f1b --cluster gpus_per_node=2,inter_gbps=10
+  piperc simulate piperc.examples.gpt:make --mesh pp=2 --pipeline stages=2,microbatches=4 \\
+      --costs profile --trace predicted/
+
+Open DIR/trace.json (all ranks) or DIR/rank<r>.json in ui.perfetto.dev, next to a
+measured trace (piperc.launch(..., trace="measured/")).
 """
 
 
@@ -292,7 +343,9 @@ def load_schedule(args: argparse.Namespace):
     if args.name in schedules.BUILTIN_SCHEDULES:
         if args.pp is None or args.microbatches is None:
             raise UsageError(f"schedule '{args.name}' needs --pp and --microbatches")
-        stages = args.pp if args.stages is None else args.stages
+        stages = args.stages
+        if stages is None:
+            stages = args.pp * (2 if args.name in schedules.V_PLACEMENT else 1)
         try:
             return schedules.builtin(args.name, stages, args.microbatches, num_devices=args.pp)
         except schedules.ScheduleError as e:
@@ -390,6 +443,45 @@ def verify_command(args: argparse.Namespace) -> int:
         raise PipercError(str(e)) from e
     print(result)
     return 0 if result.ok else 1
+
+
+def simulate_command(args: argparse.Namespace) -> int:
+    """`piperc simulate`: see SIMULATE_HELP."""
+    fn = load_function(args.target)
+    import piperc
+    from piperc import simulator
+
+    if args.steps < 1:
+        raise UsageError(f"--steps must be at least 1, got {args.steps}")
+    if not args.flops_rate > 0:
+        raise UsageError(f"--flops-rate must be positive, got {args.flops_rate}")
+    if args.host_cores is not None and (args.costs != "profile" or args.host_cores < 1):
+        raise UsageError("--host-cores takes a count >= 1 and needs --costs profile")
+    cluster = args.cluster or ("local" if args.costs == "profile" else "")
+    if cluster == "local":
+        network = None
+    else:
+        try:
+            network = simulator.cluster(**parse_options(cluster))
+        except (TypeError, ValueError, argparse.ArgumentTypeError) as e:
+            raise UsageError(f"--cluster {cluster}: {e}") from e
+    mesh, directives, optimizer = build_strategy(args)
+    model, example_inputs = build_model(fn, dict(args.overrides))
+    compiled = piperc.compile(model, example_inputs, mesh=mesh, strategy=directives, optimizer=optimizer,
+                              keep_ir=False)
+    if args.costs == "profile":
+        costs = simulator.profile(compiled, [example_inputs], steps=args.steps, network=network,
+                                  host_cores=args.host_cores)
+    else:
+        costs = simulator.Costs.from_flops(compiled, args.flops_rate,
+                                           simulator.calibrate(max(2, compiled.world_size))
+                                           if network is None else network)
+    result = compiled.simulate(costs)
+    sys.stdout.write(result.table())
+    if args.trace:
+        result.trace(args.trace)
+        print(f"piperc: wrote {args.trace}/rank<r>.json and trace.json", file=sys.stderr)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

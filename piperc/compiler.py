@@ -37,7 +37,7 @@ from piperc.passes.outline_stages import OutlineStagesPass
 from piperc.passes.pipeline_split import PipelineSplitPass
 from piperc.passes.propagate_sharding import PropagateShardingPass, sharding_report
 from piperc.passes.running_buffers import RunningBuffersPass
-from piperc.passes.schedule import SchedulePass, find_schedule
+from piperc.passes.schedule import SchedulePass, find_schedule, schedule_data
 from piperc.passes.verify_exec import VerifyExecPass
 from piperc.passmanager import PipelineOptions, pipeline_text, run_pipeline
 from piperc.runtime.launch import LaunchResult
@@ -89,6 +89,15 @@ class Compiled:
         """Each rank's predicted peak memory, by item, from its exec program
         (`piperc.memory.predict_memory`); print one, or `memory_table(...)` for all."""
         return predict_memory(self.module)
+
+    def simulate(self, costs):
+        """One training step of these programs, predicted under `costs` (a
+        `piperc.simulator.Costs`, e.g. from `piperc.profile`): step time, bubble,
+        busy time and peak memory per rank, the table and a trace
+        (`piperc.simulator.simulate`)."""
+        from piperc.simulator import simulate
+
+        return simulate(self, costs)
 
     def save(self, path: str) -> str:
         """Writes what the runtime loads (`manifest.json`, `rank<r>.py`, `state.pt`) to `path`."""
@@ -385,9 +394,8 @@ def _lower(captured: Captured, passes: list[ModulePass], options: PipelineOption
         raise
     module = captured.module
     files = codegen.generate(module, optimizer_state(module), signature, aliases, seed)
-    table = find_schedule(module).table()
     kind = next((p.kind for p in passes if isinstance(p, SchedulePass)), "user")
-    sched = schedules.from_lists([[a.compact() for a in table[d]] for d in sorted(table)], name=kind)
+    sched = schedule_data(find_schedule(module), name=kind)
     initial = {k: v.detach().clone() for k, v in {**captured.params, **captured.buffers}.items()}
     return Compiled(files, ir_after, initial, aliases, sched, pipeline_text(passes), module, sharding)
 

@@ -102,10 +102,33 @@ class Schedule:
         """Per device, its actions as text: `[["0F0", "0B0"], ["1F0", "1B0"]]`."""
         return [[str(a) for a in row] for row in self.devices]
 
+    def grouped_rows(self) -> list[list[str]]:
+        """Per device, its actions as text with each overlap group's joined by `+`
+        (`["0F0", "0F3+3B1", "3W1"]`), as `from_lists` reads them; raises ScheduleError
+        for a group whose actions are apart in their row."""
+        rows = []
+        for d, row in enumerate(self.devices):
+            group_of = {a: g for g in (self.overlap[d] if self.overlap else []) for a in g}
+            tokens: list[str] = []
+            for i, action in enumerate(row):
+                group = group_of.get(action)
+                if group is None:
+                    tokens.append(str(action))
+                elif i == 0 or group_of.get(row[i - 1]) is not group:
+                    members = row[i : i + len(group)]
+                    if set(members) != set(group):
+                        raise ScheduleError(
+                            f"schedule '{self.name}': overlap group [{' '.join(map(str, group))}] on "
+                            f"device {d} is not contiguous in its row; place its actions next to each other")
+                    tokens.append("+".join(map(str, members)))
+            rows.append(tokens)
+        return rows
+
     def table(self) -> str:
-        """One line per device, `device 0: 0F0 0F1 0B0 0B1`; `from_table` reads it back."""
+        """One line per device, `device 0: 0F0 0F1 0B0 0B1`, overlap groups joined by `+`;
+        `from_table` reads it back."""
         return "\n".join(
-            f"device {d}: {' '.join(row)}".rstrip() for d, row in enumerate(self.to_rows())
+            f"device {d}: {' '.join(row)}".rstrip() for d, row in enumerate(self.grouped_rows())
         )
 
     def view(self, costs: Mapping[str, float] | None = None) -> ScheduleView:
@@ -235,10 +258,11 @@ def interleaved(num_stages: int, num_microbatches: int, num_devices: int) -> Sch
     return Schedule("interleaved", num_stages, num_microbatches, devices, stage_device)
 
 
-def _interleaved_row(d: int, p: int, v: int, m: int, per_round: int) -> list[Action]:
-    """Device d's row of `interleaved`, as torch's `_get_1f1b_rank_ops` orders it."""
+def _interleaved_row(d: int, p: int, v: int, m: int, per_round: int, zero_bubble: bool = False) -> list[Action]:
+    """Device d's row of `interleaved` (or, with `zero_bubble`, of `interleaved-zb`), as
+    torch's `_get_1f1b_rank_ops` orders it."""
     total = v * m
-    warmup = min((v - 1) * per_round + 2 * (p - 1 - d), total)
+    warmup = min((v - 1) * per_round + (1 if zero_bubble else 2) * (p - 1 - d), total)
     taken: Counter[tuple[int, str]] = Counter()
 
     def take(kind: str, local: int) -> Action:
@@ -253,11 +277,42 @@ def _interleaved_row(d: int, p: int, v: int, m: int, per_round: int) -> list[Act
     def backward(j: int) -> Action:
         return take("B", v - 1 - (j // per_round) % v)
 
+    backwards: list[Action] = []
+
+    def backward_then_weights(j: int) -> list[Action]:
+        # Zero bubble: from device d's (d+1)-th backward on, each B is followed by the W of
+        # the oldest backward whose W has not run; the rest come at the end.
+        backwards.append(backward(j))
+        if not zero_bubble or j < d:
+            return [backwards[-1]]
+        return [backwards[-1], _weight(backwards[j - d])]
+
     row = [forward(i) for i in range(warmup)]
     for j in range(total - warmup):
-        row += [forward(warmup + j), backward(j)]
-    row += [backward(j) for j in range(total - warmup, total)]
+        row += [forward(warmup + j), *backward_then_weights(j)]
+    for j in range(total - warmup, total):
+        row += backward_then_weights(j)
+    if zero_bubble:
+        row += [_weight(b) for b in backwards[len(backwards) - min(d, total):]]
     return row
+
+
+def _weight(backward: Action) -> Action:
+    """The W action of `backward`'s stage and microbatch."""
+    return Action(backward.stage, "W", backward.microbatch)
+
+
+def interleaved_zero_bubble(num_stages: int, num_microbatches: int, num_devices: int) -> Schedule:
+    """Interleaved zero bubble (torch's ScheduleInterleavedZeroBubble, the paper's ZB1P with
+    several stages per device): interleaved 1F1B's order in loop placement, with backwards split
+    into B and W, a warm-up of (v - 1) * round + (p - 1 - d) forwards (half interleaved's extra),
+    and device d running, after each of its backwards from its (d+1)-th on, the W of its oldest
+    backward still waiting for one. Same sizes as `interleaved`."""
+    base = interleaved(num_stages, num_microbatches, num_devices)
+    p, v, m = num_devices, num_stages // num_devices, num_microbatches
+    per_round = m // max(1, m // p)
+    devices = [_interleaved_row(d, p, v, m, per_round, zero_bubble=True) for d in range(p)]
+    return Schedule("interleaved-zb", num_stages, m, devices, base.stage_device)
 
 
 BuiltinSchedule = Callable[[int, int, int], Schedule]
@@ -282,15 +337,33 @@ def _single_stage(name: str, make: Callable[[int, int], Schedule]) -> BuiltinSch
 def zero_bubble_h1(num_stages: int, num_microbatches: int) -> Schedule:
     """ZB-H1 (Qi et al., "Zero Bubble Pipeline Parallelism", 2023): 1F1B with each backward
     split into B (the input gradient, which the earlier stage waits for) and W (the weight
-    gradient, which nothing waits for), the Ws placed in the bubbles 1F1B leaves.
-
-    Built by running the pipeline under unit costs (F = B = W = 1, communication free):
-    each device, whenever it is free, starts its next backward B if it can, else its next
-    forward if its microbatches between F and B stay within 1F1B's p - d and those between
-    F and W within p (1F1B's peak, on device 0), else its oldest pending W. Later devices
-    thus defer their Ws into the bubbles at no cost in peak memory. Microbatches go in order
-    in each pass. Stage s runs on device s.
+    gradient, which nothing waits for), the Ws placed in the bubbles 1F1B leaves, within
+    1F1B's peak memory: device d holds at most p - d microbatches between F and B, and p
+    (1F1B's peak, on device 0) between F and W. Later devices thus defer their Ws into the
+    bubbles at no cost in peak memory. Built by `_zero_bubble`. Stage s runs on device s.
     """
+    p = num_stages
+    return _zero_bubble("zb-h1", num_stages, num_microbatches, lambda d: (p - d, p))
+
+
+def zero_bubble_h2(num_stages: int, num_microbatches: int) -> Schedule:
+    """ZB-H2 (Qi et al., 2023): zero bubble after the fill, at about twice 1F1B's memory.
+    Device d holds at most 2(p - d) - 1 microbatches between F and B and 2p - 1 between
+    F and W, so the warm-up's extra forwards fill the bubbles before the first backward and
+    the deferred Ws those after: under unit costs (F = B = W = 1) the step takes the
+    ideal 3m + p - 1. Built by `_zero_bubble`. Stage s runs on device s.
+    """
+    p = num_stages
+    return _zero_bubble("zb-h2", num_stages, num_microbatches, lambda d: (2 * (p - d) - 1, 2 * p - 1))
+
+
+def _zero_bubble(name: str, num_stages: int, num_microbatches: int,
+                 limits: Callable[[int], tuple[int, int]]) -> Schedule:
+    """A zero-bubble schedule, one stage per device, built by running the pipeline under unit
+    costs (F = B = W = 1, communication free): each device, whenever it is free, starts its
+    next B if it can, else its next F if that keeps its microbatches between F and B, and
+    between F and W, within `limits(d)`, else its oldest pending W. Microbatches go in order
+    in each pass."""
     _check_sizes(num_stages, num_microbatches)
     p, m = num_stages, num_microbatches
     finish: dict[Action, int] = {}
@@ -302,9 +375,10 @@ def zero_bubble_h1(num_stages: int, num_microbatches: int) -> Schedule:
             if rows[d] and finish[rows[d][-1]] > t:
                 continue
             f, b = Action(d, "F", next_f[d]), Action(d, "B", next_b[d])
+            to_b, to_w = limits(d)
             if next_b[d] < m and all(finish.get(x, t + 1) <= t for x in _dependencies(b, p)):
                 choice, next_b[d] = b, next_b[d] + 1
-            elif (next_f[d] < m and next_f[d] - next_b[d] < p - d and next_f[d] - next_w[d] < p
+            elif (next_f[d] < m and next_f[d] - next_b[d] < to_b and next_f[d] - next_w[d] < to_w
                     and all(finish.get(x, t + 1) <= t for x in _dependencies(f, p))):
                 choice, next_f[d] = f, next_f[d] + 1
             elif next_w[d] < next_b[d]:
@@ -314,10 +388,174 @@ def zero_bubble_h1(num_stages: int, num_microbatches: int) -> Schedule:
             rows[d].append(choice)
             finish[choice] = t + 1
         t += 1
-    return Schedule("zb-h1", p, m, rows, _one_stage_per_device(p))
+    return Schedule(name, p, m, rows, _one_stage_per_device(p))
 
 
-SPLIT_BACKWARD = ("zb-h1",)
+def _v_placement(name: str, num_stages: int, num_devices: int) -> dict[int, int]:
+    """V placement of 2 * num_devices stages: device d holds stages d and 2p - 1 - d, so the
+    first and last stages share device 0 and the middle hand-off stays on device p - 1."""
+    if num_stages != 2 * num_devices:
+        raise ScheduleError(
+            f"schedule '{name}' runs two stages per device in V placement (device d holds "
+            f"stages d and {2 * num_devices - 1} - d), so it needs {2 * num_devices} stages "
+            f"for {num_devices} devices, got {num_stages}"
+        )
+    return {s: min(s, num_stages - 1 - s) for s in range(num_stages)}
+
+
+class _Row:
+    """A device's row under construction: each stage's next microbatch per kind, in order,
+    and the Ws of its split backwards not yet placed, oldest first."""
+
+    def __init__(self) -> None:
+        self.actions: list[Action] = []
+        self.taken: Counter[tuple[int, str]] = Counter()
+        self.pending_w: list[Action] = []
+        self.groups: list[tuple[Action, ...]] = []
+
+    def add(self, stage: int, kind: str) -> Action:
+        """Appends `stage`'s next F or B (a B's W is then pending)."""
+        action = Action(stage, kind, self.taken[stage, kind])
+        self.taken[stage, kind] += 1
+        self.actions.append(action)
+        if kind == "B":
+            self.pending_w.append(_weight(action))
+        return action
+
+    def weight_of(self, backward: Action) -> None:
+        """Appends `backward`'s W right after it: a backward not split in time."""
+        self.pending_w.remove(_weight(backward))
+        self.actions.append(_weight(backward))
+
+    def overlapped(self, forward: int, backward: int) -> None:
+        """An overlap group: `forward`'s next F with `backward`'s next B, then that B's W."""
+        f, b = self.add(forward, "F"), self.add(backward, "B")
+        self.groups.append((f, b))
+        self.weight_of(b)
+
+    def oldest_w(self, stage: int | None = None) -> None:
+        """Appends the W of the oldest split backward (of `stage`, if given) whose W has not
+        run, if any."""
+        waiting = [w for w in self.pending_w if stage is None or w.stage == stage]
+        if waiting:
+            self.pending_w.remove(waiting[0])
+            self.actions.append(waiting[0])
+
+
+def zbv(num_stages: int, num_microbatches: int, num_devices: int) -> Schedule:
+    """ZB-V (Qi et al., 2024; torch's ScheduleZBVZeroBubble): zero bubble in V placement, two
+    stages per device (device d holds stages d and 2p - 1 - d).
+
+    Device d warms up with 2(p - d) - 1 forwards of its first stage, then d pairs of forwards
+    (second stage, first stage), then p - d rounds of F, B, W on its second stage; in steady
+    state it alternates F, B, W of its first stage and of its second; it cools down with d
+    pairs of Bs, then p - d Bs of its first stage each with a W, then the remaining Ws, second
+    stage first. Microbatches past the last are skipped, so small counts follow the same order.
+    """
+    _check_sizes(num_stages, num_microbatches)
+    stage_device = _v_placement("zbv", num_stages, num_devices)
+    p, m = num_devices, num_microbatches
+    n = max(2 * p - 1, m)  # torch's count: enough microbatches to fill the V; the rest are dropped
+    rows = []
+    for d in range(p):
+        first, second = d, num_stages - 1 - d
+        row = _Row()
+        for _ in range(2 * (p - d) - 1):
+            row.add(first, "F")
+        for _ in range(d):
+            row.add(second, "F")
+            row.add(first, "F")
+        for _ in range(p - d):
+            row.add(second, "F")
+            row.weight_of(row.add(second, "B"))
+        while row.taken[second, "F"] < row.taken[first, "F"] or row.taken[first, "F"] < n:
+            if row.taken[first, "F"] < n:
+                row.add(first, "F")
+            row.weight_of(row.add(first, "B"))
+            row.add(second, "F")
+            row.weight_of(row.add(second, "B"))
+        for _ in range(d):
+            row.add(first, "B")
+            row.add(second, "B")
+        for _ in range(p - d):
+            row.add(first, "B")
+            row.oldest_w(first)
+        while row.pending_w:
+            row.oldest_w(second if any(w.stage == second for w in row.pending_w) else first)
+        rows.append([a for a in row.actions if a.microbatch < m])
+    return Schedule("zbv", num_stages, m, rows, stage_device)
+
+
+def dualpipev(num_stages: int, num_microbatches: int, num_devices: int) -> Schedule:
+    """DualPipeV (DeepSeek's DualPipe folded into a V, torch's ScheduleDualPipeV): V placement,
+    two stages per device, where in steady state the forward of one stage overlaps the backward
+    of the other, on two compute streams (an overlap group `[F, B]`, its W right after).
+
+    Device d (stages d and 2p - 1 - d, first and second) runs 2(p - d - 1) forwards of its
+    first stage; d + 1 pairs of forwards (first, second); p - d - 1 rounds of a B of its second
+    stage, the oldest pending W, a forward of its second; m - 2p + d + 1 rounds of two overlap
+    groups, (F first, B second) and (F second, B first) (on the last device the round's first
+    pair runs in turn, not overlapped); p - d - 1 rounds of a full backward of its second stage
+    and the group (F second, B first); d + 1 pairs of backwards (second, first), whose later
+    half leave their W for later; p - d - 1 rounds of the oldest W and a backward of its first;
+    then its remaining Ws. A full backward is B then its W; torch writes it as one action.
+    Needs at least 2p microbatches, as torch does.
+    """
+    _check_sizes(num_stages, num_microbatches)
+    stage_device = _v_placement("dualpipev", num_stages, num_devices)
+    p, m = num_devices, num_microbatches
+    if m < 2 * p:
+        raise ScheduleError(
+            f"schedule 'dualpipev' on {p} devices needs at least {2 * p} microbatches "
+            f"(torch's ScheduleDualPipeV does too), got {m}"
+        )
+    rows, overlap = [], []
+    for d in range(p):
+        first, second = d, num_stages - 1 - d
+        row = _Row()
+        for _ in range(2 * (p - d - 1)):
+            row.add(first, "F")
+        for _ in range(d + 1):
+            row.add(first, "F")
+            row.add(second, "F")
+        for _ in range(p - d - 1):
+            row.add(second, "B")
+            row.oldest_w()
+            row.add(second, "F")
+        for i in range(m - 2 * p + d + 1):
+            if i == 0 and d == p - 1:  # torch runs this pair in turn, for a smaller bubble
+                row.add(first, "F")
+                row.weight_of(row.add(second, "B"))
+            else:
+                row.overlapped(first, second)
+            row.overlapped(second, first)
+        for _ in range(p - d - 1):
+            row.weight_of(row.add(second, "B"))
+            row.overlapped(second, first)
+        split = False
+        for i in range(d + 1):
+            for stage, turn in ((second, 1), (first, 0)):
+                if i == (d + 1) // 2 and d % 2 == turn:
+                    split = True
+                backward = row.add(stage, "B")
+                if not split:
+                    row.weight_of(backward)
+        for _ in range(p - d - 1):
+            row.oldest_w()
+            backward = row.add(first, "B")
+            if not split:
+                row.weight_of(backward)
+        for _ in range(d + 1):
+            row.oldest_w()
+        rows.append(row.actions)
+        overlap.append(row.groups)
+    return Schedule("dualpipev", num_stages, m, rows, stage_device, overlap)
+
+
+V_PLACEMENT = ("zbv", "dualpipev")
+"""The built-in schedules that run two stages per device in V placement."""
+
+SPLIT_BACKWARD = ("zb-h1", "zb-h2", "interleaved-zb", "zbv", "dualpipev")
 """The built-in schedules that run weight gradients as actions of their own (W)."""
 
 
@@ -326,13 +564,17 @@ BUILTIN_SCHEDULES: dict[str, BuiltinSchedule] = {
     "1f1b": _single_stage("1f1b", one_f_one_b),
     "interleaved": interleaved,
     "zb-h1": _single_stage("zb-h1", zero_bubble_h1),
+    "zb-h2": _single_stage("zb-h2", zero_bubble_h2),
+    "interleaved-zb": interleaved_zero_bubble,
+    "zbv": zbv,
+    "dualpipev": dualpipev,
 }
 
 
 def builtin(
     name: str, num_stages: int, num_microbatches: int, num_devices: int | None = None
 ) -> Schedule:
-    """The built-in schedule `name` (gpipe, 1f1b, interleaved, zb-h1) for these sizes.
+    """The built-in schedule `name` (a key of BUILTIN_SCHEDULES) for these sizes.
 
     `num_devices` is the number of pipeline devices; None means one stage per device.
     """
@@ -366,15 +608,23 @@ def from_lists(
 ) -> Schedule:
     """A schedule from per-device action lists: `[["0F0", "0B0"], ["1F0", "1B0"]]`.
 
-    Sizes default to what the actions use (highest stage and microbatch + 1).
-    Each stage runs on the device whose row holds its actions; a stage whose
-    actions sit on two devices is an error naming the action away from the
-    device that holds most of them. Call `validate` to check the rest.
+    Actions joined by `+` in one entry (`"0F3+3B1"`) are an overlap group: they may run
+    together, on two compute streams. Sizes default to what the actions use (highest
+    stage and microbatch + 1). Each stage runs on the device whose row holds its
+    actions; a stage whose actions sit on two devices is an error naming the action
+    away from the device that holds most of them. Call `validate` to check the rest.
     """
-    devices = []
+    devices: list[list[Action]] = []
+    overlap: list[list[tuple[Action, ...]]] = []
     for d, row in enumerate(rows):
+        devices.append([])
+        overlap.append([])
         try:
-            devices.append([a if isinstance(a, Action) else Action.parse(a) for a in row])
+            for entry in row:
+                group = _parse_entry(entry)
+                devices[-1].extend(group)
+                if len(group) > 1:
+                    overlap[-1].append(tuple(group))
         except ScheduleError as e:
             raise ScheduleError(f"schedule '{name}', device {d}: {e}") from None
     actions = [a for row in devices for a in row]
@@ -395,7 +645,13 @@ def from_lists(
         num_stages = max(a.stage for a in actions) + 1
     if num_microbatches is None:
         num_microbatches = max(a.microbatch for a in actions) + 1
-    return Schedule(name, num_stages, num_microbatches, devices, stage_device)
+    return Schedule(name, num_stages, num_microbatches, devices, stage_device,
+                    overlap if any(overlap) else [])
+
+
+def _parse_entry(entry: str | Action) -> list[Action]:
+    """A row entry's actions: one action, or an overlap group written `0F3+3B1`."""
+    return [entry] if isinstance(entry, Action) else [Action.parse(t) for t in entry.split("+")]
 
 
 _DEVICE_LABEL_RE = re.compile(r"device\s+(\d+)\s*:")
@@ -428,7 +684,9 @@ def from_table(
                 )
             line = line[label.end() :]
         try:
-            rows.append([Action.parse(t) for t in re.split(r"[\s,]+", line) if t])
+            rows.append([t for t in re.split(r"[\s,]+", line) if t])
+            for entry in rows[-1]:
+                _parse_entry(entry)
         except ScheduleError as e:
             raise ScheduleError(f"{where}: {e}") from None
     if not rows:
@@ -516,18 +774,16 @@ def validate(schedule: Schedule) -> None:
     before an action on the same device that it needs; then that every stage
     runs F and B once per microbatch (and W, when the stage uses W at all);
     then overlap groups; then, by executing the rows in order, that no set of
-    devices waits on each other; then that both sides of every pair of devices
-    issue their messages in the same order (transfers match in issue order);
-    then that the rows still run to the end when a transfer completes only once
-    both sides have started it, as the compiled programs issue them
-    (`_check_rendezvous`).
+    devices waits on each other; then that the rows still run to the end when a
+    transfer completes only once both sides have started it and transfers between
+    two devices match in issue order, as the compiled programs issue them
+    (`_check_rendezvous`, with the receives `receive_plan` posts early).
     """
     _check_shape(schedule)
     _check_actions(schedule)
     _check_complete(schedule)
     _check_overlap(schedule)
     _execute(schedule, lambda _: 0.0, 0.0)
-    _check_message_order(schedule)
     _check_rendezvous(schedule)
 
 
@@ -647,28 +903,6 @@ def _check_overlap(schedule: Schedule) -> None:
                 )
 
 
-def _check_message_order(schedule: Schedule) -> None:
-    """Both sides issue the messages between two devices in the same order.
-
-    Point-to-point transfers between two ranks match in issue order (NCCL has
-    no tags), so device d's k-th send to device p must be p's k-th receive
-    from d. Runs after the deadlock check: every message then has both sides.
-    """
-    by_side = messages(schedule)
-    for (d, peer), mine in sorted(by_side.items()):
-        sent = [m for m in mine if m.src_device == d]
-        received = [m for m in by_side.get((peer, d), []) if m.src_device == d]
-        for k, (s, r) in enumerate(zip(sent, received, strict=True)):
-            if s != r:
-                raise ScheduleError(
-                    f"schedule '{schedule.name}': device {d}'s message #{k} to device {peer} is "
-                    f"{s.kind} {s.producer} -> {s.consumer}, but device {peer}'s message #{k} from "
-                    f"device {d} is {r.kind} {r.producer} -> {r.consumer}; transfers between two "
-                    f"devices match in issue order: receive them on device {peer} in the order "
-                    f"device {d} sends them"
-                )
-
-
 def _check_rendezvous(schedule: Schedule) -> None:
     """The rows run to the end when a transfer completes only once both sides have started it
     (NCCL's rule), with the receives that `receive_plan` posts early; raises ScheduleError
@@ -692,11 +926,13 @@ def receive_plan(schedule: Schedule) -> list[dict[Action, list[Message]]]:
     crossing by posting the blocked device's receive of the other's send (and of the
     messages before it from that device) in the batch it is stuck at; expand-schedule
     posts the same receives there. Receiving early costs only the buffer held longer.
-    Runs after `_check_message_order`, so the k-th send between two devices is the k-th
-    receive there. Raises ScheduleError naming what each stuck device waits at when a
-    deadlock remains.
+    Transfers between two devices match in issue order (NCCL has no tags), so a device
+    receives from each peer in the order the peer sends: a step that consumes a message
+    first receives, early, those the peer sent before it (`_in_send_order`), as
+    expand-schedule does. Raises ScheduleError naming what each stuck device waits at
+    when a deadlock remains.
     """
-    plan: list[dict[Action, list[Message]]] = [{} for _ in schedule.devices]
+    plan = _in_send_order(schedule)
     while True:
         batches, waits = _batches(schedule, plan)
         stuck = _rendezvous(batches, waits)
@@ -713,6 +949,36 @@ def receive_plan(schedule: Schedule) -> list[dict[Action, list[Message]]]:
                 f"rule): {'; '.join(waits)}; receive a message before sending what the sender "
                 f"waits for, or send it later"
             )
+
+
+def _sent(schedule: Schedule) -> dict[tuple[int, int], list[Message]]:
+    """Per (source, destination) device pair, the messages the source sends, in its order."""
+    sent: dict[tuple[int, int], list[Message]] = {}
+    for d in range(len(schedule.devices)):
+        for step in _steps(schedule, d):
+            for message in _step_sends(schedule, d, step):
+                sent.setdefault((d, message.dst_device), []).append(message)
+    return sent
+
+
+def _in_send_order(schedule: Schedule) -> list[dict[Action, list[Message]]]:
+    """The early receives that keep each device's receives from a peer in the peer's send order:
+    a step receiving message X from device s first receives, in the same batch, s's messages
+    sent before X that no earlier step received (a row may consume them out of order, as
+    ZB-V's and DualPipeV's rows do)."""
+    sent = _sent(schedule)
+    plan: list[dict[Action, list[Message]]] = [{} for _ in schedule.devices]
+    for d in range(len(schedule.devices)):
+        posted: set[Message] = set()
+        for step in _steps(schedule, d):
+            for message in _step_receives(schedule, d, step):
+                if message in posted:
+                    continue
+                order = sent[message.src_device, d]
+                before = [m for m in order[: order.index(message)] if m not in posted]
+                plan[d].setdefault(step[0], []).extend(before)
+                posted |= {*before, message}
+    return [{a: ms for a, ms in device.items() if ms} for device in plan]
 
 
 def _step_receives(schedule: Schedule, d: int, step: tuple[Action, ...]) -> list[Message]:
@@ -818,11 +1084,14 @@ def _receive_early(schedule: Schedule, plan: list[dict[Action, list[Message]]], 
         if index is None:  # p is stuck at its last sends: nothing after them to receive
             continue
         received = {x for step in steps[: index + 1] for x in _step_receives(schedule, p, step)}
-        received |= {x for ms in plan[p].values() for x in ms}
-        from_d = [x for step in steps for x in _step_receives(schedule, p, step) if x.src_device == d]
+        received |= {x for step in steps[: index + 1] for x in plan[p].get(step[0], [])}
+        from_d = _sent(schedule)[d, p]
         move = [x for x in from_d[: from_d.index(m) + 1] if x not in received]
         if move:
+            for action, early in list(plan[p].items()):  # posted later until now
+                plan[p][action] = [x for x in early if x not in move]
             plan[p].setdefault(steps[index][0], []).extend(move)
+            plan[p] = {a: ms for a, ms in plan[p].items() if ms}
             return True
     return False
 
@@ -1005,10 +1274,17 @@ def _interleaved_bubble(schedule: Schedule) -> ClosedForm:
     return ClosedForm("(v*(p-m)+m-1)/(v*p+m-1)", sizes, (v * (p - m) + m - 1) / (v * p + m - 1))
 
 
+def _zero_bubble_h2_bubble(schedule: Schedule) -> ClosedForm:
+    # Only the fill is idle: p - 1 units of the 3m + p - 1 a device spans, at F = B = W.
+    p, m = len(schedule.devices), schedule.num_microbatches
+    return ClosedForm("(p-1)/(3m+p-1) at F=B=W", f"p={p}, m={m}", (p - 1) / (3 * m + p - 1))
+
+
 CLOSED_FORMS: dict[str, Callable[[Schedule], ClosedForm]] = {
     "gpipe": _fill_drain_bubble,
     "1f1b": _fill_drain_bubble,
     "interleaved": _interleaved_bubble,
+    "zb-h2": _zero_bubble_h2_bubble,
 }
 """Per built-in schedule, its bubble ratio in closed form (equal-cost stages)."""
 

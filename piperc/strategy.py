@@ -30,7 +30,7 @@ from piperc.passes.optimizer import OptimizerPass
 from piperc.passes.outline_stages import OutlineStagesPass
 from piperc.passes.pipeline_split import PipelineSplitPass
 from piperc.passes.propagate_sharding import PropagateShardingPass
-from piperc.passes.schedule import SchedulePass
+from piperc.passes.schedule import SchedulePass, parse_table, table_text
 from piperc.passes.tensor_parallel import Placement, TensorParallelPass, plan_text
 from piperc.passes.zero import ZeroPass
 
@@ -186,7 +186,7 @@ class Pipeline(Directive):
         """The schedule pass's options for this directive. A schedule function is called with
         (stages, microbatches, `devices`: the pipeline axis size) for its rows."""
         if callable(self.schedule):
-            return {"kind": "user", "table": ";".join(" ".join(row) for row in self._function_rows(devices))}
+            return {"kind": "user", "table": self._function_table(devices)}
         if isinstance(self.schedule, str):
             if "\n" not in self.schedule and " " not in self.schedule.strip():
                 return {"kind": self.schedule}
@@ -194,21 +194,25 @@ class Pipeline(Directive):
             return {"kind": "user", "table": ";".join(" ".join(r.replace(",", " ").split()) for r in rows)}
         return {"kind": "user", "table": ";".join(" ".join(str(a) for a in row) for row in self.schedule)}
 
-    def _function_rows(self, devices: int | None) -> list[list[str]]:
-        """The rows a schedule function returns (a `piperc.schedules.Schedule` or one list of
-        actions per device), as text; StrategyError naming the function when it fails or
-        returns something else."""
+    def _function_table(self, devices: int | None) -> str:
+        """The schedule a function returns (a `piperc.schedules.Schedule`, its overlap groups
+        included, or one list of actions per device) as the schedule pass's table; StrategyError
+        naming the function when it fails or returns something else."""
         name = getattr(self.schedule, "__name__", "the schedule function")
         try:
             made = self.schedule(self.stages, self.microbatches, devices if devices is not None else self.stages)
         except Exception as e:  # the user's code: any failure is theirs to see, named
             raise StrategyError(f"{self}: {name}({self.stages}, {self.microbatches}, {devices}) raised "
                                 f"{type(e).__name__}: {e}") from e
-        rows = made.to_rows() if isinstance(made, schedules.Schedule) else made
-        if not isinstance(rows, list | tuple) or not all(isinstance(r, list | tuple) for r in rows):
+        if isinstance(made, schedules.Schedule):
+            try:
+                return table_text(made)
+            except schedules.ScheduleError as e:
+                raise StrategyError(f"{self}: {e}") from None
+        if not isinstance(made, list | tuple) or not all(isinstance(r, list | tuple) for r in made):
             raise StrategyError(f"{self}: {name} must return a piperc.schedules.Schedule or one list of "
                                 f"actions per device, got {type(made).__name__}")
-        return [[str(a) for a in row] for row in rows]
+        return ";".join(" ".join(str(a) for a in row) for row in made)
 
     def mesh_axes(self) -> tuple[str, ...]:
         """The pipeline axis: one stage per device along it."""
@@ -228,16 +232,15 @@ class Pipeline(Directive):
                                 f"region a str, got split_at={list(self.split_at)!r}, region={self.region!r}")
         table = isinstance(self.schedule, list | tuple) and all(isinstance(r, list | tuple) for r in self.schedule)
         if not isinstance(self.schedule, str) and not table and not callable(self.schedule):
-            raise StrategyError(f"{self}: schedule must be a name ('gpipe', '1f1b', 'interleaved', 'zb-h1') or a table, one row of actions "
+            raise StrategyError(f"{self}: schedule must be a name ({', '.join(map(repr, schedules.BUILTIN_SCHEDULES))}) or a table, one row of actions "
                                 f"per device ([['0F0', '0B0'], ['1F0', '1B0']]), got {self.schedule!r}")
         size = ctx.mesh.axes[self.axis]
         options = self.schedule_options(size)
         kind = options["kind"]
         if callable(self.schedule):  # checked here, naming the first offending action
-            rows = [row.split() for row in options["table"].split(";")]
             try:
-                schedules.validate(schedules.from_lists(rows, self.stages, self.microbatches,
-                                                        name=getattr(self.schedule, "__name__", "user")))
+                schedules.validate(parse_table(options["table"], self.stages, self.microbatches,
+                                               name=getattr(self.schedule, "__name__", "user")))
             except schedules.ScheduleError as e:
                 raise StrategyError(f"{self}: {e}") from None
         if kind != "user" and kind not in schedules.BUILTIN_SCHEDULES:
@@ -408,9 +411,11 @@ def pipeline(axis: str = "pp", stages: int = 2, microbatches: int = 1,
     each backward split into B and W), or a user schedule: one row of actions per
     device (`[["0F0", "0B0"], ["1F0", "1B0"]]` or the same as text, one row per
     line), whose rows say which device runs each stage; a row that lists W actions
-    (`0W1`) splits that stage's backward into input (B) and weight (W) gradients. A
-    schedule may also be a function `(stages, microbatches, devices)` returning such
-    rows or a `piperc.schedules.Schedule`; its rows are checked before anything runs.
+    (`0W1`) splits that stage's backward into input (B) and weight (W) gradients, and
+    actions joined by `+` (`0F3+3B1`) are an overlap group, run side by side on two
+    compute streams. A schedule may also be a function `(stages, microbatches, devices)`
+    returning such rows or a `piperc.schedules.Schedule` (its overlap groups included);
+    its rows are checked before anything runs.
     """
     return Pipeline(axis, stages, microbatches, schedule, tuple(split_at), region)
 

@@ -192,7 +192,7 @@ def test_schedule_show_unknown_name_is_a_usage_error():
     result = piperc("schedule", "show", "zb", "--pp", "4", "--microbatches", "8")
     assert result.returncode == 2
     assert result.stderr == (
-        "piperc: error: unknown schedule 'zb': neither a built-in schedule (1f1b, gpipe, interleaved, zb-h1) "
+        "piperc: error: unknown schedule 'zb': neither a built-in schedule (1f1b, dualpipev, gpipe, interleaved, interleaved-zb, zb-h1, zb-h2, zbv) "
         "nor a table file\n"
     )
     assert result.stdout == ""

@@ -7,6 +7,8 @@ with W). The arithmetic is the backward's own, so a zero-bubble run is bit-ident
 1F1B. IR first, then the schedule as data, then real multi-process runs.
 """
 
+import functools
+
 import pytest
 import torch
 
@@ -73,36 +75,61 @@ def test_zb_h1_runs_one_stage_per_device():
 ADAMW = piperc.optim.AdamW(lr=1e-4, weight_decay=0.1)
 # pp=2 with a user table that runs W actions: each W right after its B on device 1
 TABLE = [["0F0", "0F1", "0B0", "0W0", "0B1", "0W1"], ["1F0", "1B0", "1W0", "1F1", "1B1", "1W1"]]
+# Settings, each run once under 1F1B (one stage per device) and then under every zero-bubble
+# schedule: lean, but covering both models, both pipeline sizes and one data-parallel
+# composition per schedule. name -> (example, layers, mesh, microbatches).
+SETTINGS = {
+    "gpt-pp2": (gpt, 4, piperc.Mesh(pp=2), 4),
+    "llama-pp4": (llama, 8, piperc.Mesh(pp=4), 8),
+    "gpt-pp2xdp2": (gpt, 4, piperc.Mesh(pp=2, dp=2), 4),
+    "llama-pp2": (llama, 4, piperc.Mesh(pp=2), 2),
+}
+# case -> (setting, schedule, stages per device)
 CASES = {
-    "gpt-pp2": (gpt, piperc.Mesh(pp=2), 4, "zb-h1"),
-    "llama-pp4": (llama, piperc.Mesh(pp=4), 4, "zb-h1"),
-    "gpt-pp2xdp2": (gpt, piperc.Mesh(pp=2, dp=2), 2, "zb-h1"),
-    "llama-pp2-table": (llama, piperc.Mesh(pp=2), 2, TABLE),
+    **{f"{kind}-{setting}": (setting, kind, per_device)
+       for kind, per_device in [("zb-h1", 1), ("zb-h2", 1), ("interleaved-zb", 2), ("zbv", 2), ("dualpipev", 2)]
+       for setting in ("gpt-pp2", "llama-pp4", "gpt-pp2xdp2")},
+    "table-llama-pp2": ("llama-pp2", TABLE, 1),
 }
 
 
-def _strategy(mesh, microbatches, schedule):
-    strategy = [piperc.pipeline(stages=mesh.axes["pp"], microbatches=microbatches, schedule=schedule)]
-    return strategy + ([piperc.data_parallel()] if "dp" in mesh.axes else [])
+def _train(setting, schedule, per_device, device):
+    example, layers, mesh, microbatches = SETTINGS[setting]
+    model, inputs = example.make(n_layers=layers)
+    batches = [example.make(n_layers=layers, seed=100 + s)[1] for s in range(3)]
+    strategy = [piperc.pipeline(stages=per_device * mesh.axes["pp"], microbatches=microbatches,
+                                schedule=schedule)]
+    strategy += [piperc.data_parallel()] if "dp" in mesh.axes else []
+    compiled = piperc.compile(model, inputs, mesh=mesh, strategy=strategy, optimizer=ADAMW, device=device,
+                              keep_ir=False)
+    return model, batches, piperc.launch(compiled, batches, timeout=240)
 
 
-@pytest.mark.parametrize("name,device", [device_param(n, CASES[n][1].size, d) for d in ("cpu", "cuda") for n in CASES])
+@functools.cache
+def _one_f_one_b(setting, device):
+    return _train(setting, "1f1b", 1, device)[2]
+
+
+@pytest.mark.parametrize("name,device", [device_param(n, SETTINGS[CASES[n][0]][2].size, d)
+                                         for d in ("cpu", "cuda") for n in CASES])
 def test_zero_bubble_is_bit_identical_to_1f1b_and_trains_as_one_device(name, device):
-    example, mesh, microbatches, schedule = CASES[name]
-    model, inputs = example.make(n_layers=4)
-    batches = [example.make(n_layers=4, seed=100 + s)[1] for s in range(3)]
-    runs = {}
-    for kind in (schedule, "1f1b"):
-        compiled = piperc.compile(model, inputs, mesh=mesh, strategy=_strategy(mesh, microbatches, kind),
-                                  optimizer=ADAMW, device=device, keep_ir=False)
-        runs[str(kind)] = piperc.launch(compiled, batches, timeout=240)
-    zero_bubble, one_f_one_b = runs[str(schedule)], runs["1f1b"]
+    setting, schedule, per_device = CASES[name]
+    model, batches, zero_bubble = _train(setting, schedule, per_device, device)
+    one_f_one_b = _one_f_one_b(setting, device)
     assert zero_bubble.losses == one_f_one_b.losses
     assert all(torch.equal(zero_bubble.state_dict[k], v) for k, v in one_f_one_b.state_dict.items())
     losses, state = train_eager(model, batches, ADAMW)
     errors = compare(zero_bubble.losses, zero_bubble.state_dict, losses, state)
+    _, _, mesh, microbatches = SETTINGS[setting]
     limits = bounds(model, batches, microbatches * mesh.axes.get("dp", 1), losses, state)
     assert all(e <= b for e, b in zip(errors, limits, strict=True)), (errors, limits)
+
+
+def test_dualpipev_refuses_fewer_than_two_microbatches_per_device():
+    model, inputs = gpt.make(n_layers=4)
+    with pytest.raises(piperc.StrategyError, match="'dualpipev' on 2 devices needs at least 4 microbatches"):
+        piperc.compile(model, inputs, mesh=piperc.Mesh(pp=2), optimizer=ADAMW,
+                       strategy=[piperc.pipeline(stages=4, microbatches=2, schedule="dualpipev")])
 
 
 def test_a_single_stage_runs_its_whole_backward_as_w():
