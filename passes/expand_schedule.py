@@ -50,12 +50,27 @@ lower-to-exec runs each lane on a compute stream of its own. Two lanes never wri
 same value: a gradient sum is a new value per microbatch, computed from the previous
 one, so a lane that adds to a sum another lane made reads it (and lower-to-exec orders
 its stream after the other's).
+A schedule that runs replicas of the stages (Chimera's two pipelines; see the schedule
+pass) names stages beyond the model's S = `par.num_stages`: action stage t runs the
+tasks of stage t mod S, on t's device, as stage t (`par.task @s0_F stage 2 ...` is the
+second pipeline's replica of stage 0 at pp=2). A value of microbatch m goes from the
+replica that makes it to the replica of its reader in the same pipeline, the one that
+runs m. Each device sums a stage's per-microbatch results over the microbatches it runs
+(the loss share of its last stage too, reported as its `loss`; the runtime sums the
+devices' losses), and the once-per-step ops of a stage are issued on every device that
+holds a replica of it: a bucket's `stages` name the replicas of its stages too (so a
+data-parallel bucket sums over both axes), and a gradient that an update reads without a
+bucket first gets one over no mesh axis, summing the replicas' sums (`par.all_reduce_bucket
+0 stage 2 (%dw0) over @mesh [] stages [0, 2]`); both replicas then apply the same update.
+Reductions spanning devices are issued at the end of the row, in `@main`'s order, so the
+devices that share them issue them in one order.
+
 Options: directive (quoted in errors). Requires: schedule has run.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 
 from xdsl.context import Context
@@ -69,8 +84,9 @@ from piperc.dialects import par
 from piperc.dialects.par import PassKind, ShardingAttr, layout_of
 from piperc.dialects.roles import argument_roles, main_function, result_roles
 from piperc.errors import StrategyError
+from piperc.passes.mesh import MESH_SYMBOL
 from piperc.passes.microbatch import MICROBATCHES
-from piperc.passes.pipeline_split import module_count
+from piperc.passes.pipeline_split import NUM_STAGES, module_count
 from piperc.passes.schedule import find_schedule, schedule_data
 
 
@@ -110,9 +126,13 @@ class _Step:
 
     main: func.FuncOp
     microbatches: int
+    num_stages: int
     device_of: dict[int, int]
+    """Schedule stage -> its device (a replica's stage t runs the model's stage t mod num_stages)."""
+    placed: dict[tuple[int, int], int]
+    """(model stage, microbatch) -> the schedule stage that runs it."""
     w_stages: set[int]
-    """The stages whose W actions the schedule lists."""
+    """The (model) stages whose W actions the schedule lists."""
 
     def __post_init__(self):
         block = self.main.body.block
@@ -133,6 +153,20 @@ class _Step:
         self.stores: dict[SSAValue, list[tuple[str, str]]] = defaultdict(list)
         for (role, name), v in zip(result_roles(self.main), ret.operands, strict=True):
             self.stores[v].append((role, str(name)))
+        self.next_bucket: dict[int, int] = defaultdict(int)
+        for op in self.per_step:
+            if isinstance(op, par.AllReduceBucketOp):
+                stage = op.stage.value.data
+                self.next_bucket[stage] = max(self.next_bucket[stage], op.bucket.value.data + 1)
+
+    def replicas_of(self, stage: int) -> list[int]:
+        """The schedule stages that run (model) stage `stage`: itself, and its replicas."""
+        return sorted(t for t in self.device_of if t % self.num_stages == stage)
+
+    def device_at(self, stage: int, mb: int) -> int:
+        """The device that runs (model) stage `stage` on microbatch `mb`: the device of the
+        replica whose pipeline runs `mb`."""
+        return self.device_of[self.placed[(stage, mb)]]
 
     def frozen(self, stage: int, kind: PassKind) -> bool:
         """Whether `kind` is a backward pass with nothing to compute: a stage without any
@@ -152,11 +186,11 @@ class _Step:
             return min(u.operation.stage.value.data for u in op.result.uses if isinstance(u.operation, par.TaskOp))
         return op.stage.value.data
 
-    def device_of_value(self, v: SSAValue) -> int | None:
-        """The device that makes a per-microbatch value (None for arguments)."""
+    def device_of_value(self, v: SSAValue, mb: int) -> int | None:
+        """The device that makes a per-microbatch value on microbatch `mb` (None for arguments)."""
         owner = v.owner
         if isinstance(owner, par.TaskOp) and owner.pass_kind.data != PassKind.UPDATE:
-            return self.device_of[self.stage_of(owner)]
+            return self.device_at(self.stage_of(owner), mb)
         return None
 
 
@@ -179,6 +213,9 @@ class _ProgramWriter:
         self.acc_count: dict[par.AccumulateOp, int] = defaultdict(int)
         self.acc_value: dict[par.AccumulateOp, list[SSAValue]] = {}
         self.done: set[Operation] = set()
+        # model stage -> the schedule stage (itself or a replica) this device runs it as
+        self.local = {t % step.num_stages: t for t, d in step.device_of.items() if d == device}
+        self.runs = Counter(s for (s, _), t in step.placed.items() if self.local.get(s) == t)
 
     def add(self, op: Operation) -> Operation:
         self.block.add_op(op)
@@ -214,10 +251,11 @@ class _ProgramWriter:
 
     def tasks_of(self, action: par.ActionAttr) -> list[par.TaskOp]:
         """The step's tasks that `action` runs (none for a backward with nothing to compute)."""
-        tasks = self.step.tasks.get((action.stage, action.pass_kind), [])
-        if action.pass_kind == PassKind.B and action.stage not in self.step.w_stages:
-            tasks = tasks + self.step.tasks.get((action.stage, PassKind.W), [])  # B runs the whole backward
-        if not tasks and not self.step.frozen(action.stage, action.pass_kind):
+        stage = action.stage % self.step.num_stages
+        tasks = self.step.tasks.get((stage, action.pass_kind), [])
+        if action.pass_kind == PassKind.B and stage not in self.step.w_stages:
+            tasks = tasks + self.step.tasks.get((stage, PassKind.W), [])  # B runs the whole backward
+        if not tasks and not self.step.frozen(stage, action.pass_kind):
             what = ("the backward is not split into B and W" if action.pass_kind == PassKind.W
                     else "the step has no such task")
             raise StrategyError(f"{self.directive}: schedule action {action.compact()} on device "
@@ -226,7 +264,7 @@ class _ProgramWriter:
         return tasks
 
     def mine(self, op: Operation) -> bool:
-        return self.step.device_of[self.step.stage_of(op)] == self.device
+        return self.step.stage_of(op) in self.local
 
     def run(self, task: par.TaskOp, mb: int, early=(), first: bool = True, lane: int | None = None) -> None:
         """Emits `task` on microbatch `mb` (in overlap-group `lane`, if any) with the transfers
@@ -239,12 +277,12 @@ class _ProgramWriter:
         if first or receives:
             self.flush(receives)
         args = [self.operand(v, mb, task) for v in task.args]
-        new = self.add(par.TaskOp(task.callee.root_reference.data, self.step.stage_of(task),
+        new = self.add(par.TaskOp(task.callee.root_reference.data, self.local[self.step.stage_of(task)],
                                   task.pass_kind.data, args, list(task.outs.types), mb, lane))
         for old, r in zip(task.outs, new.outs, strict=True):
             r.name_hint = old.name_hint
             self.env[(old, mb)] = r
-            for dst in self.destinations(old):
+            for dst in self.destinations(old, mb):
                 self.pending_sends.append((r, dst, _label(old, mb)))
         for acc in self.step.accumulates.get(task, []):
             self.accumulate(acc, mb, task, lane)
@@ -254,7 +292,7 @@ class _ProgramWriter:
         devices and this device has not received yet."""
         found = []
         for v in task.args:
-            src = self.step.device_of_value(v)
+            src = self.step.device_of_value(v, mb)
             if src is not None and src != self.device and (v, mb) not in self.env:
                 found.append((src, v, mb))
         return found
@@ -265,12 +303,13 @@ class _ProgramWriter:
         kind = PassKind.F if message.kind == "act" else PassKind.B
         found = [(message.src_device, v, m) for v, m in self.outgoing[(message.src_device, self.device)]
                  if m == message.microbatch and isinstance(v.owner, par.TaskOp)
-                 and self.step.stage_of(v.owner) == message.stage and v.owner.pass_kind.data == kind]
+                 and self.step.stage_of(v.owner) == message.stage % self.step.num_stages
+                 and v.owner.pass_kind.data == kind]
         return found[-1] if found else None
 
-    def destinations(self, value: SSAValue) -> list[int]:
-        """The other devices whose tasks read `value`."""
-        found = {self.step.device_of[self.step.stage_of(u.operation)] for u in value.uses
+    def destinations(self, value: SSAValue, mb: int) -> list[int]:
+        """The other devices whose tasks read `value` of microbatch `mb`."""
+        found = {self.step.device_at(self.step.stage_of(u.operation), mb) for u in value.uses
                  if isinstance(u.operation, par.TaskOp) and u.operation.pass_kind.data != PassKind.UPDATE}
         return sorted(found - {self.device})
 
@@ -320,7 +359,7 @@ class _ProgramWriter:
     def accumulate(self, acc: par.AccumulateOp, mb: int, task: par.TaskOp, lane: int | None) -> None:
         new = [self.env[(v, mb)] for v in acc.values]
         if acc in self.acc_value:
-            total = self.add(par.TaskOp(acc.callee.root_reference.data, self.step.stage_of(acc),
+            total = self.add(par.TaskOp(acc.callee.root_reference.data, self.local[self.step.stage_of(acc)],
                                         task.pass_kind.data, [*self.acc_value[acc], *new],
                                         list(acc.sums.types), mb, lane))
             for old, r in zip(acc.sums, total.outs, strict=True):
@@ -328,7 +367,7 @@ class _ProgramWriter:
             new = list(total.outs)
         self.acc_value[acc] = new
         self.acc_count[acc] += 1
-        if self.acc_count[acc] == self.step.microbatches:
+        if self.acc_count[acc] == self.runs[self.step.stage_of(acc)]:
             for old, r in zip(acc.sums, new, strict=True):
                 self.env[(old, None)] = r
             self.done.add(acc)
@@ -337,10 +376,40 @@ class _ProgramWriter:
     def ready(self, op: Operation) -> bool:
         return all(isinstance(v, BlockArgument) or (v, None) in self.env for v in op.operands)
 
+    def replicated(self, stages) -> list[int]:
+        """The schedule stages that run `stages` (model stages), replicas included."""
+        return sorted(t for s in stages for t in self.step.replicas_of(s))
+
     def spans_devices(self, op: Operation) -> bool:
-        """Whether `op` is a reduction with other pipeline devices (a weight tied across stages)."""
-        return isinstance(op, par.AllReduceBucketOp) and len(
-            {self.step.device_of[s] for s in op.stage_list()}) > 1
+        """Whether `op` is a reduction with other pipeline devices (a weight tied across stages,
+        a stage's replicas), or an update that waits for one (`replica_sums`)."""
+        if isinstance(op, par.AllReduceBucketOp):
+            return len({self.step.device_of[t] for t in self.replicated(op.stage_list())}) > 1
+        return isinstance(op, par.TaskOp) and bool(self.unsummed(op))
+
+    def unsummed(self, update: par.TaskOp) -> list[int]:
+        """The operands of `update` that are gradients no bucket sums over the replicas of its
+        stage: sums of the microbatches this device ran (or a task's result), where the stage
+        has replicas."""
+        if update.pass_kind.data != PassKind.UPDATE or len(self.step.replicas_of(self.step.stage_of(update))) < 2:
+            return []
+        return [i for i, v in enumerate(update.operands)
+                if isinstance(v.owner, par.AccumulateOp | par.TaskOp)]
+
+    def replica_sums(self, update: par.TaskOp, args: list[SSAValue]) -> list[SSAValue]:
+        """`args` of `update` with the gradients `unsummed` names summed over the replicas of
+        its stage first, by one `par.all_reduce_bucket` over no mesh axis: each pipeline summed
+        only the microbatches it ran (Chimera)."""
+        picks = self.unsummed(update)
+        if not picks:
+            return args
+        stage = self.step.stage_of(update)
+        self.flush([])  # a collective goes behind the pending sends
+        bucket = self.add(par.AllReduceBucketOp(self.step.next_bucket[stage], self.local[stage],
+                                                [args[i] for i in picks], MESH_SYMBOL, (),
+                                                self.step.replicas_of(stage)))
+        sums = dict(zip(picks, bucket.sums, strict=True))
+        return [sums.get(i, v) for i, v in enumerate(args)]
 
     def issue_ready(self, final: bool = False) -> None:
         """Issues every once-per-step op of this device whose inputs are all available.
@@ -358,16 +427,17 @@ class _ProgramWriter:
                     continue
                 self.done.add(op)
                 progress = True
-                self.flush([])
+                if not isinstance(op, par.TaskOp):  # a collective goes behind the pending sends;
+                    self.flush([])  # a task (an update) leaves them for the next action's batch
                 args = [self.operand(v, None, op) for v in op.operands]
                 if isinstance(op, par.AllReduceBucketOp):
                     new = self.add(par.AllReduceBucketOp(
-                        op.bucket.value.data, self.step.stage_of(op), args, op.mesh.root_reference.data,
-                        op.axis_names(), op.stage_list()))
+                        op.bucket.value.data, self.local[self.step.stage_of(op)], args,
+                        op.mesh.root_reference.data, op.axis_names(), self.replicated(op.stage_list())))
                     results = list(new.sums)
                 elif isinstance(op, par.TaskOp):
-                    new = self.add(par.TaskOp(op.callee.root_reference.data, self.step.stage_of(op),
-                                              op.pass_kind.data, args, list(op.outs.types)))
+                    new = self.add(par.TaskOp(op.callee.root_reference.data, self.local[self.step.stage_of(op)],
+                                              op.pass_kind.data, self.replica_sums(op, args), list(op.outs.types)))
                     results = list(new.outs)
                 elif isinstance(op, par.ReshardOp):
                     new = self.add(par.ReshardOp(args[0], op.mesh.root_reference.data, op.source, op.target,
@@ -401,30 +471,32 @@ class ExpandSchedulePass(ModulePass):
     def apply(self, ctx: Context, op: ModuleOp) -> None:
         schedule = find_schedule(op)
         microbatches = module_count(op, MICROBATCHES, self.directive, "microbatch")
+        num_stages = module_count(op, NUM_STAGES, self.directive, "pipeline-split")
         table = schedule.table()
         device_of = {a.stage: d for d, row in table.items() for a in row}
-        step = _Step(main_function(op), microbatches, device_of,
-                     {a.stage for row in table.values() for a in row if a.pass_kind == PassKind.W})
+        placed = {(a.stage % num_stages, a.microbatch): a.stage for row in table.values() for a in row}
+        step = _Step(main_function(op), microbatches, num_stages, device_of, placed,
+                     {a.stage % num_stages for row in table.values() for a in row if a.pass_kind == PassKind.W})
         unapplied = [name for role, name in result_roles(step.main) if role == "increment"]
         if unapplied:
             raise StrategyError(f"{self.directive}: the step returns increments of buffers {unapplied} but "
                                 "no update of them; run running-buffers after microbatch")
         for stage in {t.stage.value.data for t in step.main.body.block.ops if isinstance(t, par.TaskOp)}:
-            if stage not in device_of:
+            if not step.replicas_of(stage):
                 raise StrategyError(f"{self.directive}: the schedule runs no action of stage {stage}")
         outgoing: dict[tuple[int, int], list[tuple[SSAValue, int]]] = defaultdict(list)
         for device, row in table.items():
             for action in row:
-                for task in step.tasks.get((action.stage, action.pass_kind), []):
+                for task in step.tasks.get((action.stage % num_stages, action.pass_kind), []):
                     for r in task.outs:
-                        users = {device_of[u.operation.stage.value.data] for u in r.uses
+                        users = {step.device_at(u.operation.stage.value.data, action.microbatch) for u in r.uses
                                  if isinstance(u.operation, par.TaskOp)
                                  and u.operation.pass_kind.data != PassKind.UPDATE}
                         for dst in sorted(users - {device}):
                             outgoing[(device, dst)].append((r, action.microbatch))
         steps = {d.index.value.data: _steps(d, self.directive) for d in schedule.devices()}
         try:
-            early = schedules.receive_plan(schedule_data(schedule, "user", max(device_of) + 1, microbatches))
+            early = schedules.receive_plan(schedule_data(schedule, "user", num_stages, microbatches))
         except schedules.ScheduleError as e:
             raise StrategyError(f"{self.directive}: {e}") from e
         programs = [_ProgramWriter(step, d, steps[d], outgoing, self.directive, early[d]).write()

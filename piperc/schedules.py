@@ -83,6 +83,12 @@ class Schedule:
     `stage_device[s]` is the device that runs stage `s`. `overlap[d]`, when
     given (one list per device), holds groups of device `d`'s actions that may
     run concurrently on different streams; each group is contiguous in the row.
+
+    `replicas` > 1 runs that many pipelines, each over a replica of the model's
+    `num_stages` stages (Chimera): action stage `k * num_stages + s` is pipeline
+    k's replica of stage s (`model_stage`), a stage of its own with its own device,
+    sending to and receiving from its pipeline's neighbours only. Each microbatch
+    runs in one pipeline, which runs all of it.
     """
 
     name: str
@@ -91,6 +97,11 @@ class Schedule:
     devices: list[list[Action]]
     stage_device: dict[int, int]
     overlap: list[list[tuple[Action, ...]]] = field(default_factory=list)
+    replicas: int = 1
+
+    def model_stage(self, stage: int) -> int:
+        """The model stage that action stage `stage` runs (itself unless it is a replica's)."""
+        return stage % self.num_stages
 
     def device_of(self, stage: int) -> int:
         """The device that runs `stage`."""
@@ -391,6 +402,49 @@ def _zero_bubble(name: str, num_stages: int, num_microbatches: int,
     return Schedule(name, p, m, rows, _one_stage_per_device(p))
 
 
+def hanayo(num_stages: int, num_microbatches: int, num_devices: int) -> Schedule:
+    """Hanayo (Liu et al., SC'23): a wave-like pipeline without Chimera's model replicas.
+    The stages go down the devices and back up, W = stages / (2p) times: stage s of chunk
+    c = s // p runs on device s % p when c is even and p - 1 - (s % p) when odd, so each
+    turn of the wave stays on one device (no transfer) and every device holds 2W stages.
+
+    The order is piperc's own construction on that placement (the paper gives its schedule
+    as figures, not as a rule): the pipeline run under unit costs (F = 1, B = 2,
+    communication free), each device, whenever it is free, starting the backward of its
+    oldest microbatch that can start (the deepest stage first), else the forward of its
+    deepest stage that can start (microbatches in order per stage), so microbatches travel
+    the wave depth first. Activations are not capped: `peak_in_flight` reports them.
+    """
+    _check_sizes(num_stages, num_microbatches)
+    p, m = num_devices, num_microbatches
+    if p < 1 or num_stages % (2 * p):
+        raise ScheduleError(
+            f"schedule 'hanayo' runs waves of 2 x {p} stages (down the {p} devices and back up), "
+            f"so stages must be a multiple of {2 * p}, got {num_stages}"
+        )
+    stage_device = {s: s % p if (s // p) % 2 == 0 else p - 1 - s % p for s in range(num_stages)}
+    held = [[s for s in range(num_stages) if stage_device[s] == d] for d in range(p)]
+    finish: dict[Action, int] = {}
+    rows: list[list[Action]] = [[] for _ in range(p)]
+    taken: Counter[tuple[int, str]] = Counter()
+    free, t, cost = [0] * p, 0, {"F": 1, "B": 2}
+    while True:
+        for d in range(p):
+            if free[d] > t:
+                continue
+            ready = [a for a in (Action(s, k, taken[s, k]) for s in held[d] for k in ("B", "F"))
+                     if a.microbatch < m and all(finish.get(x, t + 1) <= t for x in _dependencies(a, num_stages))]
+            if not ready:
+                continue
+            choice = min(ready, key=lambda a: (a.kind == "F", a.microbatch if a.kind == "B" else 0, -a.stage))
+            taken[choice.stage, choice.kind] += 1
+            rows[d].append(choice)
+            finish[choice] = free[d] = t + cost[choice.kind]
+        if len(finish) == 2 * num_stages * m:
+            return Schedule("hanayo", num_stages, m, rows, stage_device)
+        t = min(v for v in [*finish.values(), *free] if v > t)  # the next action to finish
+
+
 def _v_placement(name: str, num_stages: int, num_devices: int) -> dict[int, int]:
     """V placement of 2 * num_devices stages: device d holds stages d and 2p - 1 - d, so the
     first and last stages share device 0 and the middle hand-off stays on device p - 1."""
@@ -552,6 +606,55 @@ def dualpipev(num_stages: int, num_microbatches: int, num_devices: int) -> Sched
     return Schedule("dualpipev", num_stages, m, rows, stage_device, overlap)
 
 
+def chimera(num_stages: int, num_microbatches: int, num_devices: int) -> Schedule:
+    """Chimera (Li & Hoefler, SC'21): two pipelines in opposite directions, each over a replica
+    of the stages. The down pipeline runs stage s on device s, the up pipeline its replica of
+    stage s (action stage p + s, `Schedule.replicas` = 2) on device p - 1 - s, so every device
+    holds one stage of each. Down runs microbatches 0..m/2-1, up m/2..m-1; after the step the
+    two replicas of each stage sum their gradients and apply the same update (expand-schedule).
+
+    Each device's row merges its two 1F1B rows (the down pipeline's for stage d, the up
+    pipeline's for stage p - 1 - d): both pipelines run under unit costs (F = 1, B = 2,
+    communication free), and a device, whenever it is free, starts the next action of either
+    row that can start: the one whose inputs arrived first, then a backward before a forward,
+    then the down pipeline's. `num_stages`
+    counts the model's stages, one per device; the number of devices is even (an odd one
+    would put both replicas of the middle stage on one device) and so is the number of
+    microbatches (half per pipeline).
+    """
+    _check_sizes(num_stages, num_microbatches)
+    p, m = num_devices, num_microbatches
+    if num_stages != p or p % 2 or m % 2:
+        raise ScheduleError(
+            f"schedule 'chimera' runs two pipelines in opposite directions over replicas of one "
+            f"stage per device: it needs as many stages as devices, an even number of devices and "
+            f"an even number of microbatches (half per pipeline), got {num_stages} stages, {p} "
+            f"devices and {m} microbatches"
+        )
+    half = m // 2
+    base = one_f_one_b(p, half).devices
+    queues = [
+        [list(base[d]), [Action(2 * p - 1 - d, a.kind, half + a.microbatch) for a in base[p - 1 - d]]]
+        for d in range(p)
+    ]
+    finish: dict[Action, int] = {}
+    rows: list[list[Action]] = [[] for _ in range(p)]
+    free, t, cost = [0] * p, 0, {"F": 1, "B": 2}
+    while True:
+        for d in range(p):
+            ready = [q for q in queues[d] if q and all(finish.get(x, t + 1) <= t for x in _dependencies(q[0], p))]
+            if free[d] > t or not ready:
+                continue
+            action = min(ready, key=lambda q: (max((finish[x] for x in _dependencies(q[0], p)), default=0),
+                                               q[0].kind != "B")).pop(0)
+            rows[d].append(action)
+            finish[action] = free[d] = t + cost[action.kind]
+        if not any(q for device in queues for q in device):
+            stage_device = {s: s for s in range(p)} | {p + s: p - 1 - s for s in range(p)}
+            return Schedule("chimera", p, m, rows, stage_device, replicas=2)
+        t = min(v for v in [*finish.values(), *free] if v > t)  # the next action to finish
+
+
 V_PLACEMENT = ("zbv", "dualpipev")
 """The built-in schedules that run two stages per device in V placement."""
 
@@ -568,6 +671,8 @@ BUILTIN_SCHEDULES: dict[str, BuiltinSchedule] = {
     "interleaved-zb": interleaved_zero_bubble,
     "zbv": zbv,
     "dualpipev": dualpipev,
+    "hanayo": hanayo,
+    "chimera": chimera,
 }
 
 
@@ -605,6 +710,7 @@ def from_lists(
     num_stages: int | None = None,
     num_microbatches: int | None = None,
     name: str = "user",
+    replicas: int = 1,
 ) -> Schedule:
     """A schedule from per-device action lists: `[["0F0", "0B0"], ["1F0", "1B0"]]`.
 
@@ -612,7 +718,9 @@ def from_lists(
     together, on two compute streams. Sizes default to what the actions use (highest
     stage and microbatch + 1). Each stage runs on the device whose row holds its
     actions; a stage whose actions sit on two devices is an error naming the action
-    away from the device that holds most of them. Call `validate` to check the rest.
+    away from the device that holds most of them. With `replicas` > 1 (give
+    `num_stages`), stages from `num_stages` on are the pipelines' replicas
+    (`Schedule.replicas`). Call `validate` to check the rest.
     """
     devices: list[list[Action]] = []
     overlap: list[list[tuple[Action, ...]]] = []
@@ -646,7 +754,7 @@ def from_lists(
     if num_microbatches is None:
         num_microbatches = max(a.microbatch for a in actions) + 1
     return Schedule(name, num_stages, num_microbatches, devices, stage_device,
-                    overlap if any(overlap) else [])
+                    overlap if any(overlap) else [], replicas)
 
 
 def _parse_entry(entry: str | Action) -> list[Action]:
@@ -712,21 +820,23 @@ def _dependencies(action: Action, num_stages: int) -> list[Action]:
 
 
 def _sends(action: Action, num_stages: int) -> list[tuple[str, Action]]:
-    """The (message kind, consumer) pairs `action` sends to other stages when it completes."""
+    """The (message kind, consumer) pairs `action` sends to other stages when it completes
+    (within its pipeline: a replica's stages are `Schedule.model_stage`'s `num_stages` apart)."""
     s, m = action.stage, action.microbatch
-    if action.kind == "F" and s < num_stages - 1:
+    if action.kind == "F" and s % num_stages < num_stages - 1:
         return [("act", Action(s + 1, "F", m))]
-    if action.kind == "B" and s > 0:
+    if action.kind == "B" and s % num_stages > 0:
         return [("grad", Action(s - 1, "B", m))]
     return []
 
 
 def _receives(action: Action, num_stages: int) -> list[tuple[str, Action]]:
-    """The (message kind, producer) pairs `action` receives from other stages before it starts."""
+    """The (message kind, producer) pairs `action` receives from other stages of its pipeline
+    before it starts."""
     s, m = action.stage, action.microbatch
-    if action.kind == "F" and s > 0:
+    if action.kind == "F" and s % num_stages > 0:
         return [("act", Action(s - 1, "F", m))]
-    if action.kind == "B" and s < num_stages - 1:
+    if action.kind == "B" and s % num_stages < num_stages - 1:
         return [("grad", Action(s + 1, "B", m))]
     return []
 
@@ -823,10 +933,10 @@ def _check_actions(schedule: Schedule) -> None:
     seen: set[Action] = set()
     for d, row in enumerate(schedule.devices):
         for i, action in enumerate(row):
-            if action.stage >= schedule.num_stages:
+            if action.stage >= schedule.num_stages * schedule.replicas:
                 raise ScheduleError(
                     f"{where}: action {action} on device {d}: stage {action.stage} is out of "
-                    f"range, the schedule has {schedule.num_stages} stages"
+                    f"range, the schedule has {schedule.num_stages * schedule.replicas} stages"
                 )
             if action.microbatch >= schedule.num_microbatches:
                 raise ScheduleError(
@@ -856,12 +966,16 @@ def _check_complete(schedule: Schedule) -> None:
     present = {a for row in schedule.devices for a in row}
     uses_w = {a.stage for a in present if a.kind == "W"}
     num_devices = len(schedule.devices)
+    pipeline = _pipelines(schedule)
     stages = sorted(
-        range(schedule.num_stages), key=lambda s: (schedule.stage_device.get(s, num_devices), s)
+        range(schedule.num_stages * schedule.replicas),
+        key=lambda s: (schedule.stage_device.get(s, num_devices), s),
     )
     for s in stages:
         kinds = KINDS if s in uses_w else ("F", "B")
         for m in range(schedule.num_microbatches):
+            if pipeline[m] != s // schedule.num_stages:
+                continue
             for kind in kinds:
                 action = Action(s, kind, m)
                 if action in present:
@@ -875,6 +989,23 @@ def _check_complete(schedule: Schedule) -> None:
                     f"schedule '{schedule.name}': action {action} is missing "
                     f"(stage {s} runs on device {schedule.stage_device[s]})"
                 )
+
+
+def _pipelines(schedule: Schedule) -> list[int]:
+    """Per microbatch, the pipeline (replica, `Schedule.replicas`) whose stages run it: the
+    one its first action in device order belongs to, 0 when it has none; raises
+    ScheduleError naming two actions of one microbatch in two pipelines."""
+    first: dict[int, Action] = {}
+    for row in schedule.devices:
+        for action in row:
+            seen = first.setdefault(action.microbatch, action)
+            if seen.stage // schedule.num_stages != action.stage // schedule.num_stages:
+                raise ScheduleError(
+                    f"schedule '{schedule.name}': microbatch {action.microbatch} runs in two "
+                    f"pipelines ({seen} and {action}); each microbatch runs in one replica of the stages"
+                )
+    return [first[m].stage // schedule.num_stages if m in first else 0
+            for m in range(schedule.num_microbatches)]
 
 
 def _check_overlap(schedule: Schedule) -> None:

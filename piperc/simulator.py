@@ -17,7 +17,8 @@ not of the schedule's action table (`piperc.schedules.simulate` is that idealise
     it, and blocks in `exec.wait` until the work completed: tasks do not overlap, transfers
     overlap the host's work;
   * a point-to-point transfer starts once both sides posted it (NCCL's rendezvous: a send
-    waits for its receive) and takes the link's latency + bytes / bandwidth. Sends and
+    waits for its receive; gloo's sender also waits for its receiver's "ready") and takes
+    the link's latency + bytes / bandwidth, plus on CPU `Costs.p2p_delay`. Sends and
     receives between two ranks pair up in issue order, as the runtime's do; a batch of
     transfers completes when all its parts have;
   * a collective starts once every member of its group posted it (the n-th collective
@@ -37,7 +38,11 @@ process group), written for a target cluster (`cluster`) or measured here (`cali
 With `host_cores`, the ranks' tasks share that many CPU cores (processor sharing: k tasks
 running on c cores each run at min(1, c / k) of their speed), which is how several CPU
 ranks on one small machine behave; `profile` then reports each task's work at full speed,
-taken out of the contention it was measured under.
+taken out of the contention it was measured under. Two more costs are the CPU host's and
+are measured by `profile` too: `issue`, the host's time to issue one communication, and
+`p2p_delay`, the time a point-to-point transfer takes beyond its link's once both sides
+posted it, while the ranks' tasks hold the cores (gloo moves data in its own threads, which
+wait for a core like any other; `calibrate` times the link on idle cores).
 
 The result (`Simulation`) holds the predicted step time, bubble fraction (idle compute
 time over ranks x step), each rank's busy time and predicted peak memory
@@ -54,6 +59,7 @@ import json
 import math
 import multiprocessing
 import os
+import re
 import socket
 import statistics
 import tempfile
@@ -85,6 +91,7 @@ __all__ = [
     "cluster",
     "collective_time",
     "matmul_flops",
+    "p2p_delay",
     "profile",
     "read_trace",
     "simulate",
@@ -210,8 +217,10 @@ class Costs:
     streams) or "cpu" (the host runs each launch and blocks in waits; gloo). With
     `host_cores` (cpu only), the ranks share that many cores. `issue` is the host's time
     to issue one communication on cpu (gloo's posting and the program's statements around
-    it; the host does nothing else meanwhile). `source` says where the numbers came from;
-    `measured` is what the profiled run itself measured, if any.
+    it; the host does nothing else meanwhile). `p2p_delay` (cpu only) is the seconds a
+    point-to-point transfer takes beyond its link's time once both sides posted it (gloo's
+    threads waiting for a core the ranks' tasks hold). `source` says where the numbers came
+    from; `measured` is what the profiled run itself measured, if any.
     """
 
     compute: Mapping[str, float]
@@ -219,6 +228,7 @@ class Costs:
     device: str = "cuda"
     host_cores: int | None = None
     issue: float = 0.0
+    p2p_delay: float = 0.0
     source: str = "given"
     measured: Measured | None = None
 
@@ -227,8 +237,10 @@ class Costs:
             raise ValueError(f"Costs: device must be 'cpu' or 'cuda', got {self.device!r}")
         if self.host_cores is not None and (self.device != "cpu" or self.host_cores < 1):
             raise ValueError(f"Costs: host_cores={self.host_cores!r} needs device 'cpu' and at least 1 core")
-        if not self.issue >= 0 or (self.issue and self.device != "cpu"):
-            raise ValueError(f"Costs: issue={self.issue!r} must be seconds >= 0, and only on device 'cpu'")
+        for name in ("issue", "p2p_delay"):
+            value = getattr(self, name)
+            if not value >= 0 or (value and self.device != "cpu"):
+                raise ValueError(f"Costs: {name}={value!r} must be seconds >= 0, and only on device 'cpu'")
         bad = {name: t for name, t in self.compute.items() if not t >= 0}
         if bad:
             raise ValueError(f"Costs: task times must be seconds >= 0, got {bad}")
@@ -288,6 +300,8 @@ class Simulation:
             f"predicted step: {self.step_time * 1e3:.4g} ms, bubble {self.bubble_fraction:.1%}",
             f"costs: {self.costs.source}; {self.costs.device}"
             + (f", {self.costs.host_cores} host cores shared" if self.costs.host_cores else "")
+            + (f", {self.costs.issue * 1e3:.3g} ms to issue a communication" if self.costs.issue else "")
+            + (f", transfers +{self.costs.p2p_delay * 1e3:.3g} ms" if self.costs.p2p_delay else "")
             + f"; network: {self.costs.network}",
             f"{'rank':>4}  {'busy ms':>10}  {'idle':>6}  {'finished ms':>11}  {'peak MiB':>9}  peak at",
         ]
@@ -571,7 +585,7 @@ class _Simulator:
         transfer = self.p2p.get((src, dst, seq))
         if transfer is None:
             nbytes = value.type.nbytes()
-            duration = self.costs.network.link(group, (src, dst)).time(nbytes)
+            duration = self.costs.network.link(group, (src, dst)).time(nbytes) + self.costs.p2p_delay
             transfer = _Transfer((src, dst), duration, f"transfer #{seq} from rank {src} to rank {dst}")
             self.p2p[(src, dst, seq)] = transfer
         return transfer
@@ -862,7 +876,8 @@ def profile(compiled: Any, batches: Sequence[Sequence[Any]], steps: int = 3, *, 
     per task function the mean duration over the `steps` timed steps, every microbatch
     and every rank that runs it (the mean, not the median: a step sums its tasks, and
     contention skews their times upwards). On CPU, also the host's time per communication
-    issued (`Costs.issue`): the ranks' step time outside tasks and waits, per communication.
+    issued (`Costs.issue`): the ranks' step time outside tasks and waits, per communication;
+    and the transfers' delay (`Costs.p2p_delay`, `p2p_delay`).
 
     With `host_cores` (CPU jobs), these times are taken out of the contention they were
     measured under: while k ranks' hosts were busy (in a task or issuing) on `host_cores`
@@ -892,9 +907,57 @@ def profile(compiled: Any, batches: Sequence[Sequence[Any]], steps: int = 3, *, 
     times, issue = _host_work(events, warmup, host_cores, issued)
     if network is None:
         network = calibrate(world=max(2, compiled.world_size))
+    cpu = device == "cpu"
     source = f"profile of {steps} step(s) after {warmup} warm-up"
     return Costs({name: statistics.fmean(t) for name, t in times.items()}, network, device, host_cores,
-                 issue if device == "cpu" else 0.0, source, measured)
+                 issue if cpu else 0.0, p2p_delay(events, warmup, network) if cpu else 0.0, source, measured)
+
+
+_TRANSFER = re.compile(r"(send|recv)(?: .*? ->| <-) (\d+)")
+"""A part of a p2p event's name (`send s0_F mb0 -> 1`, `recv <- 0`): its kind and peer."""
+
+
+def p2p_delay(events: Sequence[Sequence[dict]], warmup: int, network: Network) -> float:
+    """How much longer than `network` says a point-to-point transfer took in a traced CPU run
+    (`events`: each rank's trace events, steps from `warmup` on): the median, over the
+    transfers whose receiver was already blocked in its wait when the sender began to issue
+    them, of the time from that issue to the wait's return, less the link's time for the
+    bytes (at least 0). The receiver's host sleeps throughout, so that time is the transfer's
+    and its wake-up's alone; the median, as a few transfers stall behind other processes.
+    0 when no transfer was seen that way."""
+    sends: dict[tuple[int, int, int, int], dict] = {}  # (step, src, dst, n) -> its issue's event
+    receives: dict[tuple[int, int, int, int], tuple[dict, dict]] = {}  # -> the receive's and its wait's
+    for rank, trace in enumerate(events):
+        # A communication's event ends when the wait for it returns, as that wait's event does
+        # (to float rounding; names repeat, as in `recv <- 0`).
+        waits: dict[str, list[dict]] = {}
+        for e in trace:
+            if e.get("cat") == "wait":
+                waits.setdefault(e["name"].removeprefix("wait "), []).append(e)
+        issued = sorted((e for e in trace if e.get("cat") == "p2p" and e["args"]["step"] >= warmup),
+                        key=lambda e: e["ts"])
+        count: dict[tuple[int, str, int, int], int] = {}  # (step, kind, src, dst) -> transfers so far
+        for event in issued:
+            step = event["args"]["step"]
+            for kind, peer in _TRANSFER.findall(event["name"]):
+                src, dst = (rank, int(peer)) if kind == "send" else (int(peer), rank)
+                n = count[(step, kind, src, dst)] = count.get((step, kind, src, dst), -1) + 1
+                if kind == "send":
+                    sends[(step, src, dst, n)] = event
+                    continue
+                end = event["ts"] + event["dur"]
+                wait = next((w for w in waits.get(event["name"], ()) if abs(w["ts"] + w["dur"] - end) < 1), None)
+                if wait is not None:
+                    receives[(step, src, dst, n)] = (event, wait)
+    delays = []
+    for key, (receive, wait) in receives.items():
+        send = sends.get(key)
+        if send is None or wait["ts"] > send["ts"] or receive["ts"] > send["ts"]:
+            continue
+        link = network.link(receive["args"]["group"], key[1:3])
+        took = (wait["ts"] + wait["dur"] - send["ts"]) / 1e6
+        delays.append(max(0.0, took - link.time(receive["args"]["bytes"])))
+    return statistics.median(delays) if delays else 0.0
 
 
 def _host_work(events: list[list[dict]], warmup: int, cores: int | None,

@@ -182,11 +182,12 @@ class Pipeline(Directive):
         return (f"pipeline(axis={self.axis!r}, stages={self.stages}, "
                 f"microbatches={self.microbatches}, schedule={schedule!r}{extra})")
 
-    def schedule_options(self, devices: int | None = None) -> dict[str, str]:
+    def schedule_options(self, devices: int | None = None) -> dict[str, str | int]:
         """The schedule pass's options for this directive. A schedule function is called with
-        (stages, microbatches, `devices`: the pipeline axis size) for its rows."""
+        (stages, microbatches, `devices`: the pipeline axis size) for its rows (and, from a
+        `Schedule` with replicas of the stages, their count: `replicas`)."""
         if callable(self.schedule):
-            return {"kind": "user", "table": self._function_table(devices)}
+            return {"kind": "user", **self._function_table(devices)}
         if isinstance(self.schedule, str):
             if "\n" not in self.schedule and " " not in self.schedule.strip():
                 return {"kind": self.schedule}
@@ -194,10 +195,11 @@ class Pipeline(Directive):
             return {"kind": "user", "table": ";".join(" ".join(r.replace(",", " ").split()) for r in rows)}
         return {"kind": "user", "table": ";".join(" ".join(str(a) for a in row) for row in self.schedule)}
 
-    def _function_table(self, devices: int | None) -> str:
+    def _function_table(self, devices: int | None) -> dict[str, str | int]:
         """The schedule a function returns (a `piperc.schedules.Schedule`, its overlap groups
-        included, or one list of actions per device) as the schedule pass's table; StrategyError
-        naming the function when it fails or returns something else."""
+        and replicas included, or one list of actions per device) as the schedule pass's
+        `table` (and `replicas`) options; StrategyError naming the function when it fails or
+        returns something else."""
         name = getattr(self.schedule, "__name__", "the schedule function")
         try:
             made = self.schedule(self.stages, self.microbatches, devices if devices is not None else self.stages)
@@ -206,13 +208,14 @@ class Pipeline(Directive):
                                 f"{type(e).__name__}: {e}") from e
         if isinstance(made, schedules.Schedule):
             try:
-                return table_text(made)
+                table = table_text(made)
             except schedules.ScheduleError as e:
                 raise StrategyError(f"{self}: {e}") from None
+            return {"table": table, **({"replicas": made.replicas} if made.replicas > 1 else {})}
         if not isinstance(made, list | tuple) or not all(isinstance(r, list | tuple) for r in made):
             raise StrategyError(f"{self}: {name} must return a piperc.schedules.Schedule or one list of "
                                 f"actions per device, got {type(made).__name__}")
-        return ";".join(" ".join(str(a) for a in row) for row in made)
+        return {"table": ";".join(" ".join(str(a) for a in row) for row in made)}
 
     def mesh_axes(self) -> tuple[str, ...]:
         """The pipeline axis: one stage per device along it."""
@@ -240,7 +243,8 @@ class Pipeline(Directive):
         if callable(self.schedule):  # checked here, naming the first offending action
             try:
                 schedules.validate(parse_table(options["table"], self.stages, self.microbatches,
-                                               name=getattr(self.schedule, "__name__", "user")))
+                                               name=getattr(self.schedule, "__name__", "user"),
+                                               replicas=options.get("replicas", 1)))
             except schedules.ScheduleError as e:
                 raise StrategyError(f"{self}: {e}") from None
         if kind != "user" and kind not in schedules.BUILTIN_SCHEDULES:
@@ -408,7 +412,9 @@ def pipeline(axis: str = "pp", stages: int = 2, microbatches: int = 1,
     balancing the blocks by cost. `schedule` is "gpipe", "1f1b", "interleaved"
     (several stages per device: `stages` = v x the axis size, stage s on device
     s mod the axis size, torch's Interleaved1F1B order), "zb-h1" (zero bubble:
-    each backward split into B and W), or a user schedule: one row of actions per
+    each backward split into B and W), "chimera" (`stages` = the axis size, even: two
+    pipelines in opposite directions over two replicas of the stages, half the
+    microbatches each, the replicas' gradients summed), or a user schedule: one row of actions per
     device (`[["0F0", "0B0"], ["1F0", "1B0"]]` or the same as text, one row per
     line), whose rows say which device runs each stage; a row that lists W actions
     (`0W1`) splits that stage's backward into input (B) and weight (W) gradients, and

@@ -31,6 +31,7 @@ that reports nothing is stalled in its own code, or dead.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -122,6 +123,20 @@ class Work:
         return f"<Work {self.what}{' (done)' if self.done else ''}>"
 
 
+def _issuing(method: Callable) -> Callable:
+    """Marks a method that issues a communication: while tracing, the communication's event
+    starts when the host enters the method, before the backend posts it (gloo's posting can
+    take milliseconds on a busy host), not when the backend returned."""
+
+    @functools.wraps(method)
+    def issue(self: Runtime, *args, **kwargs):
+        if self.recorder is not None:
+            self._issue_start = self.recorder.now()
+        return method(self, *args, **kwargs)
+
+    return issue
+
+
 class Runtime:
     """What a rank program sees as `rt` during one training step."""
 
@@ -180,6 +195,7 @@ class Runtime:
         self.peak_live_items: tuple[int, ...] = (0,) * len(LIVE_ITEMS)
         self.recorder: Recorder | None = None
         """Set while tracing (`Executor(trace=...)`): records tasks, communications and waits."""
+        self._issue_start: float | None = None  # while tracing: when the host began the issue being made
 
     # ------------------------------------------------------------ streams and events
 
@@ -390,6 +406,7 @@ class Runtime:
 
     # ------------------------------------------------------------ point-to-point
 
+    @_issuing
     def send(self, tensor: torch.Tensor, dst: int, group: str, tag: int, stream) -> Work:
         """Starts sending `tensor` to global rank `dst` of `group`. Transfers between
         two ranks match in issue order (NCCL ignores `tag`)."""
@@ -401,6 +418,7 @@ class Runtime:
             work = dist.isend(tensor, dst, group=handle, tag=tag)
         return self._track(Work(what, work, [tensor]), stream, group, sends=((tensor, dst),))
 
+    @_issuing
     def recv(
         self, shape: Sequence[int], dtype: torch.dtype, src: int, group: str, tag: int, stream
     ) -> tuple[Work, torch.Tensor]:
@@ -425,6 +443,7 @@ class Runtime:
         self._sequence[key] = self._sequence.get(key, -1) + 1
         return self._sequence[key]
 
+    @_issuing
     def batch_p2p(
         self,
         sends: Sequence[tuple[torch.Tensor, int]],
@@ -462,6 +481,7 @@ class Runtime:
 
     # ------------------------------------------------------------ collectives
 
+    @_issuing
     def all_reduce(
         self, tensors: Sequence[torch.Tensor], group: str, op: str, stream
     ) -> tuple[Work, list[torch.Tensor]]:
@@ -489,6 +509,7 @@ class Runtime:
         self._made(stream, views, _COMM_BUFFERS)
         return self._track(Work(what, work, [flat], finish), stream, group, f"all_reduce {op}", tensors), views
 
+    @_issuing
     def all_gather(
         self, tensor: torch.Tensor, group: str, dim: int, stream
     ) -> tuple[Work, torch.Tensor]:
@@ -518,6 +539,7 @@ class Runtime:
         work = self._track(Work(what, work, [out, gathered], finish), stream, group, "all_gather", (tensor,))
         return self._stage(work, stream, gathered), out
 
+    @_issuing
     def reduce_scatter(
         self, tensor: torch.Tensor, group: str, dim: int, op: str, stream
     ) -> tuple[Work, torch.Tensor]:
@@ -562,6 +584,7 @@ class Runtime:
         )
         return self._stage(work, stream, piece, *copies), out
 
+    @_issuing
     def all_gather_bucket(
         self, tensors: Sequence[torch.Tensor], group: str, stream
     ) -> tuple[Work, tuple[torch.Tensor, ...]]:
@@ -586,6 +609,7 @@ class Runtime:
         work = self._track(Work(what, work, [*outs, gathered, flat], finish), stream, group, "all_gather", tensors)
         return self._stage(work, stream, gathered, flat), tuple(outs)
 
+    @_issuing
     def reduce_scatter_bucket(
         self, tensors: Sequence[torch.Tensor], group: str, op: str, stream
     ) -> tuple[Work, tuple[torch.Tensor, ...]]:
@@ -618,6 +642,7 @@ class Runtime:
         )
         return self._stage(work, stream, piece, source), tuple(outs)
 
+    @_issuing
     def all_to_all(
         self, tensor: torch.Tensor, group: str, split_dim: int, concat_dim: int, stream
     ) -> tuple[Work, torch.Tensor]:
@@ -649,6 +674,7 @@ class Runtime:
         work = self._track(Work(what, work, [out, arrived, source], finish), stream, group, "all_to_all", (tensor,))
         return self._stage(work, stream, arrived, *copies), out
 
+    @_issuing
     def broadcast(
         self, tensor: torch.Tensor, group: str, src: int, stream
     ) -> tuple[Work, torch.Tensor]:
@@ -787,16 +813,18 @@ class Runtime:
     def _record_issue(self, work: Work, stream, group: str, kind: str, data, sends, recvs) -> None:
         """Names a communication as `trace.py` documents and hands it to the recorder."""
         recorder = self.recorder
+        start, self._issue_start = self._issue_start, None
         if sends or recvs:
             parts = [f"send {recorder.describe((t,))} -> {dst}" for t, dst in sends]
             parts += [f"recv <- {src}" for _, src in recvs]
             tensors = [t for t, _ in (*sends, *recvs)]
             peers = sorted({peer for _, peer in (*sends, *recvs)})
             args = {"peers": peers, "bytes": sum(t.nbytes for t in tensors), "group": group}
-            recorder.issued(work, self._lane(stream), ", ".join(parts), "p2p", args)
+            recorder.issued(work, self._lane(stream), ", ".join(parts), "p2p", args, start)
             return
         args = {"bytes": sum(t.nbytes for t in data), "group": group}
-        recorder.issued(work, self._lane(stream), f"{kind} {recorder.describe(data)} over {group}", "collective", args)
+        recorder.issued(work, self._lane(stream), f"{kind} {recorder.describe(data)} over {group}", "collective",
+                        args, start)
 
     # ------------------------------------------------------------ finding a stuck rank
 

@@ -32,8 +32,9 @@ several such by their number (`9 tensors`). A batch of transfers issued together
 parts with `, `. The step's loss is summed over all ranks by `all_reduce loss over world`.
 
 What the durations mean. A task runs from the host entering its launch to the host leaving it.
-A communication runs from its issue to the return of the first `rt.wait` for it, which is when
-the program learns it completed. On CPU (gloo) that is the real timeline: kernels run on the
+A communication runs from its issue (the host entering `rt.send`, `rt.all_reduce`, ..., before
+the backend posts it) to the return of the first `rt.wait` for it, which is when the program
+learns it completed. On CPU (gloo) that is the real timeline: kernels run on the
 host, transfers in gloo's threads, and the host blocks in waits. On CUDA, launches and waits do
 not block the host, so when tracing the runtime synchronises the device at the start and end of
 every task and at every wait: a task's duration is its kernels' time, a communication ends when
@@ -218,11 +219,14 @@ class Recorder:
             names.append(f"{len(others)} tensors")
         return ", ".join(names)
 
-    def issued(self, work: Any, lane: str | None, name: str, cat: str, args: dict[str, Any]) -> None:
-        """Notes that `work` was issued now on `lane` (None: inside the running task)."""
+    def issued(self, work: Any, lane: str | None, name: str, cat: str, args: dict[str, Any],
+               start: float | None = None) -> None:
+        """Notes that `work` was issued on `lane` (None: inside the running task), from `start`
+        (when the host began to issue it; default now)."""
         if lane is None:
             lane = self.task[1] if self.task is not None else HOST_WAITS
-        self._issued[id(work)] = (name, cat, lane, self.now(), {**args, "step": self.step})
+        start = self.now() if start is None else start
+        self._issued[id(work)] = (name, cat, lane, start, {**args, "step": self.step})
 
     def waited(self, work: Any, start: float) -> None:
         """Adds the events of a wait for `work` that began at `start` and just returned: the

@@ -118,12 +118,16 @@ def test_a_weight_tied_across_two_stages_of_one_device_is_an_error():
 
 ADAMW = piperc.optim.AdamW(lr=1e-4, weight_decay=0.1)
 CASES = {
-    # name: (example, layers, mesh, stages, microbatches)
-    "gpt-pp2-v2": (gpt, 4, piperc.Mesh(pp=2), 4, 4),
-    "llama-pp2-v2": (llama, 4, piperc.Mesh(pp=2), 4, 4),
-    "gpt-pp4-v2": (gpt, 8, piperc.Mesh(pp=4), 8, 8),
-    "llama-pp4-v2": (llama, 8, piperc.Mesh(pp=4), 8, 8),
-    "gpt-pp2xdp2-v2": (gpt, 4, piperc.Mesh(pp=2, dp=2), 4, 2),
+    # name: (example, layers, mesh, stages, microbatches, schedule)
+    "gpt-pp2-v2": (gpt, 4, piperc.Mesh(pp=2), 4, 4, "interleaved"),
+    "llama-pp2-v2": (llama, 4, piperc.Mesh(pp=2), 4, 4, "interleaved"),
+    "gpt-pp4-v2": (gpt, 8, piperc.Mesh(pp=4), 8, 8, "interleaved"),
+    "llama-pp4-v2": (llama, 8, piperc.Mesh(pp=4), 8, 8, "interleaved"),
+    "gpt-pp2xdp2-v2": (gpt, 4, piperc.Mesh(pp=2, dp=2), 4, 2, "interleaved"),
+    # Hanayo's wave placement: one wave at pp=2 and pp=4, two waves (8 stages) at pp=2 x dp=2
+    "hanayo-gpt-pp2": (gpt, 4, piperc.Mesh(pp=2), 4, 4, "hanayo"),
+    "hanayo-llama-pp4": (llama, 8, piperc.Mesh(pp=4), 8, 4, "hanayo"),
+    "hanayo-gpt-pp2xdp2-w2": (gpt, 8, piperc.Mesh(pp=2, dp=2), 8, 2, "hanayo"),
 }
 
 
@@ -135,11 +139,11 @@ def device_param(name: str, size: int, device: str):
 
 
 @pytest.mark.parametrize("name,device", [device_param(n, CASES[n][2].size, d) for d in ("cpu", "cuda") for n in CASES])
-def test_interleaved_trains_as_one_device(name, device):
-    example, layers, mesh, stages, microbatches = CASES[name]
+def test_several_stages_per_device_train_as_one_device(name, device):
+    example, layers, mesh, stages, microbatches, schedule = CASES[name]
     model, inputs = example.make(n_layers=layers)
     batches = [example.make(n_layers=layers, seed=100 + s)[1] for s in range(3)]
-    strategy = [piperc.pipeline(stages=stages, microbatches=microbatches, schedule="interleaved")]
+    strategy = [piperc.pipeline(stages=stages, microbatches=microbatches, schedule=schedule)]
     if "dp" in mesh.axes:
         strategy.append(piperc.data_parallel())
     compiled = piperc.compile(model, inputs, mesh=mesh, strategy=strategy, optimizer=ADAMW, device=device,

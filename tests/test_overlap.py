@@ -89,12 +89,12 @@ def test_expand_schedule_marks_the_lanes_of_a_group_and_sends_after_it():
           par.output "loss", %4 : L
           %g2_1, %dw3_1 = par.task @s3_B stage 3 pass B microbatch 1 (%h2_1, %w3) : (T, W) -> (T, W)
           %dw3_2 = par.task @s3_B_accumulate stage 3 pass B microbatch 1 (%dw3, %dw3_1) : (W, W) -> W
-          par.send %g2_1 to 1 "g2 mb1" batch 2 : T
           %5 = par.task @s3_update stage 3 pass update (%w3, %dw3_2) : (W, W) -> W
           par.set_state "blocks.3.w", %5 : W
-          %g0 = par.recv from 1 "g0 mb0" batch 3 : T
+          par.send %g2_1 to 1 "g2 mb1" batch 2 : T
+          %g0 = par.recv from 1 "g0 mb0" batch 2 : T
           %dw0 = par.task @s0_B stage 0 pass B microbatch 0 (%0, %g0) : (T, T) -> W
-          %g0_1 = par.recv from 1 "g0 mb1" batch 4 : T
+          %g0_1 = par.recv from 1 "g0 mb1" batch 3 : T
           %dw0_1 = par.task @s0_B stage 0 pass B microbatch 1 (%2, %g0_1) : (T, T) -> W
           %dw0_2 = par.task @s0_B_accumulate stage 0 pass B microbatch 1 (%dw0, %dw0_1) : (W, W) -> W
           %6 = par.task @s0_update stage 0 pass update (%w0, %dw0_2) : (W, W) -> W

@@ -29,6 +29,7 @@ from piperc.simulator import (
     calibrate,
     cluster,
     collective_time,
+    p2p_delay,
     simulate,
 )
 from tests.test_trace import program_transfers
@@ -101,6 +102,40 @@ def test_a_transfers_latency_delays_the_receiver(device):
     assert near(sim.step_time, 3.0) and sim.finished == [3.0, 3.0]  # the loss all_reduce waits for rank 1
     assert sim.busy == [1.0, 1.0]
     assert near(sim.bubble_fraction, 1 - 2 / 6)
+
+
+def test_a_cpu_transfer_takes_its_p2p_delay_beyond_the_link():
+    """On CPU the message takes the link's 1 s and the measured delay's 0.5 s: B runs from 2.5."""
+    module = parse_module(FUNCTIONS + SEND_AFTER_A)
+    network = Network(Link(latency=0.5, bandwidth=128.0), groups=FREE_LOSS)
+    sim = simulate(module, Costs({"A": 1.0, "B": 1.0}, network, "cpu", p2p_delay=0.5))
+    assert events(sim, 1, "task") == {"B mb0": (2.5, 3.5)}
+    assert events(sim, 0, "p2p") == {"send A mb0 -> 1": (1.0, 2.5)}
+    with pytest.raises(ValueError, match="p2p_delay=0.5 must be seconds >= 0, and only on device 'cpu'"):
+        Costs({}, device="cuda", p2p_delay=0.5)
+
+
+def trace_event(rank: int, cat: str, name: str, start_ms: float, end_ms: float, **args) -> dict:
+    """One complete event of a measured trace (`piperc.runtime.trace`), in step 1."""
+    return {"ph": "X", "name": name, "cat": cat, "ts": start_ms * 1e3, "dur": (end_ms - start_ms) * 1e3,
+            "pid": rank, "tid": 0, "args": {**args, "step": 1}}
+
+
+def test_profile_takes_the_p2p_delay_from_receivers_that_waited_for_the_sender():
+    """Rank 1 waits from 0 ms for its first message, which rank 0 begins to send at 1 ms and
+    which arrives at 4 ms: 3 ms, less the link's 1 ms. Rank 1 posts its second receive only
+    at 9 ms, after rank 0 sent at 6 ms, so that one tells nothing of the transfer's time."""
+    p2p = {"bytes": 64, "group": "pp"}
+    events = [
+        [trace_event(0, "p2p", "send s0_F mb0 -> 1", 1, 5, peers=[1], **p2p),
+         trace_event(0, "p2p", "send s0_F mb1 -> 1", 6, 10, peers=[1], **p2p)],
+        [trace_event(1, "p2p", "recv <- 0", 0, 4, peers=[0], **p2p),
+         trace_event(1, "wait", "wait recv <- 0", 0, 4),
+         trace_event(1, "p2p", "recv <- 0", 9, 10, peers=[0], **p2p),
+         trace_event(1, "wait", "wait recv <- 0", 9.5, 10)],
+    ]
+    assert p2p_delay(events, 1, Network(Link(latency=1e-3 - 64 / 1e9, bandwidth=1e9))) == pytest.approx(2e-3)
+    assert p2p_delay(events, 2, Network()) == 0.0  # no step from step 2 on
 
 
 # Rank 1 computes C (2 s) before it posts its receive, on the same stream: rank 0's send
@@ -312,7 +347,7 @@ def test_profile_measures_every_task_of_a_real_run(one_f_one_b):
     costs = piperc.profile(compiled, [inputs], steps=1, network=Network(), host_cores=2)
     assert set(costs.compute) == _callees(compiled.module)
     assert all(t > 0 for t in costs.compute.values())
-    assert costs.device == "cpu" and costs.issue >= 0 and costs.host_cores == 2
+    assert costs.device == "cpu" and costs.issue >= 0 and costs.p2p_delay >= 0 and costs.host_cores == 2
     assert costs.measured.steps == 1 and 0 < costs.measured.bubble_fraction < 1
     sim = compiled.simulate(costs)
     assert sim.step_time > max(costs.compute.values())

@@ -5,7 +5,8 @@ rank, so on a one-GPU machine they all skip. This script checks what one GPU can
 on meshes of size 1 whose programs still hold their collectives (an NCCL world of one), the
 compute and communication streams, events and waits, microbatching and ZeRO's gathers, seeded
 dropout, frozen parameters, BatchNorm's running statistics, checkpoint/resume, two stages on
-one device (interleaved) and the backward split into B and W (zb-h1), run by piperc's runtime alone and compared
+one device (interleaved), the backward split into B and W (zb-h1) and overlap groups on a second compute stream
+(dualpipev), run by piperc's runtime alone and compared
 with single-device eager training on CPU and on the GPU.
 
     python tools/cuda_check.py prepare OUT [--device cuda] [--only NAME ...]   # the compiler; no GPU
@@ -167,6 +168,11 @@ def jobs_to_check() -> dict[str, Job]:
             gpt.make, piperc.Mesh(pp=1),
             [piperc.pipeline(axis="pp", stages=2, microbatches=4, schedule="interleaved")], adamw),
         "gpt-pp1-zb-h1-mb4-adamw": Job(gpt.make, piperc.Mesh(pp=1), [piperc.pipeline(**one_stage, schedule="zb-h1")], adamw),
+        # DualPipeV on one device: its two stages in V placement, each overlap group's backward
+        # on a second CUDA stream (compute1) beside the forward, ordered by events
+        "gpt-pp1-dualpipev-mb4-adamw": Job(
+            gpt.make, piperc.Mesh(pp=1),
+            [piperc.pipeline(axis="pp", stages=2, microbatches=4, schedule="dualpipev")], adamw),
     }
 
 
