@@ -5,17 +5,15 @@ on device s and microbatches 0..m/2-1, the up pipeline its replica of stage s (s
 stage p + s) on device p - 1 - s and microbatches m/2..m-1. A replica runs the same stage
 functions on the same state; each device sums the gradients of the microbatches it ran,
 and the two replicas of a stage sum theirs across their two devices before both apply the
-same update. The schedule as data first, then the IR expand-schedule writes, then real
-multi-process runs against one device.
+same update. The schedule as data first, then the IR expand-schedule writes; the real
+multi-process runs against one device are tests/test_interleaved.py's chimera cases.
 """
 
 import pytest
 
 import piperc
 from piperc import cli, schedules
-from piperc.examples import gpt, llama, tied
-from piperc.reference import compare, train_eager
-from tests.test_interleaved import bounds, device_param
+from piperc.examples import gpt, tied
 from tests.test_passes_ir import ir, run, section
 
 ADAMW = piperc.optim.AdamW(lr=1e-4, weight_decay=0.1)
@@ -175,30 +173,3 @@ def test_a_weight_tied_across_the_first_and_last_stage_is_refused():
                                                    r"device \(\[0, 1, 1, 0\], replicas included\).*untie it"):
         piperc.compile(model, inputs, mesh=piperc.Mesh(pp=2), optimizer=piperc.optim.SGD(lr=0.1), keep_ir=False,
                        strategy=[piperc.pipeline(stages=2, microbatches=2, schedule="chimera")])
-
-
-# ---------------------------------------------------------------- against one device
-
-CASES = {
-    # name: (example, layers, mesh, microbatches)
-    "gpt-pp2": (gpt, 4, piperc.Mesh(pp=2), 4),
-    "llama-pp4": (llama, 8, piperc.Mesh(pp=4), 8),
-    "gpt-pp2xdp2": (gpt, 4, piperc.Mesh(pp=2, dp=2), 4),
-}
-
-
-@pytest.mark.parametrize("name,device", [device_param(n, CASES[n][2].size, d) for d in ("cpu", "cuda") for n in CASES])
-def test_chimera_trains_as_one_device(name, device):
-    example, layers, mesh, microbatches = CASES[name]
-    model, inputs = example.make(n_layers=layers)
-    batches = [example.make(n_layers=layers, seed=100 + s)[1] for s in range(3)]
-    strategy = [piperc.pipeline(stages=mesh.axes["pp"], microbatches=microbatches, schedule="chimera")]
-    strategy += [piperc.data_parallel()] if "dp" in mesh.axes else []
-    compiled = piperc.compile(model, inputs, mesh=mesh, strategy=strategy, optimizer=ADAMW, device=device,
-                              keep_ir=False)
-    assert compiled.schedule.replicas == 2
-    result = piperc.launch(compiled, batches, timeout=240)
-    losses, state = train_eager(model, batches, ADAMW)
-    errors = compare(result.losses, result.state_dict, losses, state)
-    limits = bounds(model, batches, microbatches * mesh.axes.get("dp", 1), losses, state)
-    assert all(e <= b for e, b in zip(errors, limits, strict=True)), (errors, limits)

@@ -1,4 +1,5 @@
-"""Several stages per pipeline device: interleaved 1F1B (issue 8).
+"""Several stages per pipeline device: interleaved 1F1B, and the real runs of Hanayo's waves
+and Chimera's stage replicas (issue 8).
 
 `pipeline(stages=v * pp, schedule="interleaved")` places stage s on device s mod pp and
 runs torch's Interleaved1F1B order (the schedule as data: tests/test_schedules.py). The IR
@@ -128,6 +129,10 @@ CASES = {
     "hanayo-gpt-pp2": (gpt, 4, piperc.Mesh(pp=2), 4, 4, "hanayo"),
     "hanayo-llama-pp4": (llama, 8, piperc.Mesh(pp=4), 8, 4, "hanayo"),
     "hanayo-gpt-pp2xdp2-w2": (gpt, 8, piperc.Mesh(pp=2, dp=2), 8, 2, "hanayo"),
+    # Chimera: one stage per device in each of two pipelines over replicas of the stages
+    "chimera-gpt-pp2": (gpt, 4, piperc.Mesh(pp=2), 2, 4, "chimera"),
+    "chimera-llama-pp4": (llama, 8, piperc.Mesh(pp=4), 4, 8, "chimera"),
+    "chimera-gpt-pp2xdp2": (gpt, 4, piperc.Mesh(pp=2, dp=2), 2, 4, "chimera"),
 }
 
 
@@ -149,6 +154,7 @@ def test_several_stages_per_device_train_as_one_device(name, device):
     compiled = piperc.compile(model, inputs, mesh=mesh, strategy=strategy, optimizer=ADAMW, device=device,
                               keep_ir=False)
     assert {compiled.schedule.device_of(s) for s in range(stages)} == set(range(mesh.axes["pp"]))
+    assert compiled.schedule.replicas == (2 if schedule == "chimera" else 1)
     result = piperc.launch(compiled, batches, timeout=240)
     losses, state = train_eager(model, batches, ADAMW)
     errors = compare(result.losses, result.state_dict, losses, state)
