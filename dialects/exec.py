@@ -781,6 +781,14 @@ class SendOp(PointToPointOp):
             },
         )
 
+    def send_list(self) -> list[tuple[SSAValue, int]]:
+        """(tensor, peer) of the send, as `exec.batch_p2p` lists its sends."""
+        return [(self.input, self.peer.value.data)]
+
+    def recv_list(self) -> list[tuple[SSAValue, int]]:
+        """No receive: `exec.batch_p2p`'s interface."""
+        return []
+
 
 @irdl_op_definition
 class RecvOp(PointToPointOp):
@@ -806,6 +814,14 @@ class RecvOp(PointToPointOp):
                 "tag": IntegerAttr(tag, i64),
             },
         )
+
+    def send_list(self) -> list[tuple[SSAValue, int]]:
+        """No send: `exec.batch_p2p`'s interface."""
+        return []
+
+    def recv_list(self) -> list[tuple[SSAValue, int]]:
+        """(received tensor, peer) of the receive, as `exec.batch_p2p` lists its receives."""
+        return [(self.output, self.peer.value.data)]
 
 
 @irdl_op_definition

@@ -75,12 +75,7 @@ def _transfers(program: ex.ProgramOp) -> tuple[dict, dict]:
         if not isinstance(op, _P2P):
             continue
         group = op.group.root_reference.data
-        if isinstance(op, ex.SendOp):
-            parts_out, parts_in = [(op.input, op.peer.value.data)], []
-        elif isinstance(op, ex.RecvOp):
-            parts_out, parts_in = [], [(op.output, op.peer.value.data)]
-        else:
-            parts_out, parts_in = op.send_list(), op.recv_list()
+        parts_out, parts_in = op.send_list(), op.recv_list()
         for part, (value, peer) in enumerate(parts_out):
             sends.setdefault((group, peer), []).append(_Transfer(program, i, op, part, value.type))
         for part, (value, peer) in enumerate(parts_in, start=len(parts_out)):

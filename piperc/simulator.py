@@ -559,12 +559,7 @@ class _Simulator:
         lane = _stream_name(op.stream)
         work = _Work(op, index, rank.rank, name, cat, lane, args)
         if isinstance(op, ex.SendOp | ex.RecvOp | ex.BatchP2POp):
-            if isinstance(op, ex.SendOp):
-                sends, recvs = [(op.input, op.peer.value.data)], []
-            elif isinstance(op, ex.RecvOp):
-                sends, recvs = [], [(op.output, op.peer.value.data)]
-            else:
-                sends, recvs = op.send_list(), op.recv_list()
+            sends, recvs = op.send_list(), op.recv_list()
             for value, peer in sends:
                 work.parts.append(self.transfer(group, rank.rank, peer, "send", value))
             for value, peer in recvs:
@@ -753,12 +748,7 @@ class _Simulator:
     def describe(self, op: Operation, group: str) -> tuple[str, str, dict]:
         """The trace name, category and args of a communication, as the runtime writes them."""
         if isinstance(op, ex.SendOp | ex.RecvOp | ex.BatchP2POp):
-            if isinstance(op, ex.SendOp):
-                sends, recvs = [(op.input, op.peer.value.data)], []
-            elif isinstance(op, ex.RecvOp):
-                sends, recvs = [], [(op.output, op.peer.value.data)]
-            else:
-                sends, recvs = op.send_list(), op.recv_list()
+            sends, recvs = op.send_list(), op.recv_list()
             parts = [f"send {_made_by([v])} -> {peer}" for v, peer in sends]
             parts += [f"recv <- {peer}" for _, peer in recvs]
             values = [v for v, _ in (*sends, *recvs)]
