@@ -77,7 +77,7 @@ from xdsl.ir import Operation, SSAValue
 from piperc.dialects import exec as ex
 from piperc.errors import PipercError
 from piperc.memory import PeakMemory, predict_memory
-from piperc.runtime.launch import mib
+from piperc.runtime.launch import mib, start_without_main
 from piperc.runtime.trace import HOST_WAITS, STEP, Trace, file_name, task_name
 
 __all__ = [
@@ -1055,7 +1055,7 @@ def calibrate(world: int = 2, sizes: Sequence[int] = CALIBRATION_SIZES, repeats:
     procs = [context.Process(target=_calibration_worker, args=(r, world, port, tuple(sizes), repeats, queue))
              for r in range(world)]
     for proc in procs:
-        proc.start()
+        start_without_main(proc)  # a user's script without a main guard must not run again
     try:
         samples = queue.get(timeout=120)
     finally:

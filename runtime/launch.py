@@ -326,6 +326,19 @@ class _Job:
             proc.wait()
 
 
+def start_without_main(process: multiprocessing.process.BaseProcess) -> None:
+    """Starts `process` (from a forkserver or spawn context) without importing the
+    starting program's `__main__` in it: multiprocessing would run that again in the child,
+    and a user script without a main guard would launch (or calibrate) again; the child
+    needs only its target."""
+    launcher_main = sys.modules["__main__"]
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        process.start()
+    finally:
+        sys.modules["__main__"] = launcher_main
+
+
 class _Rank:
     """One worker process forked from the runtime's forkserver, with `subprocess.Popen`'s
     `pid`, `poll`, `returncode` and `wait`."""
@@ -341,14 +354,7 @@ class _Rank:
         self.process = _Rank._context.Process(
             target=_rank_main, args=(argv, env, os.getcwd(), str(stdout), str(stderr)), daemon=False
         )
-        # multiprocessing would run the launcher's __main__ again in the rank (a user script
-        # without a main guard would launch again); the rank needs only _rank_main.
-        launcher_main = sys.modules["__main__"]
-        sys.modules["__main__"] = types.ModuleType("__main__")
-        try:
-            self.process.start()
-        finally:
-            sys.modules["__main__"] = launcher_main
+        start_without_main(self.process)
         self.pid = self.process.pid
 
     @property
