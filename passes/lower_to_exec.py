@@ -243,6 +243,7 @@ class _RankProgram:
         ops = list(program.body.block.ops)
         lanes = sorted({op.lane_index() for op in ops if isinstance(op, par.TaskOp)} - {0})
         self.lanes = {0: self.compute} | {k: self.add(ex.StreamOp(f"compute{k}")).results[0] for k in lanes}
+        self.later_lanes = set(self.lanes.values()) - {self.compute}  # the streams of lanes k > 0
         i = group_end = 0
         while i < len(ops):
             if i >= group_end and isinstance(ops[i], par.TaskOp) and ops[i].lane is not None:
@@ -426,7 +427,7 @@ class _RankProgram:
                     streams.add(stream)
         # State and inputs (no home) come from `compute`, the default stream, too: a later
         # lane records them, so their memory outlives its reads whatever `compute` does next.
-        later_lane = stream in list(self.lanes.values())[1:]
+        later_lane = stream in self.later_lanes
         for v in dict.fromkeys(exec_values):
             home = self.home.get(v, self.compute if later_lane and isinstance(v.type, ValueTensorType) else None)
             if home is not None and home != stream and (v, stream) not in self.recorded:
@@ -437,7 +438,7 @@ class _RankProgram:
     def host_read(self, value: SSAValue) -> SSAValue:
         """The exec value of par `value` as the host reads it: a tensor made on a later lane's
         compute stream is first ordered after it on `compute`."""
-        if self.home.get(self.values[value]) in list(self.lanes.values())[1:]:
+        if self.home.get(self.values[value]) in self.later_lanes:
             return self.read([value], self.compute)[0]
         return self.read([value], None)[0]
 

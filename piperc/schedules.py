@@ -26,7 +26,7 @@ import math
 import os
 import re
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 from xml.sax.saxutils import escape
@@ -377,29 +377,53 @@ def _zero_bubble(name: str, num_stages: int, num_microbatches: int,
     in each pass."""
     _check_sizes(num_stages, num_microbatches)
     p, m = num_stages, num_microbatches
-    finish: dict[Action, int] = {}
-    rows: list[list[Action]] = [[] for _ in range(p)]
     next_f, next_b, next_w = [0] * p, [0] * p, [0] * p
-    t = 0
-    while any(w < m for w in next_w):
-        for d in range(p):
-            if rows[d] and finish[rows[d][-1]] > t:
-                continue
-            f, b = Action(d, "F", next_f[d]), Action(d, "B", next_b[d])
-            to_b, to_w = limits(d)
-            if next_b[d] < m and all(finish.get(x, t + 1) <= t for x in _dependencies(b, p)):
-                choice, next_b[d] = b, next_b[d] + 1
-            elif (next_f[d] < m and next_f[d] - next_b[d] < to_b and next_f[d] - next_w[d] < to_w
-                    and all(finish.get(x, t + 1) <= t for x in _dependencies(f, p))):
-                choice, next_f[d] = f, next_f[d] + 1
-            elif next_w[d] < next_b[d]:
-                choice, next_w[d] = Action(d, "W", next_w[d]), next_w[d] + 1
-            else:
-                continue
-            rows[d].append(choice)
-            finish[choice] = t + 1
-        t += 1
+
+    def pick(d: int, can_start: Callable[[Action], bool], _: Mapping[Action, float]) -> Action | None:
+        f, b = Action(d, "F", next_f[d]), Action(d, "B", next_b[d])
+        to_b, to_w = limits(d)
+        if next_b[d] < m and can_start(b):
+            next_b[d] += 1
+            return b
+        if next_f[d] < m and next_f[d] - next_b[d] < to_b and next_f[d] - next_w[d] < to_w and can_start(f):
+            next_f[d] += 1
+            return f
+        if next_w[d] < next_b[d]:
+            next_w[d] += 1
+            return Action(d, "W", next_w[d] - 1)
+        return None
+
+    rows = _list_schedule(p, p, 3 * p * m, {"F": 1, "B": 1, "W": 1}, pick)
     return Schedule(name, p, m, rows, _one_stage_per_device(p))
+
+
+def _list_schedule(num_devices: int, num_stages: int, total: int, cost: Mapping[str, float],
+                   pick: Callable[[int, Callable[[Action], bool], Mapping[Action, float]], Action | None],
+                   ) -> list[list[Action]]:
+    """Each device's row, by running the pipeline under `cost` per action kind, communication
+    free, until `total` actions have started: whenever device d is free, it starts
+    `pick(d, can_start, finish)` (None: it waits for the next action to finish), where
+    `can_start(a)` says whether every action `a` needs has finished by now and `finish` maps
+    each started action to its end. Devices decide in order at each moment, so no device
+    sees another's choice made at the same moment. The built-ins zb-h1, zb-h2, hanayo and
+    chimera are such runs."""
+    finish: dict[Action, float] = {}
+    rows: list[list[Action]] = [[] for _ in range(num_devices)]
+    free = [0.0] * num_devices
+    t = 0.0
+
+    def can_start(action: Action) -> bool:
+        return all(finish.get(x, math.inf) <= t for x in _dependencies(action, num_stages))
+
+    while True:
+        for d in range(num_devices):
+            choice = pick(d, can_start, finish) if free[d] <= t else None
+            if choice is not None:
+                rows[d].append(choice)
+                finish[choice] = free[d] = t + cost[choice.kind]
+        if len(finish) == total:
+            return rows
+        t = min(v for v in [*finish.values(), *free] if v > t)  # the next action to finish
 
 
 def hanayo(num_stages: int, num_microbatches: int, num_devices: int) -> Schedule:
@@ -424,25 +448,19 @@ def hanayo(num_stages: int, num_microbatches: int, num_devices: int) -> Schedule
         )
     stage_device = {s: s % p if (s // p) % 2 == 0 else p - 1 - s % p for s in range(num_stages)}
     held = [[s for s in range(num_stages) if stage_device[s] == d] for d in range(p)]
-    finish: dict[Action, int] = {}
-    rows: list[list[Action]] = [[] for _ in range(p)]
     taken: Counter[tuple[int, str]] = Counter()
-    free, t, cost = [0] * p, 0, {"F": 1, "B": 2}
-    while True:
-        for d in range(p):
-            if free[d] > t:
-                continue
-            ready = [a for a in (Action(s, k, taken[s, k]) for s in held[d] for k in ("B", "F"))
-                     if a.microbatch < m and all(finish.get(x, t + 1) <= t for x in _dependencies(a, num_stages))]
-            if not ready:
-                continue
-            choice = min(ready, key=lambda a: (a.kind == "F", a.microbatch if a.kind == "B" else 0, -a.stage))
-            taken[choice.stage, choice.kind] += 1
-            rows[d].append(choice)
-            finish[choice] = free[d] = t + cost[choice.kind]
-        if len(finish) == 2 * num_stages * m:
-            return Schedule("hanayo", num_stages, m, rows, stage_device)
-        t = min(v for v in [*finish.values(), *free] if v > t)  # the next action to finish
+
+    def pick(d: int, can_start: Callable[[Action], bool], _: Mapping[Action, float]) -> Action | None:
+        ready = [a for a in (Action(s, k, taken[s, k]) for s in held[d] for k in ("B", "F"))
+                 if a.microbatch < m and can_start(a)]
+        if not ready:
+            return None
+        choice = min(ready, key=lambda a: (a.kind == "F", a.microbatch if a.kind == "B" else 0, -a.stage))
+        taken[choice.stage, choice.kind] += 1
+        return choice
+
+    rows = _list_schedule(p, num_stages, 2 * num_stages * m, {"F": 1, "B": 2}, pick)
+    return Schedule("hanayo", num_stages, m, rows, stage_device)
 
 
 def _v_placement(name: str, num_stages: int, num_devices: int) -> dict[int, int]:
@@ -637,22 +655,17 @@ def chimera(num_stages: int, num_microbatches: int, num_devices: int) -> Schedul
         [list(base[d]), [Action(2 * p - 1 - d, a.kind, half + a.microbatch) for a in base[p - 1 - d]]]
         for d in range(p)
     ]
-    finish: dict[Action, int] = {}
-    rows: list[list[Action]] = [[] for _ in range(p)]
-    free, t, cost = [0] * p, 0, {"F": 1, "B": 2}
-    while True:
-        for d in range(p):
-            ready = [q for q in queues[d] if q and all(finish.get(x, t + 1) <= t for x in _dependencies(q[0], p))]
-            if free[d] > t or not ready:
-                continue
-            action = min(ready, key=lambda q: (max((finish[x] for x in _dependencies(q[0], p)), default=0),
-                                               q[0].kind != "B")).pop(0)
-            rows[d].append(action)
-            finish[action] = free[d] = t + cost[action.kind]
-        if not any(q for device in queues for q in device):
-            stage_device = {s: s for s in range(p)} | {p + s: p - 1 - s for s in range(p)}
-            return Schedule("chimera", p, m, rows, stage_device, replicas=2)
-        t = min(v for v in [*finish.values(), *free] if v > t)  # the next action to finish
+
+    def pick(d: int, can_start: Callable[[Action], bool], finish: Mapping[Action, float]) -> Action | None:
+        ready = [q for q in queues[d] if q and can_start(q[0])]
+        if not ready:
+            return None
+        return min(ready, key=lambda q: (max((finish[x] for x in _dependencies(q[0], p)), default=0),
+                                         q[0].kind != "B")).pop(0)
+
+    rows = _list_schedule(p, p, 2 * p * m, {"F": 1, "B": 2}, pick)
+    stage_device = {s: s for s in range(p)} | {p + s: p - 1 - s for s in range(p)}
+    return Schedule("chimera", p, m, rows, stage_device, replicas=2)
 
 
 V_PLACEMENT = ("zbv", "dualpipev")
@@ -1359,20 +1372,21 @@ def simulate(
     times = {"F": f_time, "B": b_time, "W": w_time}
     slots = _execute(schedule, lambda a: times[a.kind], comm_time)
     makespan = max((s.end for row in slots for s in row), default=0.0)
-    busy = sum(_busy_time(row) for row in slots)
+    busy = sum(union_length((slot.start, slot.end) for slot in row) for row in slots)
     total = makespan * len(slots)
     bubble = (total - busy) / total if total > 0 else 0.0
     return Timeline(schedule.name, slots, makespan, bubble)
 
 
-def _busy_time(row: list[Slot]) -> float:
-    """The length of the union of the slots' intervals (overlapping actions count once)."""
+def union_length(spans: Iterable[tuple[float, float]]) -> float:
+    """The length of the union of the (start, end) intervals `spans` (overlaps count once):
+    a device's busy time when its actions or tasks may overlap."""
     busy, reach = 0.0, -math.inf
-    for slot in sorted(row, key=lambda s: s.start):
-        start = max(slot.start, reach)
-        if slot.end > start:
-            busy += slot.end - start
-            reach = slot.end
+    for start, end in sorted(spans):
+        start = max(start, reach)
+        if end > start:
+            busy += end - start
+            reach = end
     return busy
 
 

@@ -79,6 +79,7 @@ from piperc.errors import PipercError
 from piperc.memory import PeakMemory, predict_memory
 from piperc.runtime.launch import mib, start_without_main
 from piperc.runtime.trace import HOST_WAITS, STEP, Trace, file_name, task_name
+from piperc.schedules import union_length
 
 __all__ = [
     "Costs",
@@ -463,7 +464,7 @@ class _Simulator:
         if stuck:
             raise SimulationError(self.deadlock(stuck))
         step = max((r.finished for r in self.ranks), default=0.0)
-        busy = [_union(r.busy) for r in self.ranks]
+        busy = [union_length(r.busy) for r in self.ranks]
         total = step * len(self.ranks)
         for rank in self.ranks:
             self.trace_of[rank.rank].complete("step 0", "step", STEP, 0.0, step * 1e6, {"step": 0})
@@ -845,17 +846,6 @@ def _collective_size(op: Operation) -> tuple[str, int]:
     raise SimulationError(f"{op.name}: the simulator has no cost model for this communication op")
 
 
-def _union(spans: Sequence[tuple[float, float]]) -> float:
-    """The length of the union of intervals."""
-    busy, reach = 0.0, -math.inf
-    for start, end in sorted(spans):
-        start = max(start, reach)
-        if end > start:
-            busy += end - start
-            reach = end
-    return busy
-
-
 # ---------------------------------------------------------------- profiling a real run
 
 
@@ -1024,7 +1014,7 @@ def _measure(events: list[list[dict]], warmup: int) -> Measured:
             [event] = [e for e in rank if e.get("cat") == "step" and e["args"]["step"] == step]
             spans.append(event["dur"] / 1e6)
             tasks = [(e["ts"], e["ts"] + e["dur"]) for e in rank if e.get("cat") == "task" and e["args"]["step"] == step]
-            busy[r].append(_union(tasks) / 1e6)
+            busy[r].append(union_length(tasks) / 1e6)
         longest = max(spans)
         step_times.append(longest)
         bubbles.append(1 - sum(b[-1] for b in busy) / (len(events) * longest))
