@@ -1,7 +1,7 @@
 """piperc: a compiler for distributed training of PyTorch models.
 
 The compiler's entry points are loaded on first use, so `piperc.annotate`
-(used in model code) and `piperc.runtime` (used on training machines) import
+and `piperc.nn` (used in model code) and `piperc.runtime` (used on training machines) import
 torch alone, never xDSL or torch-mlir.
 """
 
@@ -31,6 +31,7 @@ _LAZY = {
     "Verification": "piperc.reference",
     "capture": "piperc.frontend",
     "Captured": "piperc.frontend",
+    "Captures": "piperc.frontend",
     "run_pipeline": "piperc.passmanager",
     "parse_pipeline": "piperc.passmanager",
     "PipelineOptions": "piperc.passmanager",
@@ -44,7 +45,7 @@ _LAZY = {
 __all__ = ["annotate", *_LAZY]
 
 
-_SUBPACKAGES = ("runtime", "dialects", "passes", "examples", "checkpoint")
+_SUBPACKAGES = ("runtime", "dialects", "passes", "examples", "checkpoint", "nn")
 """Sub-packages reachable as attributes: `import piperc; piperc.runtime.load(...)`."""
 
 

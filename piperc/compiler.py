@@ -22,7 +22,7 @@ from xdsl.passes import ModulePass
 from piperc import codegen, schedules
 from piperc.dialects.torch import RANDOM_INDEX
 from piperc.errors import CaptureError, PassError, StrategyError, describe
-from piperc.frontend import ARG_ALIASES, Captured, capture, main_function
+from piperc.frontend import ARG_ALIASES, Captured, Captures, capture, main_function
 from piperc.ir import cycle_collection_paused, print_ir
 from piperc.memory import PeakMemory, memory_table, predict_memory
 from piperc.passes.bucket_collectives import BucketCollectivesPass
@@ -215,6 +215,7 @@ def compile(  # noqa: A001 - the public name users expect
     options: PipelineOptions | None = None,
     keep_ir: bool = True,
     seed: int = 0,
+    captures: Captures | None = None,
 ) -> Compiled:
     """Compiles one training step of `model` for `mesh` under `strategy`.
 
@@ -234,8 +235,12 @@ def compile(  # noqa: A001 - the public name users expect
     then writes no `ir/`). Random ops (dropout) draw from `seed`: each one is seeded from
     (seed, step, microbatch slice, its index among the forward's random ops), so every launch
     draws the same, whatever the strategy (`piperc.runtime.comm.Runtime.seed_random`).
+    With `captures=piperc.Captures(model)`, strategies whose microbatches have the same shape
+    share one capture of the model (`Captures` says when it captures again).
     """
     _check_model(model, example_inputs)
+    if captures is not None and not isinstance(captures, Captures):
+        raise StrategyError(f"compile: captures must be a piperc.Captures(model), got {type(captures).__name__}")
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise StrategyError(f"compile: seed must be a whole number >= 0, got {seed!r}")
     ctx = _check_strategy(mesh, strategy, optimizer, device)
@@ -257,7 +262,7 @@ def compile(  # noqa: A001 - the public name users expect
     # Capture, the passes and code generation allocate millions of objects that live
     # until the compile ends; cyclic collections in between would walk them over and over.
     with cycle_collection_paused():
-        captured = capture(model, microbatch)
+        captured = capture(model, microbatch) if captures is None else captures.get(model, microbatch)
         random_ops = sum(RANDOM_INDEX in op.attributes for op in captured.module.walk())
         batch_statistics = sum(op.name in _BATCH_STATISTICS for op in captured.module.walk())
         signature = [(tuple(x.shape), str(x.dtype).removeprefix("torch.")) for x in example_inputs]

@@ -168,6 +168,55 @@ def capture(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor]) -> C
     return _captured(model, example_inputs, _joint_graph(model, exported, example_inputs))
 
 
+class Captures:
+    """The captures of one model, one per microbatch shape, for compiling it under several
+    strategies: `compile(..., captures=c)` captures the model on its first compile with each
+    microbatch shape and reuses that capture (a copy of its module) afterwards.
+
+    A capture is reused while the model's parameters and buffers are the same tensors with
+    the same shapes, dtypes and `requires_grad`, and every submodule's train/eval mode is
+    unchanged; a change to any of these captures again. Parameter values may change in
+    place (a reused capture reads them at compile time). A change to the model's code or
+    its Python attributes (a config flag that `forward` reads) is not seen: make a new
+    `Captures` after one.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        if not isinstance(model, torch.nn.Module):
+            raise CaptureError(f"Captures expects an nn.Module, got {type(model).__name__}")
+        self.model = model
+        self._by_key: dict[tuple, Captured] = {}
+
+    def __len__(self) -> int:
+        """How many captures it holds (one per microbatch shape and model state)."""
+        return len(self._by_key)
+
+    def get(self, model: torch.nn.Module, example_inputs: Sequence[torch.Tensor]) -> Captured:
+        """The capture of `model` on `example_inputs` (one microbatch), captured now or reused.
+
+        The result's module is a fresh copy that the caller may rewrite. CaptureError if
+        `model` is not the model these captures belong to.
+        """
+        if model is not self.model:
+            raise CaptureError(f"these captures belong to a {type(self.model).__name__} object, not to this "
+                               f"{type(model).__name__}: make one piperc.Captures(model) per model")
+        key = (tuple((tuple(x.shape), x.dtype) for x in example_inputs), _state_key(model))
+        if key not in self._by_key:
+            self._by_key[key] = capture(model, example_inputs)
+        captured = self._by_key[key]
+        return dataclasses.replace(captured, module=captured.module.clone())
+
+
+def _state_key(model: torch.nn.Module) -> tuple:
+    """What a capture of `model` depends on besides its inputs and code: which tensors its
+    parameters and buffers are (by identity, shape, dtype, requires_grad) and each
+    submodule's train/eval mode."""
+    tensors = tuple((name, id(t), tuple(t.shape), t.dtype, t.requires_grad)
+                    for name, t in [*model.named_parameters(remove_duplicate=False),
+                                    *model.named_buffers(remove_duplicate=False)])
+    return tensors, tuple(m.training for m in model.modules())
+
+
 def _check_cumulative_batch_norm(model: torch.nn.Module) -> None:
     """A training-mode BatchNorm with `momentum=None` (a cumulative average) is a CaptureError:
     its factor `1 / num_batches_tracked` is computed in Python from the buffer's value, so
@@ -604,7 +653,8 @@ class _Builder:
             regions=[self._region(r) for r in mlir_op.regions],
         )
         if isinstance(op, OperatorOp):
-            op = op.as_aten_op()
+            operator, op = op, op.as_aten_op()
+            operator.erase()  # and with it its uses of the operands, which passes would see
         if isinstance(op, AtenOp) and aten_is_random(op.aten):
             op.attributes[RANDOM_INDEX] = IntegerAttr(self.random_ops, 64)
             self.random_ops += 1

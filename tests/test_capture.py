@@ -165,6 +165,37 @@ def test_ir_built_from_torch_mlir_equals_its_text_parsed(name):
     expected = print_ir(parsed_from_text(mlir_module, marks))
     assert ORIGIN in expected and "torch.operator" not in expected
     assert print_ir(built) == expected
+    # Every use of a value is by an op of the module: a torch.operator replaced by its aten op
+    # leaves none behind (a pass walking uses would see it; outline-stages' weight split did).
+    ops = set(built.walk())
+    assert all(u.operation in ops for op in ops for r in op.results for u in r.uses)
+
+
+def test_strategies_with_one_microbatch_shape_share_one_capture():
+    model, inputs = llama.make(n_layers=2)
+    captures = piperc.Captures(model)
+    opt = piperc.optim.AdamW(lr=1e-4)
+
+    def compile_(strategy, mesh=None, **kw):
+        return piperc.compile(model, inputs, mesh=mesh or piperc.Mesh(pp=2), strategy=strategy, optimizer=opt,
+                              keep_ir=False, **kw)
+
+    # 4 microbatches of 2 rows under 1F1B and ZB-H1, 2 replicas x 2 microbatches of 2 rows
+    shared = [compile_([piperc.pipeline(stages=2, microbatches=4, schedule=s)], captures=captures)
+              for s in ("1f1b", "zb-h1")]
+    shared.append(compile_([piperc.pipeline(stages=2, microbatches=2), piperc.data_parallel()],
+                           mesh=piperc.Mesh(pp=2, dp=2), captures=captures))
+    assert len(captures) == 1
+    # each compile rewrote its own copy: the same programs as compiling from a fresh capture
+    assert shared[1].files == compile_([piperc.pipeline(stages=2, microbatches=4, schedule="zb-h1")]).files
+    compile_([piperc.pipeline(stages=2, microbatches=2)], captures=captures)  # 4 rows
+    assert len(captures) == 2
+    model.blocks[0].attn.q.weight.requires_grad_(False)  # a frozen weight is a new step
+    compile_([piperc.pipeline(stages=2, microbatches=2)], captures=captures)
+    assert len(captures) == 3
+    with pytest.raises(CaptureError, match="these captures belong to a Llama object, not to this Llama"):
+        piperc.compile(llama.make(n_layers=2)[0], inputs, mesh=piperc.Mesh(pp=2), optimizer=opt,
+                       strategy=[piperc.pipeline(stages=2)], captures=captures)
 
 
 @pytest.mark.parametrize("name", sorted(EXAMPLES))

@@ -21,8 +21,8 @@ from piperc.errors import PassError, StrategyError
 from piperc.examples import gpt
 from piperc.ir import make_context, parse_module
 from piperc.passes.schedule import parse_table, table_text
-from piperc.reference import compare, train_eager
-from tests.test_interleaved import FOUR_BLOCKS, bounds, device_param
+from tests.shared import check_exact, compile_, device_param, setup
+from tests.test_interleaved import FOUR_BLOCKS
 from tests.test_passes_ir import ir, section
 from tests.test_passes_ir import run as run_ir
 
@@ -245,21 +245,15 @@ def v_overlapped(stages, microbatches, devices):
 
 @pytest.mark.parametrize("name,device", [device_param("gpt-pp2-v", 2, d) for d in ("cpu", "cuda")])
 def test_an_overlapped_v_schedule_is_bit_identical_to_its_rows_and_trains_as_one_device(name, device):
-    model, inputs = gpt.make(n_layers=4)
-    batches = [gpt.make(n_layers=4, seed=100 + s)[1] for s in range(3)]
     runs = []
     for schedule in (v_overlapped, V_ROWS):
-        compiled = piperc.compile(model, inputs, mesh=piperc.Mesh(pp=2), optimizer=ADAMW, device=device,
-                                  keep_ir=False, strategy=[piperc.pipeline(stages=4, microbatches=4,
-                                                                           schedule=schedule)])
+        compiled = compile_(gpt, 4, mesh=piperc.Mesh(pp=2), optimizer=ADAMW, device=device,
+                            strategy=[piperc.pipeline(stages=4, microbatches=4, schedule=schedule)])
         assert {s: compiled.schedule.device_of(s) for s in range(4)} == {0: 0, 1: 1, 2: 1, 3: 0}
-        runs.append((compiled.files["rank0.py"], piperc.launch(compiled, batches, timeout=240)))
+        runs.append((compiled.files["rank0.py"], piperc.launch(compiled, setup(gpt, 4).batches, timeout=240)))
     (program, overlapped), (plain_program, plain) = runs
     assert 'compute1 = rt.stream("compute1")' in program and "compute1" not in plain_program
     assert 'rt.launch("s3_B", stage=3, pass_kind="B", microbatch=1, stream=compute1)' in program
     assert overlapped.losses == plain.losses
     assert all(torch.equal(overlapped.state_dict[k], v) for k, v in plain.state_dict.items())
-    losses, state = train_eager(model, batches, ADAMW)
-    errors = compare(overlapped.losses, overlapped.state_dict, losses, state)
-    limits = bounds(model, batches, 4, losses, state)
-    assert all(e <= b for e, b in zip(errors, limits, strict=True)), (errors, limits)
+    check_exact(gpt, 4, ADAMW, overlapped, 4)

@@ -11,6 +11,7 @@ import torch
 import piperc
 from piperc.examples import gpt, llama, tied
 from piperc.reference import compare, train_eager
+from tests.shared import compile_, errors, setup
 
 STEPS = 3
 TOLERANCE = 1e-5
@@ -51,15 +52,12 @@ CASES = [
 
 
 def run_case(model_name, mesh_name, sched, opt_name, device="cpu"):
-    model, inputs = MODELS[model_name].make(n_layers=4)
-    batches = [MODELS[model_name].make(n_layers=4, seed=100 + s)[1] for s in range(STEPS)]
+    example = MODELS[model_name]
     mesh, strategy = MESHES[mesh_name]
     optimizer = OPTIMIZERS[opt_name]
-    compiled = piperc.compile(model, inputs, mesh=mesh, strategy=strategy(sched), optimizer=optimizer,
-                              device=device, keep_ir=False)
-    result = piperc.launch(compiled, batches, timeout=240)
-    losses, state = train_eager(model, batches, optimizer)
-    return compare(result.losses, result.state_dict, losses, state)
+    compiled = compile_(example, 4, mesh=mesh, strategy=strategy(sched), optimizer=optimizer, device=device)
+    result = piperc.launch(compiled, setup(example, 4).batches, timeout=240)
+    return errors(example, 4, optimizer, result)
 
 
 def _param(case):

@@ -15,8 +15,7 @@ import torch
 import piperc
 from piperc import schedules
 from piperc.examples import gpt, llama
-from piperc.reference import compare, train_eager
-from tests.test_interleaved import bounds, device_param
+from tests.shared import check_exact, compile_, device_param, setup
 from tests.test_passes_ir import functions, ir, run, section
 
 SPLIT = 'mesh{shape="pp=2"},pipeline-split{stages=2 split-at="blocks.1"},outline-stages{split-weights=true}'
@@ -73,56 +72,52 @@ def test_zb_h1_runs_one_stage_per_device():
 # ---------------------------------------------------------------- against 1F1B and one device
 
 ADAMW = piperc.optim.AdamW(lr=1e-4, weight_decay=0.1)
-# pp=2 with a user table that runs W actions: each W right after its B on device 1
-TABLE = [["0F0", "0F1", "0B0", "0W0", "0B1", "0W1"], ["1F0", "1B0", "1W0", "1F1", "1B1", "1W1"]]
+# pp=2 with a user table that runs W actions: 1F1B, each W right after its B
+TABLE = [["0F0", "0F1", "0B0", "0W0", "0F2", "0B1", "0W1", "0F3", "0B2", "0W2", "0B3", "0W3"],
+         ["1F0", "1B0", "1W0", "1F1", "1B1", "1W1", "1F2", "1B2", "1W2", "1F3", "1B3", "1W3"]]
 # Settings, each run once under 1F1B (one stage per device) and then under every zero-bubble
-# schedule: lean, but covering both models, both pipeline sizes and one data-parallel
-# composition per schedule. name -> (example, layers, mesh, microbatches).
+# schedule: both models at both pipeline sizes, and one data-parallel composition per
+# schedule. name -> (example, layers, mesh, microbatches).
 SETTINGS = {
     "gpt-pp2": (gpt, 4, piperc.Mesh(pp=2), 4),
+    "llama-pp2": (llama, 4, piperc.Mesh(pp=2), 4),
+    "gpt-pp4": (gpt, 8, piperc.Mesh(pp=4), 8),
     "llama-pp4": (llama, 8, piperc.Mesh(pp=4), 8),
     "gpt-pp2xdp2": (gpt, 4, piperc.Mesh(pp=2, dp=2), 4),
-    "llama-pp2": (llama, 4, piperc.Mesh(pp=2), 2),
 }
 # case -> (setting, schedule, stages per device)
 CASES = {
     **{f"{kind}-{setting}": (setting, kind, per_device)
        for kind, per_device in [("zb-h1", 1), ("zb-h2", 1), ("interleaved-zb", 2), ("zbv", 2), ("dualpipev", 2)]
-       for setting in ("gpt-pp2", "llama-pp4", "gpt-pp2xdp2")},
+       for setting in SETTINGS},
     "table-llama-pp2": ("llama-pp2", TABLE, 1),
 }
 
 
 def _train(setting, schedule, per_device, device):
     example, layers, mesh, microbatches = SETTINGS[setting]
-    model, inputs = example.make(n_layers=layers)
-    batches = [example.make(n_layers=layers, seed=100 + s)[1] for s in range(3)]
     strategy = [piperc.pipeline(stages=per_device * mesh.axes["pp"], microbatches=microbatches,
                                 schedule=schedule)]
     strategy += [piperc.data_parallel()] if "dp" in mesh.axes else []
-    compiled = piperc.compile(model, inputs, mesh=mesh, strategy=strategy, optimizer=ADAMW, device=device,
-                              keep_ir=False)
-    return model, batches, piperc.launch(compiled, batches, timeout=240)
+    compiled = compile_(example, layers, mesh=mesh, strategy=strategy, optimizer=ADAMW, device=device)
+    return piperc.launch(compiled, setup(example, layers).batches, timeout=240)
 
 
 @functools.cache
 def _one_f_one_b(setting, device):
-    return _train(setting, "1f1b", 1, device)[2]
+    return _train(setting, "1f1b", 1, device)
 
 
 @pytest.mark.parametrize("name,device", [device_param(n, SETTINGS[CASES[n][0]][2].size, d)
                                          for d in ("cpu", "cuda") for n in CASES])
 def test_zero_bubble_is_bit_identical_to_1f1b_and_trains_as_one_device(name, device):
     setting, schedule, per_device = CASES[name]
-    model, batches, zero_bubble = _train(setting, schedule, per_device, device)
+    zero_bubble = _train(setting, schedule, per_device, device)
     one_f_one_b = _one_f_one_b(setting, device)
     assert zero_bubble.losses == one_f_one_b.losses
     assert all(torch.equal(zero_bubble.state_dict[k], v) for k, v in one_f_one_b.state_dict.items())
-    losses, state = train_eager(model, batches, ADAMW)
-    errors = compare(zero_bubble.losses, zero_bubble.state_dict, losses, state)
-    _, _, mesh, microbatches = SETTINGS[setting]
-    limits = bounds(model, batches, microbatches * mesh.axes.get("dp", 1), losses, state)
-    assert all(e <= b for e, b in zip(errors, limits, strict=True)), (errors, limits)
+    example, layers, mesh, microbatches = SETTINGS[setting]
+    check_exact(example, layers, ADAMW, zero_bubble, microbatches * mesh.axes.get("dp", 1))
 
 
 def test_dualpipev_refuses_fewer_than_two_microbatches_per_device():

@@ -1,0 +1,85 @@
+"""What the suite's real runs share, so that each (model, shape) is captured once.
+
+Most end-to-end tests train a built-in example (`n_layers` blocks) for three steps on the
+batches of seeds 100, 101, 102 and compare with one device. `setup(example, layers)` makes
+that model, its example inputs, its batches and a `piperc.Captures` once per process;
+`compile_(...)` compiles through those captures, so every strategy whose microbatch has the
+same shape reuses one capture (a copy of its module). `eager(...)` trains the one-device
+reference once per (example, layers, optimizer, slices), and `bounds(...)` is the exactness
+bound of the brief: 1e-5, or twice the error of one device accumulating each batch over the
+same slices where AdamW makes that larger.
+
+Nothing here changes a model: compile reads it, `train_eager` trains a copy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from types import ModuleType
+
+import pytest
+import torch
+
+import piperc
+from piperc.reference import compare, train_eager
+
+STEPS = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """One built-in example's model, example inputs, training batches and captures."""
+
+    model: torch.nn.Module
+    inputs: tuple[torch.Tensor, ...]
+    batches: list
+    captures: piperc.Captures
+
+
+@functools.cache
+def setup(example: ModuleType, layers: int) -> Setup:
+    """`example.make(n_layers=layers)`, its STEPS batches (seeds 100...) and its captures."""
+    model, inputs = example.make(n_layers=layers)
+    batches = [example.make(n_layers=layers, seed=100 + s)[1] for s in range(STEPS)]
+    return Setup(model, inputs, batches, piperc.Captures(model))
+
+
+def compile_(example: ModuleType, layers: int, **kwargs) -> piperc.Compiled:
+    """`piperc.compile` of the shared model and inputs (`keep_ir=False` unless given)."""
+    s = setup(example, layers)
+    kwargs.setdefault("keep_ir", False)
+    return piperc.compile(s.model, s.inputs, captures=s.captures, **kwargs)
+
+
+@functools.cache
+def eager(example: ModuleType, layers: int, optimizer, slices: int = 1) -> tuple[list[float], dict]:
+    """The one-device losses and final state of the shared model on its batches."""
+    s = setup(example, layers)
+    return train_eager(s.model, s.batches, optimizer, slices=slices)
+
+
+def errors(example: ModuleType, layers: int, optimizer, result) -> tuple[float, float]:
+    """The (loss, parameter) relative errors of a run's `result` against one device."""
+    return compare(result.losses, result.state_dict, *eager(example, layers, optimizer))
+
+
+def bounds(example: ModuleType, layers: int, optimizer, slices: int) -> list[float]:
+    """Per error, 1e-5 or twice one device's error when it accumulates each batch over
+    `slices` (llama at pp=4 x 8 microbatches under AdamW: 9.7e-6 on the parameters, which
+    the compiled run matches)."""
+    floor = compare(*eager(example, layers, optimizer, slices), *eager(example, layers, optimizer))
+    return [max(1e-5, 2 * f) for f in floor]
+
+
+def check_exact(example: ModuleType, layers: int, optimizer, result, slices: int) -> None:
+    """Asserts that `result` trains as one device, within `bounds`."""
+    errs, limits = errors(example, layers, optimizer, result), bounds(example, layers, optimizer, slices)
+    assert all(e <= b for e, b in zip(errs, limits, strict=True)), (errs, limits)
+
+
+def device_param(name: str, size: int, device: str):
+    """The case `name` on `device` as a pytest param, skipped on CUDA without a GPU per rank."""
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    skip = pytest.mark.skipif(device == "cuda" and gpus < size, reason=f"needs {size} CUDA devices for NCCL, found {gpus}")
+    return pytest.param(name, device, id=f"{name}-{device}", marks=skip)
