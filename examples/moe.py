@@ -1,55 +1,57 @@
-"""Mixture-of-experts GPT: the MLP of each block is a top-2 routed set of experts.
+"""Mixtral-like mixture-of-experts decoder: pre-RMSNorm rotary attention, then a routed
+`piperc.nn.MoE` of SwiGLU experts in every block.
 
-Routing is computed densely: every expert runs on every token and the outputs are combined
-with a [tokens, n_experts] gate matrix that is zero for unselected experts. Shapes therefore
-never depend on the routing decision, so the model traces, while the loss is numerically that
-of top-2 routing.
+Routing is real: each token goes to its top-k experts through fixed-capacity expert buffers
+(see `piperc.nn.MoE` for the capacity, the drop order and the load-balancing loss). The
+model's loss is the next-token cross-entropy plus every block's load-balancing loss.
 """
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from piperc.examples.gpt import GPT, MLP, CausalSelfAttention, sample_batch
-
-TOP_K = 2
-
-
-class MoE(nn.Module):
-    """Top-2 mixture of GELU MLP experts behind a linear router."""
-
-    def __init__(self, d_model: int, n_experts: int):
-        super().__init__()
-        if n_experts < TOP_K:
-            raise ValueError(f"n_experts={n_experts} is below the top-{TOP_K} routing")
-        self.router = nn.Linear(d_model, n_experts)
-        self.experts = nn.ModuleList(MLP(d_model, 4 * d_model) for _ in range(n_experts))
-
-    def gates(self, x: torch.Tensor) -> torch.Tensor:
-        """Per-token expert weights [..., n_experts]: the renormalised top-2 router
-        probabilities, zero for the other experts."""
-        probs = self.router(x).softmax(dim=-1)
-        weights, chosen = probs.topk(TOP_K, dim=-1)
-        weights = weights / weights.sum(dim=-1, keepdim=True)
-        return torch.zeros_like(probs).scatter(-1, chosen, weights)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        outputs = torch.stack([expert(x) for expert in self.experts], dim=-2)
-        return (outputs * self.gates(x).unsqueeze(-1)).sum(dim=-2)
+from piperc.examples.gpt import sample_batch
+from piperc.examples.llama import Attention, GroupedQueryAttention, RMSNorm
+from piperc.nn import MoE
 
 
 class Block(nn.Module):
-    """Pre-LayerNorm block: x + attn(ln1(x)), then x + moe(ln2(x))."""
+    """x + attn(attn_norm(x)), then x + moe(moe_norm(x)); returns the new x and the MoE's
+    load-balancing loss."""
 
-    def __init__(self, d_model: int, n_heads: int, n_experts: int):
+    def __init__(self, d_model: int, n_heads: int, seq: int, moe: MoE, n_kv_heads: int | None = None):
         super().__init__()
-        self.ln1 = nn.LayerNorm(d_model)
-        self.attn = CausalSelfAttention(d_model, n_heads)
-        self.ln2 = nn.LayerNorm(d_model)
-        self.moe = MoE(d_model, n_experts)
+        self.attn_norm = RMSNorm(d_model)
+        self.attn = (Attention(d_model, n_heads, seq) if n_kv_heads is None
+                     else GroupedQueryAttention(d_model, n_heads, n_kv_heads, seq))
+        self.moe_norm = RMSNorm(d_model)
+        self.moe = moe
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln1(x))
-        return x + self.moe(self.ln2(x))
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x + self.attn(self.attn_norm(x))
+        y, aux_loss = self.moe(self.moe_norm(x))
+        return x + y, aux_loss
+
+
+class MoEDecoder(nn.Module):
+    """Decoder-only language model of MoE blocks whose forward returns the mean next-token
+    cross-entropy plus the sum of the blocks' load-balancing losses."""
+
+    def __init__(self, vocab: int, d_model: int, blocks: list[Block]):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d_model)
+        self.blocks = nn.ModuleList(blocks)
+        self.norm = RMSNorm(d_model)
+        self.head = nn.Linear(d_model, vocab, bias=False)
+
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        x = self.embed(tokens)
+        aux_loss = x.new_zeros(())
+        for block in self.blocks:
+            x, block_aux_loss = block(x)
+            aux_loss = aux_loss + block_aux_loss
+        logits = self.head(self.norm(x))
+        return F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.view(-1)) + aux_loss
 
 
 def make(
@@ -61,10 +63,21 @@ def make(
     seq: int = 16,
     batch: int = 8,
     n_experts: int = 4,
+    top_k: int = 2,
+    capacity_factor: float = 1.25,
+    aux_loss_coef: float = 0.01,
+    n_kv_heads: int | None = None,
     seed: int = 0,
-) -> tuple[GPT, tuple[torch.Tensor, torch.Tensor]]:
-    """A GPT with MoE blocks and a (tokens, targets) batch; the same seed gives the same
-    weights and batch."""
+) -> tuple[MoEDecoder, tuple[torch.Tensor, torch.Tensor]]:
+    """An MoE decoder and a (tokens, targets) batch; the same seed gives the same weights and
+    batch. Each block's MoE has n_experts SwiGLU experts of hidden size 4 * d_model, top_k
+    routing and the given capacity factor and load-balancing coefficient; n_kv_heads gives
+    grouped-query attention, as in `llama.make`."""
     torch.manual_seed(seed)
-    model = GPT(vocab, d_model, n_layers, seq, lambda: Block(d_model, n_heads, n_experts))
+    blocks = [
+        Block(d_model, n_heads, seq, MoE(d_model, 4 * d_model, n_experts, top_k, capacity_factor, aux_loss_coef),
+              n_kv_heads)
+        for _ in range(n_layers)
+    ]
+    model = MoEDecoder(vocab, d_model, blocks)
     return model, sample_batch(vocab, seq, batch)

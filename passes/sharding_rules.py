@@ -472,6 +472,12 @@ def topk(op: Operation) -> OpShardingRule:
     return _along(op, "topk", 2, linear=False)
 
 
+def cumsum(op: Operation) -> OpShardingRule:
+    """cumsum(x, dim, dtype): the summed dimension needs replication, the others pass through;
+    linear in x (a pending sum stays pending)."""
+    return _along(op, "cumsum", 1)
+
+
 def new_tensor(op: Operation) -> OpShardingRule:
     """new_zeros/new_ones/new_empty/new_full(self, size, ...): self only gives the dtype, so its
     layout is free; each device can make any piece of the result."""
@@ -724,6 +730,7 @@ RULES: dict[str, RuleBuilder] = {
     "torch.aten.scatter.value": index,
     "torch.aten.scatter_add": index,
     "torch.aten.topk": topk,
+    "torch.aten.cumsum": cumsum,
     **{f"torch.aten.{n}": new_tensor for n in ("new_zeros", "new_ones", "new_empty", "new_full")},
     "torch.aten.index_select": index,
     "torch.aten.gather": index,

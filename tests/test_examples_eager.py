@@ -61,31 +61,6 @@ def test_export_matches_eager(example):
     torch.testing.assert_close(program.module()(*inputs), model(*inputs))
 
 
-def test_moe_routes_each_token_to_exactly_two_experts():
-    model, (tokens, _) = moe.make()
-    router = model.blocks[0].moe
-    x = model.embed(tokens)
-    gates = router.gates(x)
-    assert gates.shape == (*tokens.shape, len(router.experts))
-    assert torch.all((gates != 0).sum(dim=-1) == 2)
-    torch.testing.assert_close(gates.sum(dim=-1), torch.ones(tokens.shape))
-
-
-def test_moe_dense_combine_equals_routed_top2():
-    model, (tokens, _) = moe.make()
-    layer = model.blocks[0].moe
-    x = model.embed(tokens).reshape(-1, model.embed.embedding_dim)
-    weights, chosen = layer.router(x).softmax(dim=-1).topk(2, dim=-1)
-    weights = weights / weights.sum(dim=-1, keepdim=True)
-    routed = torch.stack(
-        [
-            sum(w * layer.experts[int(e)](row) for w, e in zip(ws, es, strict=True))
-            for row, ws, es in zip(x, weights, chosen, strict=True)
-        ]
-    )
-    torch.testing.assert_close(layer(x), routed)
-
-
 def test_tied_head_shares_the_embedding_parameter():
     model, inputs = tied.make()
     assert model.head.weight is model.embed.weight

@@ -484,26 +484,43 @@ def test_a_creation_op_makes_the_piece_its_users_want():
 CUMSUM = f"""
 %d = "torch.constant.int"() <{{value = 0 : i64}}> : () -> !torch.int
 %none = "torch.constant.none"() : () -> !torch.none
-%y = "torch.aten.cumsum"(%x, %d, %none) {{piperc.origin = #par.origin<"blocks.0.mix", F>}} : ({T("8,32")}, !torch.int, !torch.none) -> {T("8,32")}
+%y = "torch.aten.cumsum"(%x, %d, %none) : ({T("8,32")}, !torch.int, !torch.none) -> {T("8,32")}
+"""
+
+
+def test_cumsum_keeps_the_other_dimensions_split_and_a_pending_sum_pending():
+    out, _ = propagate(step(arg("x", "8,32", L(2, 1)), T("8,32"), CUMSUM, "%y"))
+    check(out, f'%y = "torch.aten.cumsum"(%x, %d, %none) {{par.layouts = [{L(2, 1)}]}}')
+    out, _ = propagate(step(arg("x", "8,32", L(2, None, partial=True)), T("8,32"), CUMSUM, "%y"))
+    check(out, f'%y = "torch.aten.cumsum"(%x, %d, %none) {{par.layouts = [{L(2, None, partial=True)}]}}')
+    # split along the summed dimension, it is gathered first
+    out, _ = propagate(step(arg("x", "8,32", L(2, 0)), T("8,32"), CUMSUM, "%y"))
+    check(out, f"%0 = par.layout_cast %x @mesh from {L(2, 0)} to {L(2)}", '%y = "torch.aten.cumsum"(%0, %d, %none)')
+
+
+CUMPROD = f"""
+%d = "torch.constant.int"() <{{value = 0 : i64}}> : () -> !torch.int
+%none = "torch.constant.none"() : () -> !torch.none
+%y = "torch.aten.cumprod"(%x, %d, %none) {{piperc.origin = #par.origin<"blocks.0.mix", F>}} : ({T("8,32")}, !torch.int, !torch.none) -> {T("8,32")}
 """
 
 
 def test_an_op_without_a_rule_is_computed_replicated_with_a_note():
-    out, report = propagate(step(arg("x", "8,32", L(2, 1)), T("8,32"), CUMSUM, "%y"))
+    out, report = propagate(step(arg("x", "8,32", L(2, 1)), T("8,32"), CUMPROD, "%y"))
     check(out, f'%0 = par.layout_cast %x @mesh from {L(2, 1)} to {L(2)} because '
-               "\"torch.aten.cumsum in 'blocks.0.mix' (F), operand 0 (no rule: computed replicated)\"",
-          f'%y = "torch.aten.cumsum"(%0, %d, %none) {{piperc.origin = #par.origin<"blocks.0.mix", F>, '
+               "\"torch.aten.cumprod in 'blocks.0.mix' (F), operand 0 (no rule: computed replicated)\"",
+          f'%y = "torch.aten.cumprod"(%0, %d, %none) {{piperc.origin = #par.origin<"blocks.0.mix", F>, '
           f'par.layouts = [{L(2)}]}}')
-    assert report[-1] == "note: torch.aten.cumsum in 'blocks.0.mix' (F) has no sharding rule; it was computed replicated"
+    assert report[-1] == "note: torch.aten.cumprod in 'blocks.0.mix' (F) has no sharding rule; it was computed replicated"
 
 
 def test_strict_mode_names_the_op_its_module_and_the_missing_rule():
     with pytest.raises(PassError) as e:
-        propagate(step(arg("x", "8,32", L(2, 1)), T("8,32"), CUMSUM, "%y"), "{strict=true}")
+        propagate(step(arg("x", "8,32", L(2, 1)), T("8,32"), CUMPROD, "%y"), "{strict=true}")
     assert isinstance(e.value.__cause__, StrategyError)
     assert str(e.value.__cause__) == (
-        "propagate-sharding (strict): torch.aten.cumsum in module 'blocks.0.mix' has no sharding rule. "
-        "Add a rule for 'torch.aten.cumsum' to piperc.passes.sharding_rules.RULES, or run with strict=false "
+        "propagate-sharding (strict): torch.aten.cumprod in module 'blocks.0.mix' has no sharding rule. "
+        "Add a rule for 'torch.aten.cumprod' to piperc.passes.sharding_rules.RULES, or run with strict=false "
         "to compute it replicated")
 
 
