@@ -12,13 +12,17 @@ process groups and `exec.program @rank<r>` for every rank, then erases the
     the global input by the mesh axes the layout names, then takes the microbatch);
   * `par.task` -> `exec.launch` on the `compute` stream (callee, stage, pass, microbatch);
     a task in lane k > 0 of an overlap group (`par.task ... lane 1`) on the stream
-    `compute<k>`, which the program creates after `comm` when one of its tasks uses it;
-  * `par.send`/`par.recv` -> `exec.send`/`exec.recv` on the `comm` stream, to the
-    rank whose pipeline coordinate is the peer device and whose other coordinates
-    are this rank's, on the rank's pipeline group `@pp_<i>`. The tag is the
-    message's sequence number for its (sender, receiver) pair, so both ends agree.
-    A run of two or more consecutive transfers with the same `batch` becomes one
-    `exec.batch_p2p` (issued together, so crossing transfers cannot block each other);
+    `compute<k>`, which the program creates (after the channels' streams) when one of its tasks uses it;
+  * `par.send`/`par.recv` -> `exec.send`/`exec.recv` with the rank whose pipeline
+    coordinate is the peer device and whose other coordinates are this rank's, over the
+    channel of that direction: a group of the two ranks of its own (`@p2p_<src>_<dst>`),
+    used by one stream on each side (the sender's `to<dst>`, the receiver's `from<src>`).
+    The tag is the message's sequence number for its (sender, receiver) pair, so both
+    ends agree. A send that blocks until its receive is posted (NCCL) holds up only later
+    sends in its direction, never a receive, so transfers that cross between two ranks
+    need no batch (the `batch` of `par.send`/`par.recv` is not needed here), and waiting
+    for a received tensor never waits for a send: a device runs its next task as soon as
+    its input has arrived, as torch.distributed.pipelining's runtime does;
   * `par.all_reduce_bucket` -> one bucketed `exec.all_reduce` on `comm` over the ranks
     that differ from this rank only along the bucket's `axes` and whose pipeline
     coordinate is one of its `stages` (`@grad_<i>`); a group of one rank reduces
@@ -35,7 +39,7 @@ Then the ordering and lifetime rules that make the program correct under NCCL
     there (`exec.event_record` + `exec.event_wait`, once before a run of comm ops
     that needs it) and given to `exec.record_stream` for that stream; so the lanes of an
     overlap group run side by side, and what reads a later lane's result after the
-    group (a task on `compute`, a send on `comm`) waits for that lane's event; a later
+    group (a task on `compute`, a send on its channel's stream) waits for that lane's event; a later
     lane also records the state and inputs it reads (the runtime makes them on `compute`);
   * the host reads (`exec.set_state`, `exec.output`) what `compute` has: a tensor made
     on another compute stream is ordered after it on `compute` first (the runtime reads
@@ -47,16 +51,17 @@ Then the ordering and lifetime rules that make the program correct under NCCL
     tensor an async op still reads or writes stays alive until that op's wait: an op
     with results (all_reduce, recv, batch with receives) is waited where its results
     are first used, and the tensors it holds are freed right after that wait; an op
-    without results (a send, a batch of sends) whose tensor is dead is waited on `comm`
-    at the wait of a later receive from each of its peers (by then the peer has posted
-    the receive; waiting at once, or at the next wait, would hold the host until the
-    peer posts it), and the tensor is freed right after;
+    without results (a send) whose tensor is dead is waited
+    on its own stream at the wait of a later receive from each of its peers (by then the
+    peer has posted the receive; waiting at once, or at the next wait, would hold the
+    host until the peer posts it), and the tensor is freed right after;
   * whatever is still in flight is waited at the end of the program.
 
-Process groups are declared in an order every rank agrees on: `@pp_<i>` for each
-group along the pipeline axis (only when it has more than one device), ordered by
-first rank, then `@grad_<i>` for each distinct bucket group of more than one rank,
-in the order ranks 0, 1, ... meet them in their programs.
+Streams: `compute`, then `comm` when the program has a collective, then the channels'
+streams by peer (`to<p>` before `from<p>`), then the overlap lanes' `compute<k>`.
+Process groups are declared in an order every rank agrees on: the channels
+`@p2p_<src>_<dst>` in the order ranks 0, 1, ... meet them in their programs, then
+`@grad_<i>` for each distinct bucket group of more than one rank, in the same order.
 
 Options: device (cpu | cuda, recorded as the module attribute `exec.device`);
 axis, the pipeline axis when the module has no `par.schedule` (default "pp"; with
@@ -105,14 +110,15 @@ class LowerToExecPass(ModulePass):
         mesh = find_mesh(op)
         axis = self._pipeline_axis(op, mesh)
         programs = _device_programs(op, mesh, axis)
-        pipeline_groups = _pipeline_groups(mesh, axis)
+        channels = _channels(mesh, axis, programs)
         grad_groups = _grad_groups(mesh, axis, programs)
         device_of = stage_devices(programs)
-        for groups in (pipeline_groups, grad_groups):
-            for ranks, name in groups.items():
-                op.body.block.add_op(ex.ProcessGroupOp(name, ranks))
+        for (src, dst), name in channels.items():
+            op.body.block.add_op(ex.ProcessGroupOp(name, sorted((src, dst))))
+        for ranks, name in grad_groups.items():
+            op.body.block.add_op(ex.ProcessGroupOp(name, ranks))
         for rank in range(mesh.size()):
-            builder = _RankProgram(mesh, axis, rank, pipeline_groups, grad_groups, device_of)
+            builder = _RankProgram(mesh, axis, rank, channels, grad_groups, device_of)
             op.body.block.add_op(builder.build(programs[mesh.coords(rank)[axis]]))
         for program in programs:
             program.detach()
@@ -156,11 +162,39 @@ def _device_programs(module: ModuleOp, mesh: MeshAttr, axis: str) -> list[par.Pr
     return [found[d] for d in range(devices)]
 
 
-def _pipeline_groups(mesh: MeshAttr, axis: str) -> dict[tuple[int, ...], str]:
-    """`pp_<i>` for every group of ranks along the pipeline axis; none for a one-device axis."""
-    if mesh.axis_size(axis) == 1:
-        return {}
-    return {ranks: f"pp_{i}" for i, ranks in enumerate(mesh.all_groups(axis))}
+def peer_rank(mesh: MeshAttr, axis: str, rank: int, op: par.SendOp | par.RecvOp, where: str) -> int:
+    """The rank of a transfer's peer: the one whose pipeline coordinate is the peer device
+    and whose other coordinates are `rank`'s."""
+    device = op.peer.value.data
+    devices = mesh.axis_size(axis)
+    coords = mesh.coords(rank)
+    if devices == 1:
+        raise StrategyError(f"lower-to-exec: {op.name} \"{op.label.data}\" in {where}: the pipeline axis "
+                            f"'{axis}' has one device, so there is no peer")
+    if not 0 <= device < devices or device == coords[axis]:
+        raise StrategyError(f"lower-to-exec: {op.name} \"{op.label.data}\" in {where}: peer device "
+                            f"{device} must be another device of 0..{devices - 1} along '{axis}'")
+    return mesh.rank_of(coords | {axis: device})
+
+
+def _channels(mesh: MeshAttr, axis: str, programs: list[par.ProgramOp]) -> dict[tuple[int, int], str]:
+    """`p2p_<src>_<dst>`, a group of the two ranks, for every (sender, receiver) pair that
+    some program sends over, in the order ranks 0, 1, ... meet them (the same on every rank).
+
+    Each direction between two ranks has a group (a communicator) of its own, used on each
+    side by one stream: the sender's `to<dst>` and the receiver's `from<src>`. A send that
+    blocks until its receive is posted then holds up only later sends in its own direction,
+    never a receive: no send needs pairing with a receive in a batch to avoid a deadlock,
+    and waiting for a received tensor never waits for a send."""
+    channels: dict[tuple[int, int], str] = {}
+    for rank in range(mesh.size()):
+        program = programs[mesh.coords(rank)[axis]]
+        for op in program.body.block.ops:
+            if isinstance(op, par.SendOp | par.RecvOp):
+                peer = peer_rank(mesh, axis, rank, op, f"par.program @{program.sym_name.data}")
+                pair = (rank, peer) if isinstance(op, par.SendOp) else (peer, rank)
+                channels.setdefault(pair, f"p2p_{pair[0]}_{pair[1]}")
+    return channels
 
 
 def stage_devices(programs: list[par.ProgramOp]) -> dict[int, int]:
@@ -212,14 +246,14 @@ class _RankProgram:
     """Builds the `exec.program` of one rank from its device's `par.program`."""
 
     def __init__(self, mesh: MeshAttr, axis: str, rank: int,
-                 pipeline_groups: dict[tuple[int, ...], str], grad_groups: dict[tuple[int, ...], str],
+                 channels: dict[tuple[int, int], str], grad_groups: dict[tuple[int, ...], str],
                  device_of: dict[int, int]):
         self.mesh = mesh
         self.device_of = device_of
         self.axis = axis
         self.rank = rank
         self.coords = mesh.coords(rank)
-        self.pp_group = pipeline_groups.get(mesh.group_ranks(axis, rank))
+        self.channels = channels
         self.grad_groups = grad_groups
         self.ops: list[Operation] = []
         self.values: dict[SSAValue, SSAValue] = {}  # par value -> exec value
@@ -239,8 +273,12 @@ class _RankProgram:
         """The rank's program: streams, the lowered ops in order, then waits and frees."""
         self.where = f"par.program @{program.sym_name.data}"
         self.compute = self.add(ex.StreamOp("compute")).results[0]
-        self.comm = self.add(ex.StreamOp("comm")).results[0]
+        self._comm: SSAValue | None = None
         ops = list(program.body.block.ops)
+        directions = sorted({(isinstance(o, par.SendOp), self.peer(o)) for o in ops
+                             if isinstance(o, par.SendOp | par.RecvOp)}, key=lambda d: (d[1], not d[0]))
+        self.p2p = {(sends, peer): self.add(ex.StreamOp(f"{'to' if sends else 'from'}{peer}")).results[0]
+                    for sends, peer in directions}
         lanes = sorted({op.lane_index() for op in ops if isinstance(op, par.TaskOp)} - {0})
         self.lanes = {0: self.compute} | {k: self.add(ex.StreamOp(f"compute{k}")).results[0] for k in lanes}
         self.later_lanes = set(self.lanes.values()) - {self.compute}  # the streams of lanes k > 0
@@ -248,18 +286,22 @@ class _RankProgram:
         while i < len(ops):
             if i >= group_end and isinstance(ops[i], par.TaskOp) and ops[i].lane is not None:
                 group_end = i + self.start_group(ops[i:])
-            run = [ops[i]]
             if isinstance(ops[i], par.SendOp | par.RecvOp):
-                while (ops[i].batch is not None and i + len(run) < len(ops)
-                       and isinstance(ops[i + len(run)], par.SendOp | par.RecvOp)
-                       and ops[i + len(run)].batch == ops[i].batch):
-                    run.append(ops[i + len(run)])
-                self.transfer(run)
+                self.transfer(ops[i])
             else:
                 self.lower(ops[i])
-            i += len(run)
-        block = Block(_with_lifetimes(self.ops, self.comm))
+            i += 1
+        block = Block(_with_lifetimes(self.ops))
         return ex.ProgramOp(f"rank{self.rank}", self.rank, self.mesh.size(), Region(block))
+
+    @property
+    def comm(self) -> SSAValue:
+        """The stream of the collectives, declared second (after `compute`) once one needs it."""
+        if self._comm is None:
+            op = ex.StreamOp("comm")
+            self.ops.insert(1, op)
+            self._comm = op.results[0]
+        return self._comm
 
     def start_group(self, ops: list[Operation]) -> int:
         """Orders each later lane's stream of the overlap group that `ops` starts with after
@@ -349,39 +391,22 @@ class _RankProgram:
         for old, new in zip(op.sums, reduce.outputs, strict=True):
             self.define(old, new, self.comm, reduce)
 
-    def transfer(self, run: list[par.SendOp | par.RecvOp]) -> None:
-        """A send or receive, or a batch of them issued together."""
-        if self.pp_group is None:
-            raise StrategyError(f"lower-to-exec: {run[0].name} \"{run[0].label.data}\" in {self.where}: the "
-                                f"pipeline axis '{self.axis}' has one device, so there is no peer")
-        sends = []
-        send_ops = [o for o in run if isinstance(o, par.SendOp)]
-        recv_ops = [o for o in run if isinstance(o, par.RecvOp)]
-        inputs = self.read([o.input for o in send_ops], self.comm)
-        for o, value in zip(send_ops, inputs, strict=True):
-            sends.append((value, self.peer(o), self.tag(self.sent, o)))
-        recvs = [(self.peer(o), self.tag(self.received, o), o) for o in recv_ops]
-        if len(run) > 1:
-            batch = self.add(ex.BatchP2POp([(v, peer) for v, peer, _ in sends],
-                                           [(peer, o.result.type) for peer, _, o in recvs], self.pp_group, self.comm))
-            for (_, _, o), new in zip(recvs, batch.recvs, strict=True):
-                self.define(o.result, new, self.comm, batch)
-        elif sends:
-            value, peer, tag = sends[0]
-            self.add(ex.SendOp(value, peer, self.pp_group, tag, self.comm))
+    def transfer(self, op: par.SendOp | par.RecvOp) -> None:
+        """A send or a receive, on the stream and the group of its direction (`_channels`)."""
+        peer = self.peer(op)
+        if isinstance(op, par.SendOp):
+            stream = self.p2p[(True, peer)]
+            (value,) = self.read([op.input], stream)
+            self.add(ex.SendOp(value, peer, self.channels[(self.rank, peer)], self.tag(self.sent, op), stream))
         else:
-            peer, tag, o = recvs[0]
-            recv = self.add(ex.RecvOp(peer, self.pp_group, tag, self.comm, o.result.type))
-            self.define(o.result, recv.output, self.comm, recv)
+            stream = self.p2p[(False, peer)]
+            recv = self.add(ex.RecvOp(peer, self.channels[(peer, self.rank)], self.tag(self.received, op), stream,
+                                      op.result.type))
+            self.define(op.result, recv.output, stream, recv)
 
     def peer(self, op: par.SendOp | par.RecvOp) -> int:
-        """The rank of the transfer's peer device, in this rank's pipeline group."""
-        device = op.peer.value.data
-        devices = self.mesh.axis_size(self.axis)
-        if not 0 <= device < devices or device == self.coords[self.axis]:
-            raise StrategyError(f"lower-to-exec: {op.name} \"{op.label.data}\" in {self.where}: peer device "
-                                f"{device} must be another device of 0..{devices - 1} along '{self.axis}'")
-        return self.mesh.rank_of(self.coords | {self.axis: device})
+        """The rank of the transfer's peer device (`peer_rank`)."""
+        return peer_rank(self.mesh, self.axis, self.rank, op, self.where)
 
     def tag(self, count: Counter[int], op: par.SendOp | par.RecvOp) -> int:
         """The message's sequence number between this device and its peer, in one direction."""
@@ -460,7 +485,15 @@ def _peers(op: Operation, side: str) -> set[int]:
     return set()
 
 
-def _with_lifetimes(ops: list[Operation], comm: SSAValue) -> list[Operation]:
+def _waits(ops: list[Operation]) -> list[Operation]:
+    """`exec.wait`s for async `ops`, one per stream they were issued on, each on that stream."""
+    by_stream: dict[SSAValue, list[Operation]] = defaultdict(list)
+    for o in ops:
+        by_stream[o.stream].append(o)
+    return [ex.WaitOp([o.results[0] for o in issued], stream) for stream, issued in by_stream.items()]
+
+
+def _with_lifetimes(ops: list[Operation]) -> list[Operation]:
     """`ops` with `exec.free` after each tensor's last use, and the waits that lifetime needs.
 
     A tensor an async op still reads or writes is not freed before that op's wait: an op
@@ -524,10 +557,9 @@ def _with_lifetimes(ops: list[Operation], comm: SSAValue) -> list[Operation]:
                  and any(o in waiting for waiting in held.values())
                  and _peers(o, "send") <= {p for f in finished if position[f] > position[o]
                                            for p in _peers(f, "recv")}] if finished else []
-        if sends:
-            out.append(ex.WaitOp([o.results[0] for o in sends], comm))
+        out.extend(_waits(sends))
         free(done(finished | set(sends)))
     if in_flight:
-        out.append(ex.WaitOp([o.results[0] for o in in_flight], comm))
+        out.extend(_waits(in_flight))
         free(done(set(in_flight)))
     return out

@@ -109,48 +109,54 @@ PIPELINE = module(
 )
 
 
-def test_a_pipeline_sends_and_receives_on_comm_and_batches_crossing_transfers():
+def test_a_pipeline_sends_and_receives_on_the_streams_and_groups_of_each_direction():
     out = lower(PIPELINE)
-    assert groups(out) == ["exec.process_group @pp_0 ranks [0, 1]"]
+    # One group per direction (a channel), so a blocked send never holds a receive.
+    assert groups(out) == ["exec.process_group @p2p_0_1 ranks [0, 1]", "exec.process_group @p2p_1_0 ranks [0, 1]"]
     assert "par.program" not in out
     # A send is ordered after the launch that made its tensor (event), records the tensor on
-    # comm, and is waited at the program's next wait, its tensor freed right after. A
-    # received tensor is waited on compute before its first use and recorded there.
+    # its direction's stream ("to1"), and is waited on that stream once a later receive from
+    # its peer has completed, its tensor freed right after. A received tensor ("from1") is
+    # waited on compute before its first use and recorded there. The par batches (a send
+    # and a receive issued together) need no batch_p2p: the two directions do not share a
+    # stream or a communicator. No collective, so no "comm" stream.
     assert section(out, "exec.program @rank0") == ir(
         """
         exec.program @rank0 rank 0 world 2 {
           %0 = exec.stream "compute"
-          %1 = exec.stream "comm"
-          %2 = exec.state "w0" : !torch.vtensor<[2,4],f32>
-          %3 = exec.load_input "0" microbatch 0 layout #par.sharding<[[], []]> : !torch.vtensor<[2,4],f32>
-          %4 = exec.launch @s0_F(%3, %2) on %0 stage 0 pass "F" microbatch 0 : (!torch.vtensor<[2,4],f32>, !torch.vtensor<[2,4],f32>) -> !torch.vtensor<[2,4],f32>
-          %5 = exec.event_record %0
-          exec.event_wait %1, %5
-          exec.record_stream %4, %1 : !torch.vtensor<[2,4],f32>
-          %6 = exec.send %4 to 1 group @pp_0 tag 0 on %1 : !torch.vtensor<[2,4],f32>
-          %7 = exec.load_input "0" microbatch 1 layout #par.sharding<[[], []]> : !torch.vtensor<[2,4],f32>
-          %8 = exec.launch @s0_F(%7, %2) on %0 stage 0 pass "F" microbatch 1 : (!torch.vtensor<[2,4],f32>, !torch.vtensor<[2,4],f32>) -> !torch.vtensor<[2,4],f32>
-          %9 = exec.event_record %0
-          exec.event_wait %1, %9
-          exec.record_stream %8, %1 : !torch.vtensor<[2,4],f32>
-          %10, %11 = exec.batch_p2p group @pp_0 on %1 [send %8 to 1 : !torch.vtensor<[2,4],f32>, recv from 1 : !torch.vtensor<[2,4],f32>]
-          exec.wait %10 on %0
-          exec.wait %6 on %1
-          exec.free %4, %8 : !torch.vtensor<[2,4],f32>, !torch.vtensor<[2,4],f32>
-          exec.record_stream %11, %0 : !torch.vtensor<[2,4],f32>
-          %12 = exec.launch @s0_B(%3, %2, %11) on %0 stage 0 pass "B" microbatch 0 : (!torch.vtensor<[2,4],f32>, !torch.vtensor<[2,4],f32>, !torch.vtensor<[2,4],f32>) -> !torch.vtensor<[2,4],f32>
-          exec.free %3, %11 : !torch.vtensor<[2,4],f32>, !torch.vtensor<[2,4],f32>
-          %13, %14 = exec.recv from 1 group @pp_0 tag 1 on %1 : !torch.vtensor<[2,4],f32>
-          exec.wait %13 on %0
-          exec.record_stream %14, %0 : !torch.vtensor<[2,4],f32>
-          %15 = exec.launch @s0_B(%7, %2, %14) on %0 stage 0 pass "B" microbatch 1 : (!torch.vtensor<[2,4],f32>, !torch.vtensor<[2,4],f32>, !torch.vtensor<[2,4],f32>) -> !torch.vtensor<[2,4],f32>
-          exec.free %7, %14 : !torch.vtensor<[2,4],f32>, !torch.vtensor<[2,4],f32>
-          %16 = exec.launch @s0_B_accumulate(%12, %15) on %0 stage 0 pass "B" microbatch 1 : (!torch.vtensor<[2,4],f32>, !torch.vtensor<[2,4],f32>) -> !torch.vtensor<[2,4],f32>
-          exec.free %12, %15 : !torch.vtensor<[2,4],f32>, !torch.vtensor<[2,4],f32>
-          %17 = exec.launch @s0_update(%2, %16) on %0 stage 0 pass "update" : (!torch.vtensor<[2,4],f32>, !torch.vtensor<[2,4],f32>) -> !torch.vtensor<[2,4],f32>
-          exec.free %2, %16 : !torch.vtensor<[2,4],f32>, !torch.vtensor<[2,4],f32>
-          exec.set_state "w0", %17 : !torch.vtensor<[2,4],f32>
-          exec.free %17 : !torch.vtensor<[2,4],f32>
+          %1 = exec.stream "to1"
+          %2 = exec.stream "from1"
+          %3 = exec.state "w0" : !torch.vtensor<[2,4],f32>
+          %4 = exec.load_input "0" microbatch 0 layout #par.sharding<[[], []]> : !torch.vtensor<[2,4],f32>
+          %5 = exec.launch @s0_F(%4, %3) on %0 stage 0 pass "F" microbatch 0 : (!torch.vtensor<[2,4],f32>, !torch.vtensor<[2,4],f32>) -> !torch.vtensor<[2,4],f32>
+          %6 = exec.event_record %0
+          exec.event_wait %1, %6
+          exec.record_stream %5, %1 : !torch.vtensor<[2,4],f32>
+          %7 = exec.send %5 to 1 group @p2p_0_1 tag 0 on %1 : !torch.vtensor<[2,4],f32>
+          %8 = exec.load_input "0" microbatch 1 layout #par.sharding<[[], []]> : !torch.vtensor<[2,4],f32>
+          %9 = exec.launch @s0_F(%8, %3) on %0 stage 0 pass "F" microbatch 1 : (!torch.vtensor<[2,4],f32>, !torch.vtensor<[2,4],f32>) -> !torch.vtensor<[2,4],f32>
+          %10 = exec.event_record %0
+          exec.event_wait %1, %10
+          exec.record_stream %9, %1 : !torch.vtensor<[2,4],f32>
+          %11 = exec.send %9 to 1 group @p2p_0_1 tag 1 on %1 : !torch.vtensor<[2,4],f32>
+          %12, %13 = exec.recv from 1 group @p2p_1_0 tag 0 on %2 : !torch.vtensor<[2,4],f32>
+          exec.wait %12 on %0
+          exec.wait %7, %11 on %1
+          exec.free %5, %9 : !torch.vtensor<[2,4],f32>, !torch.vtensor<[2,4],f32>
+          exec.record_stream %13, %0 : !torch.vtensor<[2,4],f32>
+          %14 = exec.launch @s0_B(%4, %3, %13) on %0 stage 0 pass "B" microbatch 0 : (!torch.vtensor<[2,4],f32>, !torch.vtensor<[2,4],f32>, !torch.vtensor<[2,4],f32>) -> !torch.vtensor<[2,4],f32>
+          exec.free %4, %13 : !torch.vtensor<[2,4],f32>, !torch.vtensor<[2,4],f32>
+          %15, %16 = exec.recv from 1 group @p2p_1_0 tag 1 on %2 : !torch.vtensor<[2,4],f32>
+          exec.wait %15 on %0
+          exec.record_stream %16, %0 : !torch.vtensor<[2,4],f32>
+          %17 = exec.launch @s0_B(%8, %3, %16) on %0 stage 0 pass "B" microbatch 1 : (!torch.vtensor<[2,4],f32>, !torch.vtensor<[2,4],f32>, !torch.vtensor<[2,4],f32>) -> !torch.vtensor<[2,4],f32>
+          exec.free %8, %16 : !torch.vtensor<[2,4],f32>, !torch.vtensor<[2,4],f32>
+          %18 = exec.launch @s0_B_accumulate(%14, %17) on %0 stage 0 pass "B" microbatch 1 : (!torch.vtensor<[2,4],f32>, !torch.vtensor<[2,4],f32>) -> !torch.vtensor<[2,4],f32>
+          exec.free %14, %17 : !torch.vtensor<[2,4],f32>, !torch.vtensor<[2,4],f32>
+          %19 = exec.launch @s0_update(%3, %18) on %0 stage 0 pass "update" : (!torch.vtensor<[2,4],f32>, !torch.vtensor<[2,4],f32>) -> !torch.vtensor<[2,4],f32>
+          exec.free %3, %18 : !torch.vtensor<[2,4],f32>, !torch.vtensor<[2,4],f32>
+          exec.set_state "w0", %19 : !torch.vtensor<[2,4],f32>
+          exec.free %19 : !torch.vtensor<[2,4],f32>
         }
         """
     )
@@ -158,34 +164,37 @@ def test_a_pipeline_sends_and_receives_on_comm_and_batches_crossing_transfers():
         """
         exec.program @rank1 rank 1 world 2 {
           %0 = exec.stream "compute"
-          %1 = exec.stream "comm"
-          %2 = exec.state "w1" : !torch.vtensor<[2,4],f32>
-          %3, %4 = exec.recv from 0 group @pp_0 tag 0 on %1 : !torch.vtensor<[2,4],f32>
-          exec.wait %3 on %0
-          exec.record_stream %4, %0 : !torch.vtensor<[2,4],f32>
-          %5 = exec.launch @s1_F(%4, %2) on %0 stage 1 pass "F" microbatch 0 : (!torch.vtensor<[2,4],f32>, !torch.vtensor<[2,4],f32>) -> !torch.vtensor<[2,4],f32>
-          %6 = exec.launch @s1_B(%4, %2) on %0 stage 1 pass "B" microbatch 0 : (!torch.vtensor<[2,4],f32>, !torch.vtensor<[2,4],f32>) -> !torch.vtensor<[2,4],f32>
-          exec.free %4 : !torch.vtensor<[2,4],f32>
-          %7 = exec.event_record %0
-          exec.event_wait %1, %7
-          exec.record_stream %6, %1 : !torch.vtensor<[2,4],f32>
-          %8, %9 = exec.batch_p2p group @pp_0 on %1 [send %6 to 0 : !torch.vtensor<[2,4],f32>, recv from 0 : !torch.vtensor<[2,4],f32>]
-          exec.wait %8 on %0
-          exec.free %6 : !torch.vtensor<[2,4],f32>
-          exec.record_stream %9, %0 : !torch.vtensor<[2,4],f32>
-          %10 = exec.launch @s1_F(%9, %2) on %0 stage 1 pass "F" microbatch 1 : (!torch.vtensor<[2,4],f32>, !torch.vtensor<[2,4],f32>) -> !torch.vtensor<[2,4],f32>
-          %11 = exec.launch @s1_B(%9, %2) on %0 stage 1 pass "B" microbatch 1 : (!torch.vtensor<[2,4],f32>, !torch.vtensor<[2,4],f32>) -> !torch.vtensor<[2,4],f32>
-          exec.free %2, %9 : !torch.vtensor<[2,4],f32>, !torch.vtensor<[2,4],f32>
-          %12 = exec.event_record %0
-          exec.event_wait %1, %12
-          exec.record_stream %11, %1 : !torch.vtensor<[2,4],f32>
-          %13 = exec.send %11 to 0 group @pp_0 tag 1 on %1 : !torch.vtensor<[2,4],f32>
-          %14 = exec.launch @s1_accumulate_loss(%5, %10) on %0 stage 1 pass "F" microbatch 1 : (!torch.vtensor<[2,4],f32>, !torch.vtensor<[2,4],f32>) -> !torch.vtensor<[2,4],f32>
-          exec.free %5, %10 : !torch.vtensor<[2,4],f32>, !torch.vtensor<[2,4],f32>
-          exec.output "loss", %14 : !torch.vtensor<[2,4],f32>
-          exec.free %14 : !torch.vtensor<[2,4],f32>
-          exec.wait %13 on %1
-          exec.free %11 : !torch.vtensor<[2,4],f32>
+          %1 = exec.stream "to0"
+          %2 = exec.stream "from0"
+          %3 = exec.state "w1" : !torch.vtensor<[2,4],f32>
+          %4, %5 = exec.recv from 0 group @p2p_0_1 tag 0 on %2 : !torch.vtensor<[2,4],f32>
+          exec.wait %4 on %0
+          exec.record_stream %5, %0 : !torch.vtensor<[2,4],f32>
+          %6 = exec.launch @s1_F(%5, %3) on %0 stage 1 pass "F" microbatch 0 : (!torch.vtensor<[2,4],f32>, !torch.vtensor<[2,4],f32>) -> !torch.vtensor<[2,4],f32>
+          %7 = exec.launch @s1_B(%5, %3) on %0 stage 1 pass "B" microbatch 0 : (!torch.vtensor<[2,4],f32>, !torch.vtensor<[2,4],f32>) -> !torch.vtensor<[2,4],f32>
+          exec.free %5 : !torch.vtensor<[2,4],f32>
+          %8 = exec.event_record %0
+          exec.event_wait %1, %8
+          exec.record_stream %7, %1 : !torch.vtensor<[2,4],f32>
+          %9 = exec.send %7 to 0 group @p2p_1_0 tag 0 on %1 : !torch.vtensor<[2,4],f32>
+          %10, %11 = exec.recv from 0 group @p2p_0_1 tag 1 on %2 : !torch.vtensor<[2,4],f32>
+          exec.wait %10 on %0
+          exec.wait %9 on %1
+          exec.free %7 : !torch.vtensor<[2,4],f32>
+          exec.record_stream %11, %0 : !torch.vtensor<[2,4],f32>
+          %12 = exec.launch @s1_F(%11, %3) on %0 stage 1 pass "F" microbatch 1 : (!torch.vtensor<[2,4],f32>, !torch.vtensor<[2,4],f32>) -> !torch.vtensor<[2,4],f32>
+          %13 = exec.launch @s1_B(%11, %3) on %0 stage 1 pass "B" microbatch 1 : (!torch.vtensor<[2,4],f32>, !torch.vtensor<[2,4],f32>) -> !torch.vtensor<[2,4],f32>
+          exec.free %3, %11 : !torch.vtensor<[2,4],f32>, !torch.vtensor<[2,4],f32>
+          %14 = exec.event_record %0
+          exec.event_wait %1, %14
+          exec.record_stream %13, %1 : !torch.vtensor<[2,4],f32>
+          %15 = exec.send %13 to 0 group @p2p_1_0 tag 1 on %1 : !torch.vtensor<[2,4],f32>
+          %16 = exec.launch @s1_accumulate_loss(%6, %12) on %0 stage 1 pass "F" microbatch 1 : (!torch.vtensor<[2,4],f32>, !torch.vtensor<[2,4],f32>) -> !torch.vtensor<[2,4],f32>
+          exec.free %6, %12 : !torch.vtensor<[2,4],f32>, !torch.vtensor<[2,4],f32>
+          exec.output "loss", %16 : !torch.vtensor<[2,4],f32>
+          exec.free %16 : !torch.vtensor<[2,4],f32>
+          exec.wait %15 on %1
+          exec.free %13 : !torch.vtensor<[2,4],f32>
         }
         """
     )
@@ -282,10 +291,8 @@ def test_a_tied_weight_bucket_spans_both_stages_and_every_replica():
         """,
     )
     out = lower(tied)
-    # Pipeline groups first, then each bucket group in the order ranks 0, 1, 2, 3 meet them.
+    # No transfers, so no channels: each bucket group in the order ranks 0, 1, 2, 3 meet them.
     assert groups(out) == [
-        "exec.process_group @pp_0 ranks [0, 2]",
-        "exec.process_group @pp_1 ranks [1, 3]",
         "exec.process_group @grad_0 ranks [0, 1]",
         "exec.process_group @grad_1 ranks [0, 1, 2, 3]",
         "exec.process_group @grad_2 ranks [2, 3]",
@@ -338,12 +345,11 @@ def test_a_bucket_over_one_rank_is_no_collective():
         """
         exec.program @rank0 rank 0 world 1 {
           %0 = exec.stream "compute"
-          %1 = exec.stream "comm"
-          %2 = exec.state "w" : T
-          %3 = exec.launch @s0_B(%2) on %0 stage 0 pass "B" microbatch 0 : (T) -> T
+          %1 = exec.state "w" : T
+          %2 = exec.launch @s0_B(%1) on %0 stage 0 pass "B" microbatch 0 : (T) -> T
+          exec.free %1 : T
+          exec.set_state "w", %2 : T
           exec.free %2 : T
-          exec.set_state "w", %3 : T
-          exec.free %3 : T
         }
         """
     )
@@ -369,12 +375,11 @@ def test_a_step_collective_over_an_axis_of_one_rank_is_no_collective():
         """
         exec.program @rank0 rank 0 world 1 {
           %0 = exec.stream "compute"
-          %1 = exec.stream "comm"
-          %2 = exec.state "w" layout #par.sharding<[["dp"], []]> : T
-          %3 = exec.launch @s0_F(%2) on %0 stage 0 pass "F" microbatch 0 : (T) -> T
+          %1 = exec.state "w" layout #par.sharding<[["dp"], []]> : T
+          %2 = exec.launch @s0_F(%1) on %0 stage 0 pass "F" microbatch 0 : (T) -> T
+          exec.free %1 : T
+          exec.output "loss", %2 : T
           exec.free %2 : T
-          exec.output "loss", %3 : T
-          exec.free %3 : T
         }
         """
     )

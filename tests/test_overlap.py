@@ -108,36 +108,40 @@ def test_lower_to_exec_runs_the_second_lane_on_its_own_stream():
     rank0 = section(out, "exec.program @rank0")
     assert between(rank0, "exec.stream", "exec.stream \"compute1\"") == typed("""
         %0 = exec.stream "compute"
-        %1 = exec.stream "comm"
-        %2 = exec.stream "compute1"
+        %1 = exec.stream "to1"
+        %2 = exec.stream "from1"
+        %3 = exec.stream "compute1"
     """)
     # compute1 is ordered after what compute made before the group (the received h2 mb0 was
-    # waited there), so 0F1 and 3B0 run side by side; the batch after the group waits for
-    # both lanes; later, stage 3's gradient sum on compute waits for compute1's dw3 mb0.
-    assert between(rank0, 'exec.load_input "0" microbatch 1', "exec.free %14, %15") == typed("""
-        %12 = exec.load_input "0" microbatch 1 layout #par.sharding<[[], []]> : T
-        %13 = exec.event_record %0
-        exec.event_wait %2, %13
-        exec.record_stream %8, %2 : T
-        exec.record_stream %9, %2 : W
-        %14 = exec.launch @s0_F(%12, %4) on %0 stage 0 pass "F" microbatch 1 : (T, W) -> T
-        %15, %16 = exec.launch @s3_B(%8, %9) on %2 stage 3 pass "B" microbatch 0 : (T, W) -> (T, W)
-        exec.free %8 : T
-        %17 = exec.event_record %0
-        exec.event_wait %1, %17
-        %18 = exec.event_record %2
-        exec.event_wait %1, %18
-        exec.record_stream %14, %1 : T
-        exec.record_stream %15, %1 : T
-        %19, %20 = exec.batch_p2p group @pp_0 on %1 [send %14 to 1 : T, send %15 to 1 : T, recv from 1 : T]
-        exec.wait %19 on %0
-        exec.free %14, %15 : T, T
+    # waited there), so 0F1 and 3B0 run side by side; each send after the group waits for
+    # its own lane only; later, stage 3's gradient sum on compute waits for compute1's dw3 mb0.
+    assert between(rank0, 'exec.load_input "0" microbatch 1', "exec.free %16, %17") == typed("""
+        %14 = exec.load_input "0" microbatch 1 layout #par.sharding<[[], []]> : T
+        %15 = exec.event_record %0
+        exec.event_wait %3, %15
+        exec.record_stream %10, %3 : T
+        exec.record_stream %11, %3 : W
+        %16 = exec.launch @s0_F(%14, %5) on %0 stage 0 pass "F" microbatch 1 : (T, W) -> T
+        %17, %18 = exec.launch @s3_B(%10, %11) on %3 stage 3 pass "B" microbatch 0 : (T, W) -> (T, W)
+        exec.free %10 : T
+        %19 = exec.event_record %0
+        exec.event_wait %1, %19
+        exec.record_stream %16, %1 : T
+        %20 = exec.send %16 to 1 group @p2p_0_1 tag 1 on %1 : T
+        %21 = exec.event_record %3
+        exec.event_wait %1, %21
+        exec.record_stream %17, %1 : T
+        %22 = exec.send %17 to 1 group @p2p_0_1 tag 2 on %1 : T
+        %23, %24 = exec.recv from 1 group @p2p_1_0 tag 1 on %2 : T
+        exec.wait %23 on %0
+        exec.wait %20, %22 on %1
+        exec.free %16, %17 : T, T
     """)
-    assert between(rank0, "%26 = exec.event_record", "@s3_B_accumulate") == typed("""
-        %26 = exec.event_record %2
-        exec.event_wait %0, %26
-        exec.record_stream %16, %0 : W
-        %27 = exec.launch @s3_B_accumulate(%16, %25) on %0 stage 3 pass "B" microbatch 1 : (W, W) -> W
+    assert between(rank0, "%30 = exec.event_record", "@s3_B_accumulate") == typed("""
+        %30 = exec.event_record %3
+        exec.event_wait %0, %30
+        exec.record_stream %18, %0 : W
+        %31 = exec.launch @s3_B_accumulate(%18, %29) on %0 stage 3 pass "B" microbatch 1 : (W, W) -> W
     """)
     # Device 1 runs no group, and has no second compute stream.
     assert "compute1" not in section(out, "exec.program @rank1")
@@ -145,11 +149,11 @@ def test_lower_to_exec_runs_the_second_lane_on_its_own_stream():
 
 def test_the_program_verifier_rejects_a_lane_read_without_its_event():
     out = run(V_TABLE, lower=True)
-    broken = out.replace("    exec.event_wait %2, %13\n", "", 1)
+    broken = out.replace("    exec.event_wait %3, %15\n", "", 1)
     assert broken != out
     with pytest.raises(VerifyException, match=(
-            r'exec.launch at op #21 reads %8 on stream "compute1", but %8 is made on stream "comm" by the '
-            r'exec.batch_p2p at op #9 and nothing orders "compute1" after it;')):
+            r'exec.launch at op #24 reads %10 on stream "compute1", but %10 is made on stream "from1" by the '
+            r'exec.recv at op #11 and nothing orders "compute1" after it;')):
         parse_module(broken, make_context()).verify()
 
 
@@ -164,15 +168,15 @@ def test_a_gradient_sum_two_lanes_add_to_is_ordered_between_them():
         %dw3_2 = par.task @s3_B_accumulate stage 3 pass B microbatch 1 lane 1 (%dw3, %dw3_1) : (W, W) -> W
     """)
     rank0 = section(run(table, lower=True), "exec.program @rank0")
-    assert between(rank0, "%22, %23 = exec.launch", "@s3_B_accumulate") == typed("""
-        %22, %23 = exec.launch @s3_B(%12, %13) on %0 stage 3 pass "B" microbatch 0 : (T, W) -> (T, W)
-        exec.free %12 : T
-        %24, %25 = exec.launch @s3_B(%17, %13) on %2 stage 3 pass "B" microbatch 1 : (T, W) -> (T, W)
-        exec.free %17 : T
-        %26 = exec.event_record %0
-        exec.event_wait %2, %26
-        exec.record_stream %23, %2 : W
-        %27 = exec.launch @s3_B_accumulate(%23, %25) on %2 stage 3 pass "B" microbatch 1 : (W, W) -> W
+    assert between(rank0, "%24, %25 = exec.launch", "@s3_B_accumulate") == typed("""
+        %24, %25 = exec.launch @s3_B(%14, %15) on %0 stage 3 pass "B" microbatch 0 : (T, W) -> (T, W)
+        exec.free %14 : T
+        %26, %27 = exec.launch @s3_B(%19, %15) on %3 stage 3 pass "B" microbatch 1 : (T, W) -> (T, W)
+        exec.free %19 : T
+        %28 = exec.event_record %0
+        exec.event_wait %3, %28
+        exec.record_stream %25, %3 : W
+        %29 = exec.launch @s3_B_accumulate(%25, %27) on %3 stage 3 pass "B" microbatch 1 : (W, W) -> W
     """)
 
 
@@ -181,23 +185,23 @@ def test_a_loss_made_on_a_later_lane_is_read_once_compute_is_ordered_after_it():
     # reads is waited on compute1, and the host reads the loss once compute waits for it.
     table = "0F0 0F1 3F0 3B0+3F1 3B1 0B0 0B1;1F0 2F0 1F1 2F1 2B0 1B0 2B1 1B1"
     rank0 = section(run(table, lower=True), "exec.program @rank0")
-    assert between(rank0, "exec.wait %16", "exec.output") == typed("""
-        exec.wait %16 on %2
-        %18 = exec.event_record %0
-        exec.event_wait %2, %18
-        exec.record_stream %17, %2 : T
-        exec.record_stream %13, %2 : W
-        exec.record_stream %15, %2 : L
-        %19, %20 = exec.launch @s3_B(%12, %13) on %0 stage 3 pass "B" microbatch 0 : (T, W) -> (T, W)
-        exec.free %12 : T
-        %21, %22 = exec.launch @s3_F(%17, %13) on %2 stage 3 pass "F" microbatch 1 : (T, W) -> (L, L)
-        exec.free %21 : L
-        %23 = exec.launch @s3_F_accumulate(%15, %22) on %2 stage 3 pass "F" microbatch 1 : (L, L) -> L
-        exec.free %15, %22 : L, L
-        %24 = exec.event_record %2
-        exec.event_wait %0, %24
-        exec.record_stream %23, %0 : L
-        exec.output "loss", %23 : L
+    assert between(rank0, "exec.wait %18", "exec.output") == typed("""
+        exec.wait %18 on %3
+        %20 = exec.event_record %0
+        exec.event_wait %3, %20
+        exec.record_stream %19, %3 : T
+        exec.record_stream %15, %3 : W
+        exec.record_stream %17, %3 : L
+        %21, %22 = exec.launch @s3_B(%14, %15) on %0 stage 3 pass "B" microbatch 0 : (T, W) -> (T, W)
+        exec.free %14 : T
+        %23, %24 = exec.launch @s3_F(%19, %15) on %3 stage 3 pass "F" microbatch 1 : (T, W) -> (L, L)
+        exec.free %23 : L
+        %25 = exec.launch @s3_F_accumulate(%17, %24) on %3 stage 3 pass "F" microbatch 1 : (L, L) -> L
+        exec.free %17, %24 : L, L
+        %26 = exec.event_record %3
+        exec.event_wait %0, %26
+        exec.record_stream %25, %0 : L
+        exec.output "loss", %25 : L
     """)
 
 

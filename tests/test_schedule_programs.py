@@ -44,10 +44,14 @@ def test_builtin_schedule_programs_complete_under_rendezvous_semantics(captured,
     assert len(programs) == 2 * pp
     check_pairing(module)
     simulate(module)  # raises, naming each blocked rank's op, on a deadlock
-    if kind == "1f1b" and microbatches > 1:
-        # In the steady state a forward send and a backward receive cross between
-        # neighbours; they are issued together.
-        assert any(isinstance(op, ex.BatchP2POp) for op in programs[0].body.block.ops)
+    # Each direction between two ranks has its own group and stream (lower-to-exec's
+    # channels), so the forward sends and backward receives that cross between neighbours
+    # need no batch: rank 0 sends to rank 2 (its pipeline neighbour, dp=2) on @p2p_0_2 from
+    # stream "to2" and receives from it on @p2p_2_0 on "from2".
+    ops = list(programs[0].body.block.ops)
+    assert not any(isinstance(op, ex.BatchP2POp) for program in programs for op in program.body.block.ops)
+    assert {(op.group.root_reference.data, op.stream.owner.stream_name.data)
+            for op in ops if isinstance(op, ex.SendOp | ex.RecvOp)} == {("p2p_0_2", "to2"), ("p2p_2_0", "from2")}
 
 
 def test_no_tensor_outlives_its_last_use(captured):

@@ -10,6 +10,8 @@ what a real run's trace names, and that a profile of a real run gives a cost for
 from __future__ import annotations
 
 import json
+import re
+from collections import defaultdict
 
 import pytest
 
@@ -335,8 +337,14 @@ def test_the_predicted_trace_opens_as_a_measured_one(one_f_one_b, tmp_path):
             op.callee.root_reference.data + ("" if op.microbatch is None else f" mb{op.microbatch.value.data}")
             for op in launches]
         assert all(e["pid"] == rank and e["args"]["step"] == 0 for e in timed)
-        assert [e["name"] for e in sorted((e for e in timed if e["cat"] == "p2p"), key=lambda e: e["ts"])] \
-            == program_transfers(program)
+        # each stream's transfers in program order (the streams of the two directions run apart;
+        # transfers in flight together on one stream are drawn on lanes "<stream> 2", ...)
+        names = {e["tid"]: re.sub(r" \d+$", "", e["args"]["name"])
+                 for e in data["traceEvents"] if e["name"] == "thread_name"}
+        by_stream = defaultdict(list)
+        for e in sorted((e for e in timed if e["cat"] == "p2p"), key=lambda e: e["ts"]):
+            by_stream[names[e["tid"]]].append(e["name"])
+        assert by_stream and by_stream == {s: program_transfers(program, s) for s in by_stream}
         assert [e["name"] for e in timed if e["cat"] == STEP] == ["step 0"]
     merged = json.loads((tmp_path / "trace.json").read_text())
     assert {e["pid"] for e in merged["traceEvents"] if e["ph"] == "X"} == {0, 1}

@@ -3,6 +3,7 @@
 transfers with their peers, and the waits."""
 
 import json
+from collections import Counter, defaultdict
 
 import piperc
 from piperc.dialects import exec as ex
@@ -24,15 +25,17 @@ def lanes(data: dict) -> dict[int, str]:
     return {e["tid"]: e["args"]["name"] for e in data["traceEvents"] if e["name"] == "thread_name"}
 
 
-def program_transfers(program: ex.ProgramOp) -> list[str]:
-    """The p2p event names a rank's program issues, in order: a send is named after the
-    launch that made its tensor."""
+def program_transfers(program: ex.ProgramOp, stream: str | None = None) -> list[str]:
+    """The p2p event names a rank's program issues (on `stream`, when given), in order: a
+    send is named after the launch that made its tensor."""
     def send(value, peer: int) -> str:
         launch = value.owner
         return f"send {task_name(launch.callee.root_reference.data, launch.microbatch.value.data)} -> {peer}"
 
     names = []
     for op in program.body.block.ops:
+        if stream is not None and getattr(op, "stream", None) is not None and op.stream.owner.stream_name.data != stream:
+            continue
         if isinstance(op, ex.SendOp):
             names.append(send(op.input, op.peer.value.data))
         elif isinstance(op, ex.RecvOp):
@@ -61,8 +64,8 @@ def test_a_traced_1f1b_run_writes_each_ranks_tasks_transfers_and_waits(tmp_path)
             "s1_update"],
     }
     expected_transfers = {
-        0: ["send s0_F mb0 -> 1", "send s0_F mb1 -> 1, recv <- 1", "recv <- 1"],
-        1: ["recv <- 0", "send s1_B mb0 -> 0, recv <- 0", "send s1_B mb1 -> 0"],
+        0: ["send s0_F mb0 -> 1", "send s0_F mb1 -> 1", "recv <- 1", "recv <- 1"],
+        1: ["recv <- 0", "send s1_B mb0 -> 0", "recv <- 0", "send s1_B mb1 -> 0"],
     }
     programs = {p.rank.value.data: p for p in compiled.module.walk() if isinstance(p, ex.ProgramOp)}
     for rank, program in programs.items():
@@ -83,10 +86,16 @@ def test_a_traced_1f1b_run_writes_each_ranks_tasks_transfers_and_waits(tmp_path)
             transfers = [e for e in in_step if e["cat"] == "p2p"]
             assert [e["name"] for e in transfers] == expected_transfers[rank]
             assert all(e["args"]["peers"] == [1 - rank] and e["args"]["bytes"] > 0 for e in transfers)
-            # Each communication ends when the host's wait for it returns.
-            waits = {e["name"]: e["ts"] + e["dur"] for e in in_step if e["cat"] == "wait"}
+            # Each communication ends when the host's wait for it returns (the k-th of a name
+            # at the k-th wait for that name).
+            waits = defaultdict(list)
+            for e in in_step:
+                if e["cat"] == "wait":
+                    waits[e["name"]].append(e["ts"] + e["dur"])
+            seen = Counter()
             for e in transfers:
-                assert abs(waits[f"wait {e['name']}"] - (e["ts"] + e["dur"])) < 1e-3
+                assert abs(waits[f"wait {e['name']}"][seen[e["name"]]] - (e["ts"] + e["dur"])) < 1e-3
+                seen[e["name"]] += 1
     merged = json.loads((tmp_path / "trace" / "trace.json").read_text())
     assert {e["pid"] for e in timed(merged)} == {0, 1}
 

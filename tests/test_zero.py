@@ -99,11 +99,11 @@ def test_zero3_without_resharding_after_forward_gathers_each_weight_once_per_ste
     # Lowered, it is an asynchronous all-gather on the communication stream, waited by the
     # compute stream right before the first forward (a prefetch).
     rank0 = section(run(KEEP_WHOLE + ",lower-reshard,lower-to-exec"), "exec.program @rank0").splitlines()
-    assert [line.strip() for line in rank0[4:8]] == [
-        "%3, %4 = exec.all_gather %2 group @grad_0 dim 0 on %1 : !torch.vtensor<[2,4],f32> -> !torch.vtensor<[4,4],f32>",
-        '%5 = exec.load_input "0" microbatch 0 layout #par.sharding<[["dp"], []]> : !torch.vtensor<[2,4],f32>',
-        "exec.wait %3 on %0",
-        "exec.record_stream %4, %0 : !torch.vtensor<[4,4],f32>",
+    assert [line.strip() for line in rank0[6:10]] == [
+        "%5, %6 = exec.all_gather %4 group @grad_0 dim 0 on %1 : !torch.vtensor<[2,4],f32> -> !torch.vtensor<[4,4],f32>",
+        '%7 = exec.load_input "0" microbatch 0 layout #par.sharding<[["dp"], []]> : !torch.vtensor<[2,4],f32>',
+        "exec.wait %5 on %0",
+        "exec.record_stream %6, %0 : !torch.vtensor<[4,4],f32>",
     ]
 
 
