@@ -44,6 +44,7 @@ PASSES: dict[str, Callable[[], type[ModulePass]]] = {
     "propagate-sharding": _lazy("piperc.passes.propagate_sharding", "PropagateShardingPass"),
     "tensor-parallel": _lazy("piperc.passes.tensor_parallel", "TensorParallelPass"),
     "localise-shapes": _lazy("piperc.passes.localise_shapes", "LocaliseShapesPass"),
+    "expert-parallel": _lazy("piperc.passes.expert_parallel", "ExpertParallelPass"),
     "cse": _lazy("xdsl.transforms.common_subexpression_elimination", "CommonSubexpressionElimination"),
     "dce": _lazy("xdsl.transforms.dead_code_elimination", "DeadCodeElimination"),
 }

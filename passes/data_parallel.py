@@ -12,7 +12,10 @@ into buckets of at most `bucket-mb` MiB in the order the backward produces them
 (last parameters first), so each bucket can be issued as soon as its gradients
 are final. A weight tied across stages is summed over its stages too (its
 bucket lists them). The microbatch pass scales the loss so the sum over
-replicas is the global mean.
+replicas is the global mean. A value whose layout already splits a dimension
+over `axis` (expert parallelism's experts, what they compute and their
+gradients: each device holds its own piece, whole) keeps that layout, and its
+gradient joins no bucket.
 
     %r:2 = par.all_reduce_bucket 0 stage 1 (%g1, %g2) over @mesh ["dp"] stages [1] : T1, T2
     %u = par.task @s1_update stage 1 pass update (%w1, %r#0, ...) : ...
@@ -71,10 +74,13 @@ def reduce_gradients(module: ModuleOp, axes: tuple[str, ...], limit_bytes: float
         grads = [(i, params[k.removeprefix("grad:")]) for i, k in enumerate(keys) if k.startswith("grad:")]
         buckets: list[tuple[tuple[int, ...], list[int]]] = []
         open_bucket: dict[tuple[int, ...], tuple[list[int], int]] = {}  # group -> (its bucket, bytes)
+        update = find_function(module, task.callee.root_reference.data)
         for index, param in reversed(grads):
             group = tuple(holders[param])
             if shared_only and len(group) == 1:
                 continue
+            if _splits_over(layout_of(update.arg_attrs.data[index]), axes):
+                continue  # each device holds its own piece, computed whole (expert parallelism's experts)
             nbytes = task.args[index].type.nbytes()
             current, size = open_bucket.get(group, (None, 0))
             if current is None or size + nbytes > limit_bytes:
@@ -145,7 +151,7 @@ class DataParallelPass(ModulePass):
         then laid out over the other axes as before)."""
         shape = type_.get_shape() if isinstance(type_, ValueTensorType) else ()
         layout = layout_of(attrs) or ShardingAttr.replicated(len(shape))
-        if not batched:
+        if not batched or _splits_over(layout, (self.axis,)):
             return layout
         for dim, size in enumerate(shape):
             if size > 0 and size % rows == 0:
@@ -157,9 +163,18 @@ class DataParallelPass(ModulePass):
         """The layout `attrs` give (replicated if none), also a pending sum over the axis (a
         loss that propagation already made pending over every axis stays as it is)."""
         layout = layout_of(attrs) or ShardingAttr.replicated(len(type_.get_shape()))
+        if _splits_over(layout, (self.axis,)):
+            return layout
         partial = layout.partial_axes()
         return ShardingAttr([layout.dim_axes(d) for d in range(layout.rank())],
                             partial if self.axis in partial else [self.axis, *partial])
+
+
+def _splits_over(layout: ShardingAttr | None, axes: tuple[str, ...]) -> bool:
+    """Whether `layout` splits a dimension over one of `axes`: a value each device along them
+    holds a different piece of, whole (expert parallelism's experts and what they compute from
+    every replica's tokens), which the batch split leaves as it is and nothing sums."""
+    return layout is not None and any(a in axes for d in range(layout.rank()) for a in layout.dim_axes(d))
 
 
 def _gradient_results(main: func.FuncOp, task: TaskOp) -> list[bool]:

@@ -19,6 +19,7 @@ _LAZY = {
     "pipeline": "piperc.strategy",
     "data_parallel": "piperc.strategy",
     "tensor_parallel": "piperc.strategy",
+    "expert_parallel": "piperc.strategy",
     "optim": "piperc.strategy",
     "Directive": "piperc.strategy",
     "Fragment": "piperc.strategy",

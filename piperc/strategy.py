@@ -23,8 +23,10 @@ from xdsl.passes import ModulePass
 
 from piperc import schedules
 from piperc.errors import StrategyError
+from piperc.nn import MOE_REGION
 from piperc.passes.data_parallel import DataParallelPass
 from piperc.passes.expand_schedule import ExpandSchedulePass
+from piperc.passes.expert_parallel import ExpertParallelPass
 from piperc.passes.localise_shapes import LocaliseShapesPass
 from piperc.passes.optimizer import OptimizerPass
 from piperc.passes.outline_stages import OutlineStagesPass
@@ -69,7 +71,7 @@ class Fragment:
       mesh          `par.mesh @mesh` declares the mesh (piperc's `mesh`)
       layouts       every value of the captured `@main` has its final layout and
                     per-device type (piperc's `mesh` leaves all of them
-                    replicated; tensor parallelism's passes shard them); the
+                    replicated; tensor and expert parallelism's passes shard them); the
                     stage fragments require it, so strategies that lay out the
                     whole graph run before it is split into stages
       stages        `@s<i>_F` / `@s<i>_B` stage functions (a pipeline's
@@ -375,6 +377,58 @@ class TensorParallel(Directive):
              PropagateShardingPass(mesh_axes=(self.axis,), strict=self.strict),
              LocaliseShapesPass(mesh_axes=(self.axis,))),
             requires=("mesh",), provides=("layouts",))]
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertParallel(Directive):
+    """Expert parallelism over a data-parallel `axis`: each MoE layer's experts sharded along
+    it, its dispatched tokens sent to their experts' rank and back (see `expert_parallel`)."""
+
+    axis: str = "dp"
+
+    def __str__(self) -> str:
+        return f"expert_parallel(axis={self.axis!r})"
+
+    def check(self, ctx: StrategyContext) -> None:
+        """One per strategy, on the axis of a data_parallel directive without ZeRO; not next to
+        tensor parallelism."""
+        if next(d for d in ctx.directives if isinstance(d, ExpertParallel)) is not self:
+            raise StrategyError(f"{self}: only one expert_parallel directive is allowed")
+        if not isinstance(self.axis, str) or self.axis not in ctx.mesh.axes:
+            raise StrategyError(f"{self}: axis {self.axis!r} is not in {ctx.mesh!r}")
+        data = [d for d in ctx.directives if isinstance(d, DataParallel) and d.axis == self.axis]
+        if not data:
+            raise StrategyError(f"{self}: the experts are sharded over the ranks of a data-parallel axis; add "
+                                f"piperc.data_parallel(axis={self.axis!r}) (an expert axis of its own is not "
+                                "supported yet)")
+        if data[0].zero:
+            raise StrategyError(f"{self}: next to {data[0]}: ZeRO would shard the experts' parameters a second "
+                                "time over the same axis; use data_parallel without zero")
+        tensor = [d for d in ctx.directives if isinstance(d, TensorParallel)]
+        if tensor:
+            raise StrategyError(f"{self}: next to {tensor[0]} is not supported yet")
+
+    def fragments(self, ctx: StrategyContext) -> list[Fragment]:
+        """expert-parallel on the captured step, before anything splits it into stages."""
+        return [Fragment((ExpertParallelPass(axis=self.axis, region=MOE_REGION, directive=str(self)),),
+                         requires=("mesh",), provides=("layouts",))]
+
+
+def expert_parallel(axis: str = "dp") -> ExpertParallel:
+    """Expert-parallel directive: each mixture-of-experts layer's experts are sharded over the
+    ranks of `axis`, a data-parallel axis (`piperc.data_parallel(axis=...)` in the same
+    strategy), as DeepSpeed-MoE and torchtitan shard them over data-parallel ranks.
+
+    A layer is `piperc.nn.MoE` or any module that follows its routing contract. Each of the n
+    ranks of `axis` holds E/n of a layer's E experts and their optimizer state. The layer's
+    dispatched buffer `[E, C, d]` of each rank's tokens goes to the experts' ranks by an
+    all-to-all, the experts run on every rank's tokens routed to them, and an all-to-all
+    brings their outputs back; the backward mirrors both. Expert gradients are not summed
+    over `axis` (each is whole on the one rank holding the expert); dense gradients are.
+    Capacity and the load-balancing loss stay per (microbatch, data rank), so training equals
+    one device running each batch in the same slices.
+    """
+    return ExpertParallel(axis)
 
 
 def tensor_parallel(axis: str = "tp", plan: Mapping[str, Placement] | None = None,
