@@ -111,6 +111,7 @@ class LowerToExecPass(ModulePass):
         axis = self._pipeline_axis(op, mesh)
         programs = _device_programs(op, mesh, axis)
         channels = _channels(mesh, axis, programs)
+        releases = _send_releases(programs)
         grad_groups = _grad_groups(mesh, axis, programs)
         device_of = stage_devices(programs)
         for (src, dst), name in channels.items():
@@ -118,7 +119,7 @@ class LowerToExecPass(ModulePass):
         for ranks, name in grad_groups.items():
             op.body.block.add_op(ex.ProcessGroupOp(name, ranks))
         for rank in range(mesh.size()):
-            builder = _RankProgram(mesh, axis, rank, channels, grad_groups, device_of)
+            builder = _RankProgram(mesh, axis, rank, channels, grad_groups, device_of, releases)
             op.body.block.add_op(builder.build(programs[mesh.coords(rank)[axis]]))
         for program in programs:
             program.detach()
@@ -197,6 +198,31 @@ def _channels(mesh: MeshAttr, axis: str, programs: list[par.ProgramOp]) -> dict[
     return channels
 
 
+def _send_releases(programs: list[par.ProgramOp]) -> dict[tuple[int, int, int], int]:
+    """For the k-th message from device a to device b, (a, b, k) -> j: the first message from
+    b back to a that b sends after it has posted the receive of message k (none: b sends
+    none after). Once a has received message j, b has posted that receive, so a's wait for
+    its send k returns without waiting for b (under gloo, and under NCCL, a send completes
+    only once its receive is posted)."""
+    sends: dict[tuple[int, int], list[int]] = defaultdict(list)  # (a, b) -> positions of a's sends to b
+    recvs: dict[tuple[int, int], list[int]] = defaultdict(list)  # (a, b) -> positions of b's receives from a
+    for program in programs:
+        device = program.device.value.data
+        for position, op in enumerate(program.body.block.ops):
+            if isinstance(op, par.SendOp):
+                sends[(device, op.peer.value.data)].append(position)
+            elif isinstance(op, par.RecvOp):
+                recvs[(op.peer.value.data, device)].append(position)
+    releases = {}
+    for (a, b), posted in recvs.items():
+        back = sends.get((b, a), [])
+        for k, position in enumerate(posted):
+            j = next((j for j, sent in enumerate(back) if sent > position), None)
+            if j is not None:
+                releases[(a, b, k)] = j
+    return releases
+
+
 def stage_devices(programs: list[par.ProgramOp]) -> dict[int, int]:
     """The device along the pipeline axis that runs each stage, from the tasks of the device
     programs (a device may run several stages)."""
@@ -237,18 +263,15 @@ def _grad_groups(mesh: MeshAttr, axis: str, programs: list[par.ProgramOp]) -> di
     return groups
 
 
-def _holds_results(op: Operation) -> bool:
-    """Whether an async op writes tensors (and so is waited where they are first used)."""
-    return any(isinstance(r.type, ValueTensorType) for r in op.results)
-
-
 class _RankProgram:
     """Builds the `exec.program` of one rank from its device's `par.program`."""
 
     def __init__(self, mesh: MeshAttr, axis: str, rank: int,
                  channels: dict[tuple[int, int], str], grad_groups: dict[tuple[int, ...], str],
-                 device_of: dict[int, int]):
+                 device_of: dict[int, int], releases: dict[tuple[int, int, int], int]):
         self.mesh = mesh
+        self.releases = releases
+        self.released_by: dict[Operation, tuple[int, int]] = {}  # send -> (peer, tag of the receive after which it completes)
         self.device_of = device_of
         self.axis = axis
         self.rank = rank
@@ -291,7 +314,7 @@ class _RankProgram:
             else:
                 self.lower(ops[i])
             i += 1
-        block = Block(_with_lifetimes(self.ops))
+        block = Block(_with_lifetimes(self.ops, self.released_by))
         return ex.ProgramOp(f"rank{self.rank}", self.rank, self.mesh.size(), Region(block))
 
     @property
@@ -397,7 +420,11 @@ class _RankProgram:
         if isinstance(op, par.SendOp):
             stream = self.p2p[(True, peer)]
             (value,) = self.read([op.input], stream)
-            self.add(ex.SendOp(value, peer, self.channels[(self.rank, peer)], self.tag(self.sent, op), stream))
+            tag = self.tag(self.sent, op)
+            send = self.add(ex.SendOp(value, peer, self.channels[(self.rank, peer)], tag, stream))
+            release = self.releases.get((self.coords[self.axis], op.peer.value.data, tag))
+            if release is not None:
+                self.released_by[send] = (peer, release)
         else:
             stream = self.p2p[(False, peer)]
             recv = self.add(ex.RecvOp(peer, self.channels[(peer, self.rank)], self.tag(self.received, op), stream,
@@ -476,15 +503,6 @@ class _RankProgram:
                 self.ready[result].add(stream)
 
 
-def _peers(op: Operation, side: str) -> set[int]:
-    """The peers an async p2p op sends to (`side` "send") or receives from ("recv")."""
-    if isinstance(op, ex.BatchP2POp):
-        return set((op.send_peers if side == "send" else op.recv_peers).get_values())
-    if isinstance(op, ex.SendOp if side == "send" else ex.RecvOp):
-        return {op.peer.value.data}
-    return set()
-
-
 def _waits(ops: list[Operation]) -> list[Operation]:
     """`exec.wait`s for async `ops`, one per stream they were issued on, each on that stream."""
     by_stream: dict[SSAValue, list[Operation]] = defaultdict(list)
@@ -493,15 +511,16 @@ def _waits(ops: list[Operation]) -> list[Operation]:
     return [ex.WaitOp([o.results[0] for o in issued], stream) for stream, issued in by_stream.items()]
 
 
-def _with_lifetimes(ops: list[Operation]) -> list[Operation]:
+def _with_lifetimes(ops: list[Operation], released_by: dict[Operation, tuple[int, int]]) -> list[Operation]:
     """`ops` with `exec.free` after each tensor's last use, and the waits that lifetime needs.
 
     A tensor an async op still reads or writes is not freed before that op's wait: an op
     with results is waited where the results are first used (already in `ops`), so its
-    tensors are freed right after that wait; an op without results (a send) whose input is
-    dead is waited on `comm` at the wait of a later receive from its peer (by then the peer
-    has posted its receive), and its input freed right after.
-    What is still in flight at the end is waited there, and the tensors it held are freed after.
+    tensors are freed right after that wait; a send whose input is dead is waited on its
+    stream once the receive `released_by` names for it (peer, tag) has been waited, by
+    when the peer has posted the send's receive (`_send_releases`), and its input freed right
+    after. What is still in flight at the end is waited there, and the tensors it held are
+    freed after.
     """
     order: dict[SSAValue, int] = {}
     last_use: dict[SSAValue, int] = {}
@@ -522,8 +541,8 @@ def _with_lifetimes(ops: list[Operation]) -> list[Operation]:
     for v, i in last_use.items():
         dying[i].append(v)
 
-    position = {op: i for i, op in enumerate(ops)}
     out: list[Operation] = []
+    received: dict[int, int] = {}  # peer -> the highest tag of a receive from it waited so far
     in_flight: list[Operation] = []
     held: dict[SSAValue, set[Operation]] = {}  # dead tensor -> async ops it waits for
 
@@ -548,15 +567,16 @@ def _with_lifetimes(ops: list[Operation]) -> list[Operation]:
         finished = {w.owner for w in op.works} if isinstance(op, ex.WaitOp) else set()
         for v in dying[i]:
             held[v] = {o for o in holders[v] if o in in_flight}
-        # A send no longer needed by compute is waited once a later receive from each of its
-        # peers has completed, not where its input dies: waiting there would hold the host
-        # until the peer posts its receive, and the pipeline would stop overlapping. Transfers
-        # between two devices are issued in the same order on both, so by then the peer has
-        # posted the receive of the send, which completes without holding the host.
-        sends = [o for o in in_flight if not _holds_results(o) and o not in finished
+        for f in finished:
+            if isinstance(f, ex.RecvOp):
+                peer = f.peer.value.data
+                received[peer] = max(received.get(peer, -1), f.tag.value.data)
+        # A send no longer needed by compute is waited once the peer has provably posted its
+        # receive, not where its input dies: waiting there would hold the host until the
+        # peer posts it, and the pipeline would stop overlapping.
+        sends = [o for o in in_flight if o in released_by and o not in finished
                  and any(o in waiting for waiting in held.values())
-                 and _peers(o, "send") <= {p for f in finished if position[f] > position[o]
-                                           for p in _peers(f, "recv")}] if finished else []
+                 and received.get(released_by[o][0], -1) >= released_by[o][1]] if finished else []
         out.extend(_waits(sends))
         free(done(finished | set(sends)))
     if in_flight:

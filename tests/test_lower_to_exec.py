@@ -115,8 +115,10 @@ def test_a_pipeline_sends_and_receives_on_the_streams_and_groups_of_each_directi
     assert groups(out) == ["exec.process_group @p2p_0_1 ranks [0, 1]", "exec.process_group @p2p_1_0 ranks [0, 1]"]
     assert "par.program" not in out
     # A send is ordered after the launch that made its tensor (event), records the tensor on
-    # its direction's stream ("to1"), and is waited on that stream once a later receive from
-    # its peer has completed, its tensor freed right after. A received tensor ("from1") is
+    # its direction's stream ("to1"), and is waited on that stream once a receive shows the
+    # peer has posted the send's receive (rank 0's mb1 activation: at the gradient of mb1,
+    # which device 1 sends after receiving mb1), its tensor freed right after; rank 1's
+    # gradients wait to the end, as device 0 sends nothing after receiving them. A received tensor ("from1") is
     # waited on compute before its first use and recorded there. The par batches (a send
     # and a receive issued together) need no batch_p2p: the two directions do not share a
     # stream or a communicator. No collective, so no "comm" stream.
@@ -141,13 +143,15 @@ def test_a_pipeline_sends_and_receives_on_the_streams_and_groups_of_each_directi
           %11 = exec.send %9 to 1 group @p2p_0_1 tag 1 on %1 : !torch.vtensor<[2,4],f32>
           %12, %13 = exec.recv from 1 group @p2p_1_0 tag 0 on %2 : !torch.vtensor<[2,4],f32>
           exec.wait %12 on %0
-          exec.wait %7, %11 on %1
-          exec.free %5, %9 : !torch.vtensor<[2,4],f32>, !torch.vtensor<[2,4],f32>
+          exec.wait %7 on %1
+          exec.free %5 : !torch.vtensor<[2,4],f32>
           exec.record_stream %13, %0 : !torch.vtensor<[2,4],f32>
           %14 = exec.launch @s0_B(%4, %3, %13) on %0 stage 0 pass "B" microbatch 0 : (!torch.vtensor<[2,4],f32>, !torch.vtensor<[2,4],f32>, !torch.vtensor<[2,4],f32>) -> !torch.vtensor<[2,4],f32>
           exec.free %4, %13 : !torch.vtensor<[2,4],f32>, !torch.vtensor<[2,4],f32>
           %15, %16 = exec.recv from 1 group @p2p_1_0 tag 1 on %2 : !torch.vtensor<[2,4],f32>
           exec.wait %15 on %0
+          exec.wait %11 on %1
+          exec.free %9 : !torch.vtensor<[2,4],f32>
           exec.record_stream %16, %0 : !torch.vtensor<[2,4],f32>
           %17 = exec.launch @s0_B(%8, %3, %16) on %0 stage 0 pass "B" microbatch 1 : (!torch.vtensor<[2,4],f32>, !torch.vtensor<[2,4],f32>, !torch.vtensor<[2,4],f32>) -> !torch.vtensor<[2,4],f32>
           exec.free %8, %16 : !torch.vtensor<[2,4],f32>, !torch.vtensor<[2,4],f32>
@@ -179,8 +183,6 @@ def test_a_pipeline_sends_and_receives_on_the_streams_and_groups_of_each_directi
           %9 = exec.send %7 to 0 group @p2p_1_0 tag 0 on %1 : !torch.vtensor<[2,4],f32>
           %10, %11 = exec.recv from 0 group @p2p_0_1 tag 1 on %2 : !torch.vtensor<[2,4],f32>
           exec.wait %10 on %0
-          exec.wait %9 on %1
-          exec.free %7 : !torch.vtensor<[2,4],f32>
           exec.record_stream %11, %0 : !torch.vtensor<[2,4],f32>
           %12 = exec.launch @s1_F(%11, %3) on %0 stage 1 pass "F" microbatch 1 : (!torch.vtensor<[2,4],f32>, !torch.vtensor<[2,4],f32>) -> !torch.vtensor<[2,4],f32>
           %13 = exec.launch @s1_B(%11, %3) on %0 stage 1 pass "B" microbatch 1 : (!torch.vtensor<[2,4],f32>, !torch.vtensor<[2,4],f32>) -> !torch.vtensor<[2,4],f32>
@@ -193,8 +195,8 @@ def test_a_pipeline_sends_and_receives_on_the_streams_and_groups_of_each_directi
           exec.free %6, %12 : !torch.vtensor<[2,4],f32>, !torch.vtensor<[2,4],f32>
           exec.output "loss", %16 : !torch.vtensor<[2,4],f32>
           exec.free %16 : !torch.vtensor<[2,4],f32>
-          exec.wait %15 on %1
-          exec.free %13 : !torch.vtensor<[2,4],f32>
+          exec.wait %9, %15 on %1
+          exec.free %7, %13 : !torch.vtensor<[2,4],f32>, !torch.vtensor<[2,4],f32>
         }
         """
     )

@@ -187,6 +187,8 @@ def test_a_loss_made_on_a_later_lane_is_read_once_compute_is_ordered_after_it():
     rank0 = section(run(table, lower=True), "exec.program @rank0")
     assert between(rank0, "exec.wait %18", "exec.output") == typed("""
         exec.wait %18 on %3
+        exec.wait %12 on %1
+        exec.free %10 : T
         %20 = exec.event_record %0
         exec.event_wait %3, %20
         exec.record_stream %19, %3 : T
