@@ -32,12 +32,13 @@ A program that cannot finish under these rules is a `SimulationError` naming, pe
 the op it is stuck at and the transfers or collectives it waits for that a peer never posts.
 
 Costs (`Costs`): the seconds each task (launch callee) takes, from a profile of a real run
-(`profile`) or from its matmul FLOPs at a rate (`Costs.from_flops`); and the network
-(`Network`: a `Link` of latency and bandwidth within a node and between nodes, or per
-process group), written for a target cluster (`cluster`) or measured here (`calibrate`).
-With `host_cores`, the ranks' tasks share that many CPU cores (processor sharing: k tasks
-running on c cores each run at min(1, c / k) of their speed), which is how several CPU
-ranks on one small machine behave; `profile` then reports each task's work at full speed,
+(`profile`, or `profile_trace` on the traces of a run made elsewhere, e.g. under torchrun)
+or from its matmul FLOPs at a rate (`Costs.from_flops`); and the network (`Network`: a
+`Link` of latency and bandwidth within a node and between nodes, or per process group),
+written for a target cluster (`cluster`) or measured here (`calibrate`). With `host_cores`,
+the ranks' tasks share that many CPU cores (processor sharing: k tasks running on c cores
+each run at min(1, c / k) of their speed), which is how several CPU ranks on one small
+machine behave; `profile` then reports each task's work at full speed,
 taken out of the contention it was measured under. Two more costs are the CPU host's and
 are measured by `profile` too: `issue`, the host's time to issue one communication, and
 `p2p_delay`, the time a point-to-point transfer takes beyond its link's once both sides
@@ -45,7 +46,9 @@ posted it, while the ranks' tasks hold the cores (gloo moves data in its own thr
 wait for a core like any other; `calibrate` times the link on idle cores).
 
 The result (`Simulation`) holds the predicted step time, bubble fraction (idle compute
-time over ranks x step), each rank's busy time and predicted peak memory
+time over ranks x step), each rank's busy time, its work (the seconds its tasks and issues
+take at full speed: with `host_cores`, the step lasts at least their sum over the cores)
+and predicted peak memory
 (`piperc.memory.predict_memory`), `.table()` and `.trace(dir)`, which writes the predicted
 timeline in `piperc.runtime.trace`'s format, with the same lanes and event names as a
 measured run, so the two open side by side in Perfetto.
@@ -94,6 +97,7 @@ __all__ = [
     "matmul_flops",
     "p2p_delay",
     "profile",
+    "profile_trace",
     "read_trace",
     "simulate",
 ]
@@ -285,11 +289,14 @@ def matmul_flops(function: func.FuncOp) -> int:
 class Simulation:
     """The predicted step of a job (`simulate`): `step_time` in seconds, `bubble_fraction`
     (idle task time over ranks x step), per rank its `busy` time (the union of its tasks),
-    the time it `finished` the step and its predicted peak `memory`."""
+    its `work` (the seconds its tasks, and on cpu its issues, take at full speed: the
+    costs charged, however the ranks share `host_cores`), the time it `finished` the step
+    and its predicted peak `memory`."""
 
     step_time: float
     bubble_fraction: float
     busy: list[float]
+    work: list[float]
     finished: list[float]
     memory: list[PeakMemory]
     costs: Costs
@@ -428,6 +435,7 @@ class _Rank:
         self.loss: _Work | None = None
         self.finished: float | None = None
         self.busy: list[tuple[float, float]] = []
+        self.work = 0.0  # seconds at full speed of the tasks and issues started
 
 
 class _Simulator:
@@ -472,6 +480,7 @@ class _Simulator:
             step_time=step,
             bubble_fraction=(total - sum(busy)) / total if total > 0 else 0.0,
             busy=busy,
+            work=[r.work for r in self.ranks],
             finished=[r.finished for r in self.ranks],
             memory=predict_memory(self.module),
             costs=self.costs,
@@ -521,6 +530,7 @@ class _Simulator:
         """Starts a launch, or (op None) the host's issue of a communication, as running work."""
         task = _Task(rank, op, stream, self.now, work)
         self.running.append(task)
+        rank.work += work
         return task
 
     def finish_task(self, task: _Task) -> None:
@@ -852,12 +862,30 @@ def _collective_size(op: Operation) -> tuple[str, int]:
 def profile(compiled: Any, batches: Sequence[Sequence[Any]], steps: int = 3, *, warmup: int = 1,
             network: Network | None = None, host_cores: int | None = None) -> Costs:
     """Costs measured by a short real run of `compiled` on local processes
-    (`piperc.launch(..., trace=)`): `warmup` + `steps` steps on `batches` (cycled), then
-    per task function the mean duration over the `steps` timed steps, every microbatch
-    and every rank that runs it (the mean, not the median: a step sums its tasks, and
-    contention skews their times upwards). On CPU, also the host's time per communication
-    issued (`Costs.issue`): the ranks' step time outside tasks and waits, per communication;
-    and the transfers' delay (`Costs.p2p_delay`, `p2p_delay`).
+    (`piperc.launch(..., trace=)`): `warmup` + `steps` steps on `batches` (cycled), whose
+    traces `profile_trace` reads (its options are this function's)."""
+    from piperc.compiler import launch
+
+    if steps < 1 or warmup < 0:
+        raise ValueError(f"profile: steps must be >= 1 and warmup >= 0, got steps={steps}, warmup={warmup}")
+    if not batches:
+        raise ValueError("profile: batches must hold at least one global batch")
+    _profiled_device(compiled, host_cores)
+    run = [batches[i % len(batches)] for i in range(warmup + steps)]
+    with tempfile.TemporaryDirectory(prefix="piperc-profile-") as tmp:
+        launch(compiled, run, trace=tmp)
+        return profile_trace(compiled, tmp, warmup=warmup, network=network, host_cores=host_cores)
+
+
+def profile_trace(compiled: Any, directory: str | os.PathLike[str], *, warmup: int = 1,
+                  network: Network | None = None, host_cores: int | None = None) -> Costs:
+    """Costs from the traces of a real run of `compiled` in `directory` (`rank<r>.json`, as
+    `piperc.launch(..., trace=)`, `piperc.runtime.load(..., trace=)` and PIPERC_TRACE write
+    them), over its steps from `warmup` on: per task function the mean duration over those
+    steps, every microbatch and every rank that runs it (the mean, not the median: a step
+    sums its tasks, and contention skews their times upwards). On CPU, also the host's time
+    per communication issued (`Costs.issue`): the ranks' step time outside tasks and waits,
+    per communication; and the transfers' delay (`Costs.p2p_delay`, `p2p_delay`).
 
     With `host_cores` (CPU jobs), these times are taken out of the contention they were
     measured under: while k ranks' hosts were busy (in a task or issuing) on `host_cores`
@@ -867,20 +895,9 @@ def profile(compiled: Any, batches: Sequence[Sequence[Any]], steps: int = 3, *, 
     job's world size). The run's own step time and bubble are kept as `costs.measured`
     (`read_trace`).
     """
-    from piperc.compiler import launch
-
-    if steps < 1 or warmup < 0:
-        raise ValueError(f"profile: steps must be >= 1 and warmup >= 0, got steps={steps}, warmup={warmup}")
-    if not batches:
-        raise ValueError("profile: batches must hold at least one global batch")
-    device = json.loads(compiled.files["manifest.json"])["device"]
-    if host_cores is not None and device != "cpu":
-        raise ValueError("profile: host_cores applies to CPU jobs only")
-    run = [batches[i % len(batches)] for i in range(warmup + steps)]
-    with tempfile.TemporaryDirectory(prefix="piperc-profile-") as tmp:
-        launch(compiled, run, trace=tmp)
-        ranks = compiled.world_size
-        events = [json.loads((Path(tmp) / file_name(r)).read_text())["traceEvents"] for r in range(ranks)]
+    device = _profiled_device(compiled, host_cores)
+    events = [json.loads((Path(directory) / file_name(r)).read_text())["traceEvents"]
+              for r in range(compiled.world_size)]
     measured = _measure(events, warmup)
     issued = [sum(isinstance(op, ex.CommunicationOp) for op in p.body.block.ops) + 1
               for p in _programs(compiled.module)]
@@ -888,9 +905,17 @@ def profile(compiled: Any, batches: Sequence[Sequence[Any]], steps: int = 3, *, 
     if network is None:
         network = calibrate(world=max(2, compiled.world_size))
     cpu = device == "cpu"
-    source = f"profile of {steps} step(s) after {warmup} warm-up"
+    source = f"profile of {measured.steps} step(s) after {warmup} warm-up"
     return Costs({name: statistics.fmean(t) for name, t in times.items()}, network, device, host_cores,
                  issue if cpu else 0.0, p2p_delay(events, warmup, network) if cpu else 0.0, source, measured)
+
+
+def _profiled_device(compiled: Any, host_cores: int | None) -> str:
+    """The device `compiled` runs on, after checking that `host_cores` is given for CPU jobs only."""
+    device = json.loads(compiled.files["manifest.json"])["device"]
+    if host_cores is not None and device != "cpu":
+        raise ValueError("profile: host_cores applies to CPU jobs only")
+    return device
 
 
 _TRANSFER = re.compile(r"(send|recv)(?: .*? ->| <-) (\d+)")

@@ -32,16 +32,16 @@ def test_pipeline_vs_torch_reports_both_ratios():
 def test_compile_time_reports_every_phase_by_depth():
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
-        [sys.executable, "benchmarks/compile_time.py", "--layers", "2,4", "--d-model", "32",
+        [sys.executable, "benchmarks/compile_time.py", "--layers", "4,8", "--d-model", "32",
          "--vocab", "64", "--seq", "16", "--batch", "8"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
-    assert re.search(r"^phase +2 layers +4 layers$", result.stdout, re.M), result.stdout
+    assert re.search(r"^phase +4 layers +8 layers$", result.stdout, re.M), result.stdout
     for phase in ("trace", "import", "build IR", "pipeline-split",
                   "lower-to-exec", "verify", "codegen", "cpu", "wall"):  # fmt: skip
         assert re.search(rf"^{phase} +\d+\.\d\d +\d+\.\d\d$", result.stdout, re.M), f"no {phase} row in:\n{result.stdout}"
-    assert "cpu 4/2 layers: " in result.stdout
+    assert "cpu 8/4 layers: " in result.stdout
 
 
 def test_sharding_vs_torch_reports_zero3_and_tp_time_and_memory_ratios():

@@ -233,6 +233,24 @@ def test_a_collective_starts_when_its_slowest_member_posts_it(device):
     assert near(sim.bubble_fraction, 1 - 6 / (3 * 3.4))
 
 
+def test_ranks_on_one_host_core_share_it():
+    """The three tasks (1, 2 and 3 s of work) share one core: all three run at a third of
+    their speed until A ends at 3, B and C at half until B ends at 5, C alone until 6; the
+    all-reduce takes 0.4 s. Each rank's work is what it takes alone, an issue's included:
+    with 0.5 s to issue the all-reduce, the core has 7.5 s of work, and the step lasts that
+    long (the all-reduce, posted as its last issue begins at 7, is over at 7.4)."""
+    module = parse_module(FUNCTIONS + COLLECTIVE)
+    network = Network(Link(latency=0.1), groups=FREE_LOSS)
+    sim = simulate(module, Costs({"A": 1.0, "B": 2.0, "C": 3.0}, network, "cpu", host_cores=1))
+    assert [events(sim, r, "task")[f"{name} mb0"] for r, name in enumerate("ABC")] == [
+        pytest.approx((0.0, end)) for end in (3.0, 5.0, 6.0)]
+    assert sim.work == [1.0, 2.0, 3.0]
+    assert near(sim.step_time, 6.4)
+    issuing = simulate(module, Costs({"A": 1.0, "B": 2.0, "C": 3.0}, network, "cpu", host_cores=1, issue=0.5))
+    assert issuing.work == [1.5, 2.5, 3.5]
+    assert near(issuing.step_time, sum(issuing.work))
+
+
 def test_the_executors_loss_all_reduce_ends_the_step():
     """Without the free override, every rank sums the loss after its program: 2 latencies over 2 ranks."""
     module = parse_module(FUNCTIONS + SEND_AFTER_A)
