@@ -38,7 +38,7 @@ from piperc.dialects.par import AllReduceBucketOp, PassKind, ShardingAttr, TaskO
 from piperc.dialects.roles import argument_roles, main_function, result_roles
 from piperc.dialects.torch import ValueTensorType
 from piperc.errors import StrategyError
-from piperc.passes.mesh import MESH_SYMBOL, find_mesh
+from piperc.passes.mesh import MESH_SYMBOL, find_axis
 from piperc.passes.outline_stages import (
     arg_keys,
     find_function,
@@ -106,11 +106,7 @@ class DataParallelPass(ModulePass):
     directive: str = "data-parallel"
 
     def apply(self, ctx: Context, op: ModuleOp) -> None:
-        mesh = find_mesh(op)
-        if self.axis not in mesh.axis_names():
-            raise StrategyError(
-                f"{self.directive}: axis '{self.axis}' is not in the mesh {list(mesh.axis_names())}"
-            )
+        find_axis(op, self.axis, self.directive)
         if self.bucket_mb <= 0:
             raise StrategyError(f"{self.directive}: bucket_mb must be > 0, got {self.bucket_mb}")
         if not any(t.pass_kind.data == PassKind.UPDATE for t in step_tasks(op)):

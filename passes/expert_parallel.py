@@ -78,7 +78,7 @@ from piperc.dialects.par import LAYOUT, OriginAttr, PassKind, ReshardOp, Shardin
 from piperc.dialects.roles import ORIGIN, RES_GRAD, main_function, parameter_names
 from piperc.dialects.torch import AtenOp, ValueTensorType
 from piperc.errors import StrategyError
-from piperc.passes.mesh import MESH_SYMBOL, find_mesh
+from piperc.passes.mesh import MESH_SYMBOL, find_axis
 from piperc.passes.propagate_sharding import LAYOUTS, where
 from piperc.passes.sharding_rules import const_int
 
@@ -383,9 +383,7 @@ class ExpertParallelPass(ModulePass):
     directive: str = "expert-parallel"
 
     def apply(self, ctx: Context, op: ModuleOp) -> None:
-        mesh = find_mesh(op)
-        if self.axis not in mesh.axis_names():
-            raise StrategyError(f"{self.directive}: axis '{self.axis}' is not in the mesh {list(mesh.axis_names())}")
+        mesh = find_axis(op, self.axis, self.directive)
         size = mesh.axis_size(self.axis)
         main = main_function(op)
         layers = find_layers(main, self.region, self.directive)

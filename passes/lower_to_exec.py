@@ -51,10 +51,10 @@ Then the ordering and lifetime rules that make the program correct under NCCL
     tensor an async op still reads or writes stays alive until that op's wait: an op
     with results (all_reduce, recv, batch with receives) is waited where its results
     are first used, and the tensors it holds are freed right after that wait; an op
-    without results (a send) whose tensor is dead is waited
-    on its own stream at the wait of a later receive from each of its peers (by then the
-    peer has posted the receive; waiting at once, or at the next wait, would hold the
-    host until the peer posts it), and the tensor is freed right after;
+    without results (a send) whose tensor is dead is waited on its own stream once this
+    rank has received a message the peer sent after posting the send's receive
+    (`_send_releases`; waiting at once would hold the host until the peer posts it), and
+    the tensor is freed right after;
   * whatever is still in flight is waited at the end of the program.
 
 Streams: `compute`, then `comm` when the program has a collective, then the channels'
@@ -72,6 +72,7 @@ device 0..n-1 along the pipeline axis.
 
 from __future__ import annotations
 
+import bisect
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 
@@ -215,10 +216,10 @@ def _send_releases(programs: list[par.ProgramOp]) -> dict[tuple[int, int, int], 
                 recvs[(op.peer.value.data, device)].append(position)
     releases = {}
     for (a, b), posted in recvs.items():
-        back = sends.get((b, a), [])
+        back = sends.get((b, a), [])  # positions, increasing
         for k, position in enumerate(posted):
-            j = next((j for j, sent in enumerate(back) if sent > position), None)
-            if j is not None:
+            j = bisect.bisect_right(back, position)
+            if j < len(back):
                 releases[(a, b, k)] = j
     return releases
 

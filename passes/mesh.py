@@ -40,6 +40,15 @@ def find_mesh(module: ModuleOp) -> MeshAttr:
     raise StrategyError("no device mesh is declared; run the mesh pass first")
 
 
+def find_axis(module: ModuleOp, axis: str, directive: str) -> MeshAttr:
+    """The shape of `@mesh` (`find_mesh`); raises StrategyError naming `directive` if it has
+    no axis `axis`."""
+    mesh = find_mesh(module)
+    if axis not in mesh.axis_names():
+        raise StrategyError(f"{directive}: axis '{axis}' is not in the mesh {list(mesh.axis_names())}")
+    return mesh
+
+
 @dataclass(frozen=True)
 class MeshPass(ModulePass):
     """Inserts `par.mesh @mesh` at the top of the module. Option: shape (`pp=2,dp=2`)."""

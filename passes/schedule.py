@@ -44,7 +44,7 @@ from piperc import schedules
 from piperc.dialects.par import ActionAttr, AllReduceBucketOp, DeviceOp, PassKind, ScheduleOp
 from piperc.dialects.roles import main_function
 from piperc.errors import StrategyError
-from piperc.passes.mesh import MESH_SYMBOL, find_mesh
+from piperc.passes.mesh import MESH_SYMBOL, find_axis
 from piperc.passes.microbatch import MICROBATCHES
 from piperc.passes.pipeline_split import NUM_STAGES, module_count
 
@@ -116,9 +116,7 @@ class SchedulePass(ModulePass):
     directive: str = "schedule"
 
     def apply(self, ctx: Context, op: ModuleOp) -> None:
-        mesh = find_mesh(op)
-        if self.axis not in mesh.axis_names():
-            raise StrategyError(f"{self.directive}: axis '{self.axis}' is not in the mesh {list(mesh.axis_names())}")
+        mesh = find_axis(op, self.axis, self.directive)
         stages = module_count(op, NUM_STAGES, self.directive, "pipeline-split")
         microbatches = module_count(op, MICROBATCHES, self.directive, "microbatch")
         size = mesh.axis_size(self.axis)

@@ -71,7 +71,7 @@ from piperc.dialects.par import (
 from piperc.dialects.roles import argument_roles, main_function
 from piperc.dialects.torch import ValueTensorType
 from piperc.errors import StrategyError
-from piperc.passes.mesh import MESH_SYMBOL, find_mesh
+from piperc.passes.mesh import MESH_SYMBOL, find_axis
 from piperc.passes.outline_stages import (
     KEY,
     arg_keys,
@@ -119,9 +119,7 @@ class ZeroPass(ModulePass):
     def apply(self, ctx: Context, op: ModuleOp) -> None:
         if self.stage not in (1, 2, 3):
             raise StrategyError(f"{self.directive}: zero must be 0, 1, 2 or 3, got {self.stage}")
-        mesh = find_mesh(op)
-        if self.axis not in mesh.axis_names():
-            raise StrategyError(f"{self.directive}: axis '{self.axis}' is not in the mesh {list(mesh.axis_names())}")
+        mesh = find_axis(op, self.axis, self.directive)
         updates = [task for task in step_tasks(op) if task.pass_kind.data == PassKind.UPDATE]
         if not updates:
             raise StrategyError(f"{self.directive}: run optimizer and data-parallel first (the step has no update)")
