@@ -52,15 +52,22 @@ def reduce_gradients(module: ModuleOp, axes: tuple[str, ...], limit_bytes: float
     """Sums the gradients each update task reads with `par.all_reduce_bucket` over `axes`
     and over every stage that holds the same parameter, in buckets of at most `limit_bytes`.
 
-    Buckets written earlier are dissolved first. With `shared_only`, only the
-    gradients of parameters held by several stages (tied weights) are summed.
+    Buckets written earlier are dissolved first, and the axes they summed over join `axes`
+    (two data-parallel axes, e.g. `dp` and an expert axis of its own, sum each dense gradient
+    once, over both). A gradient whose layout already splits a dimension over one of the axes
+    (an expert's, whole on the ranks holding it) is summed over the other axes only, in
+    buckets of its own. With `shared_only`, only the gradients of parameters held by several
+    stages (tied weights) are summed.
     """
     main = main_function(module)
+    earlier: list[str] = []
     for bucket in [o for o in main.body.block.ops if isinstance(o, AllReduceBucketOp)]:
+        earlier += [a for a in bucket.axis_names() if a not in earlier]
         for r, v in zip(bucket.sums, bucket.values, strict=True):
             r.replace_all_uses_with(v)
         bucket.detach()
         bucket.erase()
+    axes = (*earlier, *(a for a in axes if a not in earlier))
     updates = [t for t in step_tasks(module) if t.pass_kind.data == PassKind.UPDATE]
     holders: dict[SSAValue, list[int]] = {}
     for task in updates:
@@ -72,24 +79,26 @@ def reduce_gradients(module: ModuleOp, axes: tuple[str, ...], limit_bytes: float
         keys = arg_keys(find_function(module, task.callee.root_reference.data))
         params = {k.removeprefix("param:"): v for k, v in zip(keys, task.args, strict=True) if k.startswith("param:")}
         grads = [(i, params[k.removeprefix("grad:")]) for i, k in enumerate(keys) if k.startswith("grad:")]
-        buckets: list[tuple[tuple[int, ...], list[int]]] = []
-        open_bucket: dict[tuple[int, ...], tuple[list[int], int]] = {}  # group -> (its bucket, bytes)
+        buckets: list[tuple[tuple[int, ...], tuple[str, ...], list[int]]] = []
+        open_bucket: dict[tuple, tuple[list[int], int]] = {}  # (stages, axes) -> (its bucket, bytes)
         update = find_function(module, task.callee.root_reference.data)
         for index, param in reversed(grads):
             group = tuple(holders[param])
             if shared_only and len(group) == 1:
                 continue
-            if _splits_over(layout_of(update.arg_attrs.data[index]), axes):
+            layout = layout_of(update.arg_attrs.data[index])
+            over = tuple(a for a in axes if not _splits_over(layout, (a,)))
+            if not over and len(group) == 1:
                 continue  # each device holds its own piece, computed whole (expert parallelism's experts)
             nbytes = task.args[index].type.nbytes()
-            current, size = open_bucket.get(group, (None, 0))
+            current, size = open_bucket.get((group, over), (None, 0))
             if current is None or size + nbytes > limit_bytes:
                 current, size = [], 0
-                buckets.append((group, current))
+                buckets.append((group, over, current))
             current.append(index)
-            open_bucket[group] = (current, size + nbytes)
-        for number, (group, indices) in enumerate(buckets):
-            op = AllReduceBucketOp(number, stage, [task.args[i] for i in indices], MESH_SYMBOL, axes, group)
+            open_bucket[(group, over)] = (current, size + nbytes)
+        for number, (group, over, indices) in enumerate(buckets):
+            op = AllReduceBucketOp(number, stage, [task.args[i] for i in indices], MESH_SYMBOL, over, group)
             main.body.block.insert_op_before(op, task)
             for i, r in zip(indices, op.sums, strict=True):
                 task.operands[i] = r

@@ -64,6 +64,7 @@ Requires: the mesh pass; runs on the captured `@main`, before it is split into s
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -74,12 +75,12 @@ from xdsl.ir import BlockArgument, Operation, SSAValue
 from xdsl.passes import ModulePass
 from xdsl.rewriter import Rewriter
 
-from piperc.dialects.par import LAYOUT, OriginAttr, PassKind, ReshardOp, ShardingAttr
+from piperc.dialects.par import LAYOUT, MeshAttr, OriginAttr, PassKind, ReshardOp, ShardingAttr
 from piperc.dialects.roles import ORIGIN, RES_GRAD, main_function, parameter_names
 from piperc.dialects.torch import AtenOp, ValueTensorType
 from piperc.errors import StrategyError
 from piperc.passes.mesh import MESH_SYMBOL, find_axis
-from piperc.passes.propagate_sharding import LAYOUTS, where
+from piperc.passes.propagate_sharding import LAYOUTS, value_layout, where
 from piperc.passes.sharding_rules import const_int
 
 _VIEWS = ("torch.aten.view", "torch.aten._unsafe_view", "torch.aten.reshape")
@@ -108,6 +109,7 @@ class _Layer:
     ops: list[Operation]
     """The layer's forward ops (its region, its module path), in order."""
     directive: str
+    mesh: MeshAttr
     experts: int = 0
     capacity: int = 0
     width: int = 0
@@ -124,7 +126,7 @@ class _Layer:
         if len(topk) != 1:
             raise self.fail(f"its forward has {len(topk)} aten.topk ops; the router picks each token's experts "
                             "with exactly one")
-        probs, chosen = _shape(topk[0].operands[0]), _shape(topk[0].results[1])
+        probs, chosen = self.global_shape(topk[0].operands[0]), self.global_shape(topk[0].results[1])
         if len(probs) != 2 or const_int(topk[0].operands[2]) not in (1, -1):
             raise self.fail(f"aten.topk reads {topk[0].operands[0].type} along dimension "
                             f"{const_int(topk[0].operands[2])}; the router's probabilities are [T, E], topk "
@@ -149,8 +151,25 @@ class _Layer:
                             f"{', '.join(sorted(v.name for v in views))}; the contract views it, and only that, "
                             f"as [E, C, d] = [{self.experts}, {self.capacity}, {self.width}]")
         self.dispatch = views[0]
+        self.check_whole(self.dispatch.results[0], "the dispatched buffer")
         self.read_experts(main)
         self.check_combine(scatter.operands[2])
+
+    def global_shape(self, value: SSAValue) -> tuple[int, ...]:
+        """The shape of `value` over the whole mesh: its per-device shape times the parts its
+        layout splits each dimension into (tensor parallelism may split the router's tokens)."""
+        layout = value_layout(value)
+        return tuple(size * math.prod(self.mesh.axis_size(a) for a in layout.dim_axes(d))
+                     for d, size in enumerate(_shape(value)))
+
+    def check_whole(self, value: SSAValue, what: str) -> None:
+        """The experts' part is computed whole on each device: `value` is split over no axis
+        and is no pending sum (tensor parallelism shards the dense part only)."""
+        layout = value_layout(value)
+        if any(layout.dim_axes(d) for d in range(layout.rank())) or layout.partial_axes():
+            raise self.fail(f"{what} {value.type} is laid out {layout} by the strategies before expert "
+                            "parallelism; the experts' part runs on whole tensors (leave the layer's "
+                            "parameters out of a tensor-parallel plan)")
 
     def is_dispatch_view(self, op: Operation) -> bool:
         """A view from `[E*C, d]` to `[E, C, d]` (the dispatched buffer, or its gradient)."""
@@ -185,6 +204,7 @@ class _Layer:
                     raise self.fail(f"expert parameter '{names[arg.index][0]}' {arg.type} is read by "
                                     f"{where(op)}; in the forward the contract reads each expert parameter only "
                                     "as the weight of an aten.bmm whose batch dimension is the expert")
+            self.check_whole(arg, f"expert parameter '{names[arg.index][0]}'")
             self.params.append(arg)
         if not self.params:
             raise self.fail(f"its forward reads no [E, ...] = [{self.experts}, ...] parameter of rank 3 with a bmm; "
@@ -357,7 +377,7 @@ class _Rewrite:
         self.main.res_attrs = ArrayAttr(attrs)
 
 
-def find_layers(main: func.FuncOp, region: str, directive: str) -> list[_Layer]:
+def find_layers(main: func.FuncOp, region: str, directive: str, mesh: MeshAttr) -> list[_Layer]:
     """The MoE layers of `@main`: per module path of a forward `aten.topk` in `region`, the
     forward ops of that region within the path. The forward ops of the region outside every such
     path make layers of their own, named by their outermost module (which then fail the contract
@@ -368,7 +388,7 @@ def find_layers(main: func.FuncOp, region: str, directive: str) -> list[_Layer]:
     for path in sorted({_origin(op).path for op in ops}, key=len):
         if not any(_within(path, p) for p in paths):
             paths.append(path)
-    return [_Layer(p, [op for op in ops if _within(_origin(op).path, p)], directive) for p in paths]
+    return [_Layer(p, [op for op in ops if _within(_origin(op).path, p)], directive, mesh) for p in paths]
 
 
 @dataclass(frozen=True)
@@ -386,7 +406,7 @@ class ExpertParallelPass(ModulePass):
         mesh = find_axis(op, self.axis, self.directive)
         size = mesh.axis_size(self.axis)
         main = main_function(op)
-        layers = find_layers(main, self.region, self.directive)
+        layers = find_layers(main, self.region, self.directive, mesh)
         if not layers:
             raise StrategyError(f"{self.directive}: the model has no MoE layer: no op of its forward runs in the "
                                 f"annotated region '{self.region}' (piperc.nn.MoE, or a module whose forward runs "

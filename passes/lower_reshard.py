@@ -20,6 +20,9 @@ Replicate -> Shard(d over a) an all_slice, and identical layouts nothing: the
 result is the operand. A target that holds a partial sum the source does not
 is rejected: resharding cannot create pending sums.
 
+Each collective carries its reshard's `piperc.origin`, if any: the model location the data
+moves for (code generation names it to the runtime, which counts an all_to_all's bytes by it).
+
 Options: none. Requires: the reshards' meshes are declared (`par.mesh`).
 Works on reshards anywhere: function bodies, tasks, any region.
 """
@@ -41,6 +44,7 @@ from xdsl.pattern_rewriter import (
 )
 
 from piperc.dialects import par
+from piperc.dialects.roles import ORIGIN
 from piperc.dialects.torch import ValueTensorType
 from piperc.errors import PassError
 
@@ -120,6 +124,8 @@ class _Lowering:
         return ValueTensorType(shape, self.value.type.dtype)
 
     def _emit(self, op: Operation) -> None:
+        if ORIGIN in self.op.attributes:  # the model location the data moves for
+            op.attributes[ORIGIN] = self.op.attributes[ORIGIN]
         self.ops.append(op)
         self.value = op.results[0]
 

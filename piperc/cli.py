@@ -143,6 +143,8 @@ def add_strategy_arguments(parser: argparse.ArgumentParser) -> None:
                         help="piperc.pipeline(...) keyword arguments, e.g. stages=2,microbatches=4,schedule=1f1b")
     parser.add_argument("--dp", nargs="?", const={}, type=parse_options, metavar="KEY=VALUE,...",
                         help="piperc.data_parallel(...) keyword arguments, e.g. zero=3")
+    parser.add_argument("--ep", nargs="?", const={}, type=parse_options, metavar="KEY=VALUE,...",
+                        help="piperc.expert_parallel(...) keyword arguments, e.g. axis=ep (default axis: dp)")
     parser.add_argument("--optimizer", default="adamw", metavar="KIND[:KEY=VALUE,...]",
                         help="sgd or adamw and keyword arguments, e.g. sgd:lr=0.05,momentum=0.9 "
                              "(default: adamw, piperc.optim.AdamW's defaults)")
@@ -163,9 +165,9 @@ dualpipev run two in V placement, stages d and 2N - 1 - d on device d:
 
 
 VERIFY_HELP = """\
-The strategy is the directives given: --pipeline and --dp (each KEY=VALUE list is
-passed to piperc.pipeline / piperc.data_parallel; values are read as int, float or
-str). Tensor-parallel plans are not taken from the command line: use piperc.verify
+The strategy is the directives given: --pipeline, --dp and --ep (each KEY=VALUE list
+is passed to piperc.pipeline / piperc.data_parallel / piperc.expert_parallel; values are
+read as int, float or str). Tensor-parallel plans are not taken from the command line: use piperc.verify
 from Python for those. Example:
 
   piperc verify piperc.examples.gpt:make --mesh pp=2,dp=2 \\
@@ -398,6 +400,8 @@ def build_strategy(args: argparse.Namespace):
         parts.append(("--pipeline", piperc.pipeline, args.pipeline))
     if args.dp is not None:
         parts.append(("--dp", piperc.data_parallel, args.dp))
+    if args.ep is not None:
+        parts.append(("--ep", piperc.expert_parallel, args.ep))
     built = []
     for flag, make, kwargs in parts:
         try:
@@ -442,6 +446,8 @@ def verify_command(args: argparse.Namespace) -> int:
     except ValueError as e:  # a batch unlike the example inputs, or a model unlike the compiled one
         raise PipercError(str(e)) from e
     print(result)
+    if args.ep is not None:  # the dispatch statistics, measured in the run
+        print(compiled.experts(result.run), end="")
     return 0 if result.ok else 1
 
 

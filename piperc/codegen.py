@@ -25,6 +25,7 @@ from xdsl.traits import IsTerminator
 from piperc.dialects import exec as ex
 from piperc.dialects import par
 from piperc.dialects import torch as t
+from piperc.dialects.roles import ORIGIN
 from piperc.interpreter import enum_value
 from piperc.ir import cycle_collection_paused, last_uses
 from piperc.passes.lower_to_exec import DEVICE
@@ -137,6 +138,13 @@ def _function_source(fn: func.FuncOp, launch: ex.LaunchOp) -> list[str]:
     return lines
 
 
+def _where(op: Operation) -> str:
+    """`, where="blocks.0.moe"`: the model location (`piperc.origin`) a collective moves data
+    for, which the runtime counts its bytes by; nothing for a collective without one."""
+    origin = op.attributes.get(ORIGIN)
+    return f", where={origin.path!r}" if isinstance(origin, par.OriginAttr) else ""
+
+
 def _collective_statements(op: par.CollectiveOp, result: str, source: str) -> list[str]:
     """A collective inside a stage function, on this rank's group along its mesh axis
     (`AXIS_GROUPS`, see `_axis_group_tables`): issued through the step's runtime `RT` on
@@ -156,7 +164,7 @@ def _collective_statements(op: par.CollectiveOp, result: str, source: str) -> li
                 f'op="{op.reduce.data.value}", stream=None)')
     elif isinstance(op, par.AllToAllOp):
         call = (f"RT.all_to_all({source}, {group}, split_dim={op.split_dim.value.data}, "
-                f"concat_dim={op.concat_dim.value.data}, stream=None)")
+                f"concat_dim={op.concat_dim.value.data}, stream=None{_where(op)})")
     else:
         raise NotImplementedError(f"code generation has no rule for {op.name}")
     return [f"    work, {result} = {call}", "    RT.wait(work)"]
@@ -407,7 +415,7 @@ def _exec_statement(op: Operation, names: _Names, functions: dict[str, func.Func
                     f'op="{op.reduction.data.value}"')
         else:
             call = (f'rt.all_to_all({n(op.input)}, group="{group}", split_dim={op.split_dim.value.data}, '
-                    f"concat_dim={op.concat_dim.value.data}")
+                    f"concat_dim={op.concat_dim.value.data}{_where(op)}")
         return [f"{w}, {out} = {call}, stream={n(op.stream)})"]
     if isinstance(op, ex.BatchP2POp):
         group = op.group.root_reference.data

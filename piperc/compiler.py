@@ -20,11 +20,15 @@ from xdsl.dialects.builtin import ModuleOp
 from xdsl.passes import ModulePass
 
 from piperc import codegen, schedules
+from piperc.dialects.par import OriginAttr
+from piperc.dialects.roles import ORIGIN
 from piperc.dialects.torch import RANDOM_INDEX
 from piperc.errors import CaptureError, PassError, StrategyError, describe
+from piperc.experts import dispatch_layers, dispatch_table
 from piperc.frontend import ARG_ALIASES, Captured, Captures, capture, main_function
 from piperc.ir import cycle_collection_paused, print_ir
 from piperc.memory import PeakMemory, memory_table, predict_memory
+from piperc.nn import MOE_REGION
 from piperc.passes.bucket_collectives import BucketCollectivesPass
 from piperc.passes.fold_detach import FoldDetachPass
 from piperc.passes.lower_collectives import LowerCollectivesPass
@@ -79,6 +83,10 @@ class Compiled:
     the batch is normalised with its own statistics (and updates the running statistics
     in turn), so with any, it trains as one device does when that device runs the same
     slices in order (`piperc.reference.train_eager(slices=)`)."""
+    moe_layers: int = 0
+    """How many mixture-of-experts layers (`piperc.nn.MoE`'s contract) the model runs: their
+    capacity and load-balancing loss are per call, i.e. per slice of the batch, so with any
+    it trains as one device does when that device runs the same slices."""
 
     @property
     def world_size(self) -> int:
@@ -89,6 +97,12 @@ class Compiled:
         """Each rank's predicted peak memory, by item, from its exec program
         (`piperc.memory.predict_memory`); print one, or `memory_table(...)` for all."""
         return predict_memory(self.module)
+
+    def experts(self, result: LaunchResult | None = None) -> str:
+        """Expert parallelism's dispatch statistics: per MoE layer its all_to_alls, the experts
+        each rank holds and the bytes each rank dispatches per step, predicted and, given the
+        `result` of `launch`, measured (`piperc.experts.dispatch_table`)."""
+        return dispatch_table(self.module, None if result is None else result.sent_per_step())
 
     def simulate(self, costs):
         """One training step of these programs, predicted under `costs` (a
@@ -120,6 +134,9 @@ class Compiled:
         if self.sharding:
             with open(os.path.join(path, "sharding.txt"), "w") as f:
                 f.write("\n".join(self.sharding) + "\n")
+        if dispatch_layers(self.module):
+            with open(os.path.join(path, "experts.txt"), "w") as f:
+                f.write(self.experts(result))
         ir_dir = os.path.join(path, "ir")
         shutil.rmtree(ir_dir, ignore_errors=True)
         if self.ir_after:
@@ -197,6 +214,8 @@ def _check_strategy(mesh: Mesh, strategy: Sequence[object], optimizer: object, d
     ctx = StrategyContext(mesh, (*strategy, optimizer), device)
     for d in ctx.directives:
         d.check(ctx)
+    for d in ctx.directives:
+        used.update((a, d) for a in d.axes_in(ctx) if a not in used)
     for axis, size in mesh.axes.items():
         if axis not in used and size > 1:
             raise StrategyError(f"{mesh!r}: axis '{axis}' (size {size}) is used by no directive")
@@ -265,10 +284,14 @@ def compile(  # noqa: A001 - the public name users expect
         captured = capture(model, microbatch) if captures is None else captures.get(model, microbatch)
         random_ops = sum(RANDOM_INDEX in op.attributes for op in captured.module.walk())
         batch_statistics = sum(op.name in _BATCH_STATISTICS for op in captured.module.walk())
+        moe_layers = len({op.attributes[ORIGIN].path for op in captured.module.walk()
+                          if op.name == "torch.aten.topk" and isinstance(op.attributes.get(ORIGIN), OriginAttr)
+                          and op.attributes[ORIGIN].region == MOE_REGION})
         signature = [(tuple(x.shape), str(x.dtype).removeprefix("torch.")) for x in example_inputs]
         compiled = _lower(captured, passes, options, keep_ir, signature, seed)
     compiled.optimizer, compiled.microbatches, compiled.replicas = optimizer, ctx.microbatches, ctx.replicas
     compiled.seed, compiled.random_ops, compiled.batch_statistics = seed, random_ops, batch_statistics
+    compiled.moe_layers = moe_layers
     return compiled
 
 

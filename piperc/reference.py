@@ -244,8 +244,9 @@ def verify(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor], compi
     strategy's slices (the noise floor: in order, and, with several replicas that each
     hold several microbatches, per replica and then summed; the larger error of the two).
     A model with random ops (`compiled.random_ops`) or batch statistics
-    (`compiled.batch_statistics`: BatchNorm in training mode) computes per slice, so its
-    reference runs the strategy's slices in order too.
+    (`compiled.batch_statistics`: BatchNorm in training mode) or MoE layers
+    (`compiled.moe_layers`: capacity and load-balancing loss per call) computes per slice,
+    so its reference runs the strategy's slices in order too.
     `progress` and `timeout` are `launch`'s.
     """
     from piperc.compiler import launch
@@ -260,7 +261,7 @@ def verify(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor], compi
     # the batch (BatchNorm) normalises each slice on its own: one device matches it only
     # when it runs the same slices (in order), seeded the same way.
     seed = compiled.seed if compiled.random_ops else None
-    sliced = seed is not None or compiled.batch_statistics > 0
+    sliced = seed is not None or compiled.batch_statistics > 0 or compiled.moe_layers > 0
     reference_losses, reference_state = train_eager(start, batches, optimizer, slices if sliced else 1,
                                                     seed=seed)
     floor_loss, floor_parameter = [], {}

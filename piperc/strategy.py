@@ -74,6 +74,8 @@ class Fragment:
                     replicated; tensor and expert parallelism's passes shard them); the
                     stage fragments require it, so strategies that lay out the
                     whole graph run before it is split into stages
+      tensor-layouts  tensor parallelism's layouts are written (expert parallelism,
+                    which keeps the MoE layers whole around them, runs after)
       stages        `@s<i>_F` / `@s<i>_B` stage functions (a pipeline's
                     pipeline-split, outline-stages)
       update        `@s<i>_update` per stage (the optimizer)
@@ -104,7 +106,7 @@ class StrategyContext:
         """How many model replicas share one global batch (product over the directives)."""
         n = 1
         for d in self.directives:
-            n *= d.batch_split(self.mesh)[0]
+            n *= d.batch_split(self)[0]
         return n
 
     @property
@@ -112,14 +114,14 @@ class StrategyContext:
         """How many microbatches each replica's share of the batch is cut into."""
         n = 1
         for d in self.directives:
-            n *= d.batch_split(self.mesh)[1]
+            n *= d.batch_split(self)[1]
         return n
 
     @property
     def batch_directive(self) -> Directive | None:
         """The directive errors about the batch split quote: the first that cuts
         microbatches, else the first that replicates."""
-        splits = [(d, d.batch_split(self.mesh)) for d in self.directives]
+        splits = [(d, d.batch_split(self)) for d in self.directives]
         cutting = [d for d, (_, microbatches) in splits if microbatches > 1]
         replicating = [d for d, (replicas, _) in splits if replicas > 1]
         return next(iter(cutting + replicating), None)
@@ -147,8 +149,15 @@ class Directive(abc.ABC):
         """The mesh axes this directive uses: each must exist, and no other directive may use it."""
         return ()
 
-    def batch_split(self, mesh: Mesh) -> tuple[int, int]:
-        """(replicas, microbatches): how this directive cuts each global batch."""
+    def axes_in(self, ctx: StrategyContext) -> tuple[str, ...]:
+        """The mesh axes this directive uses within the whole strategy `ctx`: `mesh_axes()`,
+        and axes it shares with another directive or takes only in some strategies (checked
+        by `check`)."""
+        return self.mesh_axes()
+
+    def batch_split(self, ctx: StrategyContext) -> tuple[int, int]:
+        """(replicas, microbatches): how this directive cuts each global batch (`ctx` is the
+        whole strategy on its mesh)."""
         return 1, 1
 
 
@@ -265,7 +274,7 @@ class Pipeline(Directive):
             except schedules.ScheduleError as e:
                 raise StrategyError(f"{self}: {e}") from None
 
-    def batch_split(self, mesh: Mesh) -> tuple[int, int]:
+    def batch_split(self, ctx: StrategyContext) -> tuple[int, int]:
         """Each replica's batch is cut into `microbatches`."""
         return 1, self.microbatches
 
@@ -321,9 +330,9 @@ class DataParallel(Directive):
         """The data-parallel axis: one replica per device along it."""
         return (self.axis,)
 
-    def batch_split(self, mesh: Mesh) -> tuple[int, int]:
+    def batch_split(self, ctx: StrategyContext) -> tuple[int, int]:
         """One replica per device along `axis`."""
-        return mesh.axes[self.axis], 1
+        return ctx.mesh.axes[self.axis], 1
 
     def fragments(self, ctx: StrategyContext) -> list[Fragment]:
         """data-parallel: bucketed gradient all-reduces in every stage's update; then zero."""
@@ -376,57 +385,86 @@ class TensorParallel(Directive):
                                 sequence_parallel=self.sequence_parallel, directive=str(self)),
              PropagateShardingPass(mesh_axes=(self.axis,), strict=self.strict),
              LocaliseShapesPass(mesh_axes=(self.axis,))),
-            requires=("mesh",), provides=("layouts",))]
+            requires=("mesh",), provides=("layouts", "tensor-layouts"))]
 
 
 @dataclasses.dataclass(frozen=True)
 class ExpertParallel(Directive):
-    """Expert parallelism over a data-parallel `axis`: each MoE layer's experts sharded along
-    it, its dispatched tokens sent to their experts' rank and back (see `expert_parallel`)."""
+    """Expert parallelism over `axis`: each MoE layer's experts sharded along it, its
+    dispatched tokens sent to their experts' rank and back (see `expert_parallel`). The axis
+    is a data-parallel one, or an expert axis of its own that also splits the batch."""
 
     axis: str = "dp"
 
     def __str__(self) -> str:
         return f"expert_parallel(axis={self.axis!r})"
 
+    def data(self, ctx: StrategyContext) -> DataParallel | None:
+        """The data_parallel directive on the same axis; None for an expert axis of its own."""
+        return next((d for d in ctx.directives if isinstance(d, DataParallel) and d.axis == self.axis), None)
+
     def check(self, ctx: StrategyContext) -> None:
-        """One per strategy, on the axis of a data_parallel directive without ZeRO; not next to
-        tensor parallelism."""
+        """One per strategy; on the axis of a data_parallel directive without ZeRO, or on an
+        axis no other directive uses, with no ZeRO anywhere in the strategy."""
         if next(d for d in ctx.directives if isinstance(d, ExpertParallel)) is not self:
             raise StrategyError(f"{self}: only one expert_parallel directive is allowed")
         if not isinstance(self.axis, str) or self.axis not in ctx.mesh.axes:
             raise StrategyError(f"{self}: axis {self.axis!r} is not in {ctx.mesh!r}")
-        data = [d for d in ctx.directives if isinstance(d, DataParallel) and d.axis == self.axis]
-        if not data:
-            raise StrategyError(f"{self}: the experts are sharded over the ranks of a data-parallel axis; add "
-                                f"piperc.data_parallel(axis={self.axis!r}) (an expert axis of its own is not "
-                                "supported yet)")
-        if data[0].zero:
-            raise StrategyError(f"{self}: next to {data[0]}: ZeRO would shard the experts' parameters a second "
+        data = self.data(ctx)
+        if data is not None and data.zero:
+            raise StrategyError(f"{self}: next to {data}: ZeRO would shard the experts' parameters a second "
                                 "time over the same axis; use data_parallel without zero")
-        tensor = [d for d in ctx.directives if isinstance(d, TensorParallel)]
-        if tensor:
-            raise StrategyError(f"{self}: next to {tensor[0]} is not supported yet")
+        if data is None:
+            other = next((d for d in ctx.directives if self.axis in d.mesh_axes()), None)
+            if other is not None:
+                raise StrategyError(f"{self}: axis '{self.axis}' is already used by {other}; the experts go over "
+                                    "a data-parallel axis or an axis of their own")
+            zero = next((d for d in ctx.directives if isinstance(d, DataParallel) and d.zero), None)
+            if zero is not None:
+                raise StrategyError(f"{self}: next to {zero}: ZeRO next to an expert axis of its own is not "
+                                    "supported yet; use data_parallel without zero")
+
+    def axes_in(self, ctx: StrategyContext) -> tuple[str, ...]:
+        """Its axis, shared with a data_parallel directive or its own."""
+        return (self.axis,)
+
+    def batch_split(self, ctx: StrategyContext) -> tuple[int, int]:
+        """An expert axis of its own splits the batch like a data-parallel one: one replica
+        of the dense part per device along it."""
+        return (1, 1) if self.data(ctx) is not None else (ctx.mesh.axes[self.axis], 1)
 
     def fragments(self, ctx: StrategyContext) -> list[Fragment]:
-        """expert-parallel on the captured step, before anything splits it into stages."""
-        return [Fragment((ExpertParallelPass(axis=self.axis, region=MOE_REGION, directive=str(self)),),
-                         requires=("mesh",), provides=("layouts",))]
+        """expert-parallel on the captured step, before anything splits it into stages; on an
+        axis of its own, also data-parallel over it (the batch split, the dense gradients
+        summed; with another data-parallel axis, once over both). After tensor parallelism,
+        which lays out the dense part around the layers."""
+        tensor = any(isinstance(d, TensorParallel) for d in ctx.directives)
+        fragments = [Fragment((ExpertParallelPass(axis=self.axis, region=MOE_REGION, directive=str(self)),),
+                              requires=("mesh", "tensor-layouts") if tensor else ("mesh",), provides=("layouts",))]
+        if self.data(ctx) is None:
+            fragments.append(Fragment((DataParallelPass(axis=self.axis, directive=str(self)),),
+                                      requires=("mesh", "update")))
+        return fragments
 
 
 def expert_parallel(axis: str = "dp") -> ExpertParallel:
     """Expert-parallel directive: each mixture-of-experts layer's experts are sharded over the
-    ranks of `axis`, a data-parallel axis (`piperc.data_parallel(axis=...)` in the same
-    strategy), as DeepSpeed-MoE and torchtitan shard them over data-parallel ranks.
+    ranks of `axis`.
+
+    `axis` is either a data-parallel axis (`piperc.data_parallel(axis=...)` in the same
+    strategy), as DeepSpeed-MoE and torchtitan shard experts over data-parallel ranks, or an
+    expert axis of its own (`Mesh(dp=2, ep=2)` with `expert_parallel(axis="ep")`): that axis
+    then splits the batch too (the dense part is data-parallel over dp x ep), each expert is
+    replicated along the other data-parallel axes, and its gradient is summed over them only.
 
     A layer is `piperc.nn.MoE` or any module that follows its routing contract. Each of the n
     ranks of `axis` holds E/n of a layer's E experts and their optimizer state. The layer's
     dispatched buffer `[E, C, d]` of each rank's tokens goes to the experts' ranks by an
     all-to-all, the experts run on every rank's tokens routed to them, and an all-to-all
     brings their outputs back; the backward mirrors both. Expert gradients are not summed
-    over `axis` (each is whole on the one rank holding the expert); dense gradients are.
-    Capacity and the load-balancing loss stay per (microbatch, data rank), so training equals
-    one device running each batch in the same slices.
+    over `axis` (each is whole on the ranks holding the expert); dense gradients are summed
+    over every data-parallel axis. Capacity and the load-balancing loss stay per (microbatch,
+    data rank), so training equals one device running each batch in the same slices.
     """
     return ExpertParallel(axis)
 

@@ -193,6 +193,11 @@ class Runtime:
         self.live_items = [0] * len(LIVE_ITEMS)
         self.peak_live_bytes = 0
         self.peak_live_items: tuple[int, ...] = (0,) * len(LIVE_ITEMS)
+        self.sent_bytes: dict[str, int] = {}
+        """Bytes this rank has sent to other ranks, by what sent them: `p2p` (sends), and
+        `all_to_all <where>` (the slices for the other members of the group; the slice a rank
+        keeps does not travel), `where` the model location the program names. Other
+        collectives are not counted: their traffic depends on the algorithm."""
         self.recorder: Recorder | None = None
         """Set while tracing (`Executor(trace=...)`): records tasks, communications and waits."""
         self._issue_start: float | None = None  # while tracing: when the host began the issue being made
@@ -644,10 +649,11 @@ class Runtime:
 
     @_issuing
     def all_to_all(
-        self, tensor: torch.Tensor, group: str, split_dim: int, concat_dim: int, stream
+        self, tensor: torch.Tensor, group: str, split_dim: int, concat_dim: int, stream, where: str = ""
     ) -> tuple[Work, torch.Tensor]:
         """Sends slice i of `tensor` along `split_dim` to member i of `group` and
-        concatenates what arrives along `concat_dim`, in group rank order."""
+        concatenates what arrives along `concat_dim`, in group rank order; counts the
+        slices for the others in `sent_bytes` under `all_to_all <where>`."""
         what = f"all_to_all split {split_dim} concat {concat_dim} over group {group}"
         handle = self._member(group, what)
         n = len(self._groups[group].ranks)
@@ -661,6 +667,8 @@ class Runtime:
             source = tensor.movedim(split_dim, 0).contiguous()
             arrived = torch.empty_like(source)
             work = dist.all_to_all_single(arrived, source, group=handle, async_op=True)
+            key = f"all_to_all {where}" if where else "all_to_all"
+            self.sent_bytes[key] = self.sent_bytes.get(key, 0) + source.nbytes * (n - 1) // n
             pieces = [p.movedim(0, split_dim) for p in arrived.chunk(n)]
             shape = list(pieces[0].shape)
             shape[concat_dim] *= n
@@ -799,6 +807,7 @@ class Runtime:
         `sends` (tensor, dst) and `recvs` (buffer, src)."""
         if sends or recvs:
             work.peers = tuple(sorted({peer for _, peer in (*sends, *recvs)}))
+            self.sent_bytes["p2p"] = self.sent_bytes.get("p2p", 0) + sum(t.nbytes for t, _ in sends)
         else:
             work.peers = tuple(r for r in self._groups[group].ranks if r != self.rank)
             work.collective = (group, self._collectives.get(group, 0))

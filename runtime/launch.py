@@ -19,7 +19,7 @@ import tempfile
 import time
 import types
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
@@ -105,6 +105,14 @@ class LaunchResult:
     peak_memory: list[PeakMemory]
     first_step: int = 0
     """The step `losses[0]` belongs to: 0, or the steps a resumed job found done."""
+    sent_bytes: list[dict[str, int]] = field(default_factory=list)
+    """Per rank, the bytes it sent to other ranks over the steps this run made, by what sent
+    them (`Runtime.sent_bytes`: `p2p`, `all_to_all <model location>`)."""
+
+    def sent_per_step(self) -> list[dict[str, float]]:
+        """`sent_bytes` per step: each rank's counts divided by the steps this run made."""
+        steps = max(1, len(self.losses))
+        return [{k: v / steps for k, v in rank.items()} for rank in self.sent_bytes]
 
     @property
     def peak_live_bytes(self) -> list[int]:
@@ -195,6 +203,7 @@ def launch_dir(
         state_dict=dict(saved["state_dict"]),
         peak_memory=[PeakMemory(**items) for items in saved["peak_memory"]],
         first_step=int(saved["first_step"]),
+        sent_bytes=[dict(r) for r in saved.get("sent_bytes", [])],
     )
 
 

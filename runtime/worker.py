@@ -90,8 +90,10 @@ def main(argv: list[str] | None = None) -> None:
                 executor.save_checkpoint(args.checkpoint_dir)
         state = executor.state_dict()
         memory = _peak_memory(executor)
+        sent: list[dict[str, int] | None] = [None] * executor.manifest.world_size
+        dist.all_gather_object(sent, executor.runtime.sent_bytes)
         if executor.rank == 0 and args.result:
-            _write_result(args.result, losses, state, memory, first)
+            _write_result(args.result, losses, state, memory, first, sent)
         executor.close()
     except _Refused as e:
         _exit(1, f"[rank {rank}] piperc worker: error: {e}\n")
@@ -121,10 +123,11 @@ class _Refused(Exception):
 
 def _write_result(
     path: str, losses: list[float], state: dict[str, torch.Tensor], memory: list[dict[str, int | None]],
-    first_step: int,
+    first_step: int, sent_bytes: list[dict[str, int] | None],
 ) -> None:
     partial = f"{path}.partial"
-    result = {"losses": losses, "state_dict": state, "peak_memory": memory, "first_step": first_step}
+    result = {"losses": losses, "state_dict": state, "peak_memory": memory, "first_step": first_step,
+              "sent_bytes": sent_bytes}
     torch.save(result, partial)
     os.replace(partial, path)
 

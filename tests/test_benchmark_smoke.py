@@ -86,3 +86,27 @@ def test_schedules_vs_torch_reports_the_interleaved_ratio():
     assert ratio, f"no interleaved ratio in:\n{result.stdout}"
     assert float(ratio.group(1)) > 0
     assert "command: " in result.stdout
+
+
+def test_moe_reports_step_time_and_memory_ratios_over_ep():
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    tiny = ["--layers", "1", "--d-model", "16", "--experts", "4", "--steps", "1", "--warmup", "0",
+            "--batch", "4", "--seq", "8"]  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "benchmarks/moe.py", *tiny],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    for name in ("ep", "dense-dp", "masked"):
+        row = re.search(rf"^{name} \(.*?\)((?: +\d+\.\d+){{10}})$", result.stdout, re.M)
+        assert row, f"no {name} row in:\n{result.stdout}"
+        assert all(float(x) > 0 for x in row.group(1).split()), row.group(0)
+    for name in ("dense-dp", "masked"):
+        ratio = re.search(rf"^{name} ratio over ep: (\d+\.\d+) by median step, (\d+\.\d+) by peak memory",
+                          result.stdout, re.M)
+        assert ratio, f"no {name} ratio in:\n{result.stdout}"
+        assert float(ratio.group(1)) > 0 and float(ratio.group(2)) > 0
+    dispatch = re.search(r"^ep dispatch: (\d+\.\d+) MiB per step per rank.*measured by the runtime: (\d+\.\d+) MiB",
+                         result.stdout, re.M)
+    assert dispatch and dispatch.group(1) == dispatch.group(2), result.stdout  # predicted = measured
+    assert "command: " in result.stdout
