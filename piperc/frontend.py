@@ -78,7 +78,14 @@ from piperc.dialects.roles import (  # noqa: F401 - the captured step's conventi
     main_function,
     result_roles,
 )
-from piperc.dialects.torch import RANDOM_INDEX, AtenOp, OperatorOp, aten_is_random, aten_overload
+from piperc.dialects.torch import (
+    RANDOM_INDEX,
+    AtenOp,
+    ConstantFloatOp,
+    OperatorOp,
+    aten_is_random,
+    aten_overload,
+)
 from piperc.errors import CaptureError, first_line, user_frame
 from piperc.ir import PipercContext, cycle_collection_paused, make_context, print_ir
 
@@ -655,7 +662,7 @@ class _Builder:
         if isinstance(op, OperatorOp):
             operator, op = op, op.as_aten_op()
             operator.erase()  # and with it its uses of the operands, which passes would see
-        if isinstance(op, AtenOp) and aten_is_random(op.aten):
+        if isinstance(op, AtenOp) and aten_is_random(op.aten) and not _draws_nothing(op):
             op.attributes[RANDOM_INDEX] = IntegerAttr(self.random_ops, 64)
             self.random_ops += 1
         mark = self.marks.get(node) if node else None
@@ -775,3 +782,14 @@ def _attach_signature(module: ModuleOp, gm: torch.fx.GraphModule, decays: dict[s
         res_attrs.append(DictionaryAttr(entry))
     fn.arg_attrs = ArrayAttr(arg_attrs)
     fn.res_attrs = ArrayAttr(res_attrs)
+
+
+def _draws_nothing(op: AtenOp) -> bool:
+    """A random-tagged op that draws nothing here: scaled-dot-product attention whose
+    `dropout_p` is the constant 0 (torch tags the op `nondeterministic_seeded` for its
+    dropout), so it is deterministic and lays out like any other op."""
+    names = [a.name for a in op.aten._schema.arguments]
+    if "dropout_p" not in names or not op.name.startswith("torch.aten._scaled_dot_product"):
+        return False
+    owner = op.operands[names.index("dropout_p")].owner
+    return isinstance(owner, ConstantFloatOp) and owner.value.value.data == 0.0

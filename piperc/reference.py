@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from piperc import asynchronous
 from piperc.runtime.comm import random_seed
 from piperc.runtime.launch import LaunchResult
 from piperc.strategy import SGD, AdamW
@@ -84,6 +85,106 @@ def train_eager(model: torch.nn.Module, batches: Sequence[Sequence[torch.Tensor]
         opt.step()
         losses.append(total.item())
     return losses, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def stale_training(model: torch.nn.Module, plan, batches: Sequence[Sequence[torch.Tensor]],
+                   optimizer: SGD | AdamW, stages: Sequence[Sequence[str]]
+                   ) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """Trains a copy of `model` on one process exactly as the update plan `plan`
+    (`piperc.asynchronous.UpdatePlan`: PipeDream, PipeDream-2BW or a flushed schedule) says;
+    returns the loss of each step and the final state_dict.
+
+    `stages[s]` names stage s's parameters (as in `model.named_parameters()`); every
+    trainable parameter is in one stage. Each global batch of `batches` (one per step of
+    the plan) is cut into `plan.microbatches` equal row slices, microbatch n being slice
+    n % microbatches of batch n // microbatches. The plan alone decides the run: microbatch
+    m's gradient is the whole model's at the mixed point of the versions its forward read on
+    each stage (`plan.versions()`; weight stashing makes its backward read the same), and
+    each update of stage s applies the mean of its microbatches' gradients for the stage's
+    parameters with that stage's own optimizer (torch.optim, its state per stage). A step's
+    loss is the mean of its microbatches' losses, each at its own mixed point. Nothing is
+    written per schedule: a synchronous plan trains as `train_eager(..., slices=microbatches)`.
+    """
+    plan.check()
+    if len(batches) != plan.steps:
+        raise ValueError(f"the plan runs {plan.steps} steps, got {len(batches)} batches")
+    if len(stages) != plan.num_stages:
+        raise ValueError(f"the plan has {plan.num_stages} stages, got parameter names for {len(stages)}")
+    model = copy.deepcopy(model)
+    named = dict(model.named_parameters())
+    owner: dict[str, int] = {}
+    for s, names in enumerate(stages):
+        for name in names:
+            if name not in named or name in owner:
+                raise ValueError(f"stage {s} names parameter {name!r}, which the model lacks or another stage has")
+            owner[name] = s
+    missing = sorted(n for n, p in named.items() if p.requires_grad and n not in owner)
+    if missing:
+        raise ValueError(f"no stage holds the trainable parameters {missing}")
+    masters = [{n: torch.nn.Parameter(named[n].detach().clone()) for n in names} for names in stages]
+    optimizers = [torch_optimizer(optimizer, list(m.values())) for m in masters]
+    history = [{0: {n: p.detach().clone() for n, p in m.items()}} for m in masters]
+    made = [0] * plan.num_stages
+    versions = plan.versions()
+    readers = [{} for _ in stages]  # per stage: version -> microbatches whose gradient still reads it
+    for s, seen in enumerate(versions):
+        for m, v in seen.items():
+            readers[s].setdefault(v, set()).add(m)
+    pieces = []
+    for step, batch in enumerate(batches):
+        rows = batch[0].shape[0]
+        if rows % plan.microbatches:
+            raise ValueError(f"batch {step} has {rows} rows, which do not split into {plan.microbatches} "
+                             "microbatches")
+        pieces += list(zip(*(x.tensor_split(plan.microbatches) for x in batch), strict=True))
+    grads: dict[int, dict[str, torch.Tensor]] = {}
+    losses: dict[int, float] = {}
+
+    def gradient(m: int) -> None:
+        """m's loss and gradient at the mixed point of the versions its forward read."""
+        with torch.no_grad():
+            for s in range(plan.num_stages):
+                for n, value in history[s][versions[s][m]].items():
+                    named[n].copy_(value)
+        for p in named.values():
+            p.grad = None
+        out = model(*pieces[m])
+        loss = out[0] if isinstance(out, tuple) else out
+        loss.backward()
+        losses[m] = loss.item()
+        grads[m] = {n: (torch.zeros_like(named[n]) if named[n].grad is None else named[n].grad.clone())
+                    for n in owner}
+        for s in range(plan.num_stages):
+            v = versions[s][m]
+            readers[s][v].discard(m)
+            if not readers[s][v] and v != made[s]:
+                del history[s][v]  # no microbatch reads that version any more
+
+    times = asynchronous.timeline(plan)
+    order = sorted((times[s][e][0], s, i) for s, row in enumerate(plan.stages) for i, e in enumerate(row))
+    for _, s, i in order:
+        e = plan.stages[s][i]
+        if e.kind in ("B", "W") and e.microbatches[0] not in grads:
+            gradient(e.microbatches[0])
+        if e.kind != "U":
+            continue
+        for n, p in masters[s].items():
+            p.grad = torch.stack([grads[m][n] for m in e.microbatches]).mean(dim=0)
+        optimizers[s].step()
+        made[s] += 1
+        history[s][made[s]] = {n: p.detach().clone() for n, p in masters[s].items()}
+        if not readers[s].get(made[s] - 1) and made[s] - 1 in history[s]:
+            del history[s][made[s] - 1]
+        for m in e.microbatches:
+            for n in masters[s]:
+                del grads[m][n]
+    with torch.no_grad():
+        for m in masters:
+            for n, p in m.items():
+                named[n].copy_(p)
+    step_losses = [sum(losses[m] for m in range(t * plan.microbatches, (t + 1) * plan.microbatches))
+                   / plan.microbatches for t in range(plan.steps)]
+    return step_losses, {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 class _Seeded(TorchDispatchMode):

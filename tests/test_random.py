@@ -114,3 +114,30 @@ def test_compile_seed_must_be_a_whole_number(net):
     model, batches = net
     with pytest.raises(StrategyError, match=r"compile: seed must be a whole number >= 0, got 1\.5"):
         compile_pp2_dp2(model, batches[0], seed=1.5)
+
+
+class Attention(nn.Module):
+    """Causal scaled-dot-product attention over [batch, 2 heads, seq, 4] with `dropout_p`."""
+
+    def __init__(self, dropout_p: float):
+        super().__init__()
+        self.qkv = nn.Linear(8, 24)
+        self.dropout_p = dropout_p
+
+    def forward(self, x, y):
+        b, t, _ = x.shape
+        q, k, v = (z.view(b, t, 2, 4).transpose(1, 2) for z in self.qkv(x).split(8, dim=2))
+        out = nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout_p, is_causal=True)
+        return ((out.transpose(1, 2).reshape(b, t, 8) - y) ** 2).mean()
+
+
+@pytest.mark.parametrize("dropout_p,random_ops", [(0.0, 0), (0.25, 1)])
+def test_attention_is_random_only_with_dropout(dropout_p, random_ops):
+    """torch tags scaled-dot-product attention `nondeterministic_seeded` for its dropout; with
+    dropout_p = 0 it draws nothing, so capture does not number it (and sharding lays it out
+    like any other op)."""
+    torch.manual_seed(0)
+    model = Attention(dropout_p)
+    compiled = piperc.compile(model, (torch.randn(2, 6, 8), torch.randn(2, 6, 8)), mesh=piperc.Mesh(dp=1),
+                              strategy=[], optimizer=SGD)
+    assert compiled.random_ops == random_ops
