@@ -33,6 +33,7 @@ Standard library only, like `piperc.schedules`.
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field
 
 from piperc.schedules import Action, Schedule, ScheduleError, builtin, one_f_one_b
@@ -278,7 +279,7 @@ def staleness(plan: UpdatePlan) -> Staleness:
         row = []
         for j in range(plan.num_stages):
             start = min(forward_at[j][m] for m in mbs)
-            before = sum(1 for t in done_times if t <= start)
+            before = bisect.bisect_right(done_times, start)  # the updates done by then
             row.append(k - before)
         global_delays.append(row)
     return Staleness(per_stage, global_delays)

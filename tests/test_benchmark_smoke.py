@@ -110,3 +110,25 @@ def test_moe_reports_step_time_and_memory_ratios_over_ep():
                          result.stdout, re.M)
     assert dispatch and dispatch.group(1) == dispatch.group(2), result.stdout  # predicted = measured
     assert "command: " in result.stdout
+
+
+def test_staleness_prints_every_method_at_every_stage_count(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    plot = tmp_path / "staleness.svg"
+    result = subprocess.run(
+        [sys.executable, "benchmarks/staleness.py", "--quick", "--stages", "2,4", "--out", str(plot)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    for problem in ("quadratic", "logistic", "gpt"):
+        for s in (2, 4):
+            for method in ("sync", "pipedream", "2bw", "localsgd"):
+                row = rf"^{problem} +{s} +{method} +2\^-?\d+[<>]? +(\d\S*|inf) +(\d\S*|inf) +2\^"
+                assert re.search(row, result.stdout, re.M), f"no {problem} S={s} {method} row in:\n{result.stdout}"
+            verdict = rf"^  {problem} +S={s}: pipedream \S+ vs localsgd \S+ .*: ((pipedream|localsgd) lower|about equal);"
+            assert re.search(verdict, result.stdout, re.M), f"no {problem} S={s} verdict in:\n{result.stdout}"
+    for s, seed_max in ((2, 3), (4, 14)):
+        assert re.search(rf"^ +{s} +pipedream +\S+ +{seed_max} +{seed_max}$", result.stdout, re.M), result.stdout
+    assert result.stdout.count("seed's claims, here:") == 1
+    assert plot.read_text().count("<polyline") == 3 * 2 * 4  # a line per method, problem and S
+    assert "command: " in result.stdout
