@@ -404,8 +404,9 @@ class ExpertParallel(Directive):
         return next((d for d in ctx.directives if isinstance(d, DataParallel) and d.axis == self.axis), None)
 
     def check(self, ctx: StrategyContext) -> None:
-        """One per strategy; on the axis of a data_parallel directive without ZeRO, or on an
-        axis no other directive uses, with no ZeRO anywhere in the strategy."""
+        """One per strategy; on the axis of a data_parallel directive without ZeRO (which would
+        shard the experts over that axis a second time), or on an axis no other directive uses
+        (ZeRO on another data-parallel axis then shards the experts' replicas over it too)."""
         if next(d for d in ctx.directives if isinstance(d, ExpertParallel)) is not self:
             raise StrategyError(f"{self}: only one expert_parallel directive is allowed")
         if not isinstance(self.axis, str) or self.axis not in ctx.mesh.axes:
@@ -419,10 +420,6 @@ class ExpertParallel(Directive):
             if other is not None:
                 raise StrategyError(f"{self}: axis '{self.axis}' is already used by {other}; the experts go over "
                                     "a data-parallel axis or an axis of their own")
-            zero = next((d for d in ctx.directives if isinstance(d, DataParallel) and d.zero), None)
-            if zero is not None:
-                raise StrategyError(f"{self}: next to {zero}: ZeRO next to an expert axis of its own is not "
-                                    "supported yet; use data_parallel without zero")
 
     def axes_in(self, ctx: StrategyContext) -> tuple[str, ...]:
         """Its axis, shared with a data_parallel directive or its own."""
