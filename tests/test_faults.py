@@ -56,7 +56,9 @@ TORCHRUN_ROW = ("all_gather", "stall", 1)
 
 # Runs worker.main for every rank of every job (argv[1], JSON) in forked children of one process,
 # so that torch is imported once, and appends to argv[2] a JSON line as each child ends: its job,
-# rank, exit code and time.time().
+# rank, exit code and time.time(). Jobs start 0.2 s apart: on one core, 46 ranks joining their
+# rendezvous at once left the last job's rank 0 waiting past the rows' 3 s timeout for its peer
+# (DistStoreError at init, before any fault), twice in four full runs on 2026-12-01.
 FORK_RANKS = textwrap.dedent(
     """
     import json, os, sys, time
@@ -76,6 +78,7 @@ FORK_RANKS = textwrap.dedent(
                 finally:
                     os._exit(3)
             children[pid] = (job["name"], rank)
+        time.sleep(0.2)  # the next job's ranks start while this one's wait: no 46 ranks in one rendezvous rush
     with open(sys.argv[2], "a") as ended:
         while children:
             pid, status = os.wait()
