@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from xdsl.dialects.builtin import FloatAttr, StringAttr, f32, f64
+from xdsl.dialects.builtin import FloatAttr, IntegerAttr, StringAttr, f32, f64, i1
 from xdsl.ir import Attribute, Block, Operation, SSAValue
 
 from piperc.dialects import torch as t
@@ -40,6 +40,11 @@ class TorchBuilder:
         op = t.ConstantFloatOp.create(
             properties={"value": FloatAttr(float(value), f64)}, result_types=[t.FloatType()]
         )
+        return self._add(op).results[0]
+
+    def bool(self, value: bool) -> SSAValue:
+        """A `torch.constant.bool`."""
+        op = t.ConstantBoolOp.create(properties={"value": IntegerAttr(int(value), i1)}, result_types=[t.BoolType()])
         return self._add(op).results[0]
 
     def none(self) -> SSAValue:

@@ -11,13 +11,41 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Causal softmax attention over [batch, heads, seq, head_dim] tensors."""
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sdpa: bool = False,
+                     mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal softmax attention over [batch, heads, seq, head_dim] tensors: written out op by
+    op, or with `sdpa` one `F.scaled_dot_product_attention` (what sequence parallelism's
+    Ulysses splits by heads). `mask` ([batch, 1, seq, seq], True where a query may attend,
+    causality included: `document_mask`) replaces the causal mask."""
+    if sdpa:
+        if mask is not None:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
     seq, head_dim = q.shape[-2], q.shape[-1]
     scores = (q @ k.transpose(-2, -1)) * head_dim**-0.5
-    future = torch.ones(seq, seq, dtype=torch.bool, device=q.device).triu(1)
-    scores = scores.masked_fill(future, float("-inf"))
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    else:
+        future = torch.ones(seq, seq, dtype=torch.bool, device=q.device).triu(1)
+        scores = scores.masked_fill(future, float("-inf"))
     return scores.softmax(dim=-1) @ v
+
+
+def document_mask(doc: torch.Tensor) -> torch.Tensor:
+    """The attention mask of packed sequences: `doc` [batch, seq] gives each token's document;
+    a query attends to the earlier tokens of its own document. [batch, 1, seq, seq] bools."""
+    seq = doc.shape[1]
+    causal = torch.ones(seq, seq, dtype=torch.bool, device=doc.device).tril()
+    return ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]
+
+
+def packed_documents(batch: int, seq: int) -> torch.Tensor:
+    """Document ids of `batch` packed sequences of length `seq` (>= 8): two short documents
+    (3 and 2 tokens), one from token 5 across the middle of the sequence, and the rest."""
+    ids = torch.zeros(seq, dtype=torch.long)
+    for start in (3, 5, seq // 2 + 2):
+        ids[start:] += 1
+    return ids.expand(batch, seq).contiguous()
 
 
 def sample_batch(vocab: int, seq: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -34,6 +62,7 @@ class CausalSelfAttention(nn.Module):
         if d_model % n_heads:
             raise ValueError(f"d_model={d_model} is not divisible by n_heads={n_heads}")
         self.n_heads = n_heads
+        self.sdpa = False  # make(sdpa=True): one F.scaled_dot_product_attention
         # No bias: the key bias's gradient is identically zero (softmax ignores a
         # shift shared by all keys), so it is pure rounding noise, and AdamW's
         # m/sqrt(v) turns that noise into steps of size lr. No two correct
@@ -41,13 +70,13 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
         self.proj = nn.Linear(d_model, d_model)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         batch, seq, d_model = x.shape
         heads = [
             t.view(batch, seq, self.n_heads, d_model // self.n_heads).transpose(1, 2)
             for t in self.qkv(x).split(d_model, dim=2)
         ]
-        y = causal_attention(*heads)
+        y = causal_attention(*heads, sdpa=self.sdpa, mask=mask)
         return self.proj(y.transpose(1, 2).reshape(batch, seq, d_model))
 
 
@@ -73,8 +102,8 @@ class Block(nn.Module):
         self.ln2 = nn.LayerNorm(d_model)
         self.mlp = MLP(d_model, 4 * d_model)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln1(x))
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + (self.attn(self.ln1(x)) if mask is None else self.attn(self.ln1(x), mask))
         return x + self.mlp(self.ln2(x))
 
 
@@ -95,11 +124,14 @@ class GPT(nn.Module):
         self.norm = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, vocab, bias=False)
 
-    def forward(self, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor, doc: torch.Tensor | None = None) -> torch.Tensor:
+        """The loss; with `doc` (packed sequences' document ids) attention stays within each
+        document (`document_mask`)."""
         positions = torch.arange(tokens.shape[1], device=tokens.device)
         x = self.embed(tokens) + self.pos(positions)
+        mask = None if doc is None else document_mask(doc)
         for block in self.blocks:
-            x = block(x)
+            x = block(x) if mask is None else block(x, mask)
         logits = self.head(self.norm(x))
         return F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.view(-1))
 
@@ -113,8 +145,22 @@ def make(
     seq: int = 16,
     batch: int = 8,
     seed: int = 0,
-) -> tuple[GPT, tuple[torch.Tensor, torch.Tensor]]:
-    """A GPT and a (tokens, targets) batch; the same seed gives the same weights and batch."""
+    sdpa: bool = False,
+    packed: bool = False,
+) -> tuple[GPT, tuple[torch.Tensor, ...]]:
+    """A GPT and a (tokens, targets) batch; the same seed gives the same weights and batch.
+    With `sdpa`, attention is one `F.scaled_dot_product_attention` (same weights, same
+    function) instead of its ops written out; with `packed`, the batch also holds document
+    ids (`packed_documents`) and attention stays within each document."""
     torch.manual_seed(seed)
     model = GPT(vocab, d_model, n_layers, seq, lambda: Block(d_model, n_heads))
-    return model, sample_batch(vocab, seq, batch)
+    use_sdpa(model, sdpa)
+    tokens, targets = sample_batch(vocab, seq, batch)
+    return model, (tokens, targets, packed_documents(batch, seq)) if packed else (tokens, targets)
+
+
+def use_sdpa(model: nn.Module, sdpa: bool) -> None:
+    """Sets every attention module of `model` to compute with one scaled-dot-product op (or not)."""
+    for module in model.modules():
+        if hasattr(module, "sdpa"):
+            module.sdpa = sdpa

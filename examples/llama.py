@@ -8,7 +8,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from piperc.examples.gpt import causal_attention, sample_batch
+from piperc.examples.gpt import (
+    causal_attention,
+    document_mask,
+    packed_documents,
+    sample_batch,
+    use_sdpa,
+)
 
 
 class RMSNorm(nn.Module):
@@ -49,6 +55,7 @@ class Attention(nn.Module):
         if d_model % n_heads:
             raise ValueError(f"d_model={d_model} is not divisible by n_heads={n_heads}")
         self.n_heads = n_heads
+        self.sdpa = False  # make(sdpa=True): one F.scaled_dot_product_attention
         self.q = nn.Linear(d_model, d_model, bias=False)
         self.k = nn.Linear(d_model, d_model, bias=False)
         self.v = nn.Linear(d_model, d_model, bias=False)
@@ -57,7 +64,7 @@ class Attention(nn.Module):
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         batch, seq, d_model = x.shape
         q, k, v = (
             proj(x).view(batch, seq, self.n_heads, d_model // self.n_heads).transpose(1, 2)
@@ -66,7 +73,7 @@ class Attention(nn.Module):
         cos, sin = self.cos[:seq], self.sin[:seq]
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        y = causal_attention(q, k, v)
+        y = causal_attention(q, k, v, sdpa=self.sdpa, mask=mask)
         return self.o(y.transpose(1, 2).reshape(batch, seq, d_model))
 
 
@@ -86,6 +93,7 @@ class GroupedQueryAttention(nn.Module):
             raise ValueError(f"n_heads={n_heads} is not divisible by n_kv_heads={n_kv_heads}")
         self.n_heads = n_heads
         self.n_kv_heads = n_kv_heads
+        self.sdpa = False  # make(sdpa=True): one F.scaled_dot_product_attention
         head_dim = d_model // n_heads
         self.q = nn.Linear(d_model, d_model, bias=False)
         self.kv = nn.Linear(d_model, 2 * n_kv_heads * head_dim, bias=False)
@@ -94,7 +102,7 @@ class GroupedQueryAttention(nn.Module):
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         batch, seq, d_model = x.shape
         head_dim = d_model // self.n_heads
         q = self.q(x).view(batch, seq, self.n_heads, head_dim).transpose(1, 2)
@@ -110,7 +118,7 @@ class GroupedQueryAttention(nn.Module):
             t.unsqueeze(2).expand(batch, self.n_kv_heads, group, seq, head_dim).reshape(batch, self.n_heads, seq, head_dim)
             for t in (k, v)
         )
-        y = causal_attention(q, k, v)
+        y = causal_attention(q, k, v, sdpa=self.sdpa, mask=mask)
         return self.o(y.transpose(1, 2).reshape(batch, seq, d_model))
 
 
@@ -141,8 +149,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(d_model)
         self.mlp = SwiGLU(d_model, 4 * d_model)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x))
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + (self.attn(self.attn_norm(x)) if mask is None else self.attn(self.attn_norm(x), mask))
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -157,10 +165,13 @@ class Llama(nn.Module):
         self.norm = RMSNorm(d_model)
         self.head = nn.Linear(d_model, vocab, bias=False)
 
-    def forward(self, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor, doc: torch.Tensor | None = None) -> torch.Tensor:
+        """The loss; with `doc` (packed sequences' document ids) attention stays within each
+        document (`gpt.document_mask`)."""
         x = self.embed(tokens)
+        mask = None if doc is None else document_mask(doc)
         for block in self.blocks:
-            x = block(x)
+            x = block(x) if mask is None else block(x, mask)
         logits = self.head(self.norm(x))
         return F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.view(-1))
 
@@ -175,12 +186,18 @@ def make(
     batch: int = 8,
     seed: int = 0,
     n_kv_heads: int | None = None,
-) -> tuple[Llama, tuple[torch.Tensor, torch.Tensor]]:
+    sdpa: bool = False,
+    packed: bool = False,
+) -> tuple[Llama, tuple[torch.Tensor, ...]]:
     """A Llama and a (tokens, targets) batch; the same seed gives the same weights and batch.
 
     n_kv_heads (default None: multi-head attention with separate q, k, v) gives every block
     grouped-query attention with that many key/value heads and a fused `kv` projection.
+    With `sdpa`, attention is one `F.scaled_dot_product_attention` instead of its ops; with
+    `packed`, the batch also holds document ids and attention stays within each document.
     """
     torch.manual_seed(seed)
     model = Llama(vocab, d_model, n_heads, n_layers, seq, n_kv_heads)
-    return model, sample_batch(vocab, seq, batch)
+    use_sdpa(model, sdpa)
+    tokens, targets = sample_batch(vocab, seq, batch)
+    return model, (tokens, targets, packed_documents(batch, seq)) if packed else (tokens, targets)

@@ -20,6 +20,7 @@ _LAZY = {
     "data_parallel": "piperc.strategy",
     "tensor_parallel": "piperc.strategy",
     "expert_parallel": "piperc.strategy",
+    "sequence_parallel": "piperc.strategy",
     "optim": "piperc.strategy",
     "Directive": "piperc.strategy",
     "Fragment": "piperc.strategy",
@@ -46,7 +47,7 @@ _LAZY = {
 __all__ = ["annotate", *_LAZY]
 
 
-_SUBPACKAGES = ("runtime", "dialects", "passes", "examples", "checkpoint", "nn")
+_SUBPACKAGES = ("runtime", "dialects", "passes", "examples", "checkpoint", "nn", "asynchronous", "analysis")
 """Sub-packages reachable as attributes: `import piperc; piperc.runtime.load(...)`."""
 
 

@@ -228,6 +228,11 @@ def _aten_call(op: t.AtenOp, names: _Names, inline) -> str:
             kwargs.append(f"{arg.name}={src}")
         else:
             args.append(src)
+    if op.name == "torch.aten.view":
+        # Value semantics make view and reshape equal; reshape also takes a tensor whose
+        # strides differ from those capture saw (a collective's output, or attention's, which
+        # follows its query's memory format), where view would fail.
+        return f"aten.reshape.default({', '.join(args)})"
     packet = op.name.removeprefix("torch.aten.").split(".")[0]
     return f"aten.{packet}.{overload._overloadname}({', '.join(args + kwargs)})"
 

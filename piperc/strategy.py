@@ -33,7 +33,9 @@ from piperc.passes.outline_stages import OutlineStagesPass
 from piperc.passes.pipeline_split import PipelineSplitPass
 from piperc.passes.propagate_sharding import PropagateShardingPass
 from piperc.passes.schedule import SchedulePass, parse_table, table_text
+from piperc.passes.sequence_parallel import SequenceParallelPass
 from piperc.passes.tensor_parallel import Placement, TensorParallelPass, plan_text
+from piperc.passes.unflatten_matmul import UnflattenMatmulPass
 from piperc.passes.zero import ZeroPass
 
 
@@ -464,6 +466,65 @@ def expert_parallel(axis: str = "dp") -> ExpertParallel:
     data rank), so training equals one device running each batch in the same slices.
     """
     return ExpertParallel(axis)
+
+
+SEQUENCE_METHODS = ("ulysses",)
+"""The attention methods `sequence_parallel` builds (ring attention is not built yet)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SequenceParallel(Directive):
+    """Sequence parallelism along `axis`: the model's sequences split over it, attention by
+    `method` (see `sequence_parallel`)."""
+
+    axis: str = "sp"
+    method: str = "ulysses"
+    seq_dim: int = 1
+
+    def __str__(self) -> str:
+        dim = "" if self.seq_dim == 1 else f", seq_dim={self.seq_dim}"
+        return f"sequence_parallel(axis={self.axis!r}, method={self.method!r}{dim})"
+
+    def mesh_axes(self) -> tuple[str, ...]:
+        """The sequence axis: each device holds a piece of every sequence."""
+        return (self.axis,)
+
+    def check(self, ctx: StrategyContext) -> None:
+        """A method that is built, an int seq_dim >= 1, and no tensor parallelism next to it."""
+        if self.method not in SEQUENCE_METHODS:
+            raise StrategyError(f"{self}: method {self.method!r} is not built; use one of "
+                                f"{', '.join(map(repr, SEQUENCE_METHODS))} (ring attention and 'auto' are not built "
+                                "yet)")
+        if isinstance(self.seq_dim, bool) or not isinstance(self.seq_dim, int) or self.seq_dim < 1:
+            raise StrategyError(f"{self}: seq_dim must be an int >= 1 (the inputs' sequence dimension), got "
+                                f"{self.seq_dim!r}")
+        tensor = next((d for d in ctx.directives if isinstance(d, TensorParallel)), None)
+        if tensor is not None:
+            raise StrategyError(f"{self}: next to {tensor} is not supported yet")
+
+    def fragments(self, ctx: StrategyContext) -> list[Fragment]:
+        """unflatten-matmul, sequence-parallel (the seeds and Ulysses' casts), propagate-sharding
+        and localise-shapes over the axis: on the captured step, before it is split into stages."""
+        return [Fragment(
+            (UnflattenMatmulPass(),
+             SequenceParallelPass(axis=self.axis, seq_dim=self.seq_dim, directive=str(self)),
+             PropagateShardingPass(mesh_axes=(self.axis,)),
+             LocaliseShapesPass(mesh_axes=(self.axis,))),
+            requires=("mesh",), provides=("layouts",))]
+
+
+def sequence_parallel(axis: str = "sp", method: str = "ulysses", seq_dim: int = 1) -> SequenceParallel:
+    """Sequence-parallel directive: every model input's dimension `seq_dim` (tokens, targets,
+    positions, document ids) is split over the devices of `axis`, and propagation carries the
+    split through the position-wise ops; the loss and the parameters' gradients are summed
+    over the axis.
+
+    `method="ulysses"` (DeepSpeed-Ulysses): each `F.scaled_dot_product_attention`, forward and
+    backward, moves its q, k, v from sequence split to heads split by an all-to-all, runs the
+    whole sequence's attention for its heads, and moves back. The heads must divide over the
+    axis. Ring attention is not built yet.
+    """
+    return SequenceParallel(axis, method, seq_dim)
 
 
 def tensor_parallel(axis: str = "tp", plan: Mapping[str, Placement] | None = None,

@@ -56,7 +56,7 @@ def test_capture_with_a_pipeline_dumps_the_ir_before_and_after_each_pass(tmp_pat
 @pytest.mark.parametrize(
     ("target", "message"),
     [
-        ("examples/gpt.py:mk", "examples/gpt.py has no function 'mk' (its functions: causal_attention, make"),
+        ("examples/gpt.py:mk", "examples/gpt.py has no function 'mk' (its functions: causal_attention, document_mask, make"),
         ("examples/nope.py:make", "cannot read examples/nope.py: no such file"),
     ],
 )

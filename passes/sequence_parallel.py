@@ -1,0 +1,146 @@
+"""sequence-parallel: splits the model's sequences over a mesh axis, with Ulysses attention.
+
+    sequence-parallel{axis=sp seq-dim=1}
+
+Seeds, on the captured `@main` (forward and backward together), the layouts the sequence
+split needs, and leaves the rest to `propagate-sharding{mesh-axes=<axis>}` and
+`localise-shapes`, which the `piperc.sequence_parallel` directive runs after it (and
+`unflatten-matmul` before it, so that linears keep the sequence dimension apart):
+
+- every model input of rank > `seq-dim` (tokens, targets, positions, document ids) is laid
+  out "dimension `seq-dim` split over the axis": each device holds its piece of every
+  sequence, and the runtime cuts it so (`#par.sharding<[[], ["sp"]]>` for `[batch, seq]`);
+- the loss and outputs are whole on every device: propagation resolves the loss's pending
+  sum over the axis, and the gradients of the (replicated) parameters, which every device
+  computes from its own tokens, are pending sums it resolves in the backward;
+- Ulysses (DeepSpeed): each scaled-dot-product attention, forward and backward, reads its
+  `[batch, heads, seq, ...]` operands through a `par.layout_cast` from "sequence split" to
+  "heads split". Every device runs the whole sequence's attention for its heads, with the
+  whole causal mask; each cast becomes one all_to_all after localisation. Propagation takes
+  the casts as written and chooses the rest (the attention's results come out heads split,
+  and move back to the sequence split where the next op needs it).
+
+    %q2 = par.layout_cast %q @mesh from #par.sharding<[[], [], ["sp"], []]>
+            to #par.sharding<[[], ["sp"], [], []]> because "ulysses: ..." : !torch.vtensor<[4,4,16,8],f32>
+    %o, %lse = "torch.aten._scaled_dot_product_flash_attention_for_cpu"(%q2, %k2, %v2, ...)
+
+Positions the model computes (`arange` over the sequence) stay global: a value derived from
+an input's sequence dimension is split with it.
+
+Errors (StrategyError naming the directive and the tensor): an input whose sequence length
+does not divide over the axis; an attention whose heads do not divide over it; a model with
+no scaled-dot-product attention (Ulysses splits attention by heads).
+
+Options: axis (default sp), seq_dim (the inputs' sequence dimension, default 1), directive
+(quoted in errors). Requires: the mesh pass; runs on the captured `@main`, before it is split
+into stages.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from xdsl.context import Context
+from xdsl.dialects.builtin import ArrayAttr, DictionaryAttr, IntAttr, ModuleOp
+from xdsl.ir import Operation
+from xdsl.passes import ModulePass
+
+from piperc.dialects.par import LAYOUT, LayoutCastOp, ShardingAttr
+from piperc.dialects.roles import ARG_INPUT, RES_LOSS, RES_OUTPUT, main_function
+from piperc.dialects.torch import ValueTensorType
+from piperc.errors import StrategyError
+from piperc.passes.mesh import MESH_SYMBOL, find_axis
+from piperc.passes.propagate_sharding import where
+
+ATTENTION = ("torch.aten._scaled_dot_product_flash_attention_for_cpu",
+             "torch.aten._scaled_dot_product_flash_attention_for_cpu_backward",
+             "torch.aten._scaled_dot_product_efficient_attention",
+             "torch.aten._scaled_dot_product_efficient_attention_backward",
+             "torch.aten._scaled_dot_product_flash_attention",
+             "torch.aten._scaled_dot_product_flash_attention_backward")
+"""Scaled-dot-product attention and its backward, as capture writes them on CPU and CUDA."""
+
+_HEADS, _SEQ = 1, 2
+"""The head and sequence dimensions of attention's `[batch, heads, seq, ...]` tensors."""
+
+
+def _split(rank: int, dim: int, axis: str) -> ShardingAttr:
+    return ShardingAttr([[axis] if d == dim else [] for d in range(rank)])
+
+
+@dataclass(frozen=True)
+class SequenceParallelPass(ModulePass):
+    """Lays out the model inputs' sequence dimension over `axis`, the loss and outputs whole,
+    and each attention's operands heads split (Ulysses; see the module docstring)."""
+
+    name = "sequence-parallel"
+
+    axis: str = "sp"
+    seq_dim: int = 1
+    directive: str = "sequence-parallel"
+
+    def apply(self, ctx: Context, op: ModuleOp) -> None:
+        mesh = find_axis(op, self.axis, self.directive)
+        size = mesh.axis_size(self.axis)
+        main = main_function(op)
+        self.seed(main, size)
+        attention = [o for o in main.body.block.ops if o.name in ATTENTION]
+        if not attention:
+            raise StrategyError(f"{self.directive}: the model has no scaled-dot-product attention; Ulysses splits "
+                                "attention by heads, so attention must go through "
+                                "torch.nn.functional.scaled_dot_product_attention")
+        for o in attention:
+            self.ulysses(o, size)
+
+    def seed(self, main, size: int) -> None:
+        """Every input of rank > seq_dim split along it; the loss and outputs whole."""
+        attrs = list(main.arg_attrs.data)
+        split = 0
+        for i, (attr, type_) in enumerate(zip(attrs, main.function_type.inputs.data, strict=True)):
+            if ARG_INPUT not in attr.data or not isinstance(type_, ValueTensorType):
+                continue
+            shape = type_.get_shape()
+            if len(shape) <= self.seq_dim:
+                continue
+            if shape[self.seq_dim] % size:
+                index = attr.data[ARG_INPUT]
+                raise StrategyError(
+                    f"{self.directive}: model input {index.data if isinstance(index, IntAttr) else index} {type_} "
+                    f"has sequence length {shape[self.seq_dim]} (dimension {self.seq_dim}), which does not divide "
+                    f"over the {size} devices of axis '{self.axis}'")
+            attrs[i] = DictionaryAttr({**attr.data, LAYOUT: _split(len(shape), self.seq_dim, self.axis)})
+            split += 1
+        if not split:
+            raise StrategyError(f"{self.directive}: no model input has a dimension {self.seq_dim} to split (the "
+                                "sequence); give seq_dim")
+        main.arg_attrs = ArrayAttr(attrs)
+        results = main.function_type.outputs.data
+        main.res_attrs = ArrayAttr(
+            DictionaryAttr({**a.data, LAYOUT: ShardingAttr.replicated(len(t.get_shape()))})
+            if (RES_LOSS in a.data or RES_OUTPUT in a.data) and isinstance(t, ValueTensorType) else a
+            for a, t in zip(main.res_attrs.data, results, strict=True))
+
+    def ulysses(self, op: Operation, size: int) -> None:
+        """Casts each `[batch, heads, seq, ...]` operand of `op` from sequence split to heads
+        split (not the forward's results a backward reads: they are heads split already; not
+        a mask shared by the heads, which the attention reads whole), checking that its
+        heads divide over the axis."""
+        heads = next(v.type.get_shape()[_HEADS] for v in op.operands if isinstance(v.type, ValueTensorType))
+        for index, value in enumerate(op.operands):
+            if not isinstance(value.type, ValueTensorType) or len(value.type.get_shape()) < 3:
+                continue
+            if isinstance(value.owner, Operation) and value.owner.name in ATTENTION:
+                continue  # the forward's output and log-sum-exp, heads split already
+            shape = value.type.get_shape()
+            if shape[_HEADS] != heads:
+                continue  # a mask shared by the heads ([batch, 1, seq, seq]): propagation keeps it whole
+            if shape[_HEADS] % size:
+                raise StrategyError(
+                    f"{self.directive}: {where(op)} reads operand {index} {value.type} with {shape[_HEADS]} heads, "
+                    f"which do not divide over the {size} devices of axis '{self.axis}' (Ulysses splits "
+                    "attention by heads)")
+            cast = LayoutCastOp(value, MESH_SYMBOL, _split(len(shape), _SEQ, self.axis),
+                                _split(len(shape), _HEADS, self.axis),
+                                f"ulysses: {where(op)}, operand {index} (sequence split to heads split)")
+            op.parent_block().insert_op_before(cast, op)
+            op.operands[index] = cast.result
