@@ -469,7 +469,7 @@ PIPERC = [
     ("target-without-a-function", ["capture", "gpt"], 1, r"TARGET must be FILE\.py:FUNC or package\.module:FUNC"),
     ("target-file-missing", ["capture", "{tmp}/nope.py:make"], 1, r"cannot read .*nope\.py: no such file"),
     ("target-function-missing", ["capture", "examples/gpt.py:mk"], 1,
-     r"examples/gpt\.py has no function 'mk' \(its functions: causal_attention, make"),
+     r"examples/gpt\.py has no function 'mk' \(its functions: causal_attention, document_mask, make"),
     ("target-module-missing", ["capture", "nosuch.models:make"], 1, r"cannot import nosuch\.models: No module named"),
     ("target-file-not-python", ["capture", "{tmp}/syntax.py:make"], 1,
      r"cannot import .*syntax\.py: SyntaxError: .*\(syntax\.py, line 1\)"),
