@@ -637,6 +637,13 @@ LAYOUT = "par.layout"
 """The argument and result attribute of stage functions and `@main`: the value's layout."""
 
 
+def global_shape(local: Sequence[int], layout: ShardingAttr, mesh: MeshAttr) -> list[int]:
+    """The shape over the whole mesh of a tensor whose per-device shape is `local` under
+    `layout`: each dimension times the parts its axes split it into (-1 stays unknown)."""
+    return [size * math.prod(mesh.axis_size(a) for a in layout.dim_axes(dim)) if size >= 0 else -1
+            for dim, size in enumerate(local)]
+
+
 def layout_of(attrs: DictionaryAttr | None) -> ShardingAttr | None:
     """The `par.layout` in an argument or result attribute dictionary, if any."""
     if attrs is None:
@@ -1606,11 +1613,7 @@ class ReshardOp(IRDLOperation):
             )
 
     def _global_shape(self, mesh: MeshAttr) -> list[int]:
-        local = _shape_of(self, self.input)
-        return [
-            size * math.prod(mesh.axis_size(a) for a in self.source.dim_axes(dim)) if size >= 0 else -1
-            for dim, size in enumerate(local)
-        ]
+        return global_shape(_shape_of(self, self.input), self.source, mesh)
 
 
 @irdl_op_definition

@@ -64,7 +64,6 @@ Requires: the mesh pass; runs on the captured `@main`, before it is split into s
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -75,16 +74,21 @@ from xdsl.ir import BlockArgument, Operation, SSAValue
 from xdsl.passes import ModulePass
 from xdsl.rewriter import Rewriter
 
-from piperc.dialects.par import LAYOUT, MeshAttr, OriginAttr, PassKind, ReshardOp, ShardingAttr
+from piperc.dialects.par import (
+    LAYOUT,
+    MeshAttr,
+    OriginAttr,
+    PassKind,
+    ReshardOp,
+    ShardingAttr,
+    global_shape,
+)
 from piperc.dialects.roles import ORIGIN, RES_GRAD, main_function, parameter_names
 from piperc.dialects.torch import AtenOp, ValueTensorType
 from piperc.errors import StrategyError
 from piperc.passes.mesh import MESH_SYMBOL, find_axis
 from piperc.passes.propagate_sharding import LAYOUTS, value_layout, where
-from piperc.passes.sharding_rules import const_int
-
-_VIEWS = ("torch.aten.view", "torch.aten._unsafe_view", "torch.aten.reshape")
-"""The ops that reshape the dispatched buffer and the expert output between `[E*C, d]` and `[E, C, d]`."""
+from piperc.passes.sharding_rules import VIEW_OPS, const_int
 
 
 def _origin(op: Operation) -> OriginAttr | None:
@@ -158,9 +162,7 @@ class _Layer:
     def global_shape(self, value: SSAValue) -> tuple[int, ...]:
         """The shape of `value` over the whole mesh: its per-device shape times the parts its
         layout splits each dimension into (tensor parallelism may split the router's tokens)."""
-        layout = value_layout(value)
-        return tuple(size * math.prod(self.mesh.axis_size(a) for a in layout.dim_axes(d))
-                     for d, size in enumerate(_shape(value)))
+        return tuple(global_shape(_shape(value), value_layout(value), self.mesh))
 
     def check_whole(self, value: SSAValue, what: str) -> None:
         """The experts' part is computed whole on each device: `value` is split over no axis
@@ -173,12 +175,12 @@ class _Layer:
 
     def is_dispatch_view(self, op: Operation) -> bool:
         """A view from `[E*C, d]` to `[E, C, d]` (the dispatched buffer, or its gradient)."""
-        return (op.name in _VIEWS and _shape(op.operands[0]) == (self.experts * self.capacity, self.width)
+        return (op.name in VIEW_OPS and _shape(op.operands[0]) == (self.experts * self.capacity, self.width)
                 and _shape(op.results[0]) == self.buffer_shape)
 
     def is_combine_view(self, op: Operation) -> bool:
         """A view from `[E, C, d]` to `[E*C, d]` (the expert output, or the dispatched buffer's gradient)."""
-        return (op.name in _VIEWS and _shape(op.operands[0]) == self.buffer_shape
+        return (op.name in VIEW_OPS and _shape(op.operands[0]) == self.buffer_shape
                 and _shape(op.results[0]) == (self.experts * self.capacity, self.width))
 
     @property
@@ -274,7 +276,7 @@ class _Rewrite:
             for op in self.main.body.block.ops:
                 if isinstance(op, func.ReturnOp) or not any(v in reached for v in op.operands):
                     continue
-                if op.name in _VIEWS and _shape(op.results[0]) == (self.layer.experts * self.layer.capacity,
+                if op.name in VIEW_OPS and _shape(op.results[0]) == (self.layer.experts * self.layer.capacity,
                                                                    self.layer.width):
                     continue
                 reached.update(op.results)
@@ -348,7 +350,7 @@ class _Rewrite:
         """A view of this rank's experts' `[E/n, n*C, d]` to `[E*C, d]`: the expert output, or the
         dispatched buffer's gradient, going back to its tokens."""
         e, c, d = self.layer.buffer_shape
-        return (op.name in _VIEWS and _shape(op.operands[0]) == (e // self.size, c * self.size, d)
+        return (op.name in VIEW_OPS and _shape(op.operands[0]) == (e // self.size, c * self.size, d)
                 and _shape(op.results[0]) == (e * c, d))
 
     def to_tokens(self, view: Operation) -> None:
@@ -377,14 +379,25 @@ class _Rewrite:
         self.main.res_attrs = ArrayAttr(attrs)
 
 
+def _forward_ops(main: func.FuncOp, region: str) -> list[Operation]:
+    """The forward ops of `@main` in the annotated region `region`, in order."""
+    return [op for op in main.body.block.ops
+            if (o := _origin(op)) is not None and o.region == region and o.pass_kind == PassKind.F]
+
+
+def router_paths(main: func.FuncOp, region: str) -> list[str]:
+    """The module paths of the forward `aten.topk` ops in `region`: one per MoE layer that
+    routes (what `find_layers` reads first, and `Compiled.moe_layers` counts)."""
+    return list(dict.fromkeys(_origin(op).path for op in _forward_ops(main, region) if op.name == "torch.aten.topk"))
+
+
 def find_layers(main: func.FuncOp, region: str, directive: str, mesh: MeshAttr) -> list[_Layer]:
     """The MoE layers of `@main`: per module path of a forward `aten.topk` in `region`, the
     forward ops of that region within the path. The forward ops of the region outside every such
     path make layers of their own, named by their outermost module (which then fail the contract
     for want of a topk)."""
-    ops = [op for op in main.body.block.ops
-           if (o := _origin(op)) is not None and o.region == region and o.pass_kind == PassKind.F]
-    paths = list(dict.fromkeys(_origin(op).path for op in ops if op.name == "torch.aten.topk"))
+    ops = _forward_ops(main, region)
+    paths = router_paths(main, region)
     for path in sorted({_origin(op).path for op in ops}, key=len):
         if not any(_within(path, p) for p in paths):
             paths.append(path)

@@ -46,19 +46,13 @@ from xdsl.ir import Operation
 from xdsl.passes import ModulePass
 
 from piperc.dialects.par import LAYOUT, LayoutCastOp, ShardingAttr
-from piperc.dialects.roles import ARG_INPUT, RES_LOSS, RES_OUTPUT, main_function
+from piperc.dialects.roles import ARG_INPUT, main_function
 from piperc.dialects.torch import ValueTensorType
 from piperc.errors import StrategyError
 from piperc.passes.mesh import MESH_SYMBOL, find_axis
 from piperc.passes.propagate_sharding import where
-
-ATTENTION = ("torch.aten._scaled_dot_product_flash_attention_for_cpu",
-             "torch.aten._scaled_dot_product_flash_attention_for_cpu_backward",
-             "torch.aten._scaled_dot_product_efficient_attention",
-             "torch.aten._scaled_dot_product_efficient_attention_backward",
-             "torch.aten._scaled_dot_product_flash_attention",
-             "torch.aten._scaled_dot_product_flash_attention_backward")
-"""Scaled-dot-product attention and its backward, as capture writes them on CPU and CUDA."""
+from piperc.passes.sharding_rules import ATTENTION_OPS
+from piperc.passes.tensor_parallel import seed_whole_results
 
 _HEADS, _SEQ = 1, 2
 """The head and sequence dimensions of attention's `[batch, heads, seq, ...]` tensors."""
@@ -84,7 +78,7 @@ class SequenceParallelPass(ModulePass):
         size = mesh.axis_size(self.axis)
         main = main_function(op)
         self.seed(main, size)
-        attention = [o for o in main.body.block.ops if o.name in ATTENTION]
+        attention = [o for o in main.body.block.ops if o.name in ATTENTION_OPS]
         if not attention:
             raise StrategyError(f"{self.directive}: the model has no scaled-dot-product attention; Ulysses splits "
                                 "attention by heads, so attention must go through "
@@ -114,11 +108,7 @@ class SequenceParallelPass(ModulePass):
             raise StrategyError(f"{self.directive}: no model input has a dimension {self.seq_dim} to split (the "
                                 "sequence); give seq_dim")
         main.arg_attrs = ArrayAttr(attrs)
-        results = main.function_type.outputs.data
-        main.res_attrs = ArrayAttr(
-            DictionaryAttr({**a.data, LAYOUT: ShardingAttr.replicated(len(t.get_shape()))})
-            if (RES_LOSS in a.data or RES_OUTPUT in a.data) and isinstance(t, ValueTensorType) else a
-            for a, t in zip(main.res_attrs.data, results, strict=True))
+        seed_whole_results(main)
 
     def ulysses(self, op: Operation, size: int) -> None:
         """Casts each `[batch, heads, seq, ...]` operand of `op` from sequence split to heads
@@ -129,7 +119,7 @@ class SequenceParallelPass(ModulePass):
         for index, value in enumerate(op.operands):
             if not isinstance(value.type, ValueTensorType) or len(value.type.get_shape()) < 3:
                 continue
-            if isinstance(value.owner, Operation) and value.owner.name in ATTENTION:
+            if isinstance(value.owner, Operation) and value.owner.name in ATTENTION_OPS:
                 continue  # the forward's output and log-sum-exp, heads split already
             shape = value.type.get_shape()
             if shape[_HEADS] != heads:

@@ -687,6 +687,17 @@ def index(op: Operation) -> OpShardingRule:
 
 RuleBuilder = Callable[[Operation], OpShardingRule]
 
+ATTENTION_OPS = ("torch.aten._scaled_dot_product_flash_attention_for_cpu",
+                 "torch.aten._scaled_dot_product_flash_attention_for_cpu_backward",
+                 "torch.aten._scaled_dot_product_efficient_attention",
+                 "torch.aten._scaled_dot_product_efficient_attention_backward",
+                 "torch.aten._scaled_dot_product_flash_attention",
+                 "torch.aten._scaled_dot_product_flash_attention_backward")
+"""Scaled-dot-product attention and its backward, as capture writes them on CPU and CUDA."""
+
+VIEW_OPS = ("torch.aten.view", "torch.aten._unsafe_view", "torch.aten.reshape")
+"""The ops capture writes a reshape of a tensor as."""
+
 _ELEMENTWISE_LINEAR = ("neg", "clone", "detach", "alias", "contiguous", "_to_copy", "to.dtype", "to.other",
                        "to.dtype_layout", "to.device", "lift_fresh_copy", "mul.Scalar", "div.Scalar",
                        "positive", "real")
@@ -745,13 +756,7 @@ RULES: dict[str, RuleBuilder] = {
     "torch.aten.embedding_dense_backward": embedding_backward,
     "torch.aten.nll_loss_forward": nll_loss,
     "torch.aten.nll_loss_backward": nll_loss,
-    **{f"torch.aten.{n}": attention for n in ("_scaled_dot_product_flash_attention_for_cpu",
-                                              "_scaled_dot_product_flash_attention_for_cpu_backward",
-                                              "_scaled_dot_product_efficient_attention",
-                                              "_scaled_dot_product_efficient_attention_backward",
-                                              "_scaled_dot_product_flash_attention",
-                                              "_scaled_dot_product_flash_attention_backward",
-                                              "scaled_dot_product_attention")},
+    **{name: attention for name in (*ATTENTION_OPS, "torch.aten.scaled_dot_product_attention")},
 }
 """The sharding rule builder of each torch op name."""
 

@@ -232,10 +232,15 @@ class TensorParallelPass(ModulePass):
                 prefer_sequence_split(op, self.axis, sizes[self.axis])
         except StrategyError as e:
             raise StrategyError(f"{self.directive}: {e}") from None
-        fn = main_function(op)
-        results = fn.function_type.outputs.data
-        attrs = fn.res_attrs.data if fn.res_attrs else [DictionaryAttr({}) for _ in results]
-        fn.res_attrs = ArrayAttr(
-            DictionaryAttr({**a.data, LAYOUT: ShardingAttr.replicated(len(t.get_shape()))})
-            if (RES_LOSS in a.data or RES_OUTPUT in a.data) and isinstance(t, ValueTensorType) else a
-            for a, t in zip(attrs, results, strict=True))
+        seed_whole_results(main_function(op))
+
+
+def seed_whole_results(fn) -> None:
+    """Lays out the step's loss and outputs replicated: every device holds them whole
+    (propagation resolves the pending sums and splits that reach them)."""
+    results = fn.function_type.outputs.data
+    attrs = fn.res_attrs.data if fn.res_attrs else [DictionaryAttr({}) for _ in results]
+    fn.res_attrs = ArrayAttr(
+        DictionaryAttr({**a.data, LAYOUT: ShardingAttr.replicated(len(t.get_shape()))})
+        if (RES_LOSS in a.data or RES_OUTPUT in a.data) and isinstance(t, ValueTensorType) else a
+        for a, t in zip(attrs, results, strict=True))

@@ -35,10 +35,9 @@ from xdsl.passes import ModulePass
 from piperc.dialects.roles import ORIGIN, main_function
 from piperc.dialects.torch import ConstantBoolOp, ValueTensorType
 from piperc.dialects.torch_builder import TorchBuilder
-from piperc.passes.sharding_rules import const_int, const_ints, shape
+from piperc.passes.sharding_rules import VIEW_OPS, const_int, const_ints, shape
 
-_VIEWS = ("torch.aten.view", "torch.aten._unsafe_view", "torch.aten.reshape")
-_DEAD_IF_UNREAD = (*_VIEWS, "torch.aten.t", "torch.prim.ListConstruct", "torch.constant.int", "torch.constant.bool",
+_DEAD_IF_UNREAD = (*VIEW_OPS, "torch.aten.t", "torch.prim.ListConstruct", "torch.constant.int", "torch.constant.bool",
                    "torch.constant.none", "torch.constant.float")
 """The ops a rewrite leaves unread (the merging views, their transposes and constants), erased."""
 
@@ -46,7 +45,7 @@ _DEAD_IF_UNREAD = (*_VIEWS, "torch.aten.t", "torch.prim.ListConstruct", "torch.c
 def _merged(value: SSAValue) -> SSAValue | None:
     """The rank-3 `[b, s, k]` tensor `value` is a `[b*s, k]` view of, else None."""
     op = value.owner
-    if not isinstance(op, Operation) or op.name not in _VIEWS:
+    if not isinstance(op, Operation) or op.name not in VIEW_OPS:
         return None
     source = op.operands[0]
     src, dst = shape(source), shape(value)
@@ -93,7 +92,7 @@ class _Rewriter:
         flat = None
         for use in list(result.uses):
             reader = use.operation
-            if reader.name in _VIEWS and shape(reader.results[0]) == shape(new):
+            if reader.name in VIEW_OPS and shape(reader.results[0]) == shape(new):
                 reader.results[0].replace_all_uses_with(new)
                 reader.detach()
                 reader.erase()

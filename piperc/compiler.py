@@ -20,8 +20,6 @@ from xdsl.dialects.builtin import ModuleOp
 from xdsl.passes import ModulePass
 
 from piperc import codegen, schedules
-from piperc.dialects.par import OriginAttr
-from piperc.dialects.roles import ORIGIN
 from piperc.dialects.torch import RANDOM_INDEX
 from piperc.errors import CaptureError, PassError, StrategyError, describe
 from piperc.experts import dispatch_layers, dispatch_table
@@ -30,6 +28,7 @@ from piperc.ir import cycle_collection_paused, print_ir
 from piperc.memory import PeakMemory, memory_table, predict_memory
 from piperc.nn import MOE_REGION
 from piperc.passes.bucket_collectives import BucketCollectivesPass
+from piperc.passes.expert_parallel import router_paths
 from piperc.passes.fold_detach import FoldDetachPass
 from piperc.passes.lower_collectives import LowerCollectivesPass
 from piperc.passes.lower_reshard import LowerReshardPass
@@ -284,9 +283,7 @@ def compile(  # noqa: A001 - the public name users expect
         captured = capture(model, microbatch) if captures is None else captures.get(model, microbatch)
         random_ops = sum(RANDOM_INDEX in op.attributes for op in captured.module.walk())
         batch_statistics = sum(op.name in _BATCH_STATISTICS for op in captured.module.walk())
-        moe_layers = len({op.attributes[ORIGIN].path for op in captured.module.walk()
-                          if op.name == "torch.aten.topk" and isinstance(op.attributes.get(ORIGIN), OriginAttr)
-                          and op.attributes[ORIGIN].region == MOE_REGION})
+        moe_layers = len(router_paths(main_function(captured.module), MOE_REGION))
         signature = [(tuple(x.shape), str(x.dtype).removeprefix("torch.")) for x in example_inputs]
         compiled = _lower(captured, passes, options, keep_ir, signature, seed)
     compiled.optimizer, compiled.microbatches, compiled.replicas = optimizer, ctx.microbatches, ctx.replicas

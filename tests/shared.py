@@ -45,6 +45,14 @@ def setup(example: ModuleType, layers: int) -> Setup:
     return Setup(model, inputs, batches, piperc.Captures(model))
 
 
+def variant(example: ModuleType, name: str, **options) -> ModuleType:
+    """`example` whose `make` takes `options` too, as an example module `setup` caches by
+    `name` (e.g. `variant(moe, "moe_top1", top_k=1)`)."""
+    made = ModuleType(name)
+    made.make = functools.partial(example.make, **options)
+    return made
+
+
 def compile_(example: ModuleType, layers: int, **kwargs) -> piperc.Compiled:
     """`piperc.compile` of the shared model and inputs (`keep_ir=False` unless given)."""
     s = setup(example, layers)

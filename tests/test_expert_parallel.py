@@ -286,15 +286,8 @@ def test_strategies_expert_parallelism_cannot_join_are_refused_before_capture(me
     assert str(e.value) == message
 
 
-def _variant(name: str, **options) -> types.ModuleType:
-    """examples/moe.py with other `make` options, as an example module `tests.shared` caches by."""
-    example = types.ModuleType(name)
-    example.make = functools.partial(moe.make, **options)
-    return example
-
-
-TOP1 = _variant("moe_top1", top_k=1)
-DROPS = _variant("moe_drops", capacity_factor=0.5)
+TOP1 = shared.variant(moe, "moe_top1", top_k=1)
+DROPS = shared.variant(moe, "moe_drops", capacity_factor=0.5)
 DP, EP = piperc.data_parallel(axis="dp"), piperc.expert_parallel(axis="dp")
 RUNS = {
     "top2-dp2": (moe, piperc.Mesh(dp=2), [DP, EP]),

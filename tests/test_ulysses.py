@@ -9,7 +9,6 @@ weight gradient `mm(t(dy), x)` and the bias gradient summed over the 6 rows.
 """
 
 import functools
-import types
 
 import pytest
 
@@ -160,16 +159,11 @@ ADAMW = piperc.optim.AdamW(lr=1e-4, weight_decay=0.1)
 LAYERS = 2
 
 
-def _sdpa(example: types.ModuleType, packed: bool = False) -> types.ModuleType:
-    """`example` with attention through F.scaled_dot_product_attention (and, `packed`, document
-    ids in its batches: attention within each document), cached by `tests.shared`."""
-    variant = types.ModuleType(f"{example.__name__}_sdpa{'_packed' if packed else ''}")
-    variant.make = functools.partial(example.make, sdpa=True, packed=packed)
-    return variant
-
-
-GPT, LLAMA = _sdpa(gpt), _sdpa(llama)
-GPT_PACKED, LLAMA_PACKED = _sdpa(gpt, packed=True), _sdpa(llama, packed=True)
+GPT, LLAMA = shared.variant(gpt, "gpt_sdpa", sdpa=True), shared.variant(llama, "llama_sdpa", sdpa=True)
+GPT_PACKED = shared.variant(gpt, "gpt_sdpa_packed", sdpa=True, packed=True)
+LLAMA_PACKED = shared.variant(llama, "llama_sdpa_packed", sdpa=True, packed=True)
+"""The examples with attention through F.scaled_dot_product_attention (and, packed, document
+ids in their batches: attention within each document)."""
 SP = piperc.sequence_parallel(axis="sp")
 RUNS = {
     "gpt-sp2": (GPT, piperc.Mesh(sp=2), [SP], 2),
