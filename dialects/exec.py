@@ -28,6 +28,7 @@ from xdsl.dialects.builtin import (
     StringAttr,
     SymbolNameConstraint,
     SymbolRefAttr,
+    UnitAttr,
     i64,
 )
 from xdsl.dialects.utils import EnumAttribute
@@ -212,21 +213,29 @@ class ProgramOp(IRDLOperation):
     sym_name = prop_def(SymbolNameConstraint())
     rank = prop_def(IntegerAttr[I64])
     world_size = prop_def(IntegerAttr[I64])
+    phase = opt_prop_def(StringAttr)
     body = region_def("single_block")
 
     traits = traits_def(SymbolOpInterface(), NoTerminator(), IsolatedFromAbove())
 
-    assembly_format = "$sym_name `rank` $rank `world` $world_size attr-dict-with-keyword $body"
+    assembly_format = "$sym_name `rank` $rank `world` $world_size (`phase` $phase^)? attr-dict-with-keyword $body"
 
-    def __init__(self, sym_name: str, rank: int, world_size: int, body: Region | None = None):
+    def __init__(self, sym_name: str, rank: int, world_size: int, body: Region | None = None,
+                 phase: str | None = None):
         super().__init__(
             properties={
                 "sym_name": StringAttr(sym_name),
                 "rank": IntegerAttr(rank, i64),
                 "world_size": IntegerAttr(world_size, i64),
+                "phase": None if phase is None else StringAttr(phase),
             },
             regions=[body if body is not None else Region(Block())],
         )
+
+    def phase_name(self) -> str:
+        """Which steps run the program: `step` (every step, the default), `first` or `drain`
+        (`par.program`'s phases: a program that carries values between steps)."""
+        return "step" if self.phase is None else self.phase.data
 
     def verify_(self) -> None:
         rank, world = self.rank.value.data, self.world_size.value.data
@@ -1120,6 +1129,46 @@ class SetStateOp(IRDLOperation):
 
 
 @irdl_op_definition
+class CarryOp(IRDLOperation):
+    """Hands a tensor to this rank's next step: `exec.carry "h0 mb-1", %h : t` (the runtime
+    keeps it by name until the next step's `exec.carried` takes it; it is not freed)."""
+
+    name = "exec.carry"
+
+    carry_name = prop_def(StringAttr, prop_name="name")
+    value = operand_def(ValueTensorType)
+
+    assembly_format = "$name `,` $value attr-dict `:` type($value)"
+
+    def __init__(self, carry_name: str, value: SSAValue):
+        super().__init__(properties={"name": StringAttr(carry_name)}, operands=[value])
+
+    def verify_(self) -> None:
+        _verify_nonempty(self, "the carried value's name", self.carry_name)
+
+
+@irdl_op_definition
+class CarriedOp(IRDLOperation):
+    """Takes the tensor the previous step handed on: `%h = exec.carried "h0 mb-1" : t`
+    (`stash`: a stashed weight version, counted as such in memory)."""
+
+    name = "exec.carried"
+
+    carry_name = prop_def(StringAttr, prop_name="name")
+    stash = opt_prop_def(UnitAttr)
+    output = result_def(ValueTensorType)
+
+    assembly_format = "$name (`stash` $stash^)? attr-dict `:` type($output)"
+
+    def __init__(self, carry_name: str, result_type: Attribute, stash: bool = False):
+        super().__init__(properties={"name": StringAttr(carry_name), "stash": UnitAttr() if stash else None},
+                         result_types=[result_type])
+
+    def verify_(self) -> None:
+        _verify_nonempty(self, "the carried value's name", self.carry_name)
+
+
+@irdl_op_definition
 class OutputOp(IRDLOperation):
     """Reports a value to the host under a name: `exec.output "loss", %l : t`."""
 
@@ -1135,6 +1184,22 @@ class OutputOp(IRDLOperation):
 
     def verify_(self) -> None:
         _verify_nonempty(self, "the output name", self.output_name)
+
+
+def stashed_operands(launch: LaunchOp, keys: Sequence[str]) -> list[SSAValue]:
+    """The weights an update `launch` replaces that a later op of its program still reads (a
+    backward of a microbatch whose forward read them, or a `exec.carry` handing them to the
+    next step): an asynchronous pipeline's weight stash. `keys` are the callee's argument
+    keys (`param:w`). Empty for any other launch, and for a synchronous schedule's update."""
+    if launch.pass_kind.data != "update":
+        return []
+    later: set[Operation] = set()
+    op = launch.next_op
+    while op is not None:
+        later.add(op)
+        op = op.next_op
+    return [v for v, key in zip(launch.args, keys, strict=True) if key.startswith("param:")
+            and any(u.operation in later and not isinstance(u.operation, FreeOp | RecordStreamOp) for u in v.uses)]
 
 
 # ---------------------------------------------------------------- ordering rules of a program
@@ -1348,6 +1413,8 @@ Exec = Dialect(
         LoadInputOp,
         StateOp,
         SetStateOp,
+        CarryOp,
+        CarriedOp,
         OutputOp,
     ],
     [StreamType, EventType, WorkType, ReductionAttr],

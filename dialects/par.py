@@ -30,6 +30,7 @@ from xdsl.dialects.builtin import (
     NoneAttr,
     StringAttr,
     SymbolNameConstraint,
+    UnitAttr,
 )
 from xdsl.dialects.utils import EnumAttribute
 from xdsl.ir import Attribute, Block, Dialect, Operation, ParametrizedAttribute, Region, SSAValue
@@ -992,17 +993,74 @@ class ProgramOp(IRDLOperation):
 
     sym_name = prop_def(SymbolNameConstraint())
     device = prop_def(IntegerAttr[I64])
+    phase = opt_prop_def(StringAttr)
     body = region_def("single_block")
 
     traits = traits_def(SymbolOpInterface(), NoTerminator(), IsolatedFromAbove())
 
-    assembly_format = "$sym_name `device` $device attr-dict-with-keyword $body"
+    assembly_format = "$sym_name `device` $device (`phase` $phase^)? attr-dict-with-keyword $body"
 
-    def __init__(self, sym_name: str, device: int, body: Region | None = None):
+    def __init__(self, sym_name: str, device: int, body: Region | None = None, phase: str | None = None):
         super().__init__(
-            properties={"sym_name": StringAttr(sym_name), "device": IntegerAttr(device, 64)},
+            properties={"sym_name": StringAttr(sym_name), "device": IntegerAttr(device, 64),
+                        "phase": None if phase is None else StringAttr(phase)},
             regions=[body if body is not None else Region(Block())],
         )
+
+    def phase_name(self) -> str:
+        """Which steps run the program: `step` (every step; the default), or, for a program
+        that hands values from one step to the next (`par.carry`), `first` (the first step)
+        and `drain` (once after the last step)."""
+        return PHASE_STEP if self.phase is None else self.phase.data
+
+    def verify_(self) -> None:
+        if self.phase_name() not in PHASES:
+            raise VerifyException(f"{self.name} @{self.sym_name.data}: phase must be one of {list(PHASES)}, "
+                                  f"got {self.phase_name()!r}")
+
+
+PHASE_STEP, PHASE_FIRST, PHASE_DRAIN = "step", "first", "drain"
+PHASES = (PHASE_FIRST, PHASE_STEP, PHASE_DRAIN)
+"""The phases a device's programs may have, in the order a run meets them: the first step,
+every later step, and the drain after the last step (`par.program ... phase "first"`)."""
+
+
+@irdl_op_definition
+class CarryOp(IRDLOperation):
+    """Hands a value to the next step's program of this device: `par.carry "h0 mb-1", %h : T`.
+
+    The value stays alive between the steps (the runtime keeps it by name); the next
+    step's program takes it with `par.carried` of the same name. An asynchronous pipeline
+    carries its in-flight microbatches' activations and stashed weights so."""
+
+    name = "par.carry"
+
+    carry_name = prop_def(StringAttr)
+    value = operand_def(ValueTensorType)
+
+    assembly_format = "$carry_name `,` $value attr-dict `:` type($value)"
+
+    def __init__(self, carry_name: str, value: SSAValue):
+        super().__init__(operands=[value], properties={"carry_name": StringAttr(carry_name)})
+
+
+@irdl_op_definition
+class CarriedOp(IRDLOperation):
+    """Takes the value the previous step's program handed on with `par.carry` of the same
+    name: `%h = par.carried "h0 mb-1" : T`; `stash` marks a stashed weight version (memory
+    counts it as such)."""
+
+    name = "par.carried"
+
+    carry_name = prop_def(StringAttr)
+    stash = opt_prop_def(UnitAttr)
+    result = result_def(ValueTensorType)
+
+    assembly_format = "$carry_name (`stash` $stash^)? attr-dict `:` type($result)"
+
+    def __init__(self, carry_name: str, result_type: Attribute, stash: bool = False):
+        super().__init__(result_types=[result_type], properties={
+            "carry_name": StringAttr(carry_name), "stash": UnitAttr() if stash else None})
 
 
 @irdl_op_definition
@@ -1844,6 +1902,8 @@ Par = Dialect(
         AccumulateOp,
         AllReduceBucketOp,
         ProgramOp,
+        CarryOp,
+        CarriedOp,
         StateOp,
         SetStateOp,
         InputOp,

@@ -36,6 +36,7 @@ PASSES: dict[str, Callable[[], type[ModulePass]]] = {
     "running-buffers": _lazy("piperc.passes.running_buffers", "RunningBuffersPass"),
     "schedule": _lazy("piperc.passes.schedule", "SchedulePass"),
     "expand-schedule": _lazy("piperc.passes.expand_schedule", "ExpandSchedulePass"),
+    "expand-async": _lazy("piperc.passes.expand_async", "ExpandAsyncPass"),
     "lower-to-exec": _lazy("piperc.passes.lower_to_exec", "LowerToExecPass"),
     "verify-exec": _lazy("piperc.passes.verify_exec", "VerifyExecPass"),
     "lower-reshard": _lazy("piperc.passes.lower_reshard", "LowerReshardPass"),

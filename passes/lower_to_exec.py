@@ -8,6 +8,8 @@ process groups and `exec.program @rank<r>` for every rank, then erases the
 `par.program` ops. Each par op becomes one exec op:
 
   * `par.state`, `par.set_state`, `par.output` -> `exec.state`, `exec.set_state`, `exec.output`;
+  * `par.carried`, `par.carry` -> `exec.carried`, `exec.carry` (a value handed on to the next
+    step is not freed);
   * `par.input i` -> `exec.load_input "i"` with the input's layout (the runtime cuts
     the global input by the mesh axes the layout names, then takes the microbatch);
   * `par.task` -> `exec.launch` on the `compute` stream (callee, stage, pass, microbatch);
@@ -66,8 +68,13 @@ Process groups are declared in an order every rank agrees on: the channels
 Options: device (cpu | cuda, recorded as the module attribute `exec.device`);
 axis, the pipeline axis when the module has no `par.schedule` (default "pp"; with
 a schedule the schedule's axis is used, and an `axis` that differs is an error).
-Requires: `expand-schedule` has written one `par.program @device<d> device d` per
-device 0..n-1 along the pipeline axis.
+Programs that carry values between steps come in three phases (`par.program ... phase
+"first"`, the steady `step`, `phase "drain"`); each phase's programs are lowered as a set of
+their own (`exec.program @rank<r>_first`, `@rank<r>`, `@rank<r>_drain`): every transfer of a
+step is sent and received within that step, so each phase is a complete program for every
+rank, and the process groups are the union of the phases', declared once.
+Requires: `expand-schedule` (or `expand-async`) has written one `par.program @device<d>
+device d` per device 0..n-1 along the pipeline axis (per phase).
 """
 
 from __future__ import annotations
@@ -110,21 +117,29 @@ class LowerToExecPass(ModulePass):
             raise StrategyError(f"lower-to-exec: device must be cpu or cuda, got '{self.device}'")
         mesh = find_mesh(op)
         axis = self._pipeline_axis(op, mesh)
-        programs = _device_programs(op, mesh, axis)
-        channels = _channels(mesh, axis, programs)
-        releases = _send_releases(programs)
-        grad_groups = _grad_groups(mesh, axis, programs)
-        device_of = stage_devices(programs)
+        phases = _phase_programs(op, mesh, axis)
+        channels: dict[tuple[int, int], str] = {}
+        grad_groups: dict[tuple[int, ...], str] = {}
+        device_of: dict[int, int] = {}
+        for programs in phases.values():  # the groups of every phase, declared once, in phase order
+            for pair, name in _channels(mesh, axis, programs).items():
+                channels.setdefault(pair, name)
+            for ranks in _grad_groups(mesh, axis, programs):
+                grad_groups.setdefault(ranks, f"grad_{len(grad_groups)}")
+            device_of |= stage_devices(programs)
         for (src, dst), name in channels.items():
             op.body.block.add_op(ex.ProcessGroupOp(name, sorted((src, dst))))
         for ranks, name in grad_groups.items():
             op.body.block.add_op(ex.ProcessGroupOp(name, ranks))
-        for rank in range(mesh.size()):
-            builder = _RankProgram(mesh, axis, rank, channels, grad_groups, device_of, releases)
-            op.body.block.add_op(builder.build(programs[mesh.coords(rank)[axis]]))
-        for program in programs:
-            program.detach()
-            program.erase()
+        for phase, programs in phases.items():
+            releases = _send_releases(programs)
+            for rank in range(mesh.size()):
+                builder = _RankProgram(mesh, axis, rank, channels, grad_groups, device_of, releases)
+                op.body.block.add_op(builder.build(programs[mesh.coords(rank)[axis]], phase))
+        for programs in phases.values():
+            for program in programs:
+                program.detach()
+                program.erase()
         op.attributes[DEVICE] = StringAttr(self.device)
 
     def _pipeline_axis(self, module: ModuleOp, mesh: MeshAttr) -> str:
@@ -140,12 +155,23 @@ class LowerToExecPass(ModulePass):
         return axis
 
 
-def _device_programs(module: ModuleOp, mesh: MeshAttr, axis: str) -> list[par.ProgramOp]:
-    """The `par.program` of each device 0..n-1 along `axis`, in device order."""
+def _phase_programs(module: ModuleOp, mesh: MeshAttr, axis: str) -> dict[str, list[par.ProgramOp]]:
+    """Per phase the module's programs have (`step` alone, or `first`, `step` and `drain` for
+    programs that carry values between steps), the `par.program` of each device in order."""
+    found = {p.phase_name() for p in module.ops if isinstance(p, par.ProgramOp)} or {par.PHASE_STEP}
+    if found != {par.PHASE_STEP} and found != set(par.PHASES):
+        raise StrategyError(f"lower-to-exec: the programs have phases {sorted(found)}; a module has every "
+                            f"device's step program alone, or its {', '.join(par.PHASES)} programs")
+    return {phase: _device_programs(module, mesh, axis, phase) for phase in par.PHASES if phase in found}
+
+
+def _device_programs(module: ModuleOp, mesh: MeshAttr, axis: str,
+                     phase: str = par.PHASE_STEP) -> list[par.ProgramOp]:
+    """The `par.program` of each device 0..n-1 along `axis` for `phase`, in device order."""
     devices = mesh.axis_size(axis)
     found: dict[int, par.ProgramOp] = {}
     for program in module.ops:
-        if not isinstance(program, par.ProgramOp):
+        if not isinstance(program, par.ProgramOp) or program.phase_name() != phase:
             continue
         device = program.device.value.data
         if not 0 <= device < devices:
@@ -293,8 +319,9 @@ class _RankProgram:
         self.ops.append(op)
         return op
 
-    def build(self, program: par.ProgramOp) -> ex.ProgramOp:
-        """The rank's program: streams, the lowered ops in order, then waits and frees."""
+    def build(self, program: par.ProgramOp, phase: str = par.PHASE_STEP) -> ex.ProgramOp:
+        """The rank's program for `phase`: streams, the lowered ops in order, then waits and
+        frees (`exec.program @rank<r>`, or `@rank<r>_first` / `@rank<r>_drain`)."""
         self.where = f"par.program @{program.sym_name.data}"
         self.compute = self.add(ex.StreamOp("compute")).results[0]
         self._comm: SSAValue | None = None
@@ -316,7 +343,9 @@ class _RankProgram:
                 self.lower(ops[i])
             i += 1
         block = Block(_with_lifetimes(self.ops, self.released_by))
-        return ex.ProgramOp(f"rank{self.rank}", self.rank, self.mesh.size(), Region(block))
+        if phase == par.PHASE_STEP:
+            return ex.ProgramOp(f"rank{self.rank}", self.rank, self.mesh.size(), Region(block))
+        return ex.ProgramOp(f"rank{self.rank}_{phase}", self.rank, self.mesh.size(), Region(block), phase)
 
     @property
     def comm(self) -> SSAValue:
@@ -339,7 +368,8 @@ class _RankProgram:
             if isinstance(op, par.TaskOp) and op.lane is not None and op.lane_index() >= lane:
                 lane = op.lane_index()
                 reads[lane] += [v for v in op.args if v in self.values]
-            elif not isinstance(op, par.InputOp | par.StateOp | par.SetStateOp | par.OutputOp):
+            elif not isinstance(op, par.InputOp | par.StateOp | par.SetStateOp | par.OutputOp | par.CarryOp
+                                | par.CarriedOp):
                 break
             length += 1
         for k, values in sorted(reads.items()):
@@ -370,6 +400,11 @@ class _RankProgram:
             self.add(ex.SetStateOp(op.state_name.data, self.host_read(op.value)))
         elif isinstance(op, par.OutputOp):
             self.add(ex.OutputOp(op.output_name.data, self.host_read(op.value)))
+        elif isinstance(op, par.CarriedOp):
+            carried = ex.CarriedOp(op.carry_name.data, op.result.type, op.stash is not None)
+            self.define(op.result, self.add(carried).results[0])
+        elif isinstance(op, par.CarryOp):
+            self.add(ex.CarryOp(op.carry_name.data, self.host_read(op.value)))
         elif isinstance(op, par.AllReduceBucketOp):
             self.all_reduce(op)
         elif isinstance(op, _STEP_COLLECTIVES):
@@ -538,9 +573,11 @@ def _with_lifetimes(ops: list[Operation], released_by: dict[Operation, tuple[int
                 last_use[v] = i
                 if isinstance(op, _ASYNC):
                     holders[v].append(op)
+    handed_on = {op.value for op in ops if isinstance(op, ex.CarryOp)}  # the next step frees them
     dying: dict[int, list[SSAValue]] = defaultdict(list)
     for v, i in last_use.items():
-        dying[i].append(v)
+        if v not in handed_on:
+            dying[i].append(v)
 
     out: list[Operation] = []
     received: dict[int, int] = {}  # peer -> the highest tag of a receive from it waited so far

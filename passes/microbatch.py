@@ -16,7 +16,11 @@ the global mean loss and its gradient, this pass
     the step's results read the sums.
 
 The loss must be a mean over the batch dimension (as `F.cross_entropy` is).
-Options: count (microbatches), replicas (data-parallel size), directive.
+An asynchronous pipeline applies fewer microbatches per update than a step holds: with
+`per_update` = k, the loss tangent is 1/(replicas*k), so an update applies the mean gradient
+of its k microbatches (PipeDream: k = 1; 2BW: k = count); the loss share keeps
+1/(replicas*count), so a step still reports the mean loss of its microbatches.
+Options: count (microbatches), replicas (data-parallel size), per_update (0: count), directive.
 Requires: outline-stages has run.
 """
 
@@ -63,17 +67,18 @@ class MicrobatchPass(ModulePass):
 
     count: int = 1
     replicas: int = 1
+    per_update: int = 0
     directive: str = "microbatch"
 
     def apply(self, ctx: Context, op: ModuleOp) -> None:
-        if self.count < 1 or self.replicas < 1:
+        if self.count < 1 or self.replicas < 1 or self.per_update < 0:
             raise StrategyError(f"{self.directive}: microbatches and replicas must be >= 1")
         module_count(op, NUM_STAGES, self.directive, "pipeline-split")
         if not step_tasks(op):
             raise StrategyError(f"{self.directive}: run outline-stages first (the step has no tasks)")
         scale = 1.0 / (self.count * self.replicas)
         main = main_function(op)
-        self._replace_tangents(op, main, scale)
+        self._replace_tangents(op, main, 1.0 / ((self.per_update or self.count) * self.replicas))
         self._add_loss_share(op, main, scale)
         for task in step_tasks(op):
             if task.pass_kind.data != PassKind.UPDATE:

@@ -10,6 +10,10 @@ programs together show, under NCCL's semantics, which are stricter than gloo's:
 - the members of a process group issue their collectives in the same order;
 - the programs run to the end under rendezvous semantics (`simulate`).
 
+Programs with phases (`first`, `step`, `drain`: an asynchronous pipeline, whose values
+carried between steps stay on their rank) are checked phase by phase: all ranks run the
+same phase in a step, and every transfer of a step is within it.
+
 No options. Requires: the module holds the `exec.program`s (lower-to-exec has
 run). Raises PassError naming the rank, the op (its index in the program, as
 `op #12`) and what to change.
@@ -38,9 +42,10 @@ class VerifyExecPass(ModulePass):
     name = "verify-exec"
 
     def apply(self, ctx: Context, op: ModuleOp) -> None:
-        check_pairing(op)
-        check_collective_order(op)
-        simulate(op)
+        for phase in dict.fromkeys(p.phase_name() for p in op.ops if isinstance(p, ex.ProgramOp)) or ["step"]:
+            check_pairing(op, phase)
+            check_collective_order(op, phase)
+            simulate(op, phase)
 
 
 # ---------------------------------------------------------------- pairing and order
@@ -63,8 +68,9 @@ class _Transfer:
         return where
 
 
-def _programs(module: ModuleOp) -> dict[int, ex.ProgramOp]:
-    return {p.rank.value.data: p for p in module.ops if isinstance(p, ex.ProgramOp)}
+def _programs(module: ModuleOp, phase: str = "step") -> dict[int, ex.ProgramOp]:
+    """Each rank's program of `phase`."""
+    return {p.rank.value.data: p for p in module.ops if isinstance(p, ex.ProgramOp) and p.phase_name() == phase}
 
 
 def _transfers(program: ex.ProgramOp) -> tuple[dict, dict]:
@@ -83,10 +89,10 @@ def _transfers(program: ex.ProgramOp) -> tuple[dict, dict]:
     return sends, recvs
 
 
-def check_pairing(module: ModuleOp) -> None:
+def check_pairing(module: ModuleOp, phase: str = "step") -> None:
     """The k-th send from rank a to rank b on a group is b's k-th receive from a
     on that group, with equal type (and tag, when both are exec.send/exec.recv)."""
-    programs = _programs(module)
+    programs = _programs(module, phase)
     sides = {rank: _transfers(p) for rank, p in programs.items()}
     for rank, (sends, _) in sorted(sides.items()):
         for (group, peer), sent in sorted(sends.items()):
@@ -146,9 +152,9 @@ def _collectives(program: ex.ProgramOp) -> dict[str, list[tuple[int, Operation]]
     return out
 
 
-def check_collective_order(module: ModuleOp) -> None:
+def check_collective_order(module: ModuleOp, phase: str = "step") -> None:
     """Every member of a process group issues the same collectives on it, in one order."""
-    programs = _programs(module)
+    programs = _programs(module, phase)
     issued = {rank: _collectives(p) for rank, p in programs.items()}
     for group in (g for g in module.ops if isinstance(g, ex.ProcessGroupOp)):
         name = group.sym_name.data
@@ -206,7 +212,7 @@ def _stream_of(op: Operation) -> SSAValue | None:
     return None
 
 
-def simulate(module: ModuleOp) -> None:
+def simulate(module: ModuleOp, phase: str = "step") -> None:
     """Runs every program under rendezvous semantics; raises PassError on a deadlock.
 
     Each rank's host issues its ops in order. Ops on one stream run in FIFO
@@ -218,7 +224,7 @@ def simulate(module: ModuleOp) -> None:
     pair as `check_pairing` says (run it first). The error names, per blocked
     rank, the op its host waits at and the op at the head of each stuck stream.
     """
-    programs = _programs(module)
+    programs = _programs(module, phase)
     ranks = {r: _Rank(p, list(p.body.block.ops)) for r, p in programs.items()}
     partners = _partners(programs)
     members = _collective_members(programs)

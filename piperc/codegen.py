@@ -237,23 +237,32 @@ def _aten_call(op: t.AtenOp, names: _Names, inline) -> str:
     return f"aten.{packet}.{overload._overloadname}({', '.join(args + kwargs)})"
 
 
-def _program_source(program: ex.ProgramOp, functions: dict[str, func.FuncOp], header: str,
+_PHASE_FUNCTIONS = {"first": ("first_step", "The first training step"), "step": ("step", "One training step"),
+                    "drain": ("drain", "After the last step: what is still in flight")}
+"""The function of a rank's file that runs each phase's program, and its docstring's start."""
+
+
+def _program_source(programs: list[ex.ProgramOp], functions: dict[str, func.FuncOp], header: str,
                     function_sources: dict[tuple[str, int, str], list[str]]) -> str:
-    """The text of `program`'s file. `function_sources` holds the wrapped lines of the stage
-    functions already written for other programs (the ranks of one stage share them)."""
+    """The text of one rank's file, from its `programs` (its step program, and the first and
+    drain programs of a program that carries values between steps: `def first_step(rt)`,
+    `def drain(rt)`). `function_sources` holds the wrapped lines of the stage functions
+    already written for other programs (the ranks of one stage share them)."""
     first_launch = {}
-    for op in program.walk():
-        if isinstance(op, ex.LaunchOp):
-            first_launch.setdefault(op.callee.root_reference.data, op)
+    for program in programs:
+        for op in program.walk():
+            if isinstance(op, ex.LaunchOp):
+                first_launch.setdefault(op.callee.root_reference.data, op)
     lines = [header, "import torch", "", "aten = torch.ops.aten", 'DEVICE = torch.device("cpu")', "", ""]
-    lines += _axis_group_tables(program)
+    lines += _axis_group_tables(programs[0])
     out = _wrap_lines(lines)
     for name, launch in first_launch.items():
         key = (name, launch.stage.value.data, launch.pass_kind.data)
         if key not in function_sources:
             function_sources[key] = _wrap_lines([*_function_source(functions[name], launch), "", ""])
         out += function_sources[key]
-    out += _wrap_lines(_step_source(program, functions))
+    for i, program in enumerate(programs):
+        out += ([""] * 2 if i else []) + _wrap_lines(_step_source(program, functions))
     return "\n".join(out) + "\n"
 
 
@@ -318,9 +327,10 @@ def _top_level_comma(text: str) -> bool:
 def _step_source(program: ex.ProgramOp, functions: dict[str, func.FuncOp]) -> list[str]:
     names = _Names()
     rank = program.rank.value.data
+    function, doc = _PHASE_FUNCTIONS[program.phase_name()]
     lines = [
-        "def step(rt):",
-        f'    """One training step of rank {rank}."""',
+        f"def {function}(rt):",
+        f'    """{doc} of rank {rank}."""',
         "    global DEVICE",
         "    DEVICE = rt.device",
     ]
@@ -391,7 +401,16 @@ def _exec_statement(op: Operation, names: _Names, functions: dict[str, func.Func
                 lines.append(f"rt.produced({', '.join(others)})")
             if grads:
                 lines.append(f"rt.produced_gradients({', '.join(grads)})")
+        stashed = ex.stashed_operands(op, arg_keys(functions[callee]))
+        if stashed:
+            lines.append(f"rt.stashed({', '.join(n(v) for v in stashed)})  # still read by later backwards")
         return lines
+    if isinstance(op, ex.CarriedOp):
+        stash = ", stash=True" if op.stash is not None else ""
+        value = names.bind(op.results[0], python_name("carried:" + op.carry_name.data))
+        return [f'{value} = rt.carried("{op.carry_name.data}"{stash})']
+    if isinstance(op, ex.CarryOp):
+        return [f'rt.carry("{op.carry_name.data}", {n(op.value)})']
     if isinstance(op, ex.SendOp):
         group = op.group.root_reference.data
         return [f'{names.bind(op.work, "w")} = rt.send({n(op.input)}, dst={op.peer.value.data}, group="{group}", '
@@ -491,6 +510,10 @@ def generate(module: ModuleOp, state_kinds: dict[str, dict[str, Any]],
     functions = {f.sym_name.data: f for f in module.ops if isinstance(f, func.FuncOp)}
     groups = [(g.sym_name.data, list(g.ranks.get_values())) for g in module.ops if isinstance(g, ex.ProcessGroupOp)]
     programs = [p for p in module.ops if isinstance(p, ex.ProgramOp)]
+    phases: dict[int, list[ex.ProgramOp]] = defaultdict(list)  # rank -> its programs, in phase order
+    for p in sorted(programs, key=lambda p: list(_PHASE_FUNCTIONS).index(p.phase_name())):
+        phases[p.rank.value.data].append(p)
+    programs = [p for p in programs if p.phase_name() == "step"]
     mesh = find_mesh(module)
     device = module.attributes[DEVICE].data
     files: dict[str, str] = {}
@@ -502,16 +525,17 @@ def generate(module: ModuleOp, state_kinds: dict[str, dict[str, Any]],
         coords = mesh.coords(rank)
         header = (f"# piperc program for rank {rank} of {program.world_size.value.data} "
                   f"({', '.join(f'{a}={i}' for a, i in coords.items())}); generated code, do not edit")
-        files[f"rank{rank}.py"] = _program_source(program, functions, header, function_sources)
+        files[f"rank{rank}.py"] = _program_source(phases[rank], functions, header, function_sources)
         state = []
-        for op in program.body.block.ops:
+        for op in (o for p in phases[rank] for o in p.body.block.ops):
             if isinstance(op, ex.StateOp) and op.state_name.data not in (s["name"] for s in state):
                 name = op.state_name.data
                 layout = {} if op.layout is None else {"layout": _axes_json(op.layout)}
                 state.append({"name": name, **state_kinds.get(name, {"kind": "param"}), **layout})
                 if state_kinds.get(name, {"kind": "param"})["kind"] == "param":
                     owners[name].append(rank)
-        inputs = sorted({int(op.input_name.data) for op in program.walk() if isinstance(op, ex.LoadInputOp)})
+        inputs = sorted({int(op.input_name.data) for p in phases[rank] for op in p.walk()
+                         if isinstance(op, ex.LoadInputOp)})
         ranks.append({"rank": rank, "program": f"rank{rank}.py", "coords": coords, "inputs": inputs, "state": state})
     world = list(range(mesh.size()))
     layouts = _input_layouts(programs)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import os
 import shutil
 import tempfile
@@ -28,6 +29,7 @@ from piperc.ir import cycle_collection_paused, print_ir
 from piperc.memory import PeakMemory, memory_table, predict_memory
 from piperc.nn import MOE_REGION
 from piperc.passes.bucket_collectives import BucketCollectivesPass
+from piperc.passes.expand_async import ExpandAsyncPass
 from piperc.passes.expert_parallel import router_paths
 from piperc.passes.fold_detach import FoldDetachPass
 from piperc.passes.lower_collectives import LowerCollectivesPass
@@ -86,6 +88,30 @@ class Compiled:
     """How many mixture-of-experts layers (`piperc.nn.MoE`'s contract) the model runs: their
     capacity and load-balancing loss are per call, i.e. per slice of the batch, so with any
     it trains as one device does when that device runs the same slices."""
+
+    asynchronous: str | None = None
+    """The update plan of an asynchronous pipeline (`pipedream`, `pipedream-2bw`), None for a
+    synchronous schedule: it trains as `piperc.reference.stale_training` with `update_plan`."""
+
+    def update_plan(self, steps: int):
+        """The update plan these programs run for `steps` steps
+        (`piperc.asynchronous.plan`): when each stage updates, which versions each
+        microbatch reads. A synchronous schedule's is flushed every step."""
+        from piperc import asynchronous
+
+        stages = len(self.stage_parameters())
+        return asynchronous.plan(self.asynchronous or self.schedule.name, stages, self.microbatches, steps)
+
+    def stage_parameters(self) -> list[list[str]]:
+        """Per pipeline stage (its device's coordinate along the schedule's axis), the names of
+        the parameters it holds, sorted."""
+        manifest = json.loads(self.files["manifest.json"])
+        axis = find_schedule(self.module).axis.data
+        stages: dict[int, set[str]] = {}
+        for name, info in manifest["params"].items():
+            for rank in info["owners"]:
+                stages.setdefault(manifest["ranks"][rank]["coords"].get(axis, 0), set()).add(name)
+        return [sorted(stages[s]) for s in sorted(stages)]
 
     @property
     def world_size(self) -> int:
@@ -337,6 +363,8 @@ def _back_fragments(ctx: StrategyContext) -> list[Fragment]:
     lowering to one program per rank."""
     return [
         Fragment((MicrobatchPass(count=ctx.microbatches, replicas=ctx.replicas,
+                                 per_update=0 if ctx.microbatches_per_update == ctx.microbatches
+                                 else ctx.microbatches_per_update,
                                  directive=str(ctx.batch_directive or "microbatch")), RunningBuffersPass()),
                  requires=("stages",), provides=("microbatches",)),
         Fragment((LowerReshardPass(), BucketCollectivesPass(), LowerToExecPass(device=ctx.device),
@@ -422,7 +450,9 @@ def _lower(captured: Captured, passes: list[ModulePass], options: PipelineOption
     kind = next((p.kind for p in passes if isinstance(p, SchedulePass)), "user")
     sched = schedule_data(find_schedule(module), name=kind)
     initial = {k: v.detach().clone() for k, v in {**captured.params, **captured.buffers}.items()}
-    return Compiled(files, ir_after, initial, aliases, sched, pipeline_text(passes), module, sharding)
+    compiled = Compiled(files, ir_after, initial, aliases, sched, pipeline_text(passes), module, sharding)
+    compiled.asynchronous = next((p.plan for p in passes if isinstance(p, ExpandAsyncPass)), None)
+    return compiled
 
 
 def launch(compiled: Compiled, batches: Sequence[Sequence[torch.Tensor]], *, progress: bool = False,

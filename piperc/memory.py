@@ -19,7 +19,13 @@ they count:
     buffer that its results view; other collectives a result of the kind of
     their input, plus the staging copies the runtime allocates (held until the
     collective's `exec.wait`);
-  * `exec.free` releases a storage once every value counted on it is freed.
+  * `exec.free` releases a storage once every value counted on it is freed;
+  * an asynchronous pipeline's weight stash: the weights an update replaces that a later
+    backward still reads (`exec.stashed_operands`), and the weights a step takes from the
+    previous one (`exec.carried ... stash`); its other carried values are activations.
+    A carried value handed on (`exec.carry`) stays counted to the end of the program.
+
+A rank with several phases' programs (first, step, drain) peaks at the largest of them.
 
 The peak is the largest sum over the program; its items are their values there.
 Temporaries inside a launch (a stage function's intermediates) are not in the
@@ -43,7 +49,7 @@ from piperc.runtime.launch import PeakMemory, mib
 
 __all__ = ["PeakMemory", "memory_table", "predict_memory"]
 
-_GRADIENTS, _ACTIVATIONS, _COMM_BUFFERS = range(len(LIVE_ITEMS))
+_GRADIENTS, _ACTIVATIONS, _COMM_BUFFERS, _WEIGHT_STASH = range(len(LIVE_ITEMS))
 
 
 _SHARES_STORAGE_UNANNOTATED = ("torch.aten._unsafe_view",)
@@ -54,8 +60,20 @@ def predict_memory(module: ModuleOp) -> list[PeakMemory]:
     """The predicted peak memory of every `exec.program` of `module`, in rank order."""
     functions = {f.sym_name.data: f for f in module.ops if isinstance(f, func.FuncOp)}
     views: dict[str, list[int | SSAValue]] = {}
-    programs = sorted((p for p in module.ops if isinstance(p, ex.ProgramOp)), key=lambda p: p.rank.value.data)
-    return [_LiveCount(program, functions, views).run() for program in programs]
+    peaks: dict[int, PeakMemory] = {}
+    programs = [p for p in module.ops if isinstance(p, ex.ProgramOp)]
+    handed: dict[int, dict[str, tuple[int, int, str | None]]] = {}  # rank -> carried name -> (storage, bytes, state)
+    for program in programs:
+        if program.phase_name() == "step" and any(isinstance(o, ex.CarryOp) for o in program.body.block.ops):
+            count = _LiveCount(program, functions, views)
+            count.run()
+            handed[program.rank.value.data] = count.handed
+    for program in programs:  # a rank's largest phase
+        peak = _LiveCount(program, functions, views, handed.get(program.rank.value.data, {})).run()
+        rank = program.rank.value.data
+        if rank not in peaks or peak.total > peaks[rank].total:
+            peaks[rank] = peak
+    return [peaks[rank] for rank in sorted(peaks)]
 
 
 def memory_table(predicted: Sequence[PeakMemory], measured: Sequence[PeakMemory] | None = None) -> str:
@@ -67,6 +85,8 @@ def memory_table(predicted: Sequence[PeakMemory], measured: Sequence[PeakMemory]
         lines = [f"rank {rank}: predicted peak at {guess.at}",
                  f"  {'item':<20}{'predicted MiB':>14}" + (f"{'measured MiB':>14}" if actual else "")]
         for item in (*PeakMemory.ITEMS, "total"):
+            if item == "weight_stash" and not guess.weight_stash and not (actual and actual.weight_stash):
+                continue
             line = f"  {item.replace('_', ' '):<20}{mib(getattr(guess, item)):>14}"
             if actual is not None:
                 line += f"{mib(getattr(actual, item)):>14}"
@@ -95,8 +115,14 @@ class _LiveCount:
     """The runtime's live count, kept over one program without running it."""
 
     def __init__(self, program: ex.ProgramOp, functions: dict[str, func.FuncOp],
-                 views: dict[str, list[int | SSAValue]]):
+                 views: dict[str, list[int | SSAValue]], carried: dict[str, tuple[int, int, str | None]] | None = None):
         self.program = program
+        self.carried = carried or {}  # carried name -> (storage group, bytes, state): views share one
+        self.carried_storage: dict[int, _Storage] = {}
+        self.handing: list[tuple[str, _Storage]] = []  # what this program hands on
+        self.state_names: dict[int, str] = {}  # storage read as state -> its name
+        self.state_storage: dict[str, _Storage] = {}  # state name -> its storage in this program
+        self.stored: dict[str, int] = {}  # state name -> the storage this program stores
         self.functions = functions
         self.views = views
         self.storage: dict[SSAValue, _Storage] = {}
@@ -114,6 +140,20 @@ class _LiveCount:
                 self.peak, self.peak_items, self.peak_at = sum(self.live), tuple(self.live), _describe(i, op)
         parameters, optimizer_state = self.state_bytes()
         return PeakMemory(parameters, optimizer_state, *self.peak_items, at=self.peak_at)
+
+    @property
+    def handed(self) -> dict[str, tuple[int, int, str | None]]:
+        """What the program hands on: carried name -> (its storage, bytes, the state name that
+        storage is in the next step: stored by this program, or read as state and not replaced;
+        None for any other tensor)."""
+        stored = {storage: name for name, storage in self.stored.items()}
+        found = {}
+        for name, storage in self.handing:
+            state = stored.get(id(storage))
+            if state is None and storage.state and self.state_names.get(id(storage)) not in self.stored:
+                state = self.state_names.get(id(storage))
+            found[name] = (id(storage), storage.size, state)
+        return found
 
     def state_bytes(self) -> tuple[int, int]:
         """Bytes of the parameters and of the optimizer state the program reads."""
@@ -140,11 +180,11 @@ class _LiveCount:
     def grow(self, size: int, item: int) -> None:
         self.live[item] += size
 
-    def count(self, values: Sequence[SSAValue], item: int) -> None:
-        """`Runtime._count`: each value counts once more on its storage."""
+    def count(self, values: Sequence[SSAValue], item: int, force: bool = False) -> None:
+        """`Runtime._count`: each value counts once more on its storage (state too if `force`)."""
         for value in values:
             storage = self.storage_of(value)
-            if storage.state:
+            if storage.state and not force:
                 continue
             if storage.refs == 0:
                 storage.item = item
@@ -175,9 +215,27 @@ class _LiveCount:
 
     def step(self, op: Operation) -> None:
         if isinstance(op, ex.StateOp):
-            self.storage[op.output] = _Storage(op.output.type.nbytes(), state=True)
+            name = op.state_name.data
+            self.storage[op.output] = self.state_storage.setdefault(name, _Storage(op.output.type.nbytes(), state=True))
+            self.state_names[id(self.storage[op.output])] = name
+        elif isinstance(op, ex.SetStateOp):
+            self.stored[op.state_name.data] = id(self.storage_of(op.value))
         elif isinstance(op, ex.LaunchOp):
             self.launch(op)
+            keys = arg_keys(self.functions[op.callee.root_reference.data])
+            self.count(ex.stashed_operands(op, keys), _WEIGHT_STASH, force=True)  # `Runtime.stashed`
+        elif isinstance(op, ex.CarriedOp):
+            group = self.carried.get(op.carry_name.data)
+            if group is not None:  # the tensor it views, which other carried values may view too;
+                # a view of what is state in this step (the latest weights) is that state
+                if group[2] is not None:
+                    storage = self.state_storage.setdefault(group[2], _Storage(group[1], state=True))
+                else:
+                    storage = self.carried_storage.setdefault(group[0], _Storage(group[1]))
+                self.storage[op.output] = storage
+            self.count([op.output], _WEIGHT_STASH if op.stash is not None else _ACTIVATIONS)
+        elif isinstance(op, ex.CarryOp):
+            self.handing.append((op.carry_name.data, self.storage_of(op.value)))
         elif isinstance(op, ex.RecvOp):
             self.count([op.output], _ACTIVATIONS)
         elif isinstance(op, ex.BatchP2POp):

@@ -88,7 +88,7 @@ def train_eager(model: torch.nn.Module, batches: Sequence[Sequence[torch.Tensor]
 
 
 def stale_training(model: torch.nn.Module, plan, batches: Sequence[Sequence[torch.Tensor]],
-                   optimizer: SGD | AdamW, stages: Sequence[Sequence[str]]
+                   optimizer: SGD | AdamW, stages: Sequence[Sequence[str]], replicas: int = 1
                    ) -> tuple[list[float], dict[str, torch.Tensor]]:
     """Trains a copy of `model` on one process exactly as the update plan `plan`
     (`piperc.asynchronous.UpdatePlan`: PipeDream, PipeDream-2BW or a flushed schedule) says;
@@ -104,6 +104,8 @@ def stale_training(model: torch.nn.Module, plan, batches: Sequence[Sequence[torc
     parameters with that stage's own optimizer (torch.optim, its state per stage). A step's
     loss is the mean of its microbatches' losses, each at its own mixed point. Nothing is
     written per schedule: a synchronous plan trains as `train_eager(..., slices=microbatches)`.
+    With `replicas` > 1, each microbatch's gradient is summed over that many equal row slices,
+    each scaled by 1/replicas, as data parallelism sums it (the same value, summed in its order).
     """
     plan.check()
     if len(batches) != plan.steps:
@@ -148,10 +150,12 @@ def stale_training(model: torch.nn.Module, plan, batches: Sequence[Sequence[torc
                     named[n].copy_(value)
         for p in named.values():
             p.grad = None
-        out = model(*pieces[m])
-        loss = out[0] if isinstance(out, tuple) else out
-        loss.backward()
-        losses[m] = loss.item()
+        losses[m] = 0.0
+        for part in _row_slices(pieces[m], replicas):
+            out = model(*part)
+            loss = (out[0] if isinstance(out, tuple) else out) / replicas
+            loss.backward()
+            losses[m] += loss.item()
         grads[m] = {n: (torch.zeros_like(named[n]) if named[n].grad is None else named[n].grad.clone())
                     for n in owner}
         for s in range(plan.num_stages):
@@ -185,6 +189,13 @@ def stale_training(model: torch.nn.Module, plan, batches: Sequence[Sequence[torc
     step_losses = [sum(losses[m] for m in range(t * plan.microbatches, (t + 1) * plan.microbatches))
                    / plan.microbatches for t in range(plan.steps)]
     return step_losses, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _row_slices(batch: Sequence[torch.Tensor], count: int) -> list[tuple[torch.Tensor, ...]]:
+    """`batch` cut into `count` equal row slices (itself when `count` is 1)."""
+    if count == 1:
+        return [tuple(batch)]
+    return [tuple(x.chunk(count)[i] for x in batch) for i in range(count)]
 
 
 class _Seeded(TorchDispatchMode):
@@ -263,6 +274,10 @@ class Verification:
     run: LaunchResult
     """The compiled strategy's launch result (losses, final parameters, peak memory)."""
     tolerance: float = TOLERANCE
+    oracle: str = ""
+    """What the run is compared with when it is not one device's training: an asynchronous
+    pipeline's stale-training oracle (its floor: the oracle summing each microbatch's gradient
+    over the data-parallel replicas, or not; 0 without data parallelism)."""
 
     @property
     def loss_error(self) -> float:
@@ -306,6 +321,9 @@ class Verification:
             f"{len(self.losses)} steps against one device (torch.optim); floor: one device "
             f"accumulating each batch over the strategy's {self.slices} slices",
             "  step  loss            one device      rel. error  floor",
+        ] if not self.oracle else [
+            f"{len(self.losses)} steps against {self.oracle}",
+            "  step  loss            oracle          rel. error  floor",
         ]
         for step, values in enumerate(zip(self.losses, self.reference_losses, self.loss_errors,
                                           self.floor_loss_errors, strict=True)):
@@ -328,6 +346,8 @@ class Verification:
             return f"exact (every error <= {self.tolerance:g})"
         if verdict == "within the noise floor":
             return "within the noise floor (each error <= 2x the floor's): summation order only"
+        if self.oracle:
+            return f"MISMATCH: errors above {self.tolerance:g}; the compiled run does not train as its oracle does"
         return (f"MISMATCH: errors above {self.tolerance:g} and above 2x the floor's; "
                 "the compiled run does not train as one device does")
 
@@ -358,6 +378,19 @@ def verify(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor], compi
     optimizer, slices, replicas = compiled_training(compiled)
     start = _at_initial_state(model, compiled)
     run = launch(compiled, batches, progress=progress, timeout=timeout)
+    if compiled.asynchronous:  # stale updates: the oracle is the same plan on one process
+        plan = compiled.update_plan(len(batches))
+        sliced = [interleave_replicas(b, replicas, compiled.microbatches) for b in batches]
+        losses, state = stale_training(start, plan, sliced, optimizer, compiled.stage_parameters(), replicas)
+        # Its floor: the same oracle summing each microbatch's gradient in one piece.
+        whole = stale_training(start, plan, sliced, optimizer, compiled.stage_parameters()) if replicas > 1 else (
+            losses, state)
+        return Verification(
+            losses=list(run.losses), reference_losses=losses, loss_errors=loss_errors(run.losses, losses),
+            floor_loss_errors=loss_errors(whole[0], losses), parameter_errors=parameter_errors(run.state_dict, state),
+            floor_parameter_errors=parameter_errors(whole[1], state), slices=slices, run=run,
+            oracle=f"the {compiled.asynchronous} plan's stale training on one process (reference.stale_training); "
+                   "floor: the same, each microbatch's gradient not summed over its replicas")
     # A model that draws random numbers draws them per slice, and one that normalises over
     # the batch (BatchNorm) normalises each slice on its own: one device matches it only
     # when it runs the same slices (in order), seeded the same way.
@@ -382,6 +415,21 @@ def verify(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor], compi
         slices=slices,
         run=run,
     )
+
+
+def interleave_replicas(batch: Sequence[torch.Tensor], replicas: int, microbatches: int) -> tuple[torch.Tensor, ...]:
+    """`batch` with its rows reordered so that its `microbatches` contiguous slices are the
+    strategy's microbatches: microbatch m is every replica's m-th slice (replica r holds the
+    r-th block of rows, cut into `microbatches`), which data parallelism averages into one
+    gradient. The identity with one replica."""
+    if replicas == 1:
+        return tuple(batch)
+    out = []
+    for x in batch:
+        rows = x.shape[0] // (replicas * microbatches)
+        out.append(torch.cat([x[(r * microbatches + m) * rows:(r * microbatches + m + 1) * rows]
+                              for m in range(microbatches) for r in range(replicas)]))
+    return tuple(out)
 
 
 def _at_initial_state(model: torch.nn.Module, compiled) -> torch.nn.Module:

@@ -21,10 +21,11 @@ from collections.abc import Callable, Mapping, Sequence
 
 from xdsl.passes import ModulePass
 
-from piperc import schedules
+from piperc import asynchronous, schedules
 from piperc.errors import StrategyError
 from piperc.nn import MOE_REGION
 from piperc.passes.data_parallel import DataParallelPass
+from piperc.passes.expand_async import ExpandAsyncPass
 from piperc.passes.expand_schedule import ExpandSchedulePass
 from piperc.passes.expert_parallel import ExpertParallelPass
 from piperc.passes.localise_shapes import LocaliseShapesPass
@@ -120,6 +121,13 @@ class StrategyContext:
         return n
 
     @property
+    def microbatches_per_update(self) -> int:
+        """How many microbatches' gradients one update applies: all of a step's (synchronous
+        schedules), or fewer under an asynchronous pipeline (`Directive.microbatches_per_update`)."""
+        asked = [n for d in self.directives if (n := d.microbatches_per_update(self)) is not None]
+        return asked[0] if asked else self.microbatches
+
+    @property
     def batch_directive(self) -> Directive | None:
         """The directive errors about the batch split quote: the first that cuts
         microbatches, else the first that replicates."""
@@ -161,6 +169,11 @@ class Directive(abc.ABC):
         """(replicas, microbatches): how this directive cuts each global batch (`ctx` is the
         whole strategy on its mesh)."""
         return 1, 1
+
+    def microbatches_per_update(self, ctx: StrategyContext) -> int | None:
+        """How many microbatches one update applies, if this directive decides it (an
+        asynchronous pipeline: 1 for PipeDream); None leaves it to the step (all of them)."""
+        return None
 
 
 def schedule_fragment(options: dict[str, str], axis: str, directive: str) -> Fragment:
@@ -260,6 +273,15 @@ class Pipeline(Directive):
                                                replicas=options.get("replicas", 1)))
             except schedules.ScheduleError as e:
                 raise StrategyError(f"{self}: {e}") from None
+        if kind in asynchronous.PLANS:
+            if self.stages != size:
+                raise StrategyError(f"{self}: schedule {kind!r} runs one stage per device: stages must equal "
+                                    f"the size of axis '{self.axis}' ({size})")
+            if self.microbatches < self.stages - 1:
+                raise StrategyError(f"{self}: schedule {kind!r} needs microbatches >= stages - 1 "
+                                    f"({self.stages - 1}): the first stage's warm-up forwards must fit in the "
+                                    "first step")
+            return
         if kind != "user" and kind not in schedules.BUILTIN_SCHEDULES:
             known = ", ".join(sorted(schedules.BUILTIN_SCHEDULES))
             raise StrategyError(f"{self}: unknown schedule {kind!r}; use a built-in ({known}) or a table, "
@@ -280,6 +302,11 @@ class Pipeline(Directive):
         """Each replica's batch is cut into `microbatches`."""
         return 1, self.microbatches
 
+    def microbatches_per_update(self, ctx: StrategyContext) -> int | None:
+        """PipeDream updates after every microbatch, 2BW after every `microbatches`."""
+        kind = self.schedule if isinstance(self.schedule, str) else None
+        return {"pipedream": 1, "pipedream-2bw": self.microbatches}.get(kind)
+
     def fragments(self, ctx: StrategyContext) -> list[Fragment]:
         """pipeline-split and outline-stages (the stages; the weight gradients apart when the
         schedule runs W actions), then the schedule."""
@@ -291,6 +318,11 @@ class Pipeline(Directive):
             requires=("layouts",),
             provides=("stages",),
         )
+        if options["kind"] in asynchronous.PLANS:  # 1F1B's rows, expanded without a flush
+            return [stages, Fragment(
+                (SchedulePass(kind="1f1b", axis=self.axis, directive=str(self)),
+                 ExpandAsyncPass(plan=options["kind"], directive=str(self))),
+                requires=("mesh", "stages", "microbatches"), provides=("schedule",))]
         return [stages, schedule_fragment(options, self.axis, str(self))]
 
 
@@ -556,6 +588,13 @@ def pipeline(axis: str = "pp", stages: int = 2, microbatches: int = 1,
              schedule: str | Sequence[Sequence[str]] | Callable[[int, int, int], object] = "1f1b",
              split_at: Sequence[str] = (), region: str = "") -> Pipeline:
     """Pipeline directive.
+
+    `schedule="pipedream"` and `"pipedream-2bw"` are asynchronous (never flushed): each stage
+    updates after every backward (2BW: after every `microbatches`, with their mean) and a
+    microbatch's backward reads the weights its forward read (weight stashing); they train as
+    `piperc.reference.stale_training` with `piperc.asynchronous.plan`, not as one device.
+    They need one stage per device and `microbatches` >= stages - 1; the run ends with
+    `drain()` (`piperc.launch` and the worker call it).
 
     Stages come from `split_at` (module paths where stages 1..N-1 begin), from
     `piperc.annotate(region, i)` regions, or, with `stages` alone, from

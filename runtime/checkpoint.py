@@ -140,9 +140,21 @@ def latest(root: str | Path) -> Path | None:
     return max(done, key=lambda p: p.name, default=None)
 
 
+def _refuse_carried(executor: Executor) -> None:
+    """CheckpointError for a program that carries microbatches between steps: their
+    activations and stashed weights are not part of a checkpoint."""
+    if executor.carries:
+        raise CheckpointError(
+            "this program is an asynchronous pipeline: microbatches in flight carry activations and stashed "
+            "weights from one step to the next, which a checkpoint does not hold; checkpoints need a "
+            "synchronous schedule"
+        )
+
+
 def save(executor: Executor, root: str | Path) -> Path:
     """Writes `executor`'s state after its `steps_done` steps to `root/step_<n>` and publishes
     it; returns that path. Collective: every rank calls it with the same `root`."""
+    _refuse_carried(executor)
     root = Path(root)
     final = step_dir(root, executor.steps_done)
     partial = final.with_name(final.name + ".partial")
@@ -185,6 +197,7 @@ def load(executor: Executor, path: str | Path) -> None:
 
     Raises CheckpointError, before reading any tensor, when the checkpoint is not published or
     lacks a tensor this program holds, or holds it with another shape."""
+    _refuse_carried(executor)
     path = Path(path)
     info = read_info(path)
     metadata = dcp.FileSystemReader(path).read_metadata().state_dict_metadata

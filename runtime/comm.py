@@ -56,9 +56,9 @@ _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.re
 REDUCE_OPS = ("sum", "avg", "max")
 REPORT_WAIT = 10.0
 """Seconds a failed rank waits, at most, for the reports of the ranks it waited on."""
-LIVE_ITEMS = ("gradients", "activations", "comm_buffers")
+LIVE_ITEMS = ("gradients", "activations", "comm_buffers", "weight_stash")
 """What the live count is split into, in the order of `Runtime.peak_live_items`."""
-_GRADIENTS, _ACTIVATIONS, _COMM_BUFFERS = range(len(LIVE_ITEMS))
+_GRADIENTS, _ACTIVATIONS, _COMM_BUFFERS, _WEIGHT_STASH = range(len(LIVE_ITEMS))
 
 
 @dataclass(frozen=True)
@@ -189,6 +189,7 @@ class Runtime:
         self._outstanding_lock = threading.Lock()
         self._live: dict[int, list[int]] = {}  # storage address -> [bytes, references, item]
         self._state_storages: frozenset[int] = frozenset()
+        self._carried: dict[str, torch.Tensor] = {}  # what a step's program hands to the next (`carry`)
         self.live_bytes = 0
         self.live_items = [0] * len(LIVE_ITEMS)
         self.peak_live_bytes = 0
@@ -296,14 +297,41 @@ class Runtime:
         if self.recorder is not None:
             self.recorder.made(tensors)
 
-    def _count(self, tensors: Sequence[torch.Tensor], item: int) -> None:
+    def stashed(self, *tensors: torch.Tensor) -> None:
+        """Counts weight versions an update has replaced but a later backward still reads
+        (an asynchronous pipeline's weight stash) as live, until the program frees them."""
+        self._count(tensors, _WEIGHT_STASH, force=True)
+
+    def carry(self, name: str, tensor: torch.Tensor) -> None:
+        """Hands `tensor` to this rank's next step under `name` (`exec.carry`): an
+        asynchronous pipeline's in-flight activations and stashed weights."""
+        batch = {t.untyped_storage().data_ptr() for t in self._batch or () if t is not None}
+        if tensor.untyped_storage().data_ptr() in batch:  # a microbatch of the step's input: keep
+            tensor = tensor.clone()  # its rows, not the whole global batch, into the next step
+        self._carried[name] = tensor
+
+    def carried(self, name: str, stash: bool = False) -> torch.Tensor:
+        """Takes the tensor the previous step handed on under `name` (`exec.carried`) and
+        counts it as live (a weight version if `stash`, else an activation), unless it views
+        this step's state (the latest weights)."""
+        if name not in self._carried:
+            raise RuntimeError(
+                f"rank {self.rank}: the program takes the carried value {name!r}, which the previous step did "
+                f"not hand on (it holds {sorted(self._carried)}); a program that carries values between steps "
+                "runs its first_step program first"
+            )
+        tensor = self._carried.pop(name)
+        self._count((tensor,), _WEIGHT_STASH if stash else _ACTIVATIONS)  # a view of state is state
+        return tensor
+
+    def _count(self, tensors: Sequence[torch.Tensor], item: int, force: bool = False) -> None:
         for tensor in tensors:
             storage = tensor.untyped_storage()
             key = storage.data_ptr()
             entry = self._live.get(key)
             if entry is not None:
                 entry[1] += 1
-            elif key not in self._state_storages:
+            elif force or key not in self._state_storages:
                 size = storage.nbytes()
                 self._live[key] = [size, 1, item]
                 self._grow(size, item)

@@ -89,6 +89,7 @@ class Executor:
         )
         self.program = _import_program(self.directory / self.plan.program, self.rank)
         self.steps_done = 0
+        self.drained = False
         self.trace_dir = None if trace is None else Path(trace)
         if self.trace_dir is not None:
             coords = ", ".join(f"{axis}={i}" for axis, i in self.plan.coords.items())
@@ -117,11 +118,36 @@ class Executor:
             raise ValueError(f"rank {self.rank}: step_shard() got no data for inputs {missing}")
         return self._run(batch, shard=True)
 
-    def _run(self, batch: tuple, shard: bool) -> float:
+    @property
+    def carries(self) -> bool:
+        """Whether the program hands values from one step to the next (an asynchronous
+        pipeline): it then has a `first_step` for step 0 and a `drain` to run after the last."""
+        return callable(getattr(self.program, "drain", None))
+
+    def drain(self) -> None:
+        """Finishes what a program that carries values between steps still has in flight after
+        the last step (an asynchronous pipeline's last backwards and updates); nothing for
+        other programs. Every rank calls it once, after its last step and before `state_dict`."""
+        if not self.carries or self.drained:
+            return
         rt = self.runtime
         started = rt.recorder.begin_step(self.steps_done) if rt.recorder is not None else 0.0
+        rt._begin_step((None,) * len(self.manifest.input_names), shard=True, step=self.steps_done)
+        if self.steps_done:
+            self.program.drain(rt)
+        rt._end_step()
+        if rt.recorder is not None:
+            rt.recorder.end_step(started)
+        self.drained = True
+
+    def _run(self, batch: tuple, shard: bool) -> float:
+        rt = self.runtime
+        if self.drained:
+            raise RuntimeError(f"rank {self.rank}: step() after drain(); the pipeline has been drained")
+        started = rt.recorder.begin_step(self.steps_done) if rt.recorder is not None else 0.0
         rt._begin_step(batch, shard=shard, step=self.steps_done)
-        self.program.step(rt)
+        first = getattr(self.program, "first_step", None) if self.steps_done == 0 else None
+        (first or self.program.step)(rt)
         rt._end_step()
         total = torch.zeros((), dtype=torch.float64, device=rt.device)
         loss = rt.outputs.get("loss")

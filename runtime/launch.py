@@ -56,7 +56,9 @@ class PeakMemory:
     the peak of the runtime's live count (`Runtime.produced`): parameter
     gradients, the rest of what launches, receives and collectives made, and the
     buffers collectives allocate (a bucket's flat buffer, which holds the reduced
-    gradients until they are freed, and staging copies held until the wait).
+    gradients until they are freed, and staging copies held until the wait);
+    `weight_stash` the weight versions an asynchronous pipeline keeps for the backwards of
+    microbatches in flight (PipeDream's stash; 0 for a synchronous schedule).
     A measurement on CUDA adds `cuda_max_allocated`
     (`torch.cuda.max_memory_allocated`); a prediction says in `at` where the peak is.
     """
@@ -66,11 +68,12 @@ class PeakMemory:
     gradients: int
     activations: int
     comm_buffers: int
+    weight_stash: int = 0
     cuda_max_allocated: int | None = None
     at: str = ""
 
     ITEMS: ClassVar[tuple[str, ...]] = (
-        "parameters", "optimizer_state", "gradients", "activations", "comm_buffers"
+        "parameters", "optimizer_state", "gradients", "activations", "comm_buffers", "weight_stash"
     )
 
     @property
@@ -80,7 +83,8 @@ class PeakMemory:
 
     def table(self) -> str:
         """The items and the total, one per line, in MiB and bytes."""
-        rows = [(item.replace("_", " "), getattr(self, item)) for item in (*self.ITEMS, "total")]
+        rows = [(item.replace("_", " "), getattr(self, item)) for item in (*self.ITEMS, "total")
+                if item != "weight_stash" or self.weight_stash]  # a stash only under an asynchronous pipeline
         if self.cuda_max_allocated is not None:
             rows.append(("cuda max allocated", self.cuda_max_allocated))
         lines = [f"{name:<20}{mib(size):>12} MiB {size:>14,} B" for name, size in rows]

@@ -88,6 +88,7 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"{STEP_PREFIX} {i} {losses[-1]!r}", flush=True)
             if args.checkpoint_every and executor.steps_done % args.checkpoint_every == 0:
                 executor.save_checkpoint(args.checkpoint_dir)
+        executor.drain()  # an asynchronous pipeline's microbatches still in flight
         state = executor.state_dict()
         memory = _peak_memory(executor)
         sent: list[dict[str, int] | None] = [None] * executor.manifest.world_size

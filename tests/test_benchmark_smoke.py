@@ -132,3 +132,17 @@ def test_staleness_prints_every_method_at_every_stage_count(tmp_path):
     assert result.stdout.count("seed's claims, here:") == 1
     assert plot.read_text().count("<polyline") == 3 * 2 * 4  # a line per method, problem and S
     assert "command: " in result.stdout
+
+
+def test_pipedream_reports_measured_and_simulated_ratios_to_1f1b():
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "benchmarks/pipedream.py", *TINY],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert re.search(r"^1f1b ratio piperc/torch: \d+\.\d+", result.stdout, re.M), result.stdout
+    for kind in ("pipedream", "pipedream-2bw"):
+        line = re.search(rf"^{kind}: simulated 8 slots per step \(0\.571 of 1f1b's\), bubble .*; measured "
+                         rf"{kind}/1f1b by median step: (\d+\.\d+)", result.stdout, re.M)
+        assert line and float(line.group(1)) > 0, result.stdout
