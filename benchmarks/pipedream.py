@@ -32,30 +32,25 @@ steps, and peak RSS per rank.
 from __future__ import annotations
 
 import functools
-import json
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
 from pipeline_vs_torch import (  # noqa: E402
     LR,
     N_HEADS,
     WORLD,
     gpt_options,
-    join,
-    peak_rss_mib,
     piperc_step,
     print_footer,
     print_steps,
     run_pairs,
+    run_worker,
     set_up,
     step_ratio,
     summarize,
-    timed_steps,
     torch_pipelining_step,
 )
 
@@ -71,15 +66,8 @@ CONTENDERS = {**{f"piperc-{kind}": functools.partial(piperc_step, pair=kind) for
               "torch-1f1b": torch_pipelining_step}
 
 
-def worker(name: str, scratch: Path, rank: int, port: int) -> None:
-    """Runs contender `name` as `rank` and writes its measurements to the scratch folder."""
-    config = join(name, scratch, rank, port)
-    batches = torch.load(scratch / "batches.pt", weights_only=True)
-    step = CONTENDERS[name](config, scratch, rank)
-    losses, times = timed_steps(step, batches, config["warmup"])
-    result = {"losses": losses, "times": times, "peak_rss_mib": peak_rss_mib()}
-    (scratch / f"{name}.rank{rank}.json").write_text(json.dumps(result))
-    dist.destroy_process_group()
+worker = functools.partial(run_worker, "pipedream")
+"""Runs one contender's rank (pipeline_vs_torch's worker, over this script's contenders)."""
 
 
 def compile_piperc(kind: str, config: dict, model: gpt.GPT, batch, scratch: Path) -> float:

@@ -24,6 +24,7 @@ contenders do not train the same model on the same data and the script fails.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import multiprocessing as mp
 import os
@@ -199,9 +200,17 @@ def initial_model(config: dict, scratch: Path) -> gpt.GPT:
 
 def worker(name: str, scratch: Path, rank: int, port: int) -> None:
     """Runs contender `name` as `rank` and writes its measurements to the scratch folder."""
+    run_worker("pipeline_vs_torch", name, scratch, rank, port)
+
+
+def run_worker(script: str, name: str, scratch: Path, rank: int, port: int) -> None:
+    """Runs contender `name` of benchmark `script` (a module of benchmarks/ with a `CONTENDERS`
+    table) as `rank` and writes its measurements to the scratch folder; a benchmark's workers
+    are `functools.partial(run_worker, "<script>")`."""
+    contenders = importlib.import_module(script).CONTENDERS
     config = join(name, scratch, rank, port)
     batches = torch.load(scratch / "batches.pt", weights_only=True)
-    step = CONTENDERS[name](config, scratch, rank)
+    step = contenders[name](config, scratch, rank)
     losses, times = timed_steps(step, batches, config["warmup"])
     result = {"losses": losses, "times": times, "peak_rss_mib": peak_rss_mib()}
     (scratch / f"{name}.rank{rank}.json").write_text(json.dumps(result))

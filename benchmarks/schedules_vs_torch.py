@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import sys
 import time
 from collections.abc import Callable
@@ -48,7 +47,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
 from pipeline_vs_torch import (  # noqa: E402
     LR,
     N_HEADS,
@@ -57,18 +55,16 @@ from pipeline_vs_torch import (  # noqa: E402
     Step,
     gpt_options,
     initial_model,
-    join,
     next_token_loss,
-    peak_rss_mib,
     pipelining_step,
     piperc_step,
     print_footer,
     print_steps,
     run_pairs,
+    run_worker,
     set_up,
     step_ratio,
     summarize,
-    timed_steps,
     torch_pipelining_step,
 )
 
@@ -137,16 +133,8 @@ CONTENDERS: dict[str, Callable[[dict, Path, int], Step]] = {
 # ----------------------------------------------------------------------------- worker
 
 
-def worker(name: str, scratch: Path, rank: int, port: int) -> None:
-    """Runs contender `name` as `rank` and writes its measurements to the scratch folder
-    (pipeline_vs_torch's worker, over this script's contenders)."""
-    config = join(name, scratch, rank, port)
-    batches = torch.load(scratch / "batches.pt", weights_only=True)
-    step = CONTENDERS[name](config, scratch, rank)
-    losses, times = timed_steps(step, batches, config["warmup"])
-    result = {"losses": losses, "times": times, "peak_rss_mib": peak_rss_mib()}
-    (scratch / f"{name}.rank{rank}.json").write_text(json.dumps(result))
-    dist.destroy_process_group()
+worker = functools.partial(run_worker, "schedules_vs_torch")
+"""Runs one contender's rank (pipeline_vs_torch's worker, over this script's contenders)."""
 
 
 # ----------------------------------------------------------------------------- driver
