@@ -2,7 +2,7 @@
 
 A stage function may hold `par` collectives over a mesh axis (`par.all_reduce`,
 `all_gather`, `reduce_scatter`, `all_to_all`, `all_slice`, as `lower-reshard`
-writes them). Every rank that launches the function runs each of them over its
+writes them), and ring attention (an attention op marked `piperc.ring = "<axis>"`). Every rank that launches the function runs each of them over its
 own group along the axis. For every mesh axis such a collective names, this
 pass declares one group per set of ranks along that axis, tagged with the axis:
 
@@ -32,6 +32,7 @@ from piperc.dialects import exec as ex
 from piperc.dialects import par
 from piperc.errors import PassError
 from piperc.passes.mesh import MESH_SYMBOL, find_mesh
+from piperc.passes.sharding_rules import RING
 
 
 def function_collective_axes(module: ModuleOp) -> list[str]:
@@ -50,6 +51,9 @@ def function_collective_axes(module: ModuleOp) -> list[str]:
                     f"lower-collectives: @{fn.sym_name.data} still holds {op.describe()}; "
                     "run lower-reshard before lower-to-exec"
                 )
+            if RING in op.attributes:  # ring attention sends keys and values along its axis
+                axes.add(op.attributes[RING].data)
+                continue
             if not isinstance(op, par.CollectiveOp):
                 continue
             if op.mesh.root_reference.data != MESH_SYMBOL:

@@ -27,11 +27,20 @@ split needs, and leaves the rest to `propagate-sharding{mesh-axes=<axis>}` and
 Positions the model computes (`arange` over the sequence) stay global: a value derived from
 an input's sequence dimension is split with it.
 
-Errors (StrategyError naming the directive and the tensor): an input whose sequence length
-does not divide over the axis; an attention whose heads do not divide over it; a model with
-no scaled-dot-product attention (Ulysses splits attention by heads).
+Ring attention (`method=ring`): each CPU flash attention, forward and backward, is marked
+`piperc.ring = "sp"` and keeps its queries, keys and values sequence split (its sharding rule,
+`sharding_rules.attention`, then splits queries and keys by separate factors and reads a
+mask's key dimension whole). Inside it the keys and values travel around the axis (code
+generation calls `Runtime.ring_attention` / `ring_attention_backward`, runtime/ring.py): each
+device merges its queries' attention over every block it needs by log-sum-exp, skips the
+blocks its mask hides, and sends a block on only while a later device needs it.
 
-Options: axis (default sp), seq_dim (the inputs' sequence dimension, default 1), directive
+Errors (StrategyError naming the directive and the tensor): an input whose sequence length
+does not divide over the axis; an attention whose heads do not divide over it (Ulysses); a
+model with no scaled-dot-product attention.
+
+Options: axis (default sp), seq_dim (the inputs' sequence dimension, default 1), method
+(ulysses or ring), directive
 (quoted in errors). Requires: the mesh pass; runs on the captured `@main`, before it is split
 into stages.
 """
@@ -41,7 +50,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from xdsl.context import Context
-from xdsl.dialects.builtin import ArrayAttr, DictionaryAttr, IntAttr, ModuleOp
+from xdsl.dialects.builtin import ArrayAttr, DictionaryAttr, IntAttr, ModuleOp, StringAttr
 from xdsl.ir import Operation
 from xdsl.passes import ModulePass
 
@@ -51,7 +60,7 @@ from piperc.dialects.torch import ValueTensorType
 from piperc.errors import StrategyError
 from piperc.passes.mesh import MESH_SYMBOL, find_axis
 from piperc.passes.propagate_sharding import where
-from piperc.passes.sharding_rules import ATTENTION_OPS
+from piperc.passes.sharding_rules import ATTENTION_OPS, RING, RING_OPS
 from piperc.passes.tensor_parallel import seed_whole_results
 
 _HEADS, _SEQ = 1, 2
@@ -71,20 +80,26 @@ class SequenceParallelPass(ModulePass):
 
     axis: str = "sp"
     seq_dim: int = 1
+    method: str = "ulysses"
     directive: str = "sequence-parallel"
 
     def apply(self, ctx: Context, op: ModuleOp) -> None:
+        if self.method not in ("ulysses", "ring"):
+            raise StrategyError(f"{self.directive}: method must be 'ulysses' or 'ring', got {self.method!r}")
         mesh = find_axis(op, self.axis, self.directive)
         size = mesh.axis_size(self.axis)
         main = main_function(op)
         self.seed(main, size)
         attention = [o for o in main.body.block.ops if o.name in ATTENTION_OPS]
         if not attention:
-            raise StrategyError(f"{self.directive}: the model has no scaled-dot-product attention; Ulysses splits "
-                                "attention by heads, so attention must go through "
-                                "torch.nn.functional.scaled_dot_product_attention")
+            how = "Ulysses splits attention by heads" if self.method == "ulysses" else "ring attention rewrites it"
+            raise StrategyError(f"{self.directive}: the model has no scaled-dot-product attention; {how}, so "
+                                "attention must go through torch.nn.functional.scaled_dot_product_attention")
         for o in attention:
-            self.ulysses(o, size)
+            if self.method == "ulysses":
+                self.ulysses(o, size)
+            else:
+                self.ring(o, size)
 
     def seed(self, main, size: int) -> None:
         """Every input of rank > seq_dim split along it; the loss and outputs whole."""
@@ -109,6 +124,15 @@ class SequenceParallelPass(ModulePass):
                                 "sequence); give seq_dim")
         main.arg_attrs = ArrayAttr(attrs)
         seed_whole_results(main)
+
+    def ring(self, op: Operation, size: int) -> None:
+        """Marks `op` as ring attention over the axis (`RING`): its queries, keys and values stay
+        sequence split, and the keys and values travel between the devices inside it (forward:
+        `Runtime.ring_attention`; backward: `ring_attention_backward`). CPU flash attention only."""
+        if op.name not in RING_OPS:
+            raise StrategyError(f"{self.directive}: {where(op)} is {op.name}; ring attention rewrites the CPU "
+                                f"flash attention ({', '.join(RING_OPS)})")
+        op.attributes[RING] = StringAttr(self.axis)
 
     def ulysses(self, op: Operation, size: int) -> None:
         """Casts each `[batch, heads, seq, ...]` operand of `op` from sequence split to heads

@@ -657,7 +657,10 @@ def nll_loss(op: Operation) -> OpShardingRule:
 
 def attention(op: Operation) -> OpShardingRule:
     """scaled-dot-product attention and its backward, as captured on CPU: batch and head dims
-    pass through; sequence and head-size dims need replication."""
+    pass through; sequence and head-size dims need replication. Ring attention (`RING` on the
+    op) passes the sequence through instead (`_ring_attention`)."""
+    if RING in op.attributes:
+        return _ring_attention(op)
     r = _Rule("attention")
     q = shape(op.operands[1] if op.name.endswith("_backward") else op.operands[0])
     if len(q) < 3:
@@ -678,6 +681,39 @@ def attention(op: Operation) -> OpShardingRule:
     return r.build()
 
 
+def _ring_attention(op: Operation) -> OpShardingRule:
+    """`attention`'s rule for ring attention: [batch, heads, seq, head] tensors (q, k, v, the
+    output, its gradient, log-sum-exp, dq, dk, dv) pass the sequence through, all by one factor;
+    a mask [batch, 1|heads, q seq, k seq] passes the query sequence and needs its key sequence
+    whole."""
+    r = _Rule("ring-attention")
+    operands, results = tensor_operands(op), tensor_results(op)
+    backward = op.name.endswith("_backward")
+    q = shape(operands[1] if backward else operands[0])
+    batch, heads, seq, head = q
+    fb, fh, fq, fd = r.factor(batch), r.factor(heads), r.factor(seq), r.factor(head, FactorKind.REPLICATED)
+    # One sequence factor for queries and keys: as a factor sharding, splitting both over one axis
+    # would compute only the diagonal blocks; ring attention's op moves the keys between devices
+    # itself, so its contract is "everything split along the sequence, alike".
+    fk = fq
+
+    def mapped(t: Sequence[int], seq_factor: int | None) -> list[int | None]:
+        if len(t) == 3:  # log-sum-exp [batch, heads, seq]
+            return [fb, fh, seq_factor]
+        if seq_factor is not None:
+            return [fb if t[0] == batch else r.factor(t[0], FactorKind.REPLICATED),
+                    fh if t[1] == heads else r.factor(t[1], FactorKind.REPLICATED), seq_factor, fd]
+        return [fb if t[0] == batch else None, None if t[1] == 1 else r.factor(t[1], FactorKind.REPLICATED),
+                fq, r.factor(t[3], FactorKind.REPLICATED)]  # a mask
+
+    keys, mask = ((2, 3), 6) if backward else ((1, 2), 3)  # the tensors after q, k, v (grad, q, k, v, out, lse)
+    for i, v in enumerate(operands):
+        r.operand(mapped(shape(v), None if i == mask else (fk if i in keys else fq)))
+    for i, v in enumerate(results):
+        r.result(mapped(shape(v), fk if backward and i in (1, 2) else fq))
+    return r.build()
+
+
 def index(op: Operation) -> OpShardingRule:
     """index.Tensor / index_select / gather / scatter: every dimension needs replication."""
     return _replicated("index", op)
@@ -694,6 +730,13 @@ ATTENTION_OPS = ("torch.aten._scaled_dot_product_flash_attention_for_cpu",
                  "torch.aten._scaled_dot_product_flash_attention",
                  "torch.aten._scaled_dot_product_flash_attention_backward")
 """Scaled-dot-product attention and its backward, as capture writes them on CPU and CUDA."""
+
+RING = "piperc.ring"
+"""Attribute of an attention op that runs as ring attention over the mesh axis it names."""
+
+RING_OPS = ("torch.aten._scaled_dot_product_flash_attention_for_cpu",
+            "torch.aten._scaled_dot_product_flash_attention_for_cpu_backward")
+"""The attention ops ring attention rewrites (the CPU flash kernel and its backward)."""
 
 VIEW_OPS = ("torch.aten.view", "torch.aten._unsafe_view", "torch.aten.reshape")
 """The ops capture writes a reshape of a tensor as."""

@@ -413,13 +413,18 @@ class TensorParallel(Directive):
 
     def fragments(self, ctx: StrategyContext) -> list[Fragment]:
         """tensor-parallel (seed the plan), propagate-sharding over the axis, localise-shapes:
-        on the captured step, before anything splits it into stages."""
+        on the captured step, before anything splits it into stages. Next to sequence
+        parallelism, after its seeds, and over both axes (heads split by tp, the sequence by
+        sp)."""
+        sequence = next((d for d in ctx.directives if isinstance(d, SequenceParallel)), None)
+        axes = (self.axis,) if sequence is None else (self.axis, sequence.axis)
         return [Fragment(
             (TensorParallelPass(axis=self.axis, plan=plan_text(dict(self.plan)),
                                 sequence_parallel=self.sequence_parallel, directive=str(self)),
-             PropagateShardingPass(mesh_axes=(self.axis,), strict=self.strict),
-             LocaliseShapesPass(mesh_axes=(self.axis,))),
-            requires=("mesh",), provides=("layouts", "tensor-layouts"))]
+             PropagateShardingPass(mesh_axes=axes, strict=self.strict),
+             LocaliseShapesPass(mesh_axes=axes)),
+            requires=("mesh",) if sequence is None else ("mesh", SEQUENCE_SEEDS),
+            provides=("layouts", "tensor-layouts"))]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -500,7 +505,10 @@ def expert_parallel(axis: str = "dp") -> ExpertParallel:
     return ExpertParallel(axis)
 
 
-SEQUENCE_METHODS = ("ulysses",)
+SEQUENCE_METHODS = ("ulysses", "ring")
+SEQUENCE_SEEDS = "sequence-seeds"
+"""Fact: sequence parallelism's seeds are written (next to tensor parallelism, whose propagation
+then lays out both axes at once)."""
 """The attention methods `sequence_parallel` builds (ring attention is not built yet)."""
 
 
@@ -522,26 +530,25 @@ class SequenceParallel(Directive):
         return (self.axis,)
 
     def check(self, ctx: StrategyContext) -> None:
-        """A method that is built, an int seq_dim >= 1, and no tensor parallelism next to it."""
+        """A method that is built and an int seq_dim >= 1."""
         if self.method not in SEQUENCE_METHODS:
             raise StrategyError(f"{self}: method {self.method!r} is not built; use one of "
-                                f"{', '.join(map(repr, SEQUENCE_METHODS))} (ring attention and 'auto' are not built "
-                                "yet)")
+                                f"{', '.join(map(repr, SEQUENCE_METHODS))} ('auto' is not built yet)")
         if isinstance(self.seq_dim, bool) or not isinstance(self.seq_dim, int) or self.seq_dim < 1:
             raise StrategyError(f"{self}: seq_dim must be an int >= 1 (the inputs' sequence dimension), got "
                                 f"{self.seq_dim!r}")
-        tensor = next((d for d in ctx.directives if isinstance(d, TensorParallel)), None)
-        if tensor is not None:
-            raise StrategyError(f"{self}: next to {tensor} is not supported yet")
+
 
     def fragments(self, ctx: StrategyContext) -> list[Fragment]:
         """unflatten-matmul, sequence-parallel (the seeds and Ulysses' casts), propagate-sharding
-        and localise-shapes over the axis: on the captured step, before it is split into stages."""
+        and localise-shapes over the axis: on the captured step, before it is split into stages.
+        Next to tensor parallelism, only the seeds: its propagation then lays out both axes."""
+        seeds = (UnflattenMatmulPass(),
+                 SequenceParallelPass(axis=self.axis, seq_dim=self.seq_dim, method=self.method, directive=str(self)))
+        if any(isinstance(d, TensorParallel) for d in ctx.directives):  # one propagation over both axes
+            return [Fragment(seeds, requires=("mesh",), provides=(SEQUENCE_SEEDS,))]
         return [Fragment(
-            (UnflattenMatmulPass(),
-             SequenceParallelPass(axis=self.axis, seq_dim=self.seq_dim, directive=str(self)),
-             PropagateShardingPass(mesh_axes=(self.axis,)),
-             LocaliseShapesPass(mesh_axes=(self.axis,))),
+            (*seeds, PropagateShardingPass(mesh_axes=(self.axis,)), LocaliseShapesPass(mesh_axes=(self.axis,))),
             requires=("mesh",), provides=("layouts",))]
 
 
@@ -554,7 +561,10 @@ def sequence_parallel(axis: str = "sp", method: str = "ulysses", seq_dim: int = 
     `method="ulysses"` (DeepSpeed-Ulysses): each `F.scaled_dot_product_attention`, forward and
     backward, moves its q, k, v from sequence split to heads split by an all-to-all, runs the
     whole sequence's attention for its heads, and moves back. The heads must divide over the
-    axis. Ring attention is not built yet.
+    axis. `method="ring"`: queries, keys and values stay sequence split, and each attention's
+    keys and values travel around the axis (forward, and with their gradients in the backward),
+    partial results merged by log-sum-exp; blocks a mask hides are skipped, and a block goes
+    on only while a later device needs it.
     """
     return SequenceParallel(axis, method, seq_dim)
 

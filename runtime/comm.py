@@ -512,6 +512,26 @@ class Runtime:
         received = tuple(zip(buffers, (src for _, _, src in recvs), strict=True))
         return self._track(work, stream, group, sends=sent, recvs=received), buffers
 
+    def _p2p_batch(self, what: str, ops: list, group: str, sends: Sequence[tuple[torch.Tensor, int]],
+                   recvs: Sequence[tuple[torch.Tensor, int]], sent_as: str) -> Work:
+        """Posts the `dist.P2POp`s `ops` together, inside a stage function (`stream=None`),
+        as one work over `group`; their bytes count under `sent_as`."""
+        work = Work(what, dist.batch_isend_irecv(ops), [t for t, _ in (*sends, *recvs)])
+        return self._track(work, None, group, sends=sends, recvs=recvs, sent_as=sent_as)
+
+    def ring_attention(self, *args, **kwargs):
+        """Ring attention over a group, inside a stage function: `aten._scaled_dot_product_flash_
+        attention_for_cpu`'s arguments, plus `group` and `where` (`runtime/ring.py`)."""
+        from .ring import ring_attention
+
+        return ring_attention(self, *args, **kwargs)
+
+    def ring_attention_backward(self, *args, **kwargs):
+        """The backward of `ring_attention` (`runtime/ring.py`)."""
+        from .ring import ring_attention_backward
+
+        return ring_attention_backward(self, *args, **kwargs)
+
     # ------------------------------------------------------------ collectives
 
     @_issuing
@@ -829,13 +849,15 @@ class Runtime:
         *,
         sends: Sequence[tuple[torch.Tensor, int]] = (),
         recvs: Sequence[tuple[torch.Tensor, int]] = (),
+        sent_as: str = "p2p",
     ) -> Work:
         """Notes `work` as in flight until its wait, and the peers it waits on. When tracing,
         also records its issue: a collective `kind` of `data` over `group`, or the transfers
-        `sends` (tensor, dst) and `recvs` (buffer, src)."""
+        `sends` (tensor, dst) and `recvs` (buffer, src), whose bytes count in `sent_bytes`
+        under `sent_as`."""
         if sends or recvs:
             work.peers = tuple(sorted({peer for _, peer in (*sends, *recvs)}))
-            self.sent_bytes["p2p"] = self.sent_bytes.get("p2p", 0) + sum(t.nbytes for t, _ in sends)
+            self.sent_bytes[sent_as] = self.sent_bytes.get(sent_as, 0) + sum(t.nbytes for t, _ in sends)
         else:
             work.peers = tuple(r for r in self._groups[group].ranks if r != self.rank)
             work.collective = (group, self._collectives.get(group, 0))

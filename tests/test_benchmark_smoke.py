@@ -146,3 +146,17 @@ def test_pipedream_reports_measured_and_simulated_ratios_to_1f1b():
         line = re.search(rf"^{kind}: simulated 8 slots per step \(0\.571 of 1f1b's\), bubble .*; measured "
                          rf"{kind}/1f1b by median step: (\d+\.\d+)", result.stdout, re.M)
         assert line and float(line.group(1)) > 0, result.stdout
+
+
+def test_sequence_vs_torch_reports_ring_ulysses_torch_and_dp_ratios():
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    tiny = ["--layers", "1", "--d-model", "32", "--steps", "1", "--warmup", "1", "--batch", "4", "--seq", "32"]
+    result = subprocess.run(
+        [sys.executable, "benchmarks/sequence_vs_torch.py", *tiny],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    for label in ("ring piperc/torch", "ring piperc/torch balanced", "causal ring/ulysses", "packed ring/ulysses",
+                  "causal ring/dp", "causal ulysses/dp"):
+        ratio = re.search(rf"^{label}: (\d+\.\d+) by median step", result.stdout, re.M)
+        assert ratio and float(ratio.group(1)) > 0, f"no {label} ratio in:\n{result.stdout}"

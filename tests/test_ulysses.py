@@ -16,6 +16,7 @@ import piperc
 from piperc.examples import gpt, llama
 from tests import shared
 from tests.test_passes_ir import ir, run, section
+from tests.test_tensor_parallel import GPT_PLAN, LLAMA_PLAN
 
 PLACEHOLDERS = {
     "FFC": '{piperc.origin = #par.origin<"fc", F>}',
@@ -174,9 +175,13 @@ RUNS = {
                       [piperc.pipeline(axis="pp", stages=2, microbatches=2), SP], 4),
     "gpt-sp2-packed": (GPT_PACKED, piperc.Mesh(sp=2), [SP], 2),
     "llama-sp4-packed": (LLAMA_PACKED, piperc.Mesh(sp=4), [SP], 4),
+    "gpt-tp2-sp2": (GPT, piperc.Mesh(tp=2, sp=2), [piperc.tensor_parallel(axis="tp", plan=GPT_PLAN), SP], 2),
+    "llama-tp2-sp2": (LLAMA, piperc.Mesh(tp=2, sp=2), [piperc.tensor_parallel(axis="tp", plan=LLAMA_PLAN), SP], 2),
 }
 """example, mesh, strategy, and the pieces each sequence of a batch is cut into (sequence
-pieces x replicas x microbatches): the slices of the one-device noise floor. GPT at sp=4 is
+pieces x replicas x microbatches): the slices of the one-device noise floor. Next to tensor
+parallelism (issue 7's plans), heads are split by tp and the sequence by sp, both laid out by
+one propagation over the two axes. GPT at sp=4 is
 not here: its blocks.1.mlp.proj.weight ends 2.55e-5 from one device, 1.1x twice the 4-slice
 floor (1.15e-5), AdamW's amplified rounding (the closing note of 2026-12-01)."""
 
@@ -243,9 +248,9 @@ def test_packed_documents_split_with_the_sequence_and_attention_reads_the_whole_
     (gpt.make, piperc.Mesh(sp=2), [SP],
      "sequence_parallel(axis='sp', method='ulysses'): the model has no scaled-dot-product attention; Ulysses splits "
      "attention by heads, so attention must go through torch.nn.functional.scaled_dot_product_attention"),
-    (GPT.make, piperc.Mesh(sp=2), [piperc.sequence_parallel(method="ring")],
-     "sequence_parallel(axis='sp', method='ring'): method 'ring' is not built; use one of 'ulysses' (ring attention "
-     "and 'auto' are not built yet)"),
+    (GPT.make, piperc.Mesh(sp=2), [piperc.sequence_parallel(method="auto")],
+     "sequence_parallel(axis='sp', method='auto'): method 'auto' is not built; use one of 'ulysses', 'ring' ('auto' "
+     "is not built yet)"),
 ])
 def test_what_cannot_split_is_a_compile_time_error_naming_the_tensor_and_the_directive(make, mesh, strategy,
                                                                                      message):

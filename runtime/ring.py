@@ -1,0 +1,201 @@
+"""Ring attention: scaled-dot-product attention over a sequence split across a group of ranks.
+
+Each rank of the group holds one contiguous chunk of every sequence (chunk i on the rank at
+position i): its queries, keys and values, `[batch, heads, L, head]`. A rank's queries attend
+to the keys of chunk c when the mask allows some pair of them (`need[i][c]`): under a causal
+mask chunk c <= i, under a given mask `[batch, 1|heads, L, S]` (its columns are the whole
+sequence's keys) where that mask's block of chunk c allows anything. Every rank learns every
+other's needs first (an all_gather of W booleans per rank).
+
+The keys and values of chunk c travel around the ring from its owner, c -> c+1 -> ..., as far
+as the last rank that needs them, and no further: at step j a rank holds chunk (i - j) mod W
+while that chunk's path reaches it. The next step's transfer is posted before the current
+block is computed, so communication overlaps computation. A rank computes a block only when
+it needs it (`torch.ops.aten._scaled_dot_product_flash_attention_for_cpu` on the block, with the
+causal flag on its own chunk or the mask's block), and merges the partial results by
+log-sum-exp. A pack of documents that each lie within one rank needs no block of another
+rank: nothing travels.
+
+The backward walks the same paths: each rank adds its contribution to the gradient of the
+keys and values of the block it holds (the kernel's backward with the whole attention's output
+and log-sum-exp, which makes each block's contribution exact) and passes that sum on with the
+block; the last rank on a chunk's path sends it to the owner. The queries' gradient is the sum
+of the rank's blocks'.
+
+Bytes sent are counted in `Runtime.sent_bytes` under `ring_attention <where>`.
+Standard library and torch only, like the rest of the runtime.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+_FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
+_FLASH_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
+
+
+class Ring:
+    """One ring attention call's view of its group: positions, needs and paths."""
+
+    def __init__(self, rt, q: torch.Tensor, mask: torch.Tensor | None, causal: bool, group: str, where: str):
+        self.rt = rt
+        self.group = group
+        self.ranks = rt._groups[group].ranks
+        self.size = len(self.ranks)
+        self.index = self.ranks.index(rt.rank)
+        self.length = q.shape[-2]
+        self.mask = mask
+        self.causal = causal
+        self.key = f"ring_attention {where}" if where else "ring_attention"
+        self.need = self._needs()
+        # how many ranks chunk c visits: from its owner to the last rank that needs it
+        self.path = [1 + max(d for d in range(self.size) if self.need[(c + d) % self.size][c])
+                     for c in range(self.size)]
+
+    def _needs(self) -> list[list[bool]]:
+        """need[i][c]: whether rank i's queries attend to some key of chunk c."""
+        W, i = self.size, self.index
+        if self.mask is None:
+            return [[c < r or (c == r) or not self.causal for c in range(W)] for r in range(W)]
+        mine = torch.tensor([bool(self.block_allows(c)) for c in range(W)], dtype=torch.bool)
+        mine[i] = True  # its own chunk: always held, never sent
+        gathered = [torch.empty_like(mine) for _ in range(W)]
+        handle = self.rt._member(self.group, f"ring attention needs over group {self.group}")
+        dist.all_gather(gathered, mine, group=handle)
+        return [[bool(x) for x in row] for row in gathered]
+
+    def mask_block(self, c: int) -> torch.Tensor | None:
+        """The mask's columns of chunk c (None without a mask)."""
+        if self.mask is None:
+            return None
+        return self.mask[..., c * self.length:(c + 1) * self.length]
+
+    def block_allows(self, c: int) -> bool:
+        """Whether the mask's block of chunk c allows any (query, key) pair."""
+        block = self.mask_block(c)
+        if block.dtype == torch.bool:
+            return bool(block.any())
+        return bool((block > float("-inf")).any())
+
+    def flash_args(self, c: int) -> tuple[bool, torch.Tensor | None]:
+        """(is_causal, attn_mask) for this rank's queries against chunk c."""
+        if self.mask is not None:
+            return False, self.mask_block(c)
+        return self.causal and c == self.index, None
+
+    def holds(self, c: int, step: int) -> bool:
+        """Whether this rank holds chunk c at ring step `step` (c = index - step)."""
+        return step < self.path[c]
+
+    def exchange(self, send: list[torch.Tensor] | None, recv_like: list[torch.Tensor] | None, what: str):
+        """Posts sending `send` to the next rank and receiving tensors like `recv_like` from the
+        previous one, together; returns (work or None, the receive buffers)."""
+        ops, buffers = [], []
+        handle = self.rt._member(self.group, what)
+        nxt, prev = self.ranks[(self.index + 1) % self.size], self.ranks[(self.index - 1) % self.size]
+        sends = []
+        for t in send or []:
+            t = t.contiguous()
+            ops.append(dist.P2POp(dist.isend, t, nxt, group=handle))
+            sends.append((t, nxt))
+        for t in recv_like or []:
+            b = torch.empty_like(t, memory_format=torch.contiguous_format)
+            ops.append(dist.P2POp(dist.irecv, b, prev, group=handle))
+            buffers.append(b)
+        if not ops:
+            return None, buffers
+        return self.rt._p2p_batch(what, ops, self.group, sends, [(b, prev) for b in buffers], self.key), buffers
+
+
+def _merge(out, lse, part, part_lse):
+    """The log-sum-exp merge of two partial attentions (out, lse) and (part, part_lse); rows a
+    block's mask hides entirely (part_lse = -inf) contribute nothing."""
+    part = torch.where(torch.isneginf(part_lse).unsqueeze(-1), torch.zeros_like(part), part)
+    if out is None:
+        return part, part_lse
+    new = torch.logaddexp(lse, part_lse)
+    safe = torch.where(torch.isneginf(new), torch.zeros_like(new), new)
+    return out * torch.exp(lse - safe).unsqueeze(-1) + part * torch.exp(part_lse - safe).unsqueeze(-1), new
+
+
+def ring_attention(rt, query, key, value, dropout_p=0.0, is_causal=False, *, attn_mask=None, scale=None,
+                   group: str, where: str = ""):
+    """`aten._scaled_dot_product_flash_attention_for_cpu` on the sequence split over `group`
+    (see the module docstring): (output, logsumexp) of this rank's queries."""
+    if dropout_p:
+        raise ValueError(f"rank {rt.rank}: ring attention at {where or 'an attention'} has dropout {dropout_p}; "
+                         "ring attention runs without dropout")
+    ring = Ring(rt, query, attn_mask, is_causal, group, where)
+    out = lse = None
+    block = [key, value]
+    for step in range(ring.size):
+        c = (ring.index - step) % ring.size
+        nxt = (ring.index - step - 1) % ring.size
+        send = block if ring.holds(c, step) and step + 1 < ring.path[c] else None
+        recv = [key, value] if step + 1 < ring.size and ring.holds(nxt, step + 1) else None
+        work, arrived = ring.exchange(send, recv, f"ring attention step {step} over group {group}")
+        if ring.holds(c, step) and ring.need[ring.index][c]:
+            causal, mask = ring.flash_args(c)
+            part, part_lse = _FLASH(query, block[0], block[1], 0.0, causal, attn_mask=mask, scale=scale)[:2]
+            if mask is not None:  # the kernel gives a row its mask hides entirely log-sum-exp 0, not -inf
+                hidden = ~mask.any(-1) if mask.dtype == torch.bool else torch.isneginf(mask).all(-1)
+                part_lse = part_lse.masked_fill(hidden.expand_as(part_lse), float("-inf"))
+            out, lse = _merge(out, lse, part, part_lse)
+        if work is not None:
+            rt.wait(work)
+        if arrived:
+            block = arrived
+    return out, lse
+
+
+def ring_attention_backward(rt, grad_out, query, key, value, out, logsumexp, dropout_p=0.0, is_causal=False, *,
+                            attn_mask=None, scale=None, group: str, where: str = ""):
+    """The gradients (dq, dk, dv) of `ring_attention`, this rank's pieces."""
+    ring = Ring(rt, query, attn_mask, is_causal, group, where)
+    dq = torch.zeros_like(query)
+    block = [key, value]
+    acc = [torch.zeros_like(key), torch.zeros_like(value)]
+    finals: dict[int, list[torch.Tensor]] = {}  # owner position -> the sums this rank sends home
+    for step in range(ring.size):
+        c = (ring.index - step) % ring.size
+        nxt = (ring.index - step - 1) % ring.size
+        holding = ring.holds(c, step)
+        goes_on = holding and step + 1 < ring.path[c]
+        comes = step + 1 < ring.size and ring.holds(nxt, step + 1)
+        what = f"ring attention backward step {step} over group {group}"
+        work, arrived = ring.exchange(block if goes_on else None, [key, value] if comes else None, what)
+        if holding and ring.need[ring.index][c]:
+            causal, mask = ring.flash_args(c)
+            g = _FLASH_BACKWARD(grad_out, query, block[0], block[1], out, logsumexp, 0.0, causal,
+                                attn_mask=mask, scale=scale)
+            dq = dq + g[0]
+            acc = [acc[0] + g[1], acc[1] + g[2]]
+        sums_work, sums = ring.exchange(acc if goes_on else None, [key, value] if comes else None, what + " (sums)")
+        if holding and not goes_on:
+            finals[c] = acc  # the last on chunk c's path: its sums go to the owner (itself, or sent)
+        if work is not None:
+            rt.wait(work)
+        if sums_work is not None:
+            rt.wait(sums_work)
+        if arrived:
+            block, acc = arrived, sums
+    mine = finals.pop(ring.index, None)
+    handle = rt._member(group, f"ring attention backward sums over group {group}")
+    ops, sends, recvs = [], [], []
+    for c, tensors in sorted(finals.items()):
+        for t in tensors:
+            t = t.contiguous()
+            ops.append(dist.P2POp(dist.isend, t, ring.ranks[c], group=handle))
+            sends.append((t, ring.ranks[c]))
+    if mine is None:  # this rank's own chunk came back as another rank's sums
+        last = ring.ranks[(ring.index + ring.path[ring.index] - 1) % ring.size]
+        mine = [torch.empty_like(key, memory_format=torch.contiguous_format),
+                torch.empty_like(value, memory_format=torch.contiguous_format)]
+        for b in mine:
+            ops.append(dist.P2POp(dist.irecv, b, last, group=handle))
+            recvs.append((b, last))
+    if ops:
+        rt.wait(rt._p2p_batch(f"ring attention backward sums over group {group}", ops, group, sends, recvs,
+                              ring.key))
+    return dq, mine[0], mine[1]
