@@ -20,7 +20,16 @@ import piperc
 from piperc.runtime import ring
 from tests import shared
 from tests.test_tensor_parallel import LLAMA_PLAN
-from tests.test_ulysses import ADAMW, GPT, GPT_PACKED, LAYERS, LLAMA, LLAMA_PACKED
+from tests.test_ulysses import (
+    ADAMW,
+    GPT,
+    GPT_PACKED,
+    LAYERS,
+    LLAMA,
+    LLAMA_PACKED,
+    check_trains_as_one_device,
+    trainer,
+)
 
 RING = piperc.sequence_parallel(axis="sp", method="ring")
 RUNS = {
@@ -44,23 +53,14 @@ is 1.3e-3), where AdamW turns the rounding of the blockwise attention into a ste
 GPT at tp=2 x sp=2 ends 2.05e-5 from one device on the same parameter, against 1.7e-5."""
 
 
-@functools.cache
-def trained(case: str):
-    """The compiled job of `case` and the result of its 3 steps."""
-    example, mesh, strategy, _ = RUNS[case]
-    compiled = shared.compile_(example, LAYERS, mesh=mesh, optimizer=ADAMW, strategy=strategy, keep_ir=True)
-    return compiled, piperc.launch(compiled, shared.setup(example, LAYERS).batches, timeout=240)
+trained = trainer(RUNS)
 
 
 @pytest.mark.parametrize("case", sorted(RUNS))
 def test_trains_as_one_device(case):
     """Against one device on whole batches: 1e-5, or twice one device's error accumulating
     each batch over as many slices as the sequence and batch are cut into (AdamW)."""
-    example, _, _, slices = RUNS[case]
-    _, result = trained(case)
-    errs = shared.errors(example, LAYERS, ADAMW, result)
-    limits = shared.bounds(example, LAYERS, ADAMW, slices)
-    assert all(e <= b for e, b in zip(errs, limits, strict=True)), (errs, limits)
+    check_trains_as_one_device(RUNS, trained, case)
 
 
 def test_gpt_sp2_trains_as_one_device_with_sgd():

@@ -186,23 +186,36 @@ not here: its blocks.1.mlp.proj.weight ends 2.55e-5 from one device, 1.1x twice 
 floor (1.15e-5), AdamW's amplified rounding (the closing note of 2026-12-01)."""
 
 
-@functools.cache
-def trained(case: str):
-    """The compiled job of `case` and the result of its 3 steps."""
-    example, mesh, strategy, _ = RUNS[case]
-    compiled = shared.compile_(example, LAYERS, mesh=mesh, optimizer=ADAMW, strategy=strategy, keep_ir=True)
-    return compiled, piperc.launch(compiled, shared.setup(example, LAYERS).batches, timeout=240)
+def trainer(runs: dict):
+    """`trained(case)`: the compiled job of `runs[case]` and the result of its 3 steps, once."""
+
+    @functools.cache
+    def trained(case: str):
+        example, mesh, strategy, _ = runs[case]
+        compiled = shared.compile_(example, LAYERS, mesh=mesh, optimizer=ADAMW, strategy=strategy, keep_ir=True)
+        return compiled, piperc.launch(compiled, shared.setup(example, LAYERS).batches, timeout=240)
+
+    return trained
+
+
+def check_trains_as_one_device(runs: dict, trained, case: str) -> None:
+    """Against one device on whole batches: 1e-5, or twice one device's error accumulating
+    each batch over as many slices as the sequence and batch are cut into (AdamW)."""
+    example, _, _, slices = runs[case]
+    _, result = trained(case)
+    errs = shared.errors(example, LAYERS, ADAMW, result)
+    limits = shared.bounds(example, LAYERS, ADAMW, slices)
+    assert all(e <= b for e, b in zip(errs, limits, strict=True)), (errs, limits)
+
+
+trained = trainer(RUNS)
 
 
 @pytest.mark.parametrize("case", sorted(RUNS))
 def test_trains_as_one_device(case):
     """Against one device on whole batches: 1e-5, or twice one device's error accumulating
     each batch over as many slices as the sequence and batch are cut into (AdamW)."""
-    example, _, _, slices = RUNS[case]
-    _, result = trained(case)
-    errs = shared.errors(example, LAYERS, ADAMW, result)
-    limits = shared.bounds(example, LAYERS, ADAMW, slices)
-    assert all(e <= b for e, b in zip(errs, limits, strict=True)), (errs, limits)
+    check_trains_as_one_device(RUNS, trained, case)
 
 
 def test_attention_moves_from_the_sequence_to_the_heads_and_back():
