@@ -52,7 +52,7 @@ from piperc.dialects import par
 from piperc.dialects.par import PassKind, ShardingAttr
 from piperc.dialects.roles import main_function
 from piperc.errors import StrategyError
-from piperc.passes.expand_schedule import _Step
+from piperc.passes.expand_schedule import StepGraph
 from piperc.passes.microbatch import MICROBATCHES
 from piperc.passes.pipeline_split import NUM_STAGES, module_count
 from piperc.passes.schedule import find_schedule
@@ -88,25 +88,23 @@ def _shifted(events: list[asynchronous.Event], by: int) -> list[tuple[str, tuple
 
 @dataclass
 class _Message:
-    """A value one device sends another: made by event `made` (segment, index) and read in
-    segment `read` (where it is sent)."""
+    """A value one device sends another: microbatch `mb`'s `value`, made by the event at `made`
+    (segment, index in it); it is sent in the segment that first reads it."""
 
     value: SSAValue
     mb: int
     made: tuple[int, int]
-    read: int
 
 
 class _Writer:
     """Writes one stage's (= device's) programs, step after step, carrying what is live."""
 
-    def __init__(self, step: _Step, stage: int, plan: asynchronous.UpdatePlan, cut, outgoing, segment_of,
+    def __init__(self, step: StepGraph, stage: int, plan: asynchronous.UpdatePlan, cut, outgoing,
                  ids: dict[SSAValue, str], directive: str, forced: frozenset[str] = frozenset()):
-        self.step, self.stage, self.plan, self.cut = step, stage, plan, cut
+        self.step, self.stage, self.cut = step, stage, cut
         self.M = plan.microbatches
         self.outgoing = outgoing  # (segment, src, dst) -> [_Message] in send order
-        self.segment_of = segment_of  # (stage, kind, mb) -> segment
-        self.ids = ids
+        self.ids = ids  # value of @main -> its stable name in carried values (`s0_F#2`)
         self.directive = directive
         self.env: dict[Key, SSAValue] = {}
         self.version: dict[int, dict[str, object]] = {}
@@ -407,7 +405,7 @@ class ExpandAsyncPass(ModulePass):
                                 f"(the first stage's warm-up of {S - 1} forwards must fit in the first step); "
                                 f"got {M} microbatches for {S} stages")
         main = main_function(op)
-        step = _Step(main, M, S, {s: s for s in range(S)},
+        step = StepGraph(main, M, S, {s: s for s in range(S)},
                      {(s, m): s for s in range(S) for m in range(_SEGMENTS * M)}, set())
         self._check(step)
         try:
@@ -432,11 +430,11 @@ class ExpandAsyncPass(ModulePass):
             # A version that is the stage's latest at a step's end is read back as state, unless
             # the steady step hands it on (2BW's first step has no update yet): write once to
             # learn which versions the steady steps hand on, then hand those on from the first.
-            writer = _Writer(step, s, plan, cuts[s], outgoing, segment_of, ids, self.directive)
+            writer = _Writer(step, s, plan, cuts[s], outgoing, ids, self.directive)
             for k in range(_SEGMENTS - 1):
                 writer.write(k)
             steady = frozenset(writer.stashed[1] | writer.stashed[2])
-            writer = _Writer(step, s, plan, cuts[s], outgoing, segment_of, ids, self.directive, steady)
+            writer = _Writer(step, s, plan, cuts[s], outgoing, ids, self.directive, steady)
             blocks.append([writer.write(k) for k in range(_SEGMENTS)])
         for s, (first, steady, again, drain) in enumerate(blocks):
             if _text(steady, s) != _text(again, s):
@@ -446,7 +444,7 @@ class ExpandAsyncPass(ModulePass):
             op.body.block.add_op(par.ProgramOp(f"device{s}", s, Region(steady)))
             op.body.block.add_op(par.ProgramOp(f"device{s}_drain", s, Region(drain), par.PHASE_DRAIN))
 
-    def _check(self, step: _Step) -> None:
+    def _check(self, step: StepGraph) -> None:
         """Refuses what the asynchronous programs do not write."""
         if step.split_weights:
             raise StrategyError(f"{self.directive}: schedule {self.plan!r} runs whole backwards; the step's "
@@ -463,7 +461,7 @@ class ExpandAsyncPass(ModulePass):
         if any(role == "tangent" for role, _ in step.arg_roles):
             raise StrategyError(f"{self.directive}: run microbatch first (the step still has tangent arguments)")
 
-    def _messages(self, step: _Step, cuts, segment_of) -> dict[tuple[int, int, int], list[_Message]]:
+    def _messages(self, step: StepGraph, cuts, segment_of) -> dict[tuple[int, int, int], list[_Message]]:
         """(segment, src, dst) -> the messages src sends dst in that segment, in send order:
         those made in earlier segments first (sent at its start), then as they are made."""
         found: dict[tuple[int, int, int], list[_Message]] = defaultdict(list)
@@ -487,7 +485,7 @@ class ExpandAsyncPass(ModulePass):
                                 if read < k:
                                     raise StrategyError(f"{self.directive}: stage {dst} reads {r.name_hint} of "
                                                         f"microbatch {m} before stage {s} makes it")
-                                found[(read, s, dst)].append(_Message(r, m, (k, index), read))
+                                found[(read, s, dst)].append(_Message(r, m, (k, index)))
         for msgs in found.values():
             msgs.sort(key=lambda msg: msg.made)
         return found

@@ -121,8 +121,9 @@ def _action(action: par.ActionAttr) -> schedules.Action:
 
 
 @dataclass
-class _Step:
-    """What the schedule expands: `@main`'s tasks, its once-per-step ops and its roles."""
+class StepGraph:
+    """What a schedule expands: `@main`'s tasks, its once-per-step ops and its roles (read by
+    expand-schedule and expand-async)."""
 
     main: func.FuncOp
     microbatches: int
@@ -197,7 +198,7 @@ class _Step:
 class _ProgramWriter:
     """Writes one device's `par.program`."""
 
-    def __init__(self, step: _Step, device: int, steps, outgoing, directive: str, early=None):
+    def __init__(self, step: StepGraph, device: int, steps, outgoing, directive: str, early=None):
         self.step = step
         self.early = early or {}  # action -> messages received in the batch before it (receive_plan)
         self.device = device
@@ -475,7 +476,7 @@ class ExpandSchedulePass(ModulePass):
         table = schedule.table()
         device_of = {a.stage: d for d, row in table.items() for a in row}
         placed = {(a.stage % num_stages, a.microbatch): a.stage for row in table.values() for a in row}
-        step = _Step(main_function(op), microbatches, num_stages, device_of, placed,
+        step = StepGraph(main_function(op), microbatches, num_stages, device_of, placed,
                      {a.stage % num_stages for row in table.values() for a in row if a.pass_kind == PassKind.W})
         unapplied = [name for role, name in result_roles(step.main) if role == "increment"]
         if unapplied:
