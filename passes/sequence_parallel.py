@@ -35,12 +35,16 @@ generation calls `Runtime.ring_attention` / `ring_attention_backward`, runtime/r
 device merges its queries' attention over every block it needs by log-sum-exp, skips the
 blocks its mask hides, and sends a block on only while a later device needs it.
 
+With `method=auto` the ops are marked as for ring, and `piperc.ring_method = "auto"`: each
+call chooses, per batch, ring or Ulysses (all_to_alls inside the op), whichever sends fewer
+bytes from its busiest rank given the batch's documents (`runtime/ring.py` `choose`).
+
 Errors (StrategyError naming the directive and the tensor): an input whose sequence length
 does not divide over the axis; an attention whose heads do not divide over it (Ulysses); a
 model with no scaled-dot-product attention.
 
 Options: axis (default sp), seq_dim (the inputs' sequence dimension, default 1), method
-(ulysses or ring), directive
+(ulysses, ring or auto), directive
 (quoted in errors). Requires: the mesh pass; runs on the captured `@main`, before it is split
 into stages.
 """
@@ -60,7 +64,7 @@ from piperc.dialects.torch import ValueTensorType
 from piperc.errors import StrategyError
 from piperc.passes.mesh import MESH_SYMBOL, find_axis
 from piperc.passes.propagate_sharding import where
-from piperc.passes.sharding_rules import ATTENTION_OPS, RING, RING_OPS
+from piperc.passes.sharding_rules import ATTENTION_OPS, RING, RING_METHOD, RING_OPS
 from piperc.passes.tensor_parallel import seed_whole_results
 
 _HEADS, _SEQ = 1, 2
@@ -84,8 +88,8 @@ class SequenceParallelPass(ModulePass):
     directive: str = "sequence-parallel"
 
     def apply(self, ctx: Context, op: ModuleOp) -> None:
-        if self.method not in ("ulysses", "ring"):
-            raise StrategyError(f"{self.directive}: method must be 'ulysses' or 'ring', got {self.method!r}")
+        if self.method not in ("ulysses", "ring", "auto"):
+            raise StrategyError(f"{self.directive}: method must be 'ulysses', 'ring' or 'auto', got {self.method!r}")
         mesh = find_axis(op, self.axis, self.directive)
         size = mesh.axis_size(self.axis)
         main = main_function(op)
@@ -100,6 +104,8 @@ class SequenceParallelPass(ModulePass):
                 self.ulysses(o, size)
             else:
                 self.ring(o, size)
+                if self.method == "auto":  # ring or Ulysses per batch, inside the op (runtime/ring.py)
+                    o.attributes[RING_METHOD] = StringAttr("auto")
 
     def seed(self, main, size: int) -> None:
         """Every input of rank > seq_dim split along it; the loss and outputs whole."""

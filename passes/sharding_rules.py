@@ -734,6 +734,9 @@ ATTENTION_OPS = ("torch.aten._scaled_dot_product_flash_attention_for_cpu",
 RING = "piperc.ring"
 """Attribute of an attention op that runs as ring attention over the mesh axis it names."""
 
+RING_METHOD = "piperc.ring_method"
+"""Attribute of a ring attention op that chooses per batch between ring and Ulysses ("auto")."""
+
 RING_OPS = ("torch.aten._scaled_dot_product_flash_attention_for_cpu",
             "torch.aten._scaled_dot_product_flash_attention_for_cpu_backward")
 """The attention ops ring attention rewrites (the CPU flash kernel and its backward)."""

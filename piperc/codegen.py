@@ -32,7 +32,7 @@ from piperc.passes.lower_to_exec import DEVICE
 from piperc.passes.mesh import find_mesh
 from piperc.passes.microbatch import MICROBATCHES
 from piperc.passes.outline_stages import arg_keys, result_keys
-from piperc.passes.sharding_rules import RING
+from piperc.passes.sharding_rules import RING, RING_METHOD
 
 _DTYPES = {"f32": "torch.float32", "f64": "torch.float64", "f16": "torch.float16",
            "bf16": "torch.bfloat16", "si64": "torch.int64", "si32": "torch.int32", "i1": "torch.bool"}
@@ -232,7 +232,9 @@ def _aten_call(op: t.AtenOp, names: _Names, inline) -> str:
     ring = op.attributes.get(RING)
     if ring is not None:  # the attention runs around the axis (runtime/ring.py), keys and values travel
         method = "ring_attention_backward" if op.name.endswith("_backward") else "ring_attention"
-        return (f'RT.{method}({", ".join(args + kwargs)}, group=AXIS_GROUPS["{ring.data}"]{_where(op)})')
+        choice = op.attributes.get(RING_METHOD)
+        chosen = f", method={choice.data!r}" if choice is not None else ""
+        return f'RT.{method}({", ".join(args + kwargs)}, group=AXIS_GROUPS["{ring.data}"]{_where(op)}{chosen})'
     if op.name == "torch.aten.view":
         # Value semantics make view and reshape equal; reshape also takes a tensor whose
         # strides differ from those capture saw (a collective's output, or attention's, which

@@ -505,11 +505,11 @@ def expert_parallel(axis: str = "dp") -> ExpertParallel:
     return ExpertParallel(axis)
 
 
-SEQUENCE_METHODS = ("ulysses", "ring")
+SEQUENCE_METHODS = ("ulysses", "ring", "auto")
 SEQUENCE_SEEDS = "sequence-seeds"
 """Fact: sequence parallelism's seeds are written (next to tensor parallelism, whose propagation
 then lays out both axes at once)."""
-"""The attention methods `sequence_parallel` builds (ring attention is not built yet)."""
+"""The attention methods `sequence_parallel` builds."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -532,8 +532,8 @@ class SequenceParallel(Directive):
     def check(self, ctx: StrategyContext) -> None:
         """A method that is built and an int seq_dim >= 1."""
         if self.method not in SEQUENCE_METHODS:
-            raise StrategyError(f"{self}: method {self.method!r} is not built; use one of "
-                                f"{', '.join(map(repr, SEQUENCE_METHODS))} ('auto' is not built yet)")
+            raise StrategyError(f"{self}: unknown method {self.method!r}; use one of "
+                                f"{', '.join(map(repr, SEQUENCE_METHODS))}")
         if isinstance(self.seq_dim, bool) or not isinstance(self.seq_dim, int) or self.seq_dim < 1:
             raise StrategyError(f"{self}: seq_dim must be an int >= 1 (the inputs' sequence dimension), got "
                                 f"{self.seq_dim!r}")
@@ -564,7 +564,9 @@ def sequence_parallel(axis: str = "sp", method: str = "ulysses", seq_dim: int = 
     axis. `method="ring"`: queries, keys and values stay sequence split, and each attention's
     keys and values travel around the axis (forward, and with their gradients in the backward),
     partial results merged by log-sum-exp; blocks a mask hides are skipped, and a block goes
-    on only while a later device needs it.
+    on only while a later device needs it. `method="auto"`: each attention chooses per batch
+    between ring and Ulysses (all_to_alls inside the op), whichever sends fewer bytes from the
+    busiest device given the batch's documents.
     """
     return SequenceParallel(axis, method, seq_dim)
 

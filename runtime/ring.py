@@ -58,12 +58,29 @@ class Ring:
         W, i = self.size, self.index
         if self.mask is None:
             return [[c < r or (c == r) or not self.causal for c in range(W)] for r in range(W)]
-        mine = torch.tensor([bool(self.block_allows(c)) for c in range(W)], dtype=torch.bool)
-        mine[i] = True  # its own chunk: always held, never sent
-        gathered = [torch.empty_like(mine) for _ in range(W)]
-        handle = self.rt._member(self.group, f"ring attention needs over group {self.group}")
-        dist.all_gather(gathered, mine, group=handle)
-        return [[bool(x) for x in row] for row in gathered]
+        mine = torch.tensor([bool(self.block_allows(c)) for c in range(W)], dtype=torch.uint8)
+        mine[i] = 1  # its own chunk: always held, never sent
+        work, gathered = self.rt.all_gather(mine.to(self.mask.device), self.group, 0, None)
+        self.rt.wait(work)
+        return [[bool(x) for x in gathered[r * W:(r + 1) * W].tolist()] for r in range(W)]
+
+    def ring_bytes(self, block: int) -> int:
+        """The most bytes a rank sends for one attention's forward and backward by ring, for
+        blocks (keys or values) of `block` bytes: per hop two blocks forward and four back (the
+        blocks and their gradient sums), and the sums a path's last rank sends home."""
+        sent = [0] * self.size
+        for c in range(self.size):
+            for d in range(self.path[c] - 1):
+                sent[(c + d) % self.size] += 6 * block
+            if self.path[c] > 1:
+                sent[(c + self.path[c] - 1) % self.size] += 2 * block
+        return max(sent)
+
+    def ulysses_bytes(self, block: int) -> int:
+        """The bytes a rank sends for one attention's forward and backward by Ulysses: eight
+        all_to_alls of a block (q, k, v, the output; then the output's gradient and dq, dk,
+        dv) and four more in the backward (q, k, v and the output again), each keeping 1/W."""
+        return 12 * block * (self.size - 1) // self.size
 
     def mask_block(self, c: int) -> torch.Tensor | None:
         """The mask's columns of chunk c (None without a mask)."""
@@ -119,14 +136,29 @@ def _merge(out, lse, part, part_lse):
     return out * torch.exp(lse - safe).unsqueeze(-1) + part * torch.exp(part_lse - safe).unsqueeze(-1), new
 
 
+def choose(ring: Ring, query: torch.Tensor, method: str) -> str:
+    """`method`, or for "auto" the one that sends fewer bytes from the busiest rank on this batch
+    (ring counts the documents: a block travels only as far as it is needed; Ulysses needs the
+    heads to divide over the group). Every rank decides alike: the needs are shared."""
+    if method != "auto":
+        return method
+    if query.shape[1] % ring.size:
+        return "ring"
+    block = query.numel() * query.element_size()
+    return "ring" if ring.ring_bytes(block) <= ring.ulysses_bytes(block) else "ulysses"
+
+
 def ring_attention(rt, query, key, value, dropout_p=0.0, is_causal=False, *, attn_mask=None, scale=None,
-                   group: str, where: str = ""):
+                   group: str, where: str = "", method: str = "ring"):
     """`aten._scaled_dot_product_flash_attention_for_cpu` on the sequence split over `group`
-    (see the module docstring): (output, logsumexp) of this rank's queries."""
+    (see the module docstring): (output, logsumexp) of this rank's queries. `method="auto"`
+    runs each call by ring or by Ulysses (`choose`, `ulysses_attention`)."""
     if dropout_p:
         raise ValueError(f"rank {rt.rank}: ring attention at {where or 'an attention'} has dropout {dropout_p}; "
                          "ring attention runs without dropout")
     ring = Ring(rt, query, attn_mask, is_causal, group, where)
+    if choose(ring, query, method) == "ulysses":
+        return ulysses_attention(rt, query, key, value, is_causal, attn_mask, scale, group, where)
     out = lse = None
     block = [key, value]
     for step in range(ring.size):
@@ -150,9 +182,13 @@ def ring_attention(rt, query, key, value, dropout_p=0.0, is_causal=False, *, att
 
 
 def ring_attention_backward(rt, grad_out, query, key, value, out, logsumexp, dropout_p=0.0, is_causal=False, *,
-                            attn_mask=None, scale=None, group: str, where: str = ""):
-    """The gradients (dq, dk, dv) of `ring_attention`, this rank's pieces."""
+                            attn_mask=None, scale=None, group: str, where: str = "", method: str = "ring"):
+    """The gradients (dq, dk, dv) of `ring_attention`, this rank's pieces (by the method its
+    forward chose: the choice depends only on the batch)."""
     ring = Ring(rt, query, attn_mask, is_causal, group, where)
+    if choose(ring, query, method) == "ulysses":
+        return ulysses_attention_backward(rt, grad_out, query, key, value, out, logsumexp, is_causal, attn_mask,
+                                          scale, group, where)
     dq = torch.zeros_like(query)
     block = [key, value]
     acc = [torch.zeros_like(key), torch.zeros_like(value)]
@@ -199,3 +235,49 @@ def ring_attention_backward(rt, grad_out, query, key, value, out, logsumexp, dro
         rt.wait(rt._p2p_batch(f"ring attention backward sums over group {group}", ops, group, sends, recvs,
                               ring.key))
     return dq, mine[0], mine[1]
+
+
+# ---------------------------------------------------------------- Ulysses, for method="auto"
+
+
+def _to_heads(rt, tensor: torch.Tensor, group: str, where: str) -> torch.Tensor:
+    """[batch, heads, L, ...] sequence split -> [batch, heads / W, S, ...] heads split."""
+    work, out = rt.all_to_all(tensor, group, split_dim=1, concat_dim=2, stream=None, where=where)
+    rt.wait(work)
+    return out
+
+
+def _to_sequence(rt, tensor: torch.Tensor, group: str, where: str) -> torch.Tensor:
+    """[batch, heads / W, S, ...] heads split -> [batch, heads, L, ...] sequence split."""
+    work, out = rt.all_to_all(tensor, group, split_dim=2, concat_dim=1, stream=None, where=where)
+    rt.wait(work)
+    return out
+
+
+def _whole_mask(rt, mask: torch.Tensor | None, group: str) -> torch.Tensor | None:
+    """The whole sequence's mask rows (an all_gather of each rank's), or None."""
+    if mask is None:
+        return None
+    work, whole = rt.all_gather(mask, group, 2, None)
+    rt.wait(work)
+    return whole
+
+
+def ulysses_attention(rt, query, key, value, is_causal, attn_mask, scale, group: str, where: str = ""):
+    """Attention by Ulysses inside the call (`method="auto"` on a batch where it sends less):
+    q, k, v to heads split, the whole sequence's attention for those heads, back."""
+    key_of = f"ulysses {where}" if where else "ulysses"
+    q, k, v = (_to_heads(rt, t, group, key_of) for t in (query, key, value))
+    out, lse = _FLASH(q, k, v, 0.0, is_causal, attn_mask=_whole_mask(rt, attn_mask, group), scale=scale)[:2]
+    return _to_sequence(rt, out, group, key_of), _to_sequence(rt, lse.unsqueeze(-1), group, key_of).squeeze(-1)
+
+
+def ulysses_attention_backward(rt, grad_out, query, key, value, out, logsumexp, is_causal, attn_mask, scale,
+                               group: str, where: str = ""):
+    """The gradients of `ulysses_attention`, back to sequence split."""
+    key_of = f"ulysses {where}" if where else "ulysses"
+    g, q, k, v, o = (_to_heads(rt, t, group, key_of) for t in (grad_out, query, key, value, out))
+    lse = _to_heads(rt, logsumexp.unsqueeze(-1), group, key_of).squeeze(-1)
+    grads = _FLASH_BACKWARD(g, q, k, v, o, lse, 0.0, is_causal, attn_mask=_whole_mask(rt, attn_mask, group),
+                            scale=scale)
+    return tuple(_to_sequence(rt, t, group, key_of) for t in grads[:3])

@@ -32,6 +32,7 @@ from tests.test_ulysses import (
 )
 
 RING = piperc.sequence_parallel(axis="sp", method="ring")
+AUTO = piperc.sequence_parallel(axis="sp", method="auto")
 RUNS = {
     "gpt-sp4": (GPT, piperc.Mesh(sp=4), [RING], 4),
     "llama-sp2": (LLAMA, piperc.Mesh(sp=2), [RING], 2),
@@ -44,6 +45,8 @@ RUNS = {
     "llama-pp2-sp2": (LLAMA, piperc.Mesh(pp=2, sp=2),
                       [piperc.pipeline(axis="pp", stages=2, microbatches=2), RING], 4),
     "llama-tp2-sp2": (LLAMA, piperc.Mesh(tp=2, sp=2), [piperc.tensor_parallel(axis="tp", plan=LLAMA_PLAN), RING], 2),
+    "llama-sp4-auto": (LLAMA, piperc.Mesh(sp=4), [AUTO], 4),
+    "gpt-sp2-packed-auto": (GPT_PACKED, piperc.Mesh(sp=2), [AUTO], 2),
 }
 """example, mesh, strategy, and the slices of the one-device noise floor (sequence pieces x
 replicas x microbatches), as in tests/test_ulysses.py. GPT at sp=2 is below, with SGD: under
@@ -110,17 +113,20 @@ def test_causal_ring_sends_a_block_only_to_the_ranks_that_need_it():
         assert sent == {f"ring_attention blocks.{i}.attn": blocks * block * steps for i in range(LAYERS)}, sent
 
 
-def test_a_pack_of_rank_local_documents_sends_nothing_for_attention():
+@pytest.mark.parametrize("case", ["gpt-sp2-packed", "gpt-sp2-packed-auto"])
+def test_a_pack_of_rank_local_documents_sends_nothing_for_attention(case):
     """Documents of 4 tokens, two per rank at sp=2: no query attends to another rank's keys,
     so ring attention sends 0 bytes (the mask tells each rank what it needs; the ranks share
-    that in a 2-boolean all_gather), and training still matches one device."""
-    compiled, _ = trained("gpt-sp2-packed")
+    that in a 2-boolean all_gather), `auto` chooses ring (no Ulysses all_to_all either), and
+    training still matches one device."""
+    compiled, _ = trained(case)
     tokens, targets, _ = shared.setup(GPT_PACKED, LAYERS).batches[0]
     local = torch.arange(16).div(4, rounding_mode="floor").expand(tokens.shape[0], 16).contiguous()
     batches = [(tokens, targets, local)] * 2
     result = piperc.launch(compiled, batches, timeout=240)
     for rank, sent in enumerate(result.sent_bytes):
-        assert sum(v for k, v in sent.items() if k.startswith("ring_attention")) == 0, (rank, sent)
+        assert sum(v for k, v in sent.items() if k.startswith(("ring_attention", "all_to_all ulysses"))) == 0, (
+            rank, sent)
     model = shared.setup(GPT_PACKED, LAYERS).model
     losses, _ = piperc.reference.train_eager(model, batches, ADAMW)
     assert result.losses == pytest.approx(losses, rel=1e-5)
@@ -162,6 +168,11 @@ class _Runtime:
     def _p2p_batch(self, what, ops, group, sends, recvs, sent_as):
         return dist.batch_isend_irecv(ops)
 
+    def all_gather(self, tensor, group, dim, stream):
+        pieces = [torch.empty_like(tensor) for _ in self._groups[group].ranks]
+        dist.all_gather(pieces, tensor.contiguous())
+        return [], torch.cat(pieces, dim)
+
     def wait(self, works):
         for w in works:
             w.wait()
@@ -202,3 +213,17 @@ def test_the_primitive_equals_whole_sequence_attention_forward_and_backward(worl
     errors = mp.get_context("spawn").Manager().dict()
     mp.start_processes(_check_ring, args=(world, _free_port(), errors), nprocs=world, start_method="spawn")
     assert len(errors) == world and max(errors.values()) < 1e-12, dict(errors)
+
+
+def test_auto_chooses_per_batch_by_the_bytes_each_method_sends():
+    """Causal at sp=4, ring would send up to 18 blocks per attention from one rank (a chunk goes
+    on to every later rank, forward and back) and Ulysses 12 x 3/4 = 9: auto runs Ulysses inside
+    the op (its all_to_alls counted under `all_to_all ulysses <where>`), no ring transfer. On the
+    packed batches at sp=2 (a document across the middle), ring sends 6 blocks from rank 0 and
+    Ulysses 6: the tie goes to ring."""
+    _, causal = trained("llama-sp4-auto")
+    assert all(not any(k.startswith("ring_attention") for k in sent) for sent in causal.sent_bytes)
+    assert all(sent.get("all_to_all ulysses blocks.0.attn", 0) > 0 for sent in causal.sent_bytes)
+    _, packed = trained("gpt-sp2-packed-auto")
+    assert packed.sent_bytes[0].get("ring_attention blocks.0.attn", 0) > 0
+    assert not any(k.startswith("all_to_all ulysses") for sent in packed.sent_bytes for k in sent)

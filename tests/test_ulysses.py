@@ -261,9 +261,8 @@ def test_packed_documents_split_with_the_sequence_and_attention_reads_the_whole_
     (gpt.make, piperc.Mesh(sp=2), [SP],
      "sequence_parallel(axis='sp', method='ulysses'): the model has no scaled-dot-product attention; Ulysses splits "
      "attention by heads, so attention must go through torch.nn.functional.scaled_dot_product_attention"),
-    (GPT.make, piperc.Mesh(sp=2), [piperc.sequence_parallel(method="auto")],
-     "sequence_parallel(axis='sp', method='auto'): method 'auto' is not built; use one of 'ulysses', 'ring' ('auto' "
-     "is not built yet)"),
+    (GPT.make, piperc.Mesh(sp=2), [piperc.sequence_parallel(method="zigzag")],
+     "sequence_parallel(axis='sp', method='zigzag'): unknown method 'zigzag'; use one of 'ulysses', 'ring', 'auto'"),
 ])
 def test_what_cannot_split_is_a_compile_time_error_naming_the_tensor_and_the_directive(make, mesh, strategy,
                                                                                      message):
