@@ -316,3 +316,11 @@ def test_a_checkpoint_of_an_asynchronous_pipeline_is_refused(tmp_path):
     compiled = compile_async("pipedream", 2, 2, "sgd")
     with pytest.raises(piperc.runtime.launch.LaunchError, match="this program is an asynchronous pipeline"):
         piperc.launch(compiled, batches()[:2], checkpoint_dir=str(tmp_path), checkpoint_every=1)
+
+
+def test_a_run_of_one_step_drains_after_its_first_step():
+    """The drain follows whichever step was last: after the warm-up step alone it runs the
+    backwards and updates still in flight, and the run matches the oracle's one step."""
+    compiled = compile_async("pipedream-2bw", 4, 4, "adamw")
+    s = setup(gpt, LAYERS)
+    assert piperc.verify(s.model, s.inputs, compiled, batches()[:1]).verdict == "exact"
