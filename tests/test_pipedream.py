@@ -232,9 +232,13 @@ CASES = [
     pytest.param("pipedream", 4, 4, "adamw", 1, id="pipedream-pp4-adamw"),
     pytest.param("pipedream-2bw", 4, 4, "sgd", 1, id="2bw-pp4-sgd"),
     pytest.param("pipedream-2bw", 4, 4, "adamw", 1, id="2bw-pp4-adamw"),
+    pytest.param("pipedream", 2, 2, "sgd", 2, id="pipedream-pp2xdp2-sgd"),
     pytest.param("pipedream", 2, 2, "adamw", 2, id="pipedream-pp2xdp2-adamw"),
     pytest.param("pipedream-2bw", 2, 2, "sgd", 2, id="2bw-pp2xdp2-sgd"),
+    pytest.param("pipedream-2bw", 2, 2, "adamw", 2, id="2bw-pp2xdp2-adamw"),
     pytest.param("pipedream", 4, 4, "sgd", 2, id="pipedream-pp4xdp2-sgd"),
+    pytest.param("pipedream", 4, 4, "adamw", 2, id="pipedream-pp4xdp2-adamw"),
+    pytest.param("pipedream-2bw", 4, 4, "sgd", 2, id="2bw-pp4xdp2-sgd"),
     pytest.param("pipedream-2bw", 4, 4, "adamw", 2, id="2bw-pp4xdp2-adamw"),
     pytest.param("pipedream", 2, 2, "adamw", 2, 3, id="pipedream-pp2xdp2-zero3-adamw"),
 ]
