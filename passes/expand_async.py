@@ -109,7 +109,6 @@ class _Writer:
         self.env: dict[Key, SSAValue] = {}
         self.version: dict[int, dict[str, object]] = {}
         self.partial: dict[par.AccumulateOp, list[SSAValue]] = {}
-        self.partial_mbs: list[int] = []
         self.carried: list[tuple[str, object, SSAValue]] = []  # (name, what, type-carrying value)
         self.forced = forced  # stash names handed on even where the version is the latest
         self.stashed: list[set[str]] = []  # per step written, the stash names it handed on
@@ -334,8 +333,6 @@ class _Writer:
                 r.name_hint = old.name_hint
             new = list(total.outs)
         sums[acc] = new
-        if task.pass_kind.data != PassKind.F and acc is self.grad_accumulates()[0]:
-            self.partial_mbs.append(m)
 
     def grad_accumulates(self) -> list[par.AccumulateOp]:
         return [acc for kind in (PassKind.B, PassKind.W) for t in self.step.tasks.get((self.stage, kind), [])
@@ -344,10 +341,6 @@ class _Writer:
     def update(self, event: asynchronous.Event) -> None:
         """`@main`'s per-step ops of the stage (bucket, update) on the gradient sum of the
         event's microbatches; the new weights and state become the latest versions."""
-        if sorted(self.partial_mbs) != sorted(event.microbatches) and self.partial_mbs:
-            raise StrategyError(f"{self.directive}: stage {self.stage}'s update {event} applies other "
-                                f"microbatches than the backwards since the last ({self.partial_mbs})")
-        self.partial_mbs = []
         local: dict[SSAValue, SSAValue] = {}
         for acc in self.grad_accumulates():
             if acc not in self.partial:

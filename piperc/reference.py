@@ -67,7 +67,7 @@ def train_eager(model: torch.nn.Module, batches: Sequence[Sequence[torch.Tensor]
             raise ValueError(f"batch {step} has {rows} rows, which do not split into {slices} equal slices")
         total = torch.zeros(())
         summed: list[torch.Tensor | None] | None = None
-        parts = list(zip(*(x.tensor_split(slices) for x in batch), strict=True))
+        parts = _row_slices(batch, slices)
         for group in range(groups):
             opt.zero_grad()
             for piece in range(group * slices // groups, (group + 1) * slices // groups):
@@ -138,7 +138,7 @@ def stale_training(model: torch.nn.Module, plan, batches: Sequence[Sequence[torc
         if rows % plan.microbatches:
             raise ValueError(f"batch {step} has {rows} rows, which do not split into {plan.microbatches} "
                              "microbatches")
-        pieces += list(zip(*(x.tensor_split(plan.microbatches) for x in batch), strict=True))
+        pieces += _row_slices(batch, plan.microbatches)
     grads: dict[int, dict[str, torch.Tensor]] = {}
     losses: dict[int, float] = {}
 
@@ -192,10 +192,8 @@ def stale_training(model: torch.nn.Module, plan, batches: Sequence[Sequence[torc
 
 
 def _row_slices(batch: Sequence[torch.Tensor], count: int) -> list[tuple[torch.Tensor, ...]]:
-    """`batch` cut into `count` equal row slices (itself when `count` is 1)."""
-    if count == 1:
-        return [tuple(batch)]
-    return [tuple(x.chunk(count)[i] for x in batch) for i in range(count)]
+    """`batch` (one tensor per model input) cut into `count` equal row slices, in order."""
+    return list(zip(*(x.tensor_split(count) for x in batch), strict=True))
 
 
 class _Seeded(TorchDispatchMode):

@@ -57,7 +57,7 @@ class Ring:
         """need[i][c]: whether rank i's queries attend to some key of chunk c."""
         W, i = self.size, self.index
         if self.mask is None:
-            return [[c < r or (c == r) or not self.causal for c in range(W)] for r in range(W)]
+            return [[c <= r or not self.causal for c in range(W)] for r in range(W)]
         mine = torch.tensor([bool(self.block_allows(c)) for c in range(W)], dtype=torch.uint8)
         mine[i] = 1  # its own chunk: always held, never sent
         work, gathered = self.rt.all_gather(mine.to(self.mask.device), self.group, 0, None)
@@ -108,21 +108,21 @@ class Ring:
     def exchange(self, send: list[torch.Tensor] | None, recv_like: list[torch.Tensor] | None, what: str):
         """Posts sending `send` to the next rank and receiving tensors like `recv_like` from the
         previous one, together; returns (work or None, the receive buffers)."""
-        ops, buffers = [], []
-        handle = self.rt._member(self.group, what)
         nxt, prev = self.ranks[(self.index + 1) % self.size], self.ranks[(self.index - 1) % self.size]
-        sends = []
-        for t in send or []:
-            t = t.contiguous()
-            ops.append(dist.P2POp(dist.isend, t, nxt, group=handle))
-            sends.append((t, nxt))
-        for t in recv_like or []:
-            b = torch.empty_like(t, memory_format=torch.contiguous_format)
-            ops.append(dist.P2POp(dist.irecv, b, prev, group=handle))
-            buffers.append(b)
+        return self.post([(t, nxt) for t in send or []], [(t, prev) for t in recv_like or []], what)
+
+    def post(self, sends: list[tuple[torch.Tensor, int]], recvs: list[tuple[torch.Tensor, int]], what: str):
+        """Posts the sends (tensor, global rank) and receives (a tensor like the one to come,
+        global rank) together, over the group; returns (work or None, the receive buffers)."""
+        handle = self.rt._member(self.group, what)
+        sent = [(t.contiguous(), peer) for t, peer in sends]
+        received = [(torch.empty_like(t, memory_format=torch.contiguous_format), peer) for t, peer in recvs]
+        ops = [dist.P2POp(dist.isend, t, peer, group=handle) for t, peer in sent]
+        ops += [dist.P2POp(dist.irecv, b, peer, group=handle) for b, peer in received]
+        buffers = [b for b, _ in received]
         if not ops:
             return None, buffers
-        return self.rt._p2p_batch(what, ops, self.group, sends, [(b, prev) for b in buffers], self.key), buffers
+        return self.rt._p2p_batch(what, ops, self.group, sent, received, self.key), buffers
 
 
 def _merge(out, lse, part, part_lse):
@@ -164,8 +164,8 @@ def ring_attention(rt, query, key, value, dropout_p=0.0, is_causal=False, *, att
     for step in range(ring.size):
         c = (ring.index - step) % ring.size
         nxt = (ring.index - step - 1) % ring.size
-        send = block if ring.holds(c, step) and step + 1 < ring.path[c] else None
-        recv = [key, value] if step + 1 < ring.size and ring.holds(nxt, step + 1) else None
+        send = block if ring.holds(c, step + 1) else None  # its path goes on past this rank
+        recv = [key, value] if ring.holds(nxt, step + 1) else None
         work, arrived = ring.exchange(send, recv, f"ring attention step {step} over group {group}")
         if ring.holds(c, step) and ring.need[ring.index][c]:
             causal, mask = ring.flash_args(c)
@@ -196,9 +196,7 @@ def ring_attention_backward(rt, grad_out, query, key, value, out, logsumexp, dro
     for step in range(ring.size):
         c = (ring.index - step) % ring.size
         nxt = (ring.index - step - 1) % ring.size
-        holding = ring.holds(c, step)
-        goes_on = holding and step + 1 < ring.path[c]
-        comes = step + 1 < ring.size and ring.holds(nxt, step + 1)
+        holding, goes_on, comes = ring.holds(c, step), ring.holds(c, step + 1), ring.holds(nxt, step + 1)
         what = f"ring attention backward step {step} over group {group}"
         work, arrived = ring.exchange(block if goes_on else None, [key, value] if comes else None, what)
         if holding and ring.need[ring.index][c]:
@@ -217,24 +215,14 @@ def ring_attention_backward(rt, grad_out, query, key, value, out, logsumexp, dro
         if arrived:
             block, acc = arrived, sums
     mine = finals.pop(ring.index, None)
-    handle = rt._member(group, f"ring attention backward sums over group {group}")
-    ops, sends, recvs = [], [], []
-    for c, tensors in sorted(finals.items()):
-        for t in tensors:
-            t = t.contiguous()
-            ops.append(dist.P2POp(dist.isend, t, ring.ranks[c], group=handle))
-            sends.append((t, ring.ranks[c]))
-    if mine is None:  # this rank's own chunk came back as another rank's sums
-        last = ring.ranks[(ring.index + ring.path[ring.index] - 1) % ring.size]
-        mine = [torch.empty_like(key, memory_format=torch.contiguous_format),
-                torch.empty_like(value, memory_format=torch.contiguous_format)]
-        for b in mine:
-            ops.append(dist.P2POp(dist.irecv, b, last, group=handle))
-            recvs.append((b, last))
-    if ops:
-        rt.wait(rt._p2p_batch(f"ring attention backward sums over group {group}", ops, group, sends, recvs,
-                              ring.key))
-    return dq, mine[0], mine[1]
+    last = ring.ranks[(ring.index + ring.path[ring.index] - 1) % ring.size]  # where this rank's sums end
+    work, received = ring.post([(t, ring.ranks[c]) for c, sums in sorted(finals.items()) for t in sums],
+                               [] if mine is not None else [(key, last), (value, last)],
+                               f"ring attention backward sums over group {group}")
+    if work is not None:
+        rt.wait(work)
+    dk, dv = mine if mine is not None else received
+    return dq, dk, dv
 
 
 # ---------------------------------------------------------------- Ulysses, for method="auto"
