@@ -211,8 +211,9 @@ def run_worker(script: str, name: str, scratch: Path, rank: int, port: int) -> N
     config = join(name, scratch, rank, port)
     batches = torch.load(scratch / "batches.pt", weights_only=True)
     step = contenders[name](config, scratch, rank)
-    losses, times = timed_steps(step, batches, config["warmup"])
-    result = {"losses": losses, "times": times, "peak_rss_mib": peak_rss_mib()}
+    cpu = []
+    losses, times = timed_steps(step, batches, config["warmup"], cpu)
+    result = {"losses": losses, "times": times, "cpu_times": cpu, "peak_rss_mib": peak_rss_mib()}
     (scratch / f"{name}.rank{rank}.json").write_text(json.dumps(result))
     dist.destroy_process_group()
 
@@ -236,17 +237,22 @@ def join(name: str, scratch: Path, rank: int, port: int, world: int = WORLD) -> 
     return config
 
 
-def timed_steps(step: Step, batches, warmup: int) -> tuple[list[float | None], list[float]]:
+def timed_steps(step: Step, batches, warmup: int, cpu: list[float] | None = None
+                ) -> tuple[list[float | None], list[float]]:
     """Runs `step` on every batch, each between two barriers; returns the losses and the
-    times of the steps after the first `warmup`."""
+    times of the steps after the first `warmup` (and appends to `cpu`, if given, the CPU
+    seconds this process spent in each of them: its work, whatever the cores it shares)."""
     losses, times = [], []
     for i, batch in enumerate(batches):
         dist.barrier()
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         losses.append(step(tuple(batch)))
+        used = time.process_time() - start_cpu
         dist.barrier()
         if i >= warmup:
             times.append(time.perf_counter() - start)
+            if cpu is not None:
+                cpu.append(used)
     return losses, times
 
 
@@ -364,7 +370,8 @@ def compile_piperc(pair: str, config: dict, model: gpt.GPT, batch, scratch: Path
 
 
 def summarize(ranks: list[dict]) -> dict:
-    """Median step time (slowest rank per step), step-0 and last losses, peak RSS per rank."""
+    """Median step time (slowest rank per step), step-0 and last losses, peak RSS per rank, and
+    each rank's median CPU seconds per step."""
     per_step = [max(times) for times in zip(*(r["times"] for r in ranks), strict=True)]
 
     def loss_at(i: int) -> float:
@@ -378,6 +385,7 @@ def summarize(ranks: list[dict]) -> dict:
         "loss0": loss_at(0),
         "loss_last": loss_at(-1),
         "rss": [r["peak_rss_mib"] for r in ranks],
+        "cpu": [statistics.median(r["cpu_times"]) if r.get("cpu_times") else None for r in ranks],
     }
 
 

@@ -8,13 +8,15 @@ Every contender trains the same GPT (examples/gpt.py with attention as one
 F.scaled_dot_product_attention, 4 heads, vocab 1024) from the same initial weights on the same
 global batches (`--batch` sequences of `--seq` tokens), a full step with an SGD update:
 
-    piperc-ring        sequence_parallel(method="ring") over sp=4, causal
+    piperc-ring        sequence_parallel(method="ring") over sp=4, causal: zigzag chunks (each
+                       rank holds chunks r and 2W-1-r, the default balance for causal attention)
+    piperc-ring-contig the same with balance="contiguous" (rank r holds chunk r of W)
     piperc-ulysses     sequence_parallel(method="ulysses") over sp=4, causal
     torch-ring         torch's ring attention (torch.distributed.tensor.experimental's
                        `_templated_ring_attention` and its backward, the functions
                        `context_parallel` dispatches to, called from an autograd.Function:
                        on CPU `context_parallel` needs the flash kernel's handlers registered
-                       first, ../shared/stack-notes.md), contiguous chunks as piperc's
+                       first, ../shared/stack-notes.md), contiguous chunks
     torch-ring-lb      the same with torch's head-tail load balancing (each rank holds chunks r
                        and 2W-1-r of the sequence, tokens and positions permuted so)
     piperc-dp          data_parallel over dp=4: each rank one whole sequence, the same global
@@ -30,7 +32,8 @@ packed, piperc-ring-packed's) to 1e-5 or the script fails.
 
 Measured as benchmarks/pipeline_vs_torch.py measures (and with its code): 4 fresh worker
 processes per contender (gloo, one thread each), every step between two barriers, a step's
-time the slowest rank's, the median and the extremes over the timed steps, peak RSS per rank.
+time the slowest rank's, the median and the extremes over the timed steps, peak RSS per rank;
+and each rank's CPU seconds per step, which show how evenly the work is spread.
 """
 
 from __future__ import annotations
@@ -68,10 +71,13 @@ import piperc  # noqa: E402
 from piperc.examples import gpt  # noqa: E402
 
 LOSS_TOLERANCE = 1e-5
-CONTENDER_NAMES = ("piperc-ring", "piperc-ulysses", "torch-ring", "torch-ring-lb", "piperc-dp",
+CONTENDER_NAMES = ("piperc-ring", "piperc-ring-contig", "piperc-ulysses", "torch-ring", "torch-ring-lb", "piperc-dp",
                    "piperc-ring-packed", "piperc-ulysses-packed")
+CAUSAL = 6
+"""The first CAUSAL contenders train on causal batches, the rest on packed ones."""
 LABELS = {
-    "piperc-ring": "piperc ring (sp=4)", "piperc-ulysses": "piperc Ulysses (sp=4)",
+    "piperc-ring": "piperc ring, zigzag (sp=4)", "piperc-ring-contig": "piperc ring, contiguous (sp=4)",
+    "piperc-ulysses": "piperc Ulysses (sp=4)",
     "torch-ring": "torch ring attention", "torch-ring-lb": "torch ring, head-tail balanced",
     "piperc-dp": "piperc data parallel (dp=4)", "piperc-ring-packed": "piperc ring (sp=4)",
     "piperc-ulysses-packed": "piperc Ulysses (sp=4)",
@@ -183,7 +189,8 @@ def compile_piperc(name: str, config: dict, scratch: Path) -> float:
         mesh, strategy = piperc.Mesh(dp=WORLD), [piperc.data_parallel(axis="dp")]
     else:
         method = "ring" if "ring" in name else "ulysses"
-        mesh, strategy = piperc.Mesh(sp=WORLD), [piperc.sequence_parallel(axis="sp", method=method)]
+        balance = "contiguous" if name == "piperc-ring-contig" else "auto"
+        mesh, strategy = piperc.Mesh(sp=WORLD), [piperc.sequence_parallel(axis="sp", method=method, balance=balance)]
     start = time.perf_counter()
     compiled = piperc.compile(model, example, mesh=mesh, strategy=strategy, optimizer=piperc.optim.SGD(lr=LR),
                               keep_ir=False)
@@ -232,10 +239,11 @@ def main(argv: list[str] | None = None) -> int:
             start = time.perf_counter()
             results[name] = summarize(run_contender(context, name, scratch, target=worker))
             print(f"ran {name} in {time.perf_counter() - start:.1f} s", flush=True)
-    groups = {"causal": CONTENDER_NAMES[:5], "packed": CONTENDER_NAMES[5:]}
+    groups = {"causal": CONTENDER_NAMES[:CAUSAL], "packed": CONTENDER_NAMES[CAUSAL:]}
     print_steps(groups, results, LABELS, width=6)
     print()
-    for reference, others in (("piperc-ring", CONTENDER_NAMES[1:5]), ("piperc-ring-packed", CONTENDER_NAMES[6:])):
+    for reference, others in (("piperc-ring", CONTENDER_NAMES[1:CAUSAL]),
+                              ("piperc-ring-packed", CONTENDER_NAMES[CAUSAL + 1:])):
         for name in others:
             gap = abs(results[name]["loss0"] - results[reference]["loss0"])
             if gap > LOSS_TOLERANCE * abs(results[reference]["loss0"]):
@@ -246,13 +254,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{label}: {results[a]['median'] / results[b]['median']:.3f} by median step "
               f"({a} / {b}; below 1 = the first is faster)")
 
-    ratio("piperc-ring", "torch-ring", "ring piperc/torch")
-    ratio("piperc-ring", "torch-ring-lb", "ring piperc/torch balanced")
+    ratio("piperc-ring", "torch-ring-lb", "ring zigzag piperc/torch balanced")
+    ratio("piperc-ring-contig", "torch-ring", "ring contiguous piperc/torch")
+    ratio("piperc-ring", "piperc-ring-contig", "ring zigzag/contiguous")
     ratio("piperc-ring", "piperc-ulysses", "causal ring/ulysses")
     ratio("piperc-ring-packed", "piperc-ulysses-packed", "packed ring/ulysses")
     ratio("piperc-ring", "piperc-dp", "causal ring/dp")
     ratio("piperc-ulysses", "piperc-dp", "causal ulysses/dp")
     ratio("piperc-ring-packed", "piperc-ring", "ring packed/causal")
+    print()
+    print("CPU seconds per step by rank (median), and the busiest rank's over the least busy's: the work")
+    print("each rank does, which a causal contiguous cut leaves uneven (4 ranks share 2 cores here, so a")
+    print("rank's idle time runs another rank and the step time hardly shows it)")
+    for name in CONTENDER_NAMES:
+        cpu = results[name]["cpu"]
+        print(f"  {LABELS[name]:<38} {'/'.join(f'{c:.3f}' for c in cpu)}  max/min {max(cpu) / min(cpu):.2f}")
     print_footer(command)
     return 0
 

@@ -551,6 +551,50 @@ class MeshOp(IRDLOperation):
     def __init__(self, sym_name: str, shape: MeshAttr):
         super().__init__(properties={"sym_name": StringAttr(sym_name), "shape": shape})
 
+    def verify_(self) -> None:
+        """A zigzag declaration (`ZIGZAG`) names axes of the mesh, each with a length its 2W
+        chunks divide."""
+        lengths = self.attributes.get(ZIGZAG)
+        if lengths is None:
+            return
+        if not isinstance(lengths, DictionaryAttr):
+            raise VerifyException(f"par.mesh: {ZIGZAG} must be a dictionary axis -> length, got {lengths}")
+        for axis, length in lengths.data.items():
+            if axis not in self.shape.axis_names():
+                raise VerifyException(f"par.mesh: {ZIGZAG} names axis '{axis}', which the mesh "
+                                      f"{list(self.shape.axis_names())} lacks")
+            chunks = 2 * self.shape.axis_size(axis)
+            if not isinstance(length, IntegerAttr) or length.value.data % chunks:
+                raise VerifyException(f"par.mesh: {ZIGZAG} gives axis '{axis}' length {length}; a zigzag "
+                                      f"cut needs a length that {chunks} chunks divide")
+
+
+ZIGZAG = "par.zigzag"
+"""An attribute of `par.mesh`, `{par.zigzag = {sp = 64 : i64}}`: on each axis it names, a cut of a
+dimension of that many elements (the sequence length) is zigzag. The axis's W devices then
+hold 2W equal chunks, device r chunks r and 2W-1-r, in that order (causal attention's work is
+then the same on every device; `piperc.runtime.zigzag`); every other cut is contiguous.
+Layouts stay as they are (`#par.sharding` names the axes); the collectives over the axis, the
+runtime's input cut and ring attention keep to the declaration, and a whole value is always in
+natural order. `sequence-parallel{balance=zigzag}` declares it."""
+
+
+def zigzag_lengths(op: Operation) -> dict[str, int]:
+    """Mesh axis -> the dimension length it cuts zigzag (`ZIGZAG`), as the `par.mesh` of the
+    module holding `op` declares; empty when it declares none."""
+    top = op.get_toplevel_object()
+    for o in top.regions[0].block.ops if isinstance(top, Operation) and top.regions else ():
+        if isinstance(o, MeshOp):
+            lengths = o.attributes.get(ZIGZAG)
+            return {axis: length.value.data for axis, length in lengths.data.items()
+                    if isinstance(length, IntegerAttr)} if isinstance(lengths, DictionaryAttr) else {}
+    return {}
+
+
+def is_zigzag(op: Operation, axis: str, size: int) -> bool:
+    """Whether a cut over `axis` of a dimension of `size` elements is zigzag in `op`'s module."""
+    return zigzag_lengths(op).get(axis) == size
+
 
 def lookup_mesh(op: IRDLOperation, mesh: FlatSymbolRefAttr) -> MeshAttr:
     """The mesh that `op` refers to as `mesh`; raises VerifyException when undefined."""

@@ -39,12 +39,27 @@ With `method=auto` the ops are marked as for ring, and `piperc.ring_method = "au
 call chooses, per batch, ring or Ulysses (all_to_alls inside the op), whichever sends fewer
 bytes from its busiest rank given the batch's documents (`runtime/ring.py` `choose`).
 
+Load balance (`balance`): under a causal mask the contiguous cut gives the last device the most
+attention work (device r attends to r + 1 chunks). `balance=zigzag` cuts the sequence into 2W
+chunks and gives device r chunks r and 2W-1-r; the pass declares it on the mesh, which the
+layouts need not repeat:
+
+    par.mesh @mesh #par.mesh<["sp"=2]> {par.zigzag = {sp = 8 : i64}}
+
+Every cut over the axis of a dimension of that length is then zigzag (`par.ZIGZAG`): the
+runtime's input cut, the pieces an arange or a whole value is cut into, the collectives over
+the axis (a gathered value is back in natural order) and ring attention, which computes only
+the pairs of chunks causality lets through. `balance=auto` (the default) chooses zigzag for
+ring attention when every attention is causal without a mask, contiguous otherwise (a
+document mask's short documents then stay within one device).
+
 Errors (StrategyError naming the directive and the tensor): an input whose sequence length
-does not divide over the axis; an attention whose heads do not divide over it (Ulysses); a
-model with no scaled-dot-product attention.
+does not divide over the axis (or, zigzag, into its 2W chunks); inputs split along the sequence
+with different lengths; an attention whose heads do not divide over it (Ulysses); a model with
+no scaled-dot-product attention.
 
 Options: axis (default sp), seq_dim (the inputs' sequence dimension, default 1), method
-(ulysses, ring or auto), directive
+(ulysses, ring or auto), balance (auto, zigzag or contiguous), directive
 (quoted in errors). Requires: the mesh pass; runs on the captured `@main`, before it is split
 into stages.
 """
@@ -54,13 +69,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from xdsl.context import Context
-from xdsl.dialects.builtin import ArrayAttr, DictionaryAttr, IntAttr, ModuleOp, StringAttr
+from xdsl.dialects.builtin import (
+    ArrayAttr,
+    DictionaryAttr,
+    IntAttr,
+    IntegerAttr,
+    ModuleOp,
+    StringAttr,
+)
 from xdsl.ir import Operation
 from xdsl.passes import ModulePass
 
-from piperc.dialects.par import LAYOUT, LayoutCastOp, ShardingAttr
+from piperc.dialects.par import LAYOUT, ZIGZAG, LayoutCastOp, MeshOp, ShardingAttr
 from piperc.dialects.roles import ARG_INPUT, main_function
-from piperc.dialects.torch import ValueTensorType
+from piperc.dialects.torch import ConstantBoolOp, ConstantNoneOp, ValueTensorType
 from piperc.errors import StrategyError
 from piperc.passes.mesh import MESH_SYMBOL, find_axis
 from piperc.passes.propagate_sharding import where
@@ -69,6 +91,15 @@ from piperc.passes.tensor_parallel import seed_whole_results
 
 _HEADS, _SEQ = 1, 2
 """The head and sequence dimensions of attention's `[batch, heads, seq, ...]` tensors."""
+
+
+def _causal_without_mask(op: Operation) -> bool:
+    """Whether an attention op (forward or backward) is causal by its `is_causal` flag and reads
+    no `attn_mask` (a none)."""
+    names = [a.name for a in op.aten._schema.arguments]
+    flag, mask = (op.operands[names.index(n)].owner if n in names else None for n in ("is_causal", "attn_mask"))
+    return (isinstance(flag, ConstantBoolOp) and bool(flag.value.value.data)
+            and (mask is None or isinstance(mask, ConstantNoneOp)))
 
 
 def _split(rank: int, dim: int, axis: str) -> ShardingAttr:
@@ -85,16 +116,22 @@ class SequenceParallelPass(ModulePass):
     axis: str = "sp"
     seq_dim: int = 1
     method: str = "ulysses"
+    balance: str = "auto"
     directive: str = "sequence-parallel"
 
     def apply(self, ctx: Context, op: ModuleOp) -> None:
         if self.method not in ("ulysses", "ring", "auto"):
             raise StrategyError(f"{self.directive}: method must be 'ulysses', 'ring' or 'auto', got {self.method!r}")
+        if self.balance not in ("auto", "zigzag", "contiguous"):
+            raise StrategyError(f"{self.directive}: balance must be 'auto', 'zigzag' or 'contiguous', got "
+                                f"{self.balance!r}")
         mesh = find_axis(op, self.axis, self.directive)
         size = mesh.axis_size(self.axis)
         main = main_function(op)
-        self.seed(main, size)
+        length = self.seed(main, size)
         attention = [o for o in main.body.block.ops if o.name in ATTENTION_OPS]
+        if self.zigzag(attention):
+            self.declare_zigzag(op, main, length, size)
         if not attention:
             how = "Ulysses splits attention by heads" if self.method == "ulysses" else "ring attention rewrites it"
             raise StrategyError(f"{self.directive}: the model has no scaled-dot-product attention; {how}, so "
@@ -107,10 +144,31 @@ class SequenceParallelPass(ModulePass):
                 if self.method == "auto":  # ring or Ulysses per batch, inside the op (runtime/ring.py)
                     o.attributes[RING_METHOD] = StringAttr("auto")
 
-    def seed(self, main, size: int) -> None:
-        """Every input of rank > seq_dim split along it; the loss and outputs whole."""
+    def zigzag(self, attention: list[Operation]) -> bool:
+        """Whether the sequence is cut zigzag: as `balance` says, or for "auto" when attention
+        runs by ring and every attention is causal without a mask (with a mask, a contiguous cut
+        keeps a pack's short documents within one device)."""
+        if self.balance != "auto":
+            return self.balance == "zigzag"
+        return self.method == "ring" and bool(attention) and all(_causal_without_mask(o) for o in attention)
+
+    def declare_zigzag(self, module: ModuleOp, main, length: int, size: int) -> None:
+        """Declares on the mesh (`par.ZIGZAG`) that the axis cuts the sequence zigzag, after
+        checking that the length divides into its 2W chunks."""
+        if length % (2 * size):
+            raise StrategyError(
+                f"{self.directive}: a zigzag cut needs the sequence length to divide into {2 * size} chunks (two "
+                f"per device of axis '{self.axis}'), but the model inputs' sequence is {length} long; use "
+                "balance='contiguous' or a length that divides")
+        mesh = next(o for o in module.ops if isinstance(o, MeshOp) and o.sym_name.data == MESH_SYMBOL)
+        mesh.attributes[ZIGZAG] = DictionaryAttr({self.axis: IntegerAttr(length, 64)})
+
+    def seed(self, main, size: int) -> int:
+        """Every input of rank > seq_dim split along it; the loss and outputs whole. Returns the
+        sequence length, which every split input must share."""
         attrs = list(main.arg_attrs.data)
         split = 0
+        lengths = set()
         for i, (attr, type_) in enumerate(zip(attrs, main.function_type.inputs.data, strict=True)):
             if ARG_INPUT not in attr.data or not isinstance(type_, ValueTensorType):
                 continue
@@ -125,11 +183,16 @@ class SequenceParallelPass(ModulePass):
                     f"over the {size} devices of axis '{self.axis}'")
             attrs[i] = DictionaryAttr({**attr.data, LAYOUT: _split(len(shape), self.seq_dim, self.axis)})
             split += 1
+            lengths.add(shape[self.seq_dim])
         if not split:
             raise StrategyError(f"{self.directive}: no model input has a dimension {self.seq_dim} to split (the "
                                 "sequence); give seq_dim")
+        if len(lengths) > 1:
+            raise StrategyError(f"{self.directive}: the model inputs' dimension {self.seq_dim} has lengths "
+                                f"{sorted(lengths)}; the inputs split along the sequence must share its length")
         main.arg_attrs = ArrayAttr(attrs)
         seed_whole_results(main)
+        return lengths.pop()
 
     def ring(self, op: Operation, size: int) -> None:
         """Marks `op` as ring attention over the axis (`RING`): its queries, keys and values stay

@@ -11,6 +11,7 @@ programs import torch alone and call the runtime object `rt`
 from __future__ import annotations
 
 import json
+import math
 import re
 import textwrap
 from collections import defaultdict
@@ -26,6 +27,7 @@ from piperc.dialects import exec as ex
 from piperc.dialects import par
 from piperc.dialects import torch as t
 from piperc.dialects.roles import ORIGIN
+from piperc.errors import PassError
 from piperc.interpreter import enum_value
 from piperc.ir import cycle_collection_paused, last_uses
 from piperc.passes.lower_to_exec import DEVICE
@@ -146,6 +148,12 @@ def _where(op: Operation) -> str:
     return f", where={origin.path!r}" if isinstance(origin, par.OriginAttr) else ""
 
 
+def _zigzag(op: par.CollectiveOp, whole: SSAValue, dim: int) -> bool:
+    """Whether `op` cuts (or assembles) dimension `dim` of `whole`, the value as whole over its
+    axis, in zigzag pieces (`par.ZIGZAG` on the module's mesh)."""
+    return par.is_zigzag(op, op.axis.data, whole.type.get_shape()[dim])
+
+
 def _collective_statements(op: par.CollectiveOp, result: str, source: str) -> list[str]:
     """A collective inside a stage function, on this rank's group along its mesh axis
     (`AXIS_GROUPS`, see `_axis_group_tables`): issued through the step's runtime `RT` on
@@ -153,19 +161,27 @@ def _collective_statements(op: par.CollectiveOp, result: str, source: str) -> li
     axis = op.axis.data
     group = f'group=AXIS_GROUPS["{axis}"]'
     if isinstance(op, par.AllSliceOp):
-        return [f'    {result} = aten.chunk.default({source}, {op.group_size()}, {op.dim.value.data})'
+        dim = op.dim.value.data
+        if _zigzag(op, op.operands[0], dim):
+            return [f'    {result} = RT.zigzag_piece({source}, {dim}, {group})']
+        return [f'    {result} = aten.chunk.default({source}, {op.group_size()}, {dim})'
                 f'[AXIS_INDEX["{axis}"]]']
     if isinstance(op, par.AllReduceOp):
         return [f'    work, ({result},) = RT.all_reduce([{source}], {group}, op="{op.reduce.data.value}", stream=None)',
                 "    RT.wait(work)"]
     if isinstance(op, par.AllGatherOp):
-        call = f"RT.all_gather({source}, {group}, dim={op.dim.value.data}, stream=None)"
+        zigzag = ", zigzag=True" if _zigzag(op, op.results[0], op.dim.value.data) else ""
+        call = f"RT.all_gather({source}, {group}, dim={op.dim.value.data}, stream=None{zigzag})"
     elif isinstance(op, par.ReduceScatterOp):
+        zigzag = ", zigzag=True" if _zigzag(op, op.operands[0], op.dim.value.data) else ""
         call = (f'RT.reduce_scatter({source}, {group}, dim={op.dim.value.data}, '
-                f'op="{op.reduce.data.value}", stream=None)')
+                f'op="{op.reduce.data.value}", stream=None{zigzag})')
     elif isinstance(op, par.AllToAllOp):
+        cuts = (_zigzag(op, op.operands[0], op.split_dim.value.data),
+                _zigzag(op, op.results[0], op.concat_dim.value.data))
+        zigzag = f", zigzag={cuts}" if any(cuts) else ""
         call = (f"RT.all_to_all({source}, {group}, split_dim={op.split_dim.value.data}, "
-                f"concat_dim={op.concat_dim.value.data}, stream=None{_where(op)})")
+                f"concat_dim={op.concat_dim.value.data}, stream=None{_where(op)}{zigzag})")
     else:
         raise NotImplementedError(f"code generation has no rule for {op.name}")
     return [f"    work, {result} = {call}", "    RT.wait(work)"]
@@ -234,6 +250,8 @@ def _aten_call(op: t.AtenOp, names: _Names, inline) -> str:
         method = "ring_attention_backward" if op.name.endswith("_backward") else "ring_attention"
         choice = op.attributes.get(RING_METHOD)
         chosen = f", method={choice.data!r}" if choice is not None else ""
+        length = op.operands[0].type.get_shape()[2] * find_mesh(op.get_toplevel_object()).axis_size(ring.data)
+        chosen += ", zigzag=True" if par.is_zigzag(op, ring.data, length) else ""  # the queries' sequence
         return f'RT.{method}({", ".join(args + kwargs)}, group=AXIS_GROUPS["{ring.data}"]{_where(op)}{chosen})'
     if op.name == "torch.aten.view":
         # Value semantics make view and reshape equal; reshape also takes a tensor whose
@@ -477,6 +495,23 @@ def _layout_json(op: ex.LoadInputOp) -> list[list[str]]:
     return _axes_json(op.layout)
 
 
+def _refuse_zigzag_state(op: ex.StateOp, mesh: par.MeshAttr) -> None:
+    """Raises PassError for state whose layout cuts a dimension zigzag (`par.ZIGZAG`): state
+    is saved and gathered by contiguous boxes (`runtime.manifest.part_box`)."""
+    if op.layout is None:
+        return
+    lengths = par.zigzag_lengths(op)
+    for dim, size in enumerate(op.results[0].type.get_shape()):
+        axes = op.layout.dim_axes(dim)
+        whole = size * math.prod(mesh.axis_size(a) for a in axes)
+        for axis in axes:
+            if lengths.get(axis) == whole:
+                raise PassError(f"code generation: state {op.state_name.data} is cut over axis '{axis}' along "
+                                f"dimension {dim} of {whole}, which the mesh cuts zigzag; state is saved and "
+                                "gathered in contiguous pieces, so it cannot be laid out over a zigzag cut")
+            whole //= mesh.axis_size(axis)
+
+
 def _axes_json(layout: par.ShardingAttr) -> list[list[str]]:
     """Per dimension of a layout, the mesh axes that split it (the manifest's form)."""
     return [list(layout.dim_axes(d)) for d in range(layout.rank())]
@@ -537,6 +572,7 @@ def generate(module: ModuleOp, state_kinds: dict[str, dict[str, Any]],
         for op in (o for p in phases[rank] for o in p.body.block.ops):
             if isinstance(op, ex.StateOp) and op.state_name.data not in (s["name"] for s in state):
                 name = op.state_name.data
+                _refuse_zigzag_state(op, mesh)
                 layout = {} if op.layout is None else {"layout": _axes_json(op.layout)}
                 state.append({"name": name, **state_kinds.get(name, {"kind": "param"}), **layout})
                 if state_kinds.get(name, {"kind": "param"})["kind"] == "param":
@@ -560,6 +596,7 @@ def generate(module: ModuleOp, state_kinds: dict[str, dict[str, Any]],
         "params": {name: {"owners": r} for name, r in sorted(owners.items())},
         "aliases": dict(sorted((aliases or {}).items())),
         "seed": seed,
+        **({"zigzag": zigzag} if (zigzag := par.zigzag_lengths(next(iter(programs)))) else {}),
     }
     files["manifest.json"] = json.dumps(manifest, indent=1) + "\n"
     return files

@@ -320,11 +320,12 @@ def _result_views(fn: func.FuncOp) -> list[int | SSAValue]:
 def _viewed_operand(op: Operation, index: int) -> SSAValue | None:
     """The operand whose storage result `index` of `op` shares, if any: by the ATen
     schema's alias annotation (`Tensor(a) self -> Tensor(a)`, also for lists), an
-    element of an unpacked list of views, or a `par.all_slice` piece."""
+    element of an unpacked list of views, or a `par.all_slice` piece (not a zigzag one)."""
     if isinstance(op, t.ListUnpackOp):
         return op.operands[0]
-    if isinstance(op, par.AllSliceOp):
-        return op.operands[0]
+    if isinstance(op, par.AllSliceOp):  # a contiguous piece is a view; a zigzag one a new tensor
+        whole = op.operands[0].type.get_shape()[op.dim.value.data]
+        return None if par.is_zigzag(op, op.axis.data, whole) else op.operands[0]
     if not isinstance(op, t.AtenOp):
         return None
     if op.name in _SHARES_STORAGE_UNANNOTATED:

@@ -506,6 +506,7 @@ def expert_parallel(axis: str = "dp") -> ExpertParallel:
 
 
 SEQUENCE_METHODS = ("ulysses", "ring", "auto")
+SEQUENCE_BALANCES = ("auto", "zigzag", "contiguous")
 SEQUENCE_SEEDS = "sequence-seeds"
 """Fact: sequence parallelism's seeds are written (next to tensor parallelism, whose propagation
 then lays out both axes at once)."""
@@ -520,10 +521,12 @@ class SequenceParallel(Directive):
     axis: str = "sp"
     method: str = "ulysses"
     seq_dim: int = 1
+    balance: str = "auto"
 
     def __str__(self) -> str:
         dim = "" if self.seq_dim == 1 else f", seq_dim={self.seq_dim}"
-        return f"sequence_parallel(axis={self.axis!r}, method={self.method!r}{dim})"
+        balance = "" if self.balance == "auto" else f", balance={self.balance!r}"
+        return f"sequence_parallel(axis={self.axis!r}, method={self.method!r}{dim}{balance})"
 
     def mesh_axes(self) -> tuple[str, ...]:
         """The sequence axis: each device holds a piece of every sequence."""
@@ -537,6 +540,9 @@ class SequenceParallel(Directive):
         if isinstance(self.seq_dim, bool) or not isinstance(self.seq_dim, int) or self.seq_dim < 1:
             raise StrategyError(f"{self}: seq_dim must be an int >= 1 (the inputs' sequence dimension), got "
                                 f"{self.seq_dim!r}")
+        if self.balance not in SEQUENCE_BALANCES:
+            raise StrategyError(f"{self}: unknown balance {self.balance!r}; use one of "
+                                f"{', '.join(map(repr, SEQUENCE_BALANCES))}")
 
 
     def fragments(self, ctx: StrategyContext) -> list[Fragment]:
@@ -544,7 +550,8 @@ class SequenceParallel(Directive):
         and localise-shapes over the axis: on the captured step, before it is split into stages.
         Next to tensor parallelism, only the seeds: its propagation then lays out both axes."""
         seeds = (UnflattenMatmulPass(),
-                 SequenceParallelPass(axis=self.axis, seq_dim=self.seq_dim, method=self.method, directive=str(self)))
+                 SequenceParallelPass(axis=self.axis, seq_dim=self.seq_dim, method=self.method,
+                                      balance=self.balance, directive=str(self)))
         if any(isinstance(d, TensorParallel) for d in ctx.directives):  # one propagation over both axes
             return [Fragment(seeds, requires=("mesh",), provides=(SEQUENCE_SEEDS,))]
         return [Fragment(
@@ -552,7 +559,8 @@ class SequenceParallel(Directive):
             requires=("mesh",), provides=("layouts",))]
 
 
-def sequence_parallel(axis: str = "sp", method: str = "ulysses", seq_dim: int = 1) -> SequenceParallel:
+def sequence_parallel(axis: str = "sp", method: str = "ulysses", seq_dim: int = 1,
+                      balance: str = "auto") -> SequenceParallel:
     """Sequence-parallel directive: every model input's dimension `seq_dim` (tokens, targets,
     positions, document ids) is split over the devices of `axis`, and propagation carries the
     split through the position-wise ops; the loss and the parameters' gradients are summed
@@ -567,8 +575,15 @@ def sequence_parallel(axis: str = "sp", method: str = "ulysses", seq_dim: int = 
     on only while a later device needs it. `method="auto"`: each attention chooses per batch
     between ring and Ulysses (all_to_alls inside the op), whichever sends fewer bytes from the
     busiest device given the batch's documents.
+
+    `balance` says how the sequence is cut. `"contiguous"`: device r holds the r-th of W equal
+    pieces. `"zigzag"` (head-tail): the sequence is cut into 2W chunks and device r holds chunks
+    r and 2W-1-r, so that under a causal mask every device does the same attention work (the
+    length must divide into 2W chunks). `"auto"` (the default): zigzag for ring attention when
+    every attention is causal without a mask, contiguous otherwise (a document mask's short
+    documents then stay within one device, and need no traffic).
     """
-    return SequenceParallel(axis, method, seq_dim)
+    return SequenceParallel(axis, method, seq_dim, balance)
 
 
 def tensor_parallel(axis: str = "tp", plan: Mapping[str, Placement] | None = None,

@@ -37,7 +37,7 @@ import json
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -45,6 +45,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from . import zigzag as zigzag_pieces
 from .manifest import Layout, local_part
 from .trace import Recorder, task_name
 
@@ -156,6 +157,7 @@ class Runtime:
         microbatches: int,
         state: dict[str, torch.Tensor],
         seed: int = 0,
+        zigzag: Mapping[str, int] | None = None,
     ):
         self.rank = rank
         self.world_size = world_size
@@ -169,6 +171,7 @@ class Runtime:
         self._readable_inputs = frozenset(readable_inputs)
         self._mesh = dict(mesh)
         self._input_layouts = tuple(input_layouts)
+        self._zigzag = dict(zigzag or {})  # axis -> the sequence length it cuts zigzag
         self._microbatches = microbatches
         self._state = state
         self.seed = seed
@@ -398,7 +401,7 @@ class Runtime:
         # A shard (`shard()`) is already this rank's part; a global batch is cut here.
         if not self._batch_is_shard:
             try:
-                tensor = local_part(tensor, self._input_layouts[index], self._mesh, self.coords)
+                tensor = local_part(tensor, self._input_layouts[index], self._mesh, self.coords, self._zigzag)
             except ValueError as e:
                 raise RuntimeError(
                     f"rank {self.rank}: input {index} ({self._input_name(index)}): {e}"
@@ -519,6 +522,13 @@ class Runtime:
         work = Work(what, dist.batch_isend_irecv(ops), [t for t, _ in (*sends, *recvs)])
         return self._track(work, None, group, sends=sends, recvs=recvs, sent_as=sent_as)
 
+    def zigzag_piece(self, tensor: torch.Tensor, dim: int, group: str) -> torch.Tensor:
+        """This rank's zigzag piece of `tensor` along `dim` over `group` (a `par.all_slice` of a
+        dimension the mesh cuts zigzag: chunks i and 2W-1-i of 2W, `runtime/zigzag.py`); nothing
+        is sent."""
+        ranks = self._groups[group].ranks
+        return zigzag_pieces.piece(tensor, dim, len(ranks), ranks.index(self.rank))
+
     def ring_attention(self, *args, **kwargs):
         """Ring attention over a group, inside a stage function: `aten._scaled_dot_product_flash_
         attention_for_cpu`'s arguments, plus `group` and `where` (`runtime/ring.py`)."""
@@ -564,9 +574,11 @@ class Runtime:
 
     @_issuing
     def all_gather(
-        self, tensor: torch.Tensor, group: str, dim: int, stream
+        self, tensor: torch.Tensor, group: str, dim: int, stream, zigzag: bool = False
     ) -> tuple[Work, torch.Tensor]:
-        """Concatenates every group member's `tensor` along `dim`, in group rank order."""
+        """Concatenates every group member's `tensor` along `dim`, in group rank order; with
+        `zigzag`, the members hold zigzag pieces (`runtime/zigzag.py`) and the result is put
+        back in natural order."""
         what = f"all_gather along dim {dim} over group {group}"
         handle = self._member(group, what)
         n = len(self._groups[group].ranks)
@@ -576,7 +588,7 @@ class Runtime:
         with self.on(stream):
             out = torch.empty(shape, dtype=tensor.dtype, device=self.device)
             self._made(stream, [out], self._item_of(tensor))
-            if dim == 0:
+            if dim == 0 and not zigzag:
                 work = _all_gather_single(out, tensor.contiguous(), group=handle, async_op=True)
                 return self._track(Work(what, work, [out]), stream, group, "all_gather", (tensor,)), out
             gathered = torch.empty(
@@ -587,16 +599,18 @@ class Runtime:
             )
 
         def finish() -> None:
-            out.copy_(gathered.view(n, *tensor.shape).movedim(0, dim).reshape(shape))
+            whole = gathered.view(n, *tensor.shape).movedim(0, dim).reshape(shape)
+            out.copy_(zigzag_pieces.from_ranks(whole, dim, n) if zigzag else whole)
 
         work = self._track(Work(what, work, [out, gathered], finish), stream, group, "all_gather", (tensor,))
         return self._stage(work, stream, gathered), out
 
     @_issuing
     def reduce_scatter(
-        self, tensor: torch.Tensor, group: str, dim: int, op: str, stream
+        self, tensor: torch.Tensor, group: str, dim: int, op: str, stream, zigzag: bool = False
     ) -> tuple[Work, torch.Tensor]:
-        """Reduces `tensor` over `group`; member i keeps slice i of `n` along `dim`."""
+        """Reduces `tensor` over `group`; member i keeps slice i of `n` along `dim` (with
+        `zigzag`, its zigzag piece: `runtime/zigzag.py`)."""
         what = f"reduce_scatter {op} along dim {dim} over group {group}"
         handle = self._member(group, what)
         n = len(self._groups[group].ranks)
@@ -609,6 +623,8 @@ class Runtime:
         shape = list(tensor.shape)
         shape[dim] //= n
         with self.on(stream):
+            if zigzag:
+                tensor = zigzag_pieces.to_ranks(tensor, dim, n)
             source = tensor.movedim(dim, 0).contiguous()
             piece = torch.empty(
                 (shape[dim], *source.shape[1:]), dtype=tensor.dtype, device=self.device
@@ -697,11 +713,15 @@ class Runtime:
 
     @_issuing
     def all_to_all(
-        self, tensor: torch.Tensor, group: str, split_dim: int, concat_dim: int, stream, where: str = ""
+        self, tensor: torch.Tensor, group: str, split_dim: int, concat_dim: int, stream, where: str = "",
+        zigzag: tuple[bool, bool] = (False, False),
     ) -> tuple[Work, torch.Tensor]:
         """Sends slice i of `tensor` along `split_dim` to member i of `group` and
         concatenates what arrives along `concat_dim`, in group rank order; counts the
-        slices for the others in `sent_bytes` under `all_to_all <where>`."""
+        slices for the others in `sent_bytes` under `all_to_all <where>`. `zigzag` says,
+        for the split and the concatenated dimension, whether it is cut in zigzag pieces
+        (`runtime/zigzag.py`): member i is then sent its zigzag piece, and the result is
+        put back in natural order."""
         what = f"all_to_all split {split_dim} concat {concat_dim} over group {group}"
         handle = self._member(group, what)
         n = len(self._groups[group].ranks)
@@ -712,6 +732,8 @@ class Runtime:
                 f"does not split into {n} equal slices"
             )
         with self.on(stream):
+            if zigzag[0]:
+                tensor = zigzag_pieces.to_ranks(tensor, split_dim, n)
             source = tensor.movedim(split_dim, 0).contiguous()
             arrived = torch.empty_like(source)
             work = dist.all_to_all_single(arrived, source, group=handle, async_op=True)
@@ -725,7 +747,10 @@ class Runtime:
             copies = [source] if _copied(source, tensor) else []
 
         def finish() -> None:
-            torch.cat(pieces, dim=concat_dim, out=out)
+            if zigzag[1]:
+                out.copy_(zigzag_pieces.from_ranks(torch.cat(pieces, dim=concat_dim), concat_dim, n))
+            else:
+                torch.cat(pieces, dim=concat_dim, out=out)
 
         work = self._track(Work(what, work, [out, arrived, source], finish), stream, group, "all_to_all", (tensor,))
         return self._stage(work, stream, arrived, *copies), out

@@ -86,6 +86,7 @@ class Executor:
             microbatches=self.manifest.microbatches,
             state=_load_state(self.directory / "state.pt", self.manifest, self.plan, device),
             seed=self.manifest.seed,
+            zigzag=self.manifest.zigzag,
         )
         self.program = _import_program(self.directory / self.plan.program, self.rank)
         self.steps_done = 0

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from .zigzag import cut as zigzag_cut
+
 FORMAT = 3
 STATE_KINDS = ("param", "zeros", "scalar")
 
@@ -73,6 +75,8 @@ class Manifest:
     """The other names of tied parameters, each mapped to the name in `params`."""
     seed: int = 0
     """The seed the programs' random ops draw from (`Runtime.seed_random`)."""
+    zigzag: dict[str, int] = dataclasses.field(default_factory=dict)
+    """Mesh axis -> the sequence length it cuts in zigzag pieces (`runtime/zigzag.py`)."""
 
 
 def read_manifest(directory: str | Path) -> Manifest:
@@ -117,6 +121,7 @@ def _parse(path: Path, data: dict) -> Manifest:
         params = {str(n): tuple(int(o) for o in p["owners"]) for n, p in data["params"].items()}
         aliases = {str(a): str(n) for a, n in data.get("aliases", {}).items()}
         seed = int(data.get("seed", 0))
+        zigzag = {str(axis): int(length) for axis, length in data.get("zigzag", {}).items()}
     except ManifestError:
         raise
     except KeyError as e:
@@ -130,6 +135,8 @@ def _parse(path: Path, data: dict) -> Manifest:
         raise fail("world_size and microbatches must be >= 1")
     if math.prod(mesh.values()) != world_size:
         raise fail(f"mesh {mesh} has {math.prod(mesh.values())} devices, world_size is {world_size}")
+    if [a for a in zigzag if a not in mesh]:
+        raise fail(f"zigzag names axes {[a for a in zigzag if a not in mesh]} that the mesh {mesh} lacks")
     for name, layout in zip(input_names, input_layouts, strict=True):
         unknown = [a for axes in layout for a in axes if a not in mesh]
         if unknown:
@@ -171,7 +178,7 @@ def _parse(path: Path, data: dict) -> Manifest:
             raise fail(f"alias {alias!r} must name another name of a param, got {name!r}")
     return Manifest(
         path, world_size, device, mesh, groups, input_names, input_layouts, microbatches, ranks, params,
-        input_signature, aliases, seed,
+        input_signature, aliases, seed, zigzag,
     )
 
 
@@ -231,16 +238,23 @@ def _parse_rank(data: dict) -> RankPlan:
 
 
 def local_part(
-    tensor: torch.Tensor, layout: Layout, mesh: Mapping[str, int], coords: Mapping[str, int]
+    tensor: torch.Tensor, layout: Layout, mesh: Mapping[str, int], coords: Mapping[str, int],
+    zigzag: Mapping[str, int] | None = None,
 ) -> torch.Tensor:
     """The part of a global `tensor` that the rank at `coords` holds under `layout`: each
     dimension cut into equal slices over the mesh axes that split it (outermost first,
-    row-major over their coordinates). Raises ValueError when a dimension does not split."""
+    row-major over their coordinates), a view; a cut the mesh declares `zigzag` (axis ->
+    sequence length) keeps the rank's two zigzag chunks instead (`runtime/zigzag.py`), a copy.
+    Raises ValueError when a dimension does not split."""
     if len(layout) != tensor.dim():
         raise ValueError(
             f"layout {[list(a) for a in layout]} has {len(layout)} dimensions, "
             f"the tensor has {tensor.dim()} (shape {tuple(tensor.shape)})"
         )
+    if zigzag:
+        for dim, axes in enumerate(layout):
+            tensor = zigzag_cut(tensor, dim, axes, mesh, coords, zigzag)
+        return tensor
     for dim, axes in enumerate(layout):
         parts, index = _slice(axes, mesh, coords)
         size = tensor.shape[dim]
@@ -285,5 +299,5 @@ def shard(manifest: Manifest, rank: int, global_batch) -> tuple:
             out.append(None)
             continue
         layout = manifest.input_layouts[index]
-        out.append(local_part(tensor, layout, manifest.mesh, plan.coords).clone())
+        out.append(local_part(tensor, layout, manifest.mesh, plan.coords, manifest.zigzag).clone())
     return tuple(out)

@@ -1,7 +1,8 @@
 """Ring attention: scaled-dot-product attention over a sequence split across a group of ranks.
 
-Each rank of the group holds one contiguous chunk of every sequence (chunk i on the rank at
-position i): its queries, keys and values, `[batch, heads, L, head]`. A rank's queries attend
+Each rank of the group holds one block of every sequence (block i on the rank at position i:
+one contiguous chunk, or two under a zigzag cut, below): its queries, keys and values,
+`[batch, heads, L, head]`. A rank's queries attend
 to the keys of chunk c when the mask allows some pair of them (`need[i][c]`): under a causal
 mask chunk c <= i, under a given mask `[batch, 1|heads, L, S]` (its columns are the whole
 sequence's keys) where that mask's block of chunk c allows anything. Every rank learns every
@@ -22,6 +23,12 @@ and log-sum-exp, which makes each block's contribution exact) and passes that su
 block; the last rank on a chunk's path sends it to the owner. The queries' gradient is the sum
 of the rank's blocks'.
 
+Under a zigzag cut (`zigzag=True`, `runtime/zigzag.py`) rank i's block is chunks i and 2W-1-i
+of 2W. A block's needs and path are as above, and within a block a rank computes each pair of
+its query chunk and the block's key chunk that causality (or the mask) lets through, the
+diagonal pairs causal (pairs that share a piece in full are one kernel call): under a causal
+mask every rank computes the same number of pairs.
+
 Bytes sent are counted in `Runtime.sent_bytes` under `ring_attention <where>`.
 Standard library and torch only, like the rest of the runtime.
 """
@@ -31,20 +38,29 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from . import zigzag as zigzag_pieces
+
 _FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
 _FLASH_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
 
 
 class Ring:
-    """One ring attention call's view of its group: positions, needs and paths."""
+    """One ring attention call's view of its group: positions, needs and paths.
 
-    def __init__(self, rt, q: torch.Tensor, mask: torch.Tensor | None, causal: bool, group: str, where: str):
+    Rank i's block is what it holds of the sequence: chunk i of W (contiguous), or under
+    `zigzag` chunks i and 2W-1-i of 2W (`runtime/zigzag.py`), its two pieces. Needs and paths
+    are per block; the attention itself is computed per pair of pieces (`pairs`, `calls`)."""
+
+    def __init__(self, rt, q: torch.Tensor, mask: torch.Tensor | None, causal: bool, group: str, where: str,
+                 zigzag: bool = False):
         self.rt = rt
         self.group = group
         self.ranks = rt._groups[group].ranks
         self.size = len(self.ranks)
         self.index = self.ranks.index(rt.rank)
         self.length = q.shape[-2]
+        self.zigzag = zigzag
+        self.piece = self.length // 2 if zigzag else self.length  # the rows of one chunk
         self.mask = mask
         self.causal = causal
         self.key = f"ring_attention {where}" if where else "ring_attention"
@@ -53,13 +69,55 @@ class Ring:
         self.path = [1 + max(d for d in range(self.size) if self.need[(c + d) % self.size][c])
                      for c in range(self.size)]
 
+    def chunks(self, c: int) -> tuple[int, ...]:
+        """The chunks of the sequence that block c holds, in order (their positions in it)."""
+        return zigzag_pieces.chunks_of(self.size, c) if self.zigzag else (c,)
+
+    def pairs(self, c: int) -> list[tuple[int, int, bool, torch.Tensor | None]]:
+        """The pieces of this rank's queries and of block c's keys to attend: (query piece, key
+        piece, is_causal, attn_mask) for each pair the mask lets through. This rank's own pairs
+        of equal chunks always come, so that every query row has a part."""
+        out = []
+        for k, a in enumerate(self.chunks(self.index)):
+            for j, b in enumerate(self.chunks(c)):
+                own = a == b
+                if self.mask is not None:
+                    mask = self.mask[..., k * self.piece:(k + 1) * self.piece, b * self.piece:(b + 1) * self.piece]
+                    if own or _allows(mask):
+                        out.append((k, j, False, mask))
+                elif own or not self.causal or b < a:
+                    out.append((k, j, self.causal and own, None))
+        return out
+
+    def calls(self, c: int) -> list[tuple[slice, slice, bool, torch.Tensor | None]]:
+        """The kernel calls for this rank's queries against block c: (query rows, key rows,
+        is_causal, attn_mask), one per pair of `pairs`, except that under a zigzag cut without a
+        mask a query piece that attends to both of the block's pieces in full is one call, and
+        so is a key piece both query pieces attend to in full (a block of an earlier rank gives
+        one call, of a later rank one, this rank's own three)."""
+        pairs = self.pairs(c)
+        if self.mask is not None or not self.zigzag:
+            return [(self.rows(k), self.rows(j), causal, mask) for k, j, causal, mask in pairs]
+        full = {(k, j) for k, j, causal, _ in pairs if not causal}
+        whole, out, done = slice(0, self.length), [], set()
+        for k in (0, 1):
+            if {(k, 0), (k, 1)} <= full:
+                out.append((self.rows(k), whole, False, None))
+                done |= {(k, 0), (k, 1)}
+        for j in (0, 1):
+            if {(0, j), (1, j)} <= full - done:
+                out.append((whole, self.rows(j), False, None))
+                done |= {(0, j), (1, j)}
+        return out + [(self.rows(k), self.rows(j), causal, None) for k, j, causal, _ in pairs if (k, j) not in done]
+
     def _needs(self) -> list[list[bool]]:
-        """need[i][c]: whether rank i's queries attend to some key of chunk c."""
+        """need[i][c]: whether rank i's queries attend to some key of block c."""
         W, i = self.size, self.index
         if self.mask is None:
-            return [[c <= r or not self.causal for c in range(W)] for r in range(W)]
-        mine = torch.tensor([bool(self.block_allows(c)) for c in range(W)], dtype=torch.uint8)
-        mine[i] = 1  # its own chunk: always held, never sent
+            return [[not self.causal or any(b <= a for a in self.chunks(r) for b in self.chunks(c)) for c in range(W)]
+                    for r in range(W)]
+        mine = torch.tensor([bool(self.pairs(c)) for c in range(W)], dtype=torch.uint8)
+        mine[i] = 1  # its own block: always held, never sent
         work, gathered = self.rt.all_gather(mine.to(self.mask.device), self.group, 0, None)
         self.rt.wait(work)
         return [[bool(x) for x in gathered[r * W:(r + 1) * W].tolist()] for r in range(W)]
@@ -82,24 +140,9 @@ class Ring:
         dv) and four more in the backward (q, k, v and the output again), each keeping 1/W."""
         return 12 * block * (self.size - 1) // self.size
 
-    def mask_block(self, c: int) -> torch.Tensor | None:
-        """The mask's columns of chunk c (None without a mask)."""
-        if self.mask is None:
-            return None
-        return self.mask[..., c * self.length:(c + 1) * self.length]
-
-    def block_allows(self, c: int) -> bool:
-        """Whether the mask's block of chunk c allows any (query, key) pair."""
-        block = self.mask_block(c)
-        if block.dtype == torch.bool:
-            return bool(block.any())
-        return bool((block > float("-inf")).any())
-
-    def flash_args(self, c: int) -> tuple[bool, torch.Tensor | None]:
-        """(is_causal, attn_mask) for this rank's queries against chunk c."""
-        if self.mask is not None:
-            return False, self.mask_block(c)
-        return self.causal and c == self.index, None
+    def rows(self, k: int) -> slice:
+        """The rows (along the sequence) of piece k of a block."""
+        return slice(k * self.piece, (k + 1) * self.piece)
 
     def holds(self, c: int, step: int) -> bool:
         """Whether this rank holds chunk c at ring step `step` (c = index - step)."""
@@ -123,6 +166,13 @@ class Ring:
         if not ops:
             return None, buffers
         return self.rt._p2p_batch(what, ops, self.group, sent, received, self.key), buffers
+
+
+def _allows(mask: torch.Tensor) -> bool:
+    """Whether a block of a mask (boolean, or additive with -inf) allows any (query, key) pair."""
+    if mask.dtype == torch.bool:
+        return bool(mask.any())
+    return bool((mask > float("-inf")).any())
 
 
 def _merge(out, lse, part, part_lse):
@@ -149,17 +199,21 @@ def choose(ring: Ring, query: torch.Tensor, method: str) -> str:
 
 
 def ring_attention(rt, query, key, value, dropout_p=0.0, is_causal=False, *, attn_mask=None, scale=None,
-                   group: str, where: str = "", method: str = "ring"):
+                   group: str, where: str = "", method: str = "ring", zigzag: bool = False):
     """`aten._scaled_dot_product_flash_attention_for_cpu` on the sequence split over `group`
     (see the module docstring): (output, logsumexp) of this rank's queries. `method="auto"`
-    runs each call by ring or by Ulysses (`choose`, `ulysses_attention`)."""
+    runs each call by ring or by Ulysses (`choose`, `ulysses_attention`). With `zigzag` the
+    ranks hold zigzag pieces of the sequence (`runtime/zigzag.py`): under a causal mask
+    every rank then computes the same number of pairs of chunks."""
     if dropout_p:
         raise ValueError(f"rank {rt.rank}: ring attention at {where or 'an attention'} has dropout {dropout_p}; "
                          "ring attention runs without dropout")
-    ring = Ring(rt, query, attn_mask, is_causal, group, where)
+    ring = Ring(rt, query, attn_mask, is_causal, group, where, zigzag)
     if choose(ring, query, method) == "ulysses":
-        return ulysses_attention(rt, query, key, value, is_causal, attn_mask, scale, group, where)
-    out = lse = None
+        return ulysses_attention(rt, query, key, value, is_causal, attn_mask, scale, group, where, zigzag)
+    pieces = len(ring.chunks(ring.index))
+    outs: list = [None] * pieces
+    lses: list = [None] * pieces
     block = [key, value]
     for step in range(ring.size):
         c = (ring.index - step) % ring.size
@@ -168,27 +222,33 @@ def ring_attention(rt, query, key, value, dropout_p=0.0, is_causal=False, *, att
         recv = [key, value] if ring.holds(nxt, step + 1) else None
         work, arrived = ring.exchange(send, recv, f"ring attention step {step} over group {group}")
         if ring.holds(c, step) and ring.need[ring.index][c]:
-            causal, mask = ring.flash_args(c)
-            part, part_lse = _FLASH(query, block[0], block[1], 0.0, causal, attn_mask=mask, scale=scale)[:2]
-            if mask is not None:  # the kernel gives a row its mask hides entirely log-sum-exp 0, not -inf
-                hidden = ~mask.any(-1) if mask.dtype == torch.bool else torch.isneginf(mask).all(-1)
-                part_lse = part_lse.masked_fill(hidden.expand_as(part_lse), float("-inf"))
-            out, lse = _merge(out, lse, part, part_lse)
+            for rows, cols, causal, mask in ring.calls(c):
+                part, part_lse = _FLASH(query[..., rows, :], block[0][..., cols, :], block[1][..., cols, :], 0.0,
+                                        causal, attn_mask=mask, scale=scale)[:2]
+                if mask is not None:  # the kernel gives a row its mask hides entirely log-sum-exp 0, not -inf
+                    hidden = ~mask.any(-1) if mask.dtype == torch.bool else torch.isneginf(mask).all(-1)
+                    part_lse = part_lse.masked_fill(hidden.expand_as(part_lse), float("-inf"))
+                for k in range(rows.start // ring.piece, rows.stop // ring.piece):  # the query pieces it covers
+                    at = slice(k * ring.piece - rows.start, (k + 1) * ring.piece - rows.start)
+                    outs[k], lses[k] = _merge(outs[k], lses[k], part[..., at, :], part_lse[..., at])
         if work is not None:
             rt.wait(work)
         if arrived:
             block = arrived
-    return out, lse
+    if pieces == 1:
+        return outs[0], lses[0]
+    return torch.cat(outs, dim=-2), torch.cat(lses, dim=-1)
 
 
 def ring_attention_backward(rt, grad_out, query, key, value, out, logsumexp, dropout_p=0.0, is_causal=False, *,
-                            attn_mask=None, scale=None, group: str, where: str = "", method: str = "ring"):
+                            attn_mask=None, scale=None, group: str, where: str = "", method: str = "ring",
+                            zigzag: bool = False):
     """The gradients (dq, dk, dv) of `ring_attention`, this rank's pieces (by the method its
     forward chose: the choice depends only on the batch)."""
-    ring = Ring(rt, query, attn_mask, is_causal, group, where)
+    ring = Ring(rt, query, attn_mask, is_causal, group, where, zigzag)
     if choose(ring, query, method) == "ulysses":
         return ulysses_attention_backward(rt, grad_out, query, key, value, out, logsumexp, is_causal, attn_mask,
-                                          scale, group, where)
+                                          scale, group, where, zigzag)
     dq = torch.zeros_like(query)
     block = [key, value]
     acc = [torch.zeros_like(key), torch.zeros_like(value)]
@@ -200,11 +260,13 @@ def ring_attention_backward(rt, grad_out, query, key, value, out, logsumexp, dro
         what = f"ring attention backward step {step} over group {group}"
         work, arrived = ring.exchange(block if goes_on else None, [key, value] if comes else None, what)
         if holding and ring.need[ring.index][c]:
-            causal, mask = ring.flash_args(c)
-            g = _FLASH_BACKWARD(grad_out, query, block[0], block[1], out, logsumexp, 0.0, causal,
-                                attn_mask=mask, scale=scale)
-            dq = dq + g[0]
-            acc = [acc[0] + g[1], acc[1] + g[2]]
+            for rows, cols, causal, mask in ring.calls(c):
+                g = _FLASH_BACKWARD(grad_out[..., rows, :], query[..., rows, :], block[0][..., cols, :],
+                                    block[1][..., cols, :], out[..., rows, :], logsumexp[..., rows], 0.0, causal,
+                                    attn_mask=mask, scale=scale)
+                dq[..., rows, :] += g[0]
+                acc[0][..., cols, :] += g[1]
+                acc[1][..., cols, :] += g[2]
         sums_work, sums = ring.exchange(acc if goes_on else None, [key, value] if comes else None, what + " (sums)")
         if holding and not goes_on:
             finals[c] = acc  # the last on chunk c's path: its sums go to the owner (itself, or sent)
@@ -228,44 +290,49 @@ def ring_attention_backward(rt, grad_out, query, key, value, out, logsumexp, dro
 # ---------------------------------------------------------------- Ulysses, for method="auto"
 
 
-def _to_heads(rt, tensor: torch.Tensor, group: str, where: str) -> torch.Tensor:
-    """[batch, heads, L, ...] sequence split -> [batch, heads / W, S, ...] heads split."""
-    work, out = rt.all_to_all(tensor, group, split_dim=1, concat_dim=2, stream=None, where=where)
+def _to_heads(rt, tensor: torch.Tensor, group: str, where: str, zigzag: bool) -> torch.Tensor:
+    """[batch, heads, L, ...] sequence split -> [batch, heads / W, S, ...] heads split (the
+    sequence in natural order, whether or not the pieces are `zigzag`)."""
+    work, out = rt.all_to_all(tensor, group, split_dim=1, concat_dim=2, stream=None, where=where,
+                              zigzag=(False, zigzag))
     rt.wait(work)
     return out
 
 
-def _to_sequence(rt, tensor: torch.Tensor, group: str, where: str) -> torch.Tensor:
+def _to_sequence(rt, tensor: torch.Tensor, group: str, where: str, zigzag: bool) -> torch.Tensor:
     """[batch, heads / W, S, ...] heads split -> [batch, heads, L, ...] sequence split."""
-    work, out = rt.all_to_all(tensor, group, split_dim=2, concat_dim=1, stream=None, where=where)
+    work, out = rt.all_to_all(tensor, group, split_dim=2, concat_dim=1, stream=None, where=where,
+                              zigzag=(zigzag, False))
     rt.wait(work)
     return out
 
 
-def _whole_mask(rt, mask: torch.Tensor | None, group: str) -> torch.Tensor | None:
+def _whole_mask(rt, mask: torch.Tensor | None, group: str, zigzag: bool) -> torch.Tensor | None:
     """The whole sequence's mask rows (an all_gather of each rank's), or None."""
     if mask is None:
         return None
-    work, whole = rt.all_gather(mask, group, 2, None)
+    work, whole = rt.all_gather(mask, group, 2, None, zigzag=zigzag)
     rt.wait(work)
     return whole
 
 
-def ulysses_attention(rt, query, key, value, is_causal, attn_mask, scale, group: str, where: str = ""):
+def ulysses_attention(rt, query, key, value, is_causal, attn_mask, scale, group: str, where: str = "",
+                      zigzag: bool = False):
     """Attention by Ulysses inside the call (`method="auto"` on a batch where it sends less):
     q, k, v to heads split, the whole sequence's attention for those heads, back."""
     key_of = f"ulysses {where}" if where else "ulysses"
-    q, k, v = (_to_heads(rt, t, group, key_of) for t in (query, key, value))
-    out, lse = _FLASH(q, k, v, 0.0, is_causal, attn_mask=_whole_mask(rt, attn_mask, group), scale=scale)[:2]
-    return _to_sequence(rt, out, group, key_of), _to_sequence(rt, lse.unsqueeze(-1), group, key_of).squeeze(-1)
+    q, k, v = (_to_heads(rt, t, group, key_of, zigzag) for t in (query, key, value))
+    out, lse = _FLASH(q, k, v, 0.0, is_causal, attn_mask=_whole_mask(rt, attn_mask, group, zigzag), scale=scale)[:2]
+    return (_to_sequence(rt, out, group, key_of, zigzag),
+            _to_sequence(rt, lse.unsqueeze(-1), group, key_of, zigzag).squeeze(-1))
 
 
 def ulysses_attention_backward(rt, grad_out, query, key, value, out, logsumexp, is_causal, attn_mask, scale,
-                               group: str, where: str = ""):
+                               group: str, where: str = "", zigzag: bool = False):
     """The gradients of `ulysses_attention`, back to sequence split."""
     key_of = f"ulysses {where}" if where else "ulysses"
-    g, q, k, v, o = (_to_heads(rt, t, group, key_of) for t in (grad_out, query, key, value, out))
-    lse = _to_heads(rt, logsumexp.unsqueeze(-1), group, key_of).squeeze(-1)
-    grads = _FLASH_BACKWARD(g, q, k, v, o, lse, 0.0, is_causal, attn_mask=_whole_mask(rt, attn_mask, group),
+    g, q, k, v, o = (_to_heads(rt, t, group, key_of, zigzag) for t in (grad_out, query, key, value, out))
+    lse = _to_heads(rt, logsumexp.unsqueeze(-1), group, key_of, zigzag).squeeze(-1)
+    grads = _FLASH_BACKWARD(g, q, k, v, o, lse, 0.0, is_causal, attn_mask=_whole_mask(rt, attn_mask, group, zigzag),
                             scale=scale)
-    return tuple(_to_sequence(rt, t, group, key_of) for t in grads[:3])
+    return tuple(_to_sequence(rt, t, group, key_of, zigzag) for t in grads[:3])

@@ -61,10 +61,33 @@ def compile_(example: ModuleType, layers: int, **kwargs) -> piperc.Compiled:
 
 
 @functools.cache
-def eager(example: ModuleType, layers: int, optimizer, slices: int = 1) -> tuple[list[float], dict]:
-    """The one-device losses and final state of the shared model on its batches."""
+def eager(example: ModuleType, layers: int, optimizer, slices: int = 1, pieces: int = 1) -> tuple[list[float], dict]:
+    """The one-device losses and final state of the shared model on its batches, each batch
+    accumulated over `slices` row slices, each of those over `pieces` sequence pieces."""
     s = setup(example, layers)
-    return train_eager(s.model, s.batches, optimizer, slices=slices)
+    batches = s.batches if pieces == 1 else [sequence_pieces(b, slices, pieces) for b in s.batches]
+    return train_eager(s.model, batches, optimizer, slices=slices * pieces)
+
+
+def sequence_pieces(batch, slices: int, pieces: int) -> tuple[torch.Tensor, ...]:
+    """`batch` (tokens, targets, ...) as `slices x pieces` row slices for `train_eager`: each of
+    its `slices` row slices once per sequence piece, the targets outside that piece -100
+    (ignored by the examples' mean cross-entropy). Each such slice's loss is its piece's mean,
+    so scaled by 1/(slices x pieces) they sum to the batch's loss: one device accumulating
+    each sequence's gradient piece by piece, as sequence parallelism cuts it, each forward
+    over the whole sequence."""
+    tokens, targets, *rest = batch
+    length = targets.shape[1]
+    if length % pieces:
+        raise ValueError(f"a sequence of {length} tokens does not split into {pieces} pieces")
+    rows = []
+    for part in zip(*(x.tensor_split(slices) for x in batch), strict=True):
+        for piece in range(pieces):
+            kept = torch.full_like(part[1], -100)
+            span = slice(piece * length // pieces, (piece + 1) * length // pieces)
+            kept[:, span] = part[1][:, span]
+            rows.append((part[0], kept, *part[2:]))
+    return tuple(torch.cat(column) for column in zip(*rows, strict=True))
 
 
 def errors(example: ModuleType, layers: int, optimizer, result) -> tuple[float, float]:
@@ -72,11 +95,12 @@ def errors(example: ModuleType, layers: int, optimizer, result) -> tuple[float, 
     return compare(result.losses, result.state_dict, *eager(example, layers, optimizer))
 
 
-def bounds(example: ModuleType, layers: int, optimizer, slices: int) -> list[float]:
+def bounds(example: ModuleType, layers: int, optimizer, slices: int, pieces: int = 1) -> list[float]:
     """Per error, 1e-5 or twice one device's error when it accumulates each batch over
-    `slices` (llama at pp=4 x 8 microbatches under AdamW: 9.7e-6 on the parameters, which
-    the compiled run matches)."""
-    floor = compare(*eager(example, layers, optimizer, slices), *eager(example, layers, optimizer))
+    `slices` row slices (llama at pp=4 x 8 microbatches under AdamW: 9.7e-6 on the
+    parameters, which the compiled run matches), each over `pieces` sequence pieces (the
+    slices sequence parallelism cuts; `sequence_pieces`)."""
+    floor = compare(*eager(example, layers, optimizer, slices, pieces), *eager(example, layers, optimizer))
     return [max(1e-5, 2 * f) for f in floor]
 
 

@@ -156,7 +156,7 @@ def test_sequence_vs_torch_reports_ring_ulysses_torch_and_dp_ratios():
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
-    for label in ("ring piperc/torch", "ring piperc/torch balanced", "causal ring/ulysses", "packed ring/ulysses",
-                  "causal ring/dp", "causal ulysses/dp"):
+    for label in ("ring zigzag piperc/torch balanced", "ring contiguous piperc/torch", "ring zigzag/contiguous",
+                  "causal ring/ulysses", "packed ring/ulysses", "causal ring/dp", "causal ulysses/dp"):
         ratio = re.search(rf"^{label}: (\d+\.\d+) by median step", result.stdout, re.M)
         assert ratio and float(ratio.group(1)) > 0, f"no {label} ratio in:\n{result.stdout}"

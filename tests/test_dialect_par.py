@@ -39,6 +39,8 @@ from piperc.dialects.par import (
     ShardOp,
     StateOp,
     TaskOp,
+    is_zigzag,
+    zigzag_lengths,
 )
 from piperc.dialects.torch import ValueTensorType
 from piperc.ir import make_context
@@ -121,6 +123,24 @@ def test_mesh_layout_is_row_major():
     assert mesh.group_ranks("pp", 4) == (1, 4)
     assert mesh.all_groups("dp") == [(0, 1, 2), (3, 4, 5)]
     assert mesh.all_groups("pp") == [(0, 3), (1, 4), (2, 5)]
+
+
+def test_mesh_declares_the_axes_that_cut_a_length_zigzag():
+    """`par.zigzag` on the mesh: the axis sp cuts a dimension of 16 zigzag (`zigzag_lengths`,
+    `is_zigzag`); it must name an axis of the mesh and a length its 2W chunks divide."""
+    module = parse('builtin.module {\n  par.mesh @mesh #par.mesh<["dp"=2, "sp"=4]> {par.zigzag = {sp = 16 : i64}}\n}')
+    assert show(module) == ir("""
+        builtin.module {
+          par.mesh @mesh #par.mesh<["dp"=2, "sp"=4]> {par.zigzag = {sp = 16 : i64}}
+        }
+        """)
+    mesh = next(iter(module.ops))
+    assert zigzag_lengths(mesh) == {"sp": 16}
+    assert is_zigzag(mesh, "sp", 16) and not is_zigzag(mesh, "sp", 8) and not is_zigzag(mesh, "dp", 16)
+    verify_error('builtin.module {\n  par.mesh @mesh #par.mesh<["sp"=4]> {par.zigzag = {tp = 16 : i64}}\n}',
+                 r"par.zigzag names axis 'tp', which the mesh \['sp'\] lacks")
+    verify_error('builtin.module {\n  par.mesh @mesh #par.mesh<["sp"=4]> {par.zigzag = {sp = 12 : i64}}\n}',
+                 "a zigzag cut needs a length that 8 chunks divide")
 
 
 @pytest.mark.parametrize(

@@ -8,8 +8,10 @@ kernel on 2 and 4 gloo ranks, causal, masked and full, forward and backward, in 
 """
 
 import functools
+import json
 import os
 import socket
+import types
 
 import pytest
 import torch
@@ -18,8 +20,12 @@ import torch.multiprocessing as mp
 
 import piperc
 from piperc.runtime import ring
+from piperc.runtime import zigzag as zigzag_pieces
+from piperc.runtime.comm import Group, Runtime
+from piperc.runtime.manifest import local_part
 from tests import shared
-from tests.test_tensor_parallel import LLAMA_PLAN
+from tests.test_passes_ir import ir, run
+from tests.test_tensor_parallel import GPT_PLAN, LLAMA_PLAN
 from tests.test_ulysses import (
     ADAMW,
     GPT,
@@ -33,27 +39,33 @@ from tests.test_ulysses import (
 
 RING = piperc.sequence_parallel(axis="sp", method="ring")
 AUTO = piperc.sequence_parallel(axis="sp", method="auto")
+CONTIGUOUS = piperc.sequence_parallel(axis="sp", method="ring", balance="contiguous")
+ZIGZAG = piperc.sequence_parallel(axis="sp", method="ring", balance="zigzag")
 RUNS = {
-    "gpt-sp4": (GPT, piperc.Mesh(sp=4), [RING], 4),
-    "llama-sp2": (LLAMA, piperc.Mesh(sp=2), [RING], 2),
-    "llama-sp4": (LLAMA, piperc.Mesh(sp=4), [RING], 4),
-    "gpt-sp2-packed": (GPT_PACKED, piperc.Mesh(sp=2), [RING], 2),
-    "gpt-sp4-packed": (GPT_PACKED, piperc.Mesh(sp=4), [RING], 4),
-    "llama-sp2-packed": (LLAMA_PACKED, piperc.Mesh(sp=2), [RING], 2),
-    "llama-sp4-packed": (LLAMA_PACKED, piperc.Mesh(sp=4), [RING], 4),
-    "gpt-dp2-sp2": (GPT, piperc.Mesh(dp=2, sp=2), [piperc.data_parallel(axis="dp"), RING], 4),
+    "gpt-sp2": (GPT, piperc.Mesh(sp=2), [RING], 1),
+    "gpt-sp4": (GPT, piperc.Mesh(sp=4), [RING], 1),
+    "llama-sp2": (LLAMA, piperc.Mesh(sp=2), [RING], 1),
+    "llama-sp4": (LLAMA, piperc.Mesh(sp=4), [RING], 1),
+    "gpt-sp2-packed": (GPT_PACKED, piperc.Mesh(sp=2), [RING], 1),
+    "gpt-sp4-packed": (GPT_PACKED, piperc.Mesh(sp=4), [RING], 1),
+    "llama-sp2-packed": (LLAMA_PACKED, piperc.Mesh(sp=2), [RING], 1),
+    "llama-sp4-packed": (LLAMA_PACKED, piperc.Mesh(sp=4), [RING], 1),
+    "gpt-dp2-sp2": (GPT, piperc.Mesh(dp=2, sp=2), [piperc.data_parallel(axis="dp"), RING], 2),
     "llama-pp2-sp2": (LLAMA, piperc.Mesh(pp=2, sp=2),
-                      [piperc.pipeline(axis="pp", stages=2, microbatches=2), RING], 4),
-    "llama-tp2-sp2": (LLAMA, piperc.Mesh(tp=2, sp=2), [piperc.tensor_parallel(axis="tp", plan=LLAMA_PLAN), RING], 2),
-    "llama-sp4-auto": (LLAMA, piperc.Mesh(sp=4), [AUTO], 4),
-    "gpt-sp2-packed-auto": (GPT_PACKED, piperc.Mesh(sp=2), [AUTO], 2),
+                      [piperc.pipeline(axis="pp", stages=2, microbatches=2), RING], 2),
+    "gpt-tp2-sp2": (GPT, piperc.Mesh(tp=2, sp=2), [piperc.tensor_parallel(axis="tp", plan=GPT_PLAN), RING], 1),
+    "llama-tp2-sp2": (LLAMA, piperc.Mesh(tp=2, sp=2), [piperc.tensor_parallel(axis="tp", plan=LLAMA_PLAN), RING], 1),
+    "llama-sp4-auto": (LLAMA, piperc.Mesh(sp=4), [AUTO], 1),
+    "gpt-sp2-packed-auto": (GPT_PACKED, piperc.Mesh(sp=2), [AUTO], 1),
+    "llama-sp2-contiguous": (LLAMA, piperc.Mesh(sp=2), [CONTIGUOUS], 1),
+    "gpt-sp4-packed-zigzag": (GPT_PACKED, piperc.Mesh(sp=4), [ZIGZAG], 1),
+    "llama-sp4-auto-zigzag": (LLAMA, piperc.Mesh(sp=4),
+                              [piperc.sequence_parallel(axis="sp", method="auto", balance="zigzag")], 1),
 }
-"""example, mesh, strategy, and the slices of the one-device noise floor (sequence pieces x
-replicas x microbatches), as in tests/test_ulysses.py. GPT at sp=2 is below, with SGD: under
-this AdamW its blocks.1.mlp.proj.weight ends 3.6e-5 from one device against a bound of 1.7e-5
-(twice the 2-slice floor), all of it one element whose step-0 gradient is -6.7e-10 (the median
-is 1.3e-3), where AdamW turns the rounding of the blockwise attention into a step of about lr;
-GPT at tp=2 x sp=2 ends 2.05e-5 from one device on the same parameter, against 1.7e-5."""
+"""example, mesh, strategy, and the row slices of the one-device noise floor (replicas x
+microbatches, each cut into the sp axis's sequence pieces), as in tests/test_ulysses.py. Ring
+attention on causal inputs cuts the sequence zigzag (the default balance); on packed ones
+contiguously; the last three cases choose the other way."""
 
 
 trained = trainer(RUNS)
@@ -67,7 +79,8 @@ def test_trains_as_one_device(case):
 
 
 def test_gpt_sp2_trains_as_one_device_with_sgd():
-    """GPT at sp=2 with SGD (see RUNS): within 1e-5 of one device, every loss and parameter."""
+    """GPT at sp=2 with SGD, which needs no noise floor: within 1e-5 of one device, every loss
+    and parameter."""
     sgd = piperc.optim.SGD(lr=0.1, momentum=0.9)
     compiled = shared.compile_(GPT, LAYERS, mesh=piperc.Mesh(sp=2), optimizer=sgd, strategy=[RING])
     result = piperc.launch(compiled, shared.setup(GPT, LAYERS).batches, timeout=240)
@@ -90,7 +103,7 @@ def test_attention_stays_sequence_split_and_runs_around_the_axis():
                 if "par.layout_cast" in line and "ring-attention" in line and "(F)" in line]
     source = compiled.files["rank0.py"]
     assert source.count("RT.ring_attention(") == LAYERS and source.count("RT.ring_attention_backward(") == LAYERS
-    assert "where='blocks.0.attn')" in source and 'group=AXIS_GROUPS["sp"],' in source
+    assert "where='blocks.0.attn', zigzag=True)" in source and 'group=AXIS_GROUPS["sp"],' in source
 
 
 def block_bytes(case: str) -> int:
@@ -102,15 +115,82 @@ def block_bytes(case: str) -> int:
     return 4 * int(torch.tensor([int(d) for d in shape.split(",")]).prod())
 
 
-def test_causal_ring_sends_a_block_only_to_the_ranks_that_need_it():
-    """Causal, sp=2: chunk 0's keys and values go to rank 1 (forward, and again in the backward
-    with their gradient sums), chunk 1's are needed by rank 1 alone; rank 1 sends chunk 0's sums
-    home. Per attention and step: rank 0 sends 6 blocks, rank 1 2, as measured."""
-    _, result = trained("llama-sp2")
-    block, steps = block_bytes("llama-sp2"), len(result.losses)
-    for rank, blocks in ((0, 6), (1, 2)):
+@pytest.mark.parametrize(("case", "blocks"), [("llama-sp2-contiguous", (6, 2)), ("llama-sp2", (8, 8))])
+def test_causal_ring_sends_a_block_only_to_the_ranks_that_need_it(case, blocks):
+    """Causal, sp=2, per attention and step, as measured. Contiguous: chunk 0's keys and values
+    go to rank 1 (forward, and again in the backward with their gradient sums), chunk 1's are
+    needed by rank 1 alone; rank 1 sends chunk 0's sums home: rank 0 sends 6 blocks, rank 1 2.
+    Zigzag (rank 0 holds chunks 0 and 3 of 4, rank 1 chunks 1 and 2): each rank's queries need
+    the other's keys, so each sends 8, and each computes 3 of the 6 (query, key) chunk pairs
+    that causality lets through, where contiguous gives rank 0 one and rank 1 three."""
+    _, result = trained(case)
+    block, steps = block_bytes(case), len(result.losses)
+    for rank, count in enumerate(blocks):
         sent = {k: v for k, v in result.sent_bytes[rank].items() if k.startswith("ring_attention")}
-        assert sent == {f"ring_attention blocks.{i}.attn": blocks * block * steps for i in range(LAYERS)}, sent
+        assert sent == {f"ring_attention blocks.{i}.attn": count * block * steps for i in range(LAYERS)}, sent
+
+
+def test_causal_ring_attention_cuts_the_sequence_zigzag():
+    """With a causal attention and no mask, sequence-parallel declares on the mesh that sp cuts
+    the sequence (16 tokens) zigzag; the positions (an arange) are cut so, the head's gathers and
+    all_to_alls keep to it, and ring attention is called with zigzag=True. A packed batch's
+    document mask keeps the contiguous cut."""
+    compiled, _ = trained("llama-sp2")
+    after = dict(compiled.ir_after)["sequence-parallel"]
+    assert 'par.mesh @mesh #par.mesh<["pp"=1, "sp"=2]> {par.zigzag = {sp = 16 : i64}}' in after
+    source = compiled.files["rank0.py"]
+    assert source.count("zigzag=True)") >= 2 * LAYERS and 'RT.zigzag_piece(' in source
+    assert json.loads(compiled.files["manifest.json"])["zigzag"] == {"sp": 16}
+    packed, _ = trained("gpt-sp2-packed")
+    assert "par.zigzag" not in dict(packed.ir_after)["sequence-parallel"] and "zigzag" not in packed.files["rank0.py"]
+
+
+CAUSAL = ir("""
+    builtin.module {
+      func.func @main(%arg0: !torch.vtensor<[1,1,8,4],f32> {piperc.input = #builtin.int<0>}) -> (!torch.vtensor<[],f32> {piperc.loss}) {
+        %0 = "torch.constant.float"() <{value = 0.000000e+00 : f64}> : () -> !torch.float
+        %1 = "torch.constant.bool"() <{value = true}> : () -> !torch.bool
+        %2 = "torch.constant.none"() : () -> !torch.none
+        %3, %4 = "torch.aten._scaled_dot_product_flash_attention_for_cpu"(%arg0, %arg0, %arg0, %0, %1, %2, %2) : (!torch.vtensor<[1,1,8,4],f32>, !torch.vtensor<[1,1,8,4],f32>, !torch.vtensor<[1,1,8,4],f32>, !torch.float, !torch.bool, !torch.none, !torch.none) -> (!torch.vtensor<[1,1,8,4],f32>, !torch.vtensor<[1,1,8],f32>)
+        %5 = "torch.aten.mean"(%3, %2) : (!torch.vtensor<[1,1,8,4],f32>, !torch.none) -> !torch.vtensor<[],f32>
+        func.return %5 : !torch.vtensor<[],f32>
+      }
+    }
+    """)
+"""A causal attention of one [1, 1, 8, 4] input with itself (the sequence is dimension 2), and
+its mean as the loss."""
+
+
+@pytest.mark.parametrize("balance", ["auto", "contiguous"])
+def test_sequence_parallel_declares_the_zigzag_cut_on_the_mesh(balance):
+    """sequence-parallel{method=ring} on a causal attention without a mask: the input split along
+    the sequence, the loss whole, the attention marked ring, and (balance auto) the mesh declares
+    that sp cuts the 8 positions zigzag; balance=contiguous declares nothing."""
+    out = run(f'mesh{{shape="sp=2"}},sequence-parallel{{axis=sp seq-dim=2 method=ring balance={balance}}}', CAUSAL)
+    zigzag = " {par.zigzag = {sp = 8 : i64}}" if balance == "auto" else ""
+    assert out == ir(f"""
+        builtin.module {{
+          par.mesh @mesh #par.mesh<["sp"=2]>{zigzag}
+          func.func @main(%arg0: !torch.vtensor<[1,1,8,4],f32> {{piperc.input = #builtin.int<0>, par.layout = #par.sharding<[[], [], ["sp"], []]>}}) -> (!torch.vtensor<[],f32> {{piperc.loss, par.layout = #par.sharding<[]>}}) {{
+            %0 = "torch.constant.float"() <{{value = 0.000000e+00 : f64}}> : () -> !torch.float
+            %1 = "torch.constant.bool"() <{{value = true}}> : () -> !torch.bool
+            %2 = "torch.constant.none"() : () -> !torch.none
+            %3, %4 = "torch.aten._scaled_dot_product_flash_attention_for_cpu"(%arg0, %arg0, %arg0, %0, %1, %2, %2) {{piperc.ring = "sp"}} : (!torch.vtensor<[1,1,8,4],f32>, !torch.vtensor<[1,1,8,4],f32>, !torch.vtensor<[1,1,8,4],f32>, !torch.float, !torch.bool, !torch.none, !torch.none) -> (!torch.vtensor<[1,1,8,4],f32>, !torch.vtensor<[1,1,8],f32>)
+            %5 = "torch.aten.mean"(%3, %2) : (!torch.vtensor<[1,1,8,4],f32>, !torch.none) -> !torch.vtensor<[],f32>
+            func.return %5 : !torch.vtensor<[],f32>
+          }}
+        }}
+        """)
+
+
+def test_a_zigzag_cut_of_a_sequence_its_chunks_do_not_divide_is_a_compile_time_error():
+    model, inputs = functools.partial(GPT.make, seq=12)(n_layers=1)
+    with pytest.raises(piperc.StrategyError) as e:
+        piperc.compile(model, inputs, mesh=piperc.Mesh(sp=4), strategy=[RING], optimizer=ADAMW)
+    assert str(e.value) == ("sequence_parallel(axis='sp', method='ring'): a zigzag cut needs the sequence length to "
+                            "divide into 8 chunks (two per device of axis 'sp'), but the model inputs' sequence is 12 "
+                            "long; use balance='contiguous' or a length that divides")
+    piperc.compile(model, inputs, mesh=piperc.Mesh(sp=4), strategy=[CONTIGUOUS], optimizer=ADAMW)
 
 
 @pytest.mark.parametrize("case", ["gpt-sp2-packed", "gpt-sp2-packed-auto"])
@@ -168,7 +248,7 @@ class _Runtime:
     def _p2p_batch(self, what, ops, group, sends, recvs, sent_as):
         return dist.batch_isend_irecv(ops)
 
-    def all_gather(self, tensor, group, dim, stream):
+    def all_gather(self, tensor, group, dim, stream, zigzag=False):
         pieces = [torch.empty_like(tensor) for _ in self._groups[group].ranks]
         dist.all_gather(pieces, tensor.contiguous())
         return [], torch.cat(pieces, dim)
@@ -178,7 +258,7 @@ class _Runtime:
             w.wait()
 
 
-def _check_ring(rank: int, world: int, port: int, errors) -> None:
+def _check_ring(rank: int, world: int, port: int, zigzag: bool, errors) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.manual_seed(0)
@@ -187,7 +267,10 @@ def _check_ring(rank: int, world: int, port: int, errors) -> None:
     allowed = (doc[:, :, None] == doc[:, None, :]) & torch.ones(s, s, dtype=torch.bool).tril()
     masked = torch.zeros(b, 1, s, s, dtype=torch.float64).masked_fill(~allowed[:, None], float("-inf"))
     length = s // world
-    rows = slice(rank * length, (rank + 1) * length)
+
+    def mine(t: torch.Tensor, dim: int = 2) -> torch.Tensor:  # this rank's piece along the sequence
+        return zigzag_pieces.piece(t, dim, world, rank) if zigzag else t.narrow(dim, rank * length, length)
+
     worst = 0.0
     for causal, mask in ((True, None), (False, masked), (False, None)):
         q, k, v = (torch.randn(b, h, s, d, dtype=torch.float64) for _ in range(3))
@@ -195,24 +278,103 @@ def _check_ring(rank: int, world: int, port: int, errors) -> None:
         grad = torch.randn_like(out)
         whole = ring._FLASH_BACKWARD(grad, q, k, v, out, lse, 0.0, causal, attn_mask=mask)
         rt = _Runtime(rank, world)
-        local_mask = None if mask is None else mask[:, :, rows]
-        o, lse_ = ring.ring_attention(rt, q[:, :, rows], k[:, :, rows], v[:, :, rows], 0.0, causal,
-                                      attn_mask=local_mask, group="sp")
-        g = ring.ring_attention_backward(rt, grad[:, :, rows], q[:, :, rows], k[:, :, rows], v[:, :, rows], o, lse_,
-                                         0.0, causal, attn_mask=local_mask, group="sp")
-        for mine, theirs in zip((o, lse_, *g), (out, lse, *whole), strict=True):
-            worst = max(worst, float((mine - theirs[:, :, rows]).abs().max()))
+        local_mask = None if mask is None else mine(mask)
+        o, lse_ = ring.ring_attention(rt, mine(q), mine(k), mine(v), 0.0, causal, attn_mask=local_mask, group="sp",
+                                      zigzag=zigzag)
+        g = ring.ring_attention_backward(rt, mine(grad), mine(q), mine(k), mine(v), o, lse_, 0.0, causal,
+                                         attn_mask=local_mask, group="sp", zigzag=zigzag)
+        for got, want in zip((o, lse_, *g), (out, lse, *whole), strict=True):
+            worst = max(worst, float((got - mine(want)).abs().max()))
     errors[rank] = worst
     dist.destroy_process_group()
 
 
+@pytest.mark.parametrize("zigzag", [False, True], ids=["contiguous", "zigzag"])
 @pytest.mark.parametrize("world", [2, 4])
-def test_the_primitive_equals_whole_sequence_attention_forward_and_backward(world):
+def test_the_primitive_equals_whole_sequence_attention_forward_and_backward(world, zigzag):
     """Causal, a document mask with documents across rank boundaries, and no mask: each rank's
-    output, log-sum-exp and gradients equal the whole-sequence kernel's rows (fp64, 1e-12)."""
+    output, log-sum-exp and gradients equal the whole-sequence kernel's rows (fp64, 1e-12), the
+    ranks holding contiguous pieces of the sequence or zigzag ones (chunks r and 2W-1-r of 2W)."""
     errors = mp.get_context("spawn").Manager().dict()
-    mp.start_processes(_check_ring, args=(world, _free_port(), errors), nprocs=world, start_method="spawn")
+    mp.start_processes(_check_ring, args=(world, _free_port(), zigzag, errors), nprocs=world, start_method="spawn")
     assert len(errors) == world and max(errors.values()) < 1e-12, dict(errors)
+
+
+def attention_work(world: int, zigzag: bool) -> list[float]:
+    """Per rank, the (query, key) score elements ring attention computes on a causal sequence of
+    16 (a causal diagonal block counting half), from the kernel calls it makes (`Ring.calls`)."""
+    work = []
+    for rank in range(world):
+        rt = types.SimpleNamespace(rank=rank, _groups={"sp": _Group(tuple(range(world)), None)})
+        plan = ring.Ring(rt, torch.empty(1, 1, 16 // world, 1), None, True, "sp", "", zigzag)
+        work.append(sum((rows.stop - rows.start) * (cols.stop - cols.start) / (2 if causal else 1)
+                        for c in range(world) if plan.need[rank][c] for rows, cols, causal, _ in plan.calls(c)))
+    return work
+
+
+def test_zigzag_gives_every_rank_the_same_causal_attention_work():
+    """Causal, 16 positions: contiguous chunks leave rank r r full blocks and a diagonal one (at
+    sp=4, 8 to 56 score elements); zigzag chunks give every rank 32, in 4 kernel calls at sp=2
+    (its own block's three pairs, and one for the other rank's block) where contiguous makes 1
+    and 2."""
+    assert attention_work(4, zigzag=False) == [8, 24, 40, 56]
+    assert attention_work(4, zigzag=True) == [32] * 4
+    assert attention_work(2, zigzag=False) == [32, 96] and attention_work(2, zigzag=True) == [64, 64]
+    for rank in range(2):
+        rt = types.SimpleNamespace(rank=rank, _groups={"sp": _Group((0, 1), None)})
+        plan = ring.Ring(rt, torch.empty(1, 1, 8, 1), None, True, "sp", "", True)
+        assert [len(plan.calls(c)) for c in range(2)] == ([3, 1] if rank == 0 else [1, 3])
+
+
+def _check_zigzag_collectives(rank: int, world: int, port: int, errors) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    rt = Runtime(rank=rank, world_size=world, device=torch.device("cpu"), coords={"sp": rank},
+                 groups={"sp": Group("sp", tuple(range(world)), dist.group.WORLD)}, timeout=30.0, input_names=[],
+                 readable_inputs=[], mesh={"sp": world}, input_layouts=[], microbatches=1, state={},
+                 zigzag={"sp": 8 * world})
+    whole = torch.arange(3 * 8 * world * 2 * world, dtype=torch.float64).reshape(3, 8 * world, 2 * world)
+    piece = rt.zigzag_piece(whole, 1, "sp")
+    checks = {"piece": piece.equal(torch.cat([whole.chunk(2 * world, 1)[c] for c in (rank, 2 * world - 1 - rank)], 1))}
+    work, gathered = rt.all_gather(piece, "sp", 1, None, zigzag=True)
+    rt.wait(work)
+    checks["all_gather"] = gathered.equal(whole)
+    work, summed = rt.reduce_scatter(whole * (rank + 1), "sp", 1, "sum", None, zigzag=True)
+    rt.wait(work)
+    checks["reduce_scatter"] = summed.equal(piece * (world * (world + 1) // 2))
+    work, heads = rt.all_to_all(piece, "sp", split_dim=2, concat_dim=1, stream=None, zigzag=(False, True))
+    rt.wait(work)
+    checks["all_to_all to whole"] = heads.equal(whole.chunk(world, 2)[rank])
+    work, back = rt.all_to_all(heads, "sp", split_dim=1, concat_dim=2, stream=None, zigzag=(True, False))
+    rt.wait(work)
+    checks["all_to_all back"] = back.equal(piece)
+    errors[rank] = [name for name, ok in checks.items() if not ok]
+    dist.destroy_process_group()
+
+
+def test_collectives_keep_to_zigzag_pieces():
+    """On 4 gloo ranks, along a dimension the mesh cuts zigzag: each rank's piece is its chunks
+    r and 2W-1-r; all_gather puts the pieces back in natural order; reduce_scatter leaves each
+    rank the sum's piece; all_to_all from the pieces to a whole sequence (split another
+    dimension) and back."""
+    errors = mp.get_context("spawn").Manager().dict()
+    mp.start_processes(_check_zigzag_collectives, args=(4, _free_port(), errors), nprocs=4, start_method="spawn")
+    assert dict(errors) == {r: [] for r in range(4)}
+
+
+def test_zigzag_pieces_and_the_input_cut():
+    """Chunks r and 2W-1-r of 2W: the pieces in rank order and back, and the runtime's input cut
+    (`local_part`) over a zigzag axis next to a contiguous one, outermost first."""
+    assert zigzag_pieces.order(2) == [0, 3, 1, 2] and zigzag_pieces.order(4) == [0, 7, 1, 6, 2, 5, 3, 4]
+    x = torch.arange(16)
+    assert zigzag_pieces.piece(x, 0, 4, 1).tolist() == [2, 3, 12, 13]
+    assert zigzag_pieces.to_ranks(x, 0, 4).tolist() == [0, 1, 14, 15, 2, 3, 12, 13, 4, 5, 10, 11, 6, 7, 8, 9]
+    assert zigzag_pieces.from_ranks(zigzag_pieces.to_ranks(x, 0, 4), 0, 4).equal(x)
+    tokens = torch.arange(32).reshape(2, 16)
+    part = local_part(tokens, (("dp",), ("sp",)), {"dp": 2, "sp": 2}, {"dp": 1, "sp": 0}, {"sp": 16})
+    assert part.tolist() == [[16, 17, 18, 19, 28, 29, 30, 31]]
+    assert local_part(tokens, ((), ("sp", "tp")), {"sp": 2, "tp": 2}, {"sp": 1, "tp": 1}, {"sp": 16}).tolist() == [
+        [8, 9, 10, 11], [24, 25, 26, 27]]
 
 
 def test_auto_chooses_per_batch_by_the_bytes_each_method_sends():
