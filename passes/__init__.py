@@ -47,6 +47,7 @@ PASSES: dict[str, Callable[[], type[ModulePass]]] = {
     "localise-shapes": _lazy("piperc.passes.localise_shapes", "LocaliseShapesPass"),
     "expert-parallel": _lazy("piperc.passes.expert_parallel", "ExpertParallelPass"),
     "sequence-parallel": _lazy("piperc.passes.sequence_parallel", "SequenceParallelPass"),
+    "check-zigzag": _lazy("piperc.passes.sequence_parallel", "CheckZigzagPass"),
     "unflatten-matmul": _lazy("piperc.passes.unflatten_matmul", "UnflattenMatmulPass"),
     "cse": _lazy("xdsl.transforms.common_subexpression_elimination", "CommonSubexpressionElimination"),
     "dce": _lazy("xdsl.transforms.dead_code_elimination", "DeadCodeElimination"),

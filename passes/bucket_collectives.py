@@ -15,7 +15,8 @@ most `bucket-mb` MiB, one flat buffer each:
 Two collectives join a bucket when nothing between them needs the first one's result:
 collectives that read only the function's arguments join the first such one (they are
 all ready at entry), and a run of collectives with nothing else between them joins its
-first. The results are the same values; only the number of exchanges changes.
+first. The results are the same values; only the number of exchanges changes. A collective
+of a dimension the mesh cuts zigzag (`par.ZIGZAG`) is never merged.
 
 Options: bucket-mb (default 25). Works on every `func.func`; `par.program`s are left alone.
 """
@@ -37,8 +38,13 @@ _MERGED = (par.AllGatherOp, par.ReduceScatterOp)
 
 
 def _kind(op: Operation) -> tuple | None:
-    """What ops must share to join one bucket; None for ops that never join one."""
+    """What ops must share to join one bucket; None for ops that never join one (a collective
+    of a dimension the mesh cuts zigzag, `par.ZIGZAG`, keeps its own: a bucket is one flat
+    buffer of contiguous pieces)."""
     if not isinstance(op, _MERGED) or op.dim.value.data != 0:
+        return None
+    whole = op.results[0] if isinstance(op, par.AllGatherOp) else op.operands[0]
+    if par.is_zigzag(op, op.axis.data, whole.type.get_shape()[0]):
         return None
     operand = op.operands[0].type
     assert isinstance(operand, ValueTensorType)

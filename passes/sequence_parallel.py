@@ -51,7 +51,9 @@ runtime's input cut, the pieces an arange or a whole value is cut into, the coll
 the axis (a gathered value is back in natural order) and ring attention, which computes only
 the pairs of chunks causality lets through. `balance=auto` (the default) chooses zigzag for
 ring attention when every attention is causal without a mask, contiguous otherwise (a
-document mask's short documents then stay within one device).
+document mask's short documents then stay within one device). `check-zigzag` (below) runs
+once the layouts are final and withdraws a zigzag cut that a view of the sequence would break
+(or, asked for, refuses it).
 
 Errors (StrategyError naming the directive and the tensor): an input whose sequence length
 does not divide over the axis (or, zigzag, into its 2W chunks); inputs split along the sequence
@@ -66,6 +68,7 @@ into stages.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from xdsl.context import Context
@@ -80,12 +83,20 @@ from xdsl.dialects.builtin import (
 from xdsl.ir import Operation
 from xdsl.passes import ModulePass
 
-from piperc.dialects.par import LAYOUT, ZIGZAG, LayoutCastOp, MeshOp, ShardingAttr
+from piperc.dialects.par import (
+    LAYOUT,
+    ZIGZAG,
+    LayoutCastOp,
+    MeshOp,
+    ReshardOp,
+    ShardingAttr,
+    zigzag_lengths,
+)
 from piperc.dialects.roles import ARG_INPUT, main_function
 from piperc.dialects.torch import ConstantBoolOp, ConstantNoneOp, ValueTensorType
 from piperc.errors import StrategyError
 from piperc.passes.mesh import MESH_SYMBOL, find_axis
-from piperc.passes.propagate_sharding import where
+from piperc.passes.propagate_sharding import value_layout, where
 from piperc.passes.sharding_rules import ATTENTION_OPS, RING, RING_METHOD, RING_OPS
 from piperc.passes.tensor_parallel import seed_whole_results
 
@@ -128,10 +139,10 @@ class SequenceParallelPass(ModulePass):
         mesh = find_axis(op, self.axis, self.directive)
         size = mesh.axis_size(self.axis)
         main = main_function(op)
-        length = self.seed(main, size)
+        lengths = self.seed(main, size)
         attention = [o for o in main.body.block.ops if o.name in ATTENTION_OPS]
-        if self.zigzag(attention):
-            self.declare_zigzag(op, main, length, size)
+        if self.zigzag(attention, lengths):
+            self.declare_zigzag(op, lengths.pop(), size)
         if not attention:
             how = "Ulysses splits attention by heads" if self.method == "ulysses" else "ring attention rewrites it"
             raise StrategyError(f"{self.directive}: the model has no scaled-dot-product attention; {how}, so "
@@ -144,15 +155,21 @@ class SequenceParallelPass(ModulePass):
                 if self.method == "auto":  # ring or Ulysses per batch, inside the op (runtime/ring.py)
                     o.attributes[RING_METHOD] = StringAttr("auto")
 
-    def zigzag(self, attention: list[Operation]) -> bool:
+    def zigzag(self, attention: list[Operation], lengths: set[int]) -> bool:
         """Whether the sequence is cut zigzag: as `balance` says, or for "auto" when attention
-        runs by ring and every attention is causal without a mask (with a mask, a contiguous cut
-        keeps a pack's short documents within one device)."""
+        runs by ring, every attention is causal without a mask (with a mask, a contiguous cut
+        keeps a pack's short documents within one device) and the split inputs share one
+        length. An explicit zigzag needs that one length."""
+        if self.balance == "zigzag" and len(lengths) > 1:
+            raise StrategyError(f"{self.directive}: the model inputs' dimension {self.seq_dim} has lengths "
+                                f"{sorted(lengths)}; a zigzag cut needs the inputs split along the sequence to share "
+                                "its length")
         if self.balance != "auto":
             return self.balance == "zigzag"
-        return self.method == "ring" and bool(attention) and all(_causal_without_mask(o) for o in attention)
+        return (self.method == "ring" and bool(attention) and len(lengths) == 1
+                and all(_causal_without_mask(o) for o in attention))
 
-    def declare_zigzag(self, module: ModuleOp, main, length: int, size: int) -> None:
+    def declare_zigzag(self, module: ModuleOp, length: int, size: int) -> None:
         """Declares on the mesh (`par.ZIGZAG`) that the axis cuts the sequence zigzag, after
         checking that the length divides into its 2W chunks."""
         if length % (2 * size):
@@ -163,9 +180,9 @@ class SequenceParallelPass(ModulePass):
         mesh = next(o for o in module.ops if isinstance(o, MeshOp) and o.sym_name.data == MESH_SYMBOL)
         mesh.attributes[ZIGZAG] = DictionaryAttr({self.axis: IntegerAttr(length, 64)})
 
-    def seed(self, main, size: int) -> int:
+    def seed(self, main, size: int) -> set[int]:
         """Every input of rank > seq_dim split along it; the loss and outputs whole. Returns the
-        sequence length, which every split input must share."""
+        split inputs' sequence lengths."""
         attrs = list(main.arg_attrs.data)
         split = 0
         lengths = set()
@@ -187,12 +204,9 @@ class SequenceParallelPass(ModulePass):
         if not split:
             raise StrategyError(f"{self.directive}: no model input has a dimension {self.seq_dim} to split (the "
                                 "sequence); give seq_dim")
-        if len(lengths) > 1:
-            raise StrategyError(f"{self.directive}: the model inputs' dimension {self.seq_dim} has lengths "
-                                f"{sorted(lengths)}; the inputs split along the sequence must share its length")
         main.arg_attrs = ArrayAttr(attrs)
         seed_whole_results(main)
-        return lengths.pop()
+        return lengths
 
     def ring(self, op: Operation, size: int) -> None:
         """Marks `op` as ring attention over the axis (`RING`): its queries, keys and values stay
@@ -227,3 +241,57 @@ class SequenceParallelPass(ModulePass):
                                 f"ulysses: {where(op)}, operand {index} (sequence split to heads split)")
             op.parent_block().insert_op_before(cast, op)
             op.operands[index] = cast.result
+
+
+@dataclass(frozen=True)
+class CheckZigzagPass(ModulePass):
+    """Checks, once the layouts are final, that no op of `@main` turns a zigzag cut over `axis`
+    into a contiguous one locally (or back): a view that reshapes the sequence, such as
+    `[b, s, d] -> [b, s/2, 2d]`, keeps each device's rows in zigzag order, but a dimension of
+    another length is cut contiguously, so its later collectives, arange pieces and attention
+    would mix the two. A layout cast is communication, so it may. Where an op does, a zigzag
+    cut that `balance="auto"` chose is withdrawn (the sequence is cut contiguously, nothing
+    else changes: layouts do not depend on the cut); one asked for is a StrategyError naming
+    the op. Nothing to do where the mesh declares no zigzag cut.
+
+    Options: axis, balance, directive. Requires: the layouts are final and localised (runs
+    after localise-shapes, before the step is split into stages)."""
+
+    name = "check-zigzag"
+
+    axis: str = "sp"
+    balance: str = "auto"
+    directive: str = "sequence-parallel"
+
+    def apply(self, ctx: Context, op: ModuleOp) -> None:
+        mesh = next((o for o in op.ops if isinstance(o, MeshOp) and o.sym_name.data == MESH_SYMBOL), None)
+        length = zigzag_lengths(mesh).get(self.axis) if mesh is not None else None
+        if length is None:
+            return
+        sizes = {a: mesh.shape.axis_size(a) for a in mesh.shape.axis_names()}
+        for o in main_function(op).body.walk():
+            if isinstance(o, LayoutCastOp | ReshardOp):
+                continue
+            cuts = {zigzag for v in (*o.operands, *o.results) for zigzag in self.cuts(v, length, sizes)}
+            if len(cuts) < 2:
+                continue
+            if self.balance == "zigzag":
+                raise StrategyError(
+                    f"{self.directive}: {where(o)} turns the zigzag cut of the sequence ({length} long) over axis "
+                    f"'{self.axis}' into a cut of a dimension of another length, locally; use "
+                    "balance='contiguous'")
+            del mesh.attributes[ZIGZAG]
+            return
+
+    def cuts(self, value, length: int, sizes: dict[str, int]) -> list[bool]:
+        """Per dimension of `value` cut over the axis: whether the cut is zigzag (the dimension,
+        whole at that cut, is `length` long)."""
+        if not isinstance(value.type, ValueTensorType):
+            return []
+        layout = value_layout(value)
+        out = []
+        for dim, local in enumerate(value.type.get_shape()):
+            axes = layout.dim_axes(dim)
+            if self.axis in axes:
+                out.append(local * math.prod(sizes[a] for a in axes[axes.index(self.axis):]) == length)
+        return out

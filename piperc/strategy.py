@@ -34,7 +34,7 @@ from piperc.passes.outline_stages import OutlineStagesPass
 from piperc.passes.pipeline_split import PipelineSplitPass
 from piperc.passes.propagate_sharding import PropagateShardingPass
 from piperc.passes.schedule import SchedulePass, parse_table, table_text
-from piperc.passes.sequence_parallel import SequenceParallelPass
+from piperc.passes.sequence_parallel import CheckZigzagPass, SequenceParallelPass
 from piperc.passes.tensor_parallel import Placement, TensorParallelPass, plan_text
 from piperc.passes.unflatten_matmul import UnflattenMatmulPass
 from piperc.passes.zero import ZeroPass
@@ -422,7 +422,8 @@ class TensorParallel(Directive):
             (TensorParallelPass(axis=self.axis, plan=plan_text(dict(self.plan)),
                                 sequence_parallel=self.sequence_parallel, directive=str(self)),
              PropagateShardingPass(mesh_axes=axes, strict=self.strict),
-             LocaliseShapesPass(mesh_axes=axes)),
+             LocaliseShapesPass(mesh_axes=axes),
+             *(() if sequence is None else (sequence.check_zigzag(),))),
             requires=("mesh",) if sequence is None else ("mesh", SEQUENCE_SEEDS),
             provides=("layouts", "tensor-layouts"))]
 
@@ -546,17 +547,23 @@ class SequenceParallel(Directive):
 
 
     def fragments(self, ctx: StrategyContext) -> list[Fragment]:
-        """unflatten-matmul, sequence-parallel (the seeds and Ulysses' casts), propagate-sharding
-        and localise-shapes over the axis: on the captured step, before it is split into stages.
-        Next to tensor parallelism, only the seeds: its propagation then lays out both axes."""
+        """unflatten-matmul, sequence-parallel (the seeds and Ulysses' casts), propagate-sharding,
+        localise-shapes and check-zigzag over the axis: on the captured step, before it is split
+        into stages. Next to tensor parallelism, only the seeds: its propagation then lays out
+        both axes (and runs check-zigzag after)."""
         seeds = (UnflattenMatmulPass(),
                  SequenceParallelPass(axis=self.axis, seq_dim=self.seq_dim, method=self.method,
                                       balance=self.balance, directive=str(self)))
         if any(isinstance(d, TensorParallel) for d in ctx.directives):  # one propagation over both axes
             return [Fragment(seeds, requires=("mesh",), provides=(SEQUENCE_SEEDS,))]
         return [Fragment(
-            (*seeds, PropagateShardingPass(mesh_axes=(self.axis,)), LocaliseShapesPass(mesh_axes=(self.axis,))),
+            (*seeds, PropagateShardingPass(mesh_axes=(self.axis,)), LocaliseShapesPass(mesh_axes=(self.axis,)),
+             self.check_zigzag()),
             requires=("mesh",), provides=("layouts",))]
+
+    def check_zigzag(self) -> CheckZigzagPass:
+        """check-zigzag, to run after the propagation that lays out the axis."""
+        return CheckZigzagPass(axis=self.axis, balance=self.balance, directive=str(self))
 
 
 def sequence_parallel(axis: str = "sp", method: str = "ulysses", seq_dim: int = 1,

@@ -237,7 +237,10 @@ def ring_attention(rt, query, key, value, dropout_p=0.0, is_causal=False, *, att
             block = arrived
     if pieces == 1:
         return outs[0], lses[0]
-    return torch.cat(outs, dim=-2), torch.cat(lses, dim=-1)
+    out = torch.empty_like(query)  # the kernel's output follows its query's memory format: so does this one
+    for k, piece in enumerate(outs):
+        out[..., ring.rows(k), :] = piece
+    return out, torch.cat(lses, dim=-1)
 
 
 def ring_attention_backward(rt, grad_out, query, key, value, out, logsumexp, dropout_p=0.0, is_causal=False, *,

@@ -7,6 +7,7 @@ Ring attention's primitive itself (runtime/ring.py) is checked against the whole
 kernel on 2 and 4 gloo ranks, causal, masked and full, forward and backward, in fp64.
 """
 
+import dataclasses
 import functools
 import json
 import os
@@ -19,6 +20,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import piperc
+from piperc.reference import compare
 from piperc.runtime import ring
 from piperc.runtime import zigzag as zigzag_pieces
 from piperc.runtime.comm import Group, Runtime
@@ -141,6 +143,9 @@ def test_causal_ring_attention_cuts_the_sequence_zigzag():
     source = compiled.files["rank0.py"]
     assert source.count("zigzag=True)") >= 2 * LAYERS and 'RT.zigzag_piece(' in source
     assert json.loads(compiled.files["manifest.json"])["zigzag"] == {"sp": 16}
+    # Memory: predicted = measured on every rank (a zigzag piece is a new tensor, not a view).
+    _, result = trained("llama-sp2")
+    assert result.peak_memory == [dataclasses.replace(p, at="") for p in compiled.memory()]
     packed, _ = trained("gpt-sp2-packed")
     assert "par.zigzag" not in dict(packed.ir_after)["sequence-parallel"] and "zigzag" not in packed.files["rank0.py"]
 
@@ -183,16 +188,6 @@ def test_sequence_parallel_declares_the_zigzag_cut_on_the_mesh(balance):
         """)
 
 
-def test_a_zigzag_cut_of_a_sequence_its_chunks_do_not_divide_is_a_compile_time_error():
-    model, inputs = functools.partial(GPT.make, seq=12)(n_layers=1)
-    with pytest.raises(piperc.StrategyError) as e:
-        piperc.compile(model, inputs, mesh=piperc.Mesh(sp=4), strategy=[RING], optimizer=ADAMW)
-    assert str(e.value) == ("sequence_parallel(axis='sp', method='ring'): a zigzag cut needs the sequence length to "
-                            "divide into 8 chunks (two per device of axis 'sp'), but the model inputs' sequence is 12 "
-                            "long; use balance='contiguous' or a length that divides")
-    piperc.compile(model, inputs, mesh=piperc.Mesh(sp=4), strategy=[CONTIGUOUS], optimizer=ADAMW)
-
-
 @pytest.mark.parametrize("case", ["gpt-sp2-packed", "gpt-sp2-packed-auto"])
 def test_a_pack_of_rank_local_documents_sends_nothing_for_attention(case):
     """Documents of 4 tokens, two per rank at sp=2: no query attends to another rank's keys,
@@ -212,13 +207,115 @@ def test_a_pack_of_rank_local_documents_sends_nothing_for_attention(case):
     assert result.losses == pytest.approx(losses, rel=1e-5)
 
 
-def test_a_sequence_the_axis_does_not_divide_is_a_compile_time_error():
+BUCKETED = ir("""
+    builtin.module {
+      par.mesh @mesh #par.mesh<["sp"=2]>ZIGZAG
+      func.func @f(%arg0: !torch.vtensor<[8,4],f32>, %arg1: !torch.vtensor<[8,2],f32>) -> (!torch.vtensor<[16,4],f32>, !torch.vtensor<[16,2],f32>) {
+        %0 = par.all_gather %arg0 over @mesh "sp" dim 0 : !torch.vtensor<[8,4],f32> -> !torch.vtensor<[16,4],f32>
+        %1 = par.all_gather %arg1 over @mesh "sp" dim 0 : !torch.vtensor<[8,2],f32> -> !torch.vtensor<[16,2],f32>
+        func.return %0, %1 : !torch.vtensor<[16,4],f32>, !torch.vtensor<[16,2],f32>
+      }
+    }
+    """)
+"""Two gathers of 16 rows over sp, ready at entry: one bucket, unless the mesh cuts 16 zigzag."""
+
+
+@pytest.mark.parametrize("zigzag", [False, True])
+def test_a_collective_of_a_zigzag_cut_joins_no_bucket(zigzag):
+    """bucket-collectives merges the two gathers into one flat buffer of contiguous pieces; where
+    the mesh cuts their rows zigzag, each keeps its own all_gather (which code generation calls
+    with zigzag=True)."""
+    declared = " {par.zigzag = {sp = 16 : i64}}" if zigzag else ""
+    out = run("bucket-collectives", BUCKETED.replace("ZIGZAG", declared))
+    assert out.count("par.all_gather_bucket") == (0 if zigzag else 1)
+    assert out.count("par.all_gather %") == (2 if zigzag else 0)
+
+
+def _reshaping_gpt():
+    """A one-block GPT (sdpa) whose step views the sequence [b, s, d] as [b, s/2, 2d] and scales
+    it by an arange over s/2 (the reviewer's case: the view keeps each device's rows in zigzag
+    order, the arange of s/2 would be cut contiguously), then gathers two [b*s, d] values for a
+    cumulative sum (two all_gathers a bucket would merge)."""
+    from piperc.examples import gpt
+
+    class Reshaping(gpt.GPT):
+        def forward(self, tokens, targets):
+            b, s = tokens.shape
+            x = self.embed(tokens)
+            h = x.view(b, s // 2, 2 * x.shape[-1])
+            x = (h * (1.0 + torch.arange(s // 2, dtype=x.dtype)[None, :, None] / s)).view(b, s, -1)
+            for block in self.blocks:
+                x = block(x)
+            d = x.shape[-1]
+            c = torch.cat([x.reshape(b * s, d), torch.tanh(x).reshape(b * s, d)], 0).cumsum(0) / (2 * s)
+            logits = self.head(self.norm((c[:b * s] + c[b * s:]).reshape(b, s, d)))
+            return torch.nn.functional.cross_entropy(logits.view(-1, logits.shape[-1]), targets.view(-1))
+
+    torch.manual_seed(0)
+    model = Reshaping(64, 32, 1, 16, lambda: gpt.Block(32, 4))
+    del model.pos
+    gpt.use_sdpa(model, True)
+    return model, gpt.sample_batch(64, 16, 1)
+
+
+def test_a_view_of_the_sequence_keeps_the_cut_contiguous_or_is_an_error():
+    """Causal ring attention would cut zigzag (balance auto), but a view of the sequence turns
+    the cut into one of another length: check-zigzag withdraws the declaration, and the step
+    trains as one device. Asked for (balance="zigzag"), the view is a compile-time error naming
+    it."""
+    model, batch = _reshaping_gpt()
+    sgd = piperc.optim.SGD(lr=0.1)
+    compiled = piperc.compile(model, batch, mesh=piperc.Mesh(sp=2), optimizer=sgd, strategy=[RING], keep_ir=True)
+    assert "par.zigzag" in dict(compiled.ir_after)["sequence-parallel"]
+    assert "par.zigzag" not in dict(compiled.ir_after)["check-zigzag"]
+    result = piperc.launch(compiled, [batch] * 2, timeout=240)
+    assert max(compare(result.losses, result.state_dict, *piperc.reference.train_eager(model, [batch] * 2, sgd))) < 1e-5
+    with pytest.raises(piperc.StrategyError) as e:
+        piperc.compile(model, batch, mesh=piperc.Mesh(sp=2), optimizer=sgd, strategy=[ZIGZAG])
+    assert str(e.value) == (
+        "sequence_parallel(axis='sp', method='ring', balance='zigzag'): torch.aten.view in '' (F) turns the zigzag "
+        "cut of the sequence (16 long) over axis 'sp' into a cut of a dimension of another length, locally; use "
+        "balance='contiguous'")
+
+
+def test_state_laid_out_over_a_zigzag_cut_is_refused():
+    """State is saved and gathered in contiguous boxes, so code generation refuses a state
+    layout that cuts a dimension of the zigzag length over the axis ([8] on each of 2 devices
+    of a 16 the mesh cuts zigzag), and takes one of another length."""
+    from xdsl.dialects.builtin import DictionaryAttr, IntegerAttr, ModuleOp, f32
+
+    from piperc.codegen import _refuse_zigzag_state
+    from piperc.dialects import exec as ex
+    from piperc.dialects import par
+    from piperc.dialects.torch import ValueTensorType
+    from piperc.errors import PassError
+
+    mesh = par.MeshOp("mesh", par.MeshAttr([("sp", 2)]))
+    mesh.attributes[par.ZIGZAG] = DictionaryAttr({"sp": IntegerAttr(16, 64)})
+    states = [ex.StateOp(name, ValueTensorType([n], f32), par.ShardingAttr.split(1, 0, "sp"))
+              for name, n in (("pos", 8), ("w", 4))]
+    ModuleOp([mesh, *states])
+    with pytest.raises(PassError, match="state pos is cut over axis 'sp' along dimension 0 of 16, which the mesh "
+                                        "cuts zigzag"):
+        _refuse_zigzag_state(states[0], mesh.shape)
+    _refuse_zigzag_state(states[1], mesh.shape)
+
+
+@pytest.mark.parametrize(("sp", "message"), [
+    (8, "model input 0 !torch.vtensor<[8,12],si64> has sequence length 12 (dimension 1), which does not divide over "
+        "the 8 devices of axis 'sp'"),
+    (4, "a zigzag cut needs the sequence length to divide into 8 chunks (two per device of axis 'sp'), but the model "
+        "inputs' sequence is 12 long; use balance='contiguous' or a length that divides"),
+])
+def test_a_sequence_the_axis_does_not_divide_is_a_compile_time_error(sp, message):
+    """A sequence of 12 over sp=8 does not divide; over sp=4 it does, but not into the 8 chunks
+    of a zigzag cut (causal ring attention's default), which balance='contiguous' then avoids."""
     model, inputs = functools.partial(GPT.make, seq=12)(n_layers=1)
     with pytest.raises(piperc.StrategyError) as e:
-        piperc.compile(model, inputs, mesh=piperc.Mesh(sp=8), strategy=[RING], optimizer=ADAMW)
-    assert str(e.value) == ("sequence_parallel(axis='sp', method='ring'): model input 0 !torch.vtensor<[8,12],si64> "
-                            "has sequence length 12 (dimension 1), which does not divide over the 8 devices of axis "
-                            "'sp'")
+        piperc.compile(model, inputs, mesh=piperc.Mesh(sp=sp), strategy=[RING], optimizer=ADAMW)
+    assert str(e.value) == f"sequence_parallel(axis='sp', method='ring'): {message}"
+    if sp == 4:
+        piperc.compile(model, inputs, mesh=piperc.Mesh(sp=sp), strategy=[CONTIGUOUS], optimizer=ADAMW)
 
 
 # ---------------------------------------------------------------- the primitive
