@@ -53,6 +53,8 @@ RUNS = {
     "llama-sp2-packed": (LLAMA_PACKED, piperc.Mesh(sp=2), [RING], 1),
     "llama-sp4-packed": (LLAMA_PACKED, piperc.Mesh(sp=4), [RING], 1),
     "gpt-dp2-sp2": (GPT, piperc.Mesh(dp=2, sp=2), [piperc.data_parallel(axis="dp"), RING], 2),
+    "llama-dp2-sp2": (LLAMA, piperc.Mesh(dp=2, sp=2), [piperc.data_parallel(axis="dp"), RING], 2),
+    "gpt-pp2-sp2": (GPT, piperc.Mesh(pp=2, sp=2), [piperc.pipeline(axis="pp", stages=2, microbatches=2), RING], 2),
     "llama-pp2-sp2": (LLAMA, piperc.Mesh(pp=2, sp=2),
                       [piperc.pipeline(axis="pp", stages=2, microbatches=2), RING], 2),
     "gpt-tp2-sp2": (GPT, piperc.Mesh(tp=2, sp=2), [piperc.tensor_parallel(axis="tp", plan=GPT_PLAN), RING], 1),
