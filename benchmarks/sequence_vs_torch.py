@@ -69,6 +69,7 @@ from pipeline_vs_torch import (  # noqa: E402
 
 import piperc  # noqa: E402
 from piperc.examples import gpt  # noqa: E402
+from piperc.runtime import zigzag  # noqa: E402
 
 LOSS_TOLERANCE = 1e-5
 CONTENDER_NAMES = ("piperc-ring", "piperc-ring-contig", "piperc-ulysses", "torch-ring", "torch-ring-lb", "piperc-dp",
@@ -123,12 +124,8 @@ class _TorchRing(torch.autograd.Function):
 
 def _chunks(config: dict, rank: int, balanced: bool) -> torch.Tensor:
     """The sequence positions `rank` holds: chunk r, or chunks r and 2W-1-r (head-tail)."""
-    seq = config["seq"]
-    if not balanced:
-        return torch.arange(rank * seq // WORLD, (rank + 1) * seq // WORLD)
-    half = seq // (2 * WORLD)
-    return torch.cat([torch.arange(rank * half, (rank + 1) * half),
-                      torch.arange((2 * WORLD - 1 - rank) * half, (2 * WORLD - rank) * half)])
+    positions = torch.arange(config["seq"])
+    return zigzag.piece(positions, 0, WORLD, rank) if balanced else positions.chunk(WORLD)[rank]
 
 
 def torch_ring_step(config: dict, scratch: Path, rank: int, balanced: bool):

@@ -1193,9 +1193,12 @@ def stashed_operands(launch: LaunchOp, keys: Sequence[str]) -> list[SSAValue]:
     keys (`param:w`). Empty for any other launch, and for a synchronous schedule's update."""
     if launch.pass_kind.data != "update":
         return []
+    later, op = set(), launch.next_op  # one walk to the end of the program, whatever the parameters
+    while op is not None:
+        later.add(op)
+        op = op.next_op
     return [v for v, key in zip(launch.args, keys, strict=True) if key.startswith("param:")
-            and any(launch.is_before_in_block(u.operation) and not isinstance(u.operation, FreeOp | RecordStreamOp)
-                    for u in v.uses)]
+            and any(u.operation in later and not isinstance(u.operation, FreeOp | RecordStreamOp) for u in v.uses)]
 
 
 # ---------------------------------------------------------------- ordering rules of a program

@@ -596,6 +596,23 @@ def is_zigzag(op: Operation, axis: str, size: int) -> bool:
     return zigzag_lengths(op).get(axis) == size
 
 
+def zigzag_cuts(op: Operation) -> tuple[bool, ...]:
+    """Per dimension a collective cuts or assembles over its axis, whether the cut is zigzag
+    (`ZIGZAG`), judged on the value whole over the axis: an all_slice's and a reduce_scatter's
+    operand dimension, an all_gather's result dimension, an all_to_all's split (operand) and
+    concatenated (result) dimensions; none for an all_reduce."""
+    if isinstance(op, AllToAllOp):
+        dims = [(op.operands[0], op.split_dim), (op.results[0], op.concat_dim)]
+    elif isinstance(op, AllGatherOp):
+        dims = [(op.results[0], op.dim)]
+    elif isinstance(op, AllSliceOp | ReduceScatterOp):
+        dims = [(op.operands[0], op.dim)]
+    else:
+        return ()
+    length = zigzag_lengths(op).get(op.axis.data)
+    return tuple(value.type.get_shape()[dim.value.data] == length for value, dim in dims)
+
+
 def lookup_mesh(op: IRDLOperation, mesh: FlatSymbolRefAttr) -> MeshAttr:
     """The mesh that `op` refers to as `mesh`; raises VerifyException when undefined."""
     try:

@@ -43,8 +43,7 @@ def _kind(op: Operation) -> tuple | None:
     buffer of contiguous pieces)."""
     if not isinstance(op, _MERGED) or op.dim.value.data != 0:
         return None
-    whole = op.results[0] if isinstance(op, par.AllGatherOp) else op.operands[0]
-    if par.is_zigzag(op, op.axis.data, whole.type.get_shape()[0]):
+    if any(par.zigzag_cuts(op)):
         return None
     operand = op.operands[0].type
     assert isinstance(operand, ValueTensorType)

@@ -402,7 +402,7 @@ class ExpandAsyncPass(ModulePass):
                      {(s, m): s for s in range(S) for m in range(_SEGMENTS * M)}, set())
         self._check(step)
         try:
-            plan = asynchronous.plan(self.plan, S, M, 3)
+            plan = asynchronous.plan(self.plan, S, M, _SEGMENTS - 1)  # first, two steady steps; the drain follows
         except ScheduleError as e:
             raise StrategyError(f"{self.directive}: {e}") from e
         cuts = [segments(plan, s) for s in range(S)]

@@ -419,11 +419,7 @@ class _RankProgram:
         """A collective of the step over the ranks that differ from this one along its axis,
         issued on `comm` (async, waited where its result is first used); nothing over a
         group of one rank (an axis of size 1), where the result is the operand."""
-        cuts = [(op.operands[0], op.dim.value.data)] if isinstance(op, par.AllGatherOp | par.ReduceScatterOp) else []
-        cuts = [(op.results[0], op.dim.value.data)] if isinstance(op, par.AllGatherOp) else cuts
-        if isinstance(op, par.AllToAllOp):
-            cuts = [(op.operands[0], op.split_dim.value.data), (op.results[0], op.concat_dim.value.data)]
-        if any(par.is_zigzag(op, op.axis.data, v.type.get_shape()[d]) for v, d in cuts):
+        if any(par.zigzag_cuts(op)):
             raise StrategyError(f"lower-to-exec: {op.name} over axis '{op.axis.data}' in {self.where} moves a "
                                 "dimension the mesh cuts zigzag; step-level collectives move contiguous pieces "
                                 "only (the stage functions' collectives keep to zigzag)")

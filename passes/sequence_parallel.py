@@ -93,12 +93,18 @@ from piperc.dialects.par import (
     zigzag_lengths,
 )
 from piperc.dialects.roles import ARG_INPUT, main_function
-from piperc.dialects.torch import ConstantBoolOp, ConstantNoneOp, ValueTensorType
+from piperc.dialects.torch import ConstantNoneOp, ValueTensorType
 from piperc.errors import StrategyError
 from piperc.passes.mesh import MESH_SYMBOL, find_axis
 from piperc.passes.propagate_sharding import value_layout, where
 from piperc.passes.sharding_rules import ATTENTION_OPS, RING, RING_METHOD, RING_OPS
 from piperc.passes.tensor_parallel import seed_whole_results
+from piperc.passes.unflatten_matmul import is_true
+
+METHODS = ("ulysses", "ring", "auto")
+"""The attention methods the pass builds."""
+BALANCES = ("auto", "zigzag", "contiguous")
+"""How the pass may cut the sequence (`balance`)."""
 
 _HEADS, _SEQ = 1, 2
 """The head and sequence dimensions of attention's `[batch, heads, seq, ...]` tensors."""
@@ -108,9 +114,8 @@ def _causal_without_mask(op: Operation) -> bool:
     """Whether an attention op (forward or backward) is causal by its `is_causal` flag and reads
     no `attn_mask` (a none)."""
     names = [a.name for a in op.aten._schema.arguments]
-    flag, mask = (op.operands[names.index(n)].owner if n in names else None for n in ("is_causal", "attn_mask"))
-    return (isinstance(flag, ConstantBoolOp) and bool(flag.value.value.data)
-            and (mask is None or isinstance(mask, ConstantNoneOp)))
+    mask = op.operands[names.index("attn_mask")].owner if "attn_mask" in names else None
+    return is_true(op.operands[names.index("is_causal")]) and (mask is None or isinstance(mask, ConstantNoneOp))
 
 
 def _split(rank: int, dim: int, axis: str) -> ShardingAttr:
@@ -131,9 +136,9 @@ class SequenceParallelPass(ModulePass):
     directive: str = "sequence-parallel"
 
     def apply(self, ctx: Context, op: ModuleOp) -> None:
-        if self.method not in ("ulysses", "ring", "auto"):
+        if self.method not in METHODS:
             raise StrategyError(f"{self.directive}: method must be 'ulysses', 'ring' or 'auto', got {self.method!r}")
-        if self.balance not in ("auto", "zigzag", "contiguous"):
+        if self.balance not in BALANCES:
             raise StrategyError(f"{self.directive}: balance must be 'auto', 'zigzag' or 'contiguous', got "
                                 f"{self.balance!r}")
         mesh = find_axis(op, self.axis, self.directive)
@@ -151,7 +156,7 @@ class SequenceParallelPass(ModulePass):
             if self.method == "ulysses":
                 self.ulysses(o, size)
             else:
-                self.ring(o, size)
+                self.ring(o)
                 if self.method == "auto":  # ring or Ulysses per batch, inside the op (runtime/ring.py)
                     o.attributes[RING_METHOD] = StringAttr("auto")
 
@@ -208,7 +213,7 @@ class SequenceParallelPass(ModulePass):
         seed_whole_results(main)
         return lengths
 
-    def ring(self, op: Operation, size: int) -> None:
+    def ring(self, op: Operation) -> None:
         """Marks `op` as ring attention over the axis (`RING`): its queries, keys and values stay
         sequence split, and the keys and values travel between the devices inside it (forward:
         `Runtime.ring_attention`; backward: `ring_attention_backward`). CPU flash attention only."""

@@ -695,7 +695,6 @@ def _ring_attention(op: Operation) -> OpShardingRule:
     # One sequence factor for queries and keys: as a factor sharding, splitting both over one axis
     # would compute only the diagonal blocks; ring attention's op moves the keys between devices
     # itself, so its contract is "everything split along the sequence, alike".
-    fk = fq
 
     def mapped(t: Sequence[int], seq_factor: int | None) -> list[int | None]:
         if len(t) == 3:  # log-sum-exp [batch, heads, seq]
@@ -706,11 +705,11 @@ def _ring_attention(op: Operation) -> OpShardingRule:
         return [fb if t[0] == batch else None, None if t[1] == 1 else r.factor(t[1], FactorKind.REPLICATED),
                 fq, r.factor(t[3], FactorKind.REPLICATED)]  # a mask
 
-    keys, mask = ((2, 3), 6) if backward else ((1, 2), 3)  # the tensors after q, k, v (grad, q, k, v, out, lse)
+    mask = 6 if backward else 3  # the tensor after q, k, v (grad, q, k, v, out, lse)
     for i, v in enumerate(operands):
-        r.operand(mapped(shape(v), None if i == mask else (fk if i in keys else fq)))
-    for i, v in enumerate(results):
-        r.result(mapped(shape(v), fk if backward and i in (1, 2) else fq))
+        r.operand(mapped(shape(v), None if i == mask else fq))
+    for v in results:
+        r.result(mapped(shape(v), fq))
     return r.build()
 
 

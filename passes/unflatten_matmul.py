@@ -161,7 +161,7 @@ class _Rewriter:
             if x is not None and dims in ([0], [-2]):
                 b = self.builder(op)
                 whole = b.aten("torch.aten.sum.dim_IntList", [x, b.int_list([0, 1]), keep, op.operands[3]],
-                               [self.typed(op.results[0].type, (1, 1, shape(x)[2]) if _true(keep)
+                               [self.typed(op.results[0].type, (1, 1, shape(x)[2]) if is_true(keep)
                                            else (shape(x)[2],))])
                 out = b.aten("torch.aten.view", [whole, b.int_list(shape(op.results[0]))], [op.results[0].type])
                 self.stamp(first, op)
@@ -172,7 +172,7 @@ class _Rewriter:
         return False
 
 
-def _true(value: SSAValue) -> bool:
+def is_true(value: SSAValue) -> bool:
     """Whether `value` is the constant True."""
     owner = value.owner
     return isinstance(owner, ConstantBoolOp) and bool(owner.value.value.data)

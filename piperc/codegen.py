@@ -148,21 +148,17 @@ def _where(op: Operation) -> str:
     return f", where={origin.path!r}" if isinstance(origin, par.OriginAttr) else ""
 
 
-def _zigzag(op: par.CollectiveOp, whole: SSAValue, dim: int) -> bool:
-    """Whether `op` cuts (or assembles) dimension `dim` of `whole`, the value as whole over its
-    axis, in zigzag pieces (`par.ZIGZAG` on the module's mesh)."""
-    return par.is_zigzag(op, op.axis.data, whole.type.get_shape()[dim])
-
-
 def _collective_statements(op: par.CollectiveOp, result: str, source: str) -> list[str]:
     """A collective inside a stage function, on this rank's group along its mesh axis
     (`AXIS_GROUPS`, see `_axis_group_tables`): issued through the step's runtime `RT` on
     the stream the function runs on (`stream=None`), then waited for."""
     axis = op.axis.data
     group = f'group=AXIS_GROUPS["{axis}"]'
+    cuts = par.zigzag_cuts(op)  # which of the dimensions it cuts or assembles are zigzag
+    zigzag = ", zigzag=True" if any(cuts) else ""
     if isinstance(op, par.AllSliceOp):
         dim = op.dim.value.data
-        if _zigzag(op, op.operands[0], dim):
+        if any(cuts):
             return [f'    {result} = RT.zigzag_piece({source}, {dim}, {group})']
         return [f'    {result} = aten.chunk.default({source}, {op.group_size()}, {dim})'
                 f'[AXIS_INDEX["{axis}"]]']
@@ -170,15 +166,11 @@ def _collective_statements(op: par.CollectiveOp, result: str, source: str) -> li
         return [f'    work, ({result},) = RT.all_reduce([{source}], {group}, op="{op.reduce.data.value}", stream=None)',
                 "    RT.wait(work)"]
     if isinstance(op, par.AllGatherOp):
-        zigzag = ", zigzag=True" if _zigzag(op, op.results[0], op.dim.value.data) else ""
         call = f"RT.all_gather({source}, {group}, dim={op.dim.value.data}, stream=None{zigzag})"
     elif isinstance(op, par.ReduceScatterOp):
-        zigzag = ", zigzag=True" if _zigzag(op, op.operands[0], op.dim.value.data) else ""
         call = (f'RT.reduce_scatter({source}, {group}, dim={op.dim.value.data}, '
                 f'op="{op.reduce.data.value}", stream=None{zigzag})')
     elif isinstance(op, par.AllToAllOp):
-        cuts = (_zigzag(op, op.operands[0], op.split_dim.value.data),
-                _zigzag(op, op.results[0], op.concat_dim.value.data))
         zigzag = f", zigzag={cuts}" if any(cuts) else ""
         call = (f"RT.all_to_all({source}, {group}, split_dim={op.split_dim.value.data}, "
                 f"concat_dim={op.concat_dim.value.data}, stream=None{_where(op)}{zigzag})")
@@ -426,7 +418,7 @@ def _exec_statement(op: Operation, names: _Names, functions: dict[str, func.Func
                 lines.append(f"rt.produced({', '.join(others)})")
             if grads:
                 lines.append(f"rt.produced_gradients({', '.join(grads)})")
-        stashed = ex.stashed_operands(op, arg_keys(functions[callee]))
+        stashed = ex.stashed_operands(op, arg_keys(functions[callee])) if kind == "update" else []
         if stashed:
             lines.append(f"rt.stashed({', '.join(n(v) for v in stashed)})  # still read by later backwards")
         return lines
@@ -596,7 +588,7 @@ def generate(module: ModuleOp, state_kinds: dict[str, dict[str, Any]],
         "params": {name: {"owners": r} for name, r in sorted(owners.items())},
         "aliases": dict(sorted((aliases or {}).items())),
         "seed": seed,
-        **({"zigzag": zigzag} if (zigzag := par.zigzag_lengths(next(iter(programs)))) else {}),
+        **({"zigzag": zigzag} if (zigzag := par.zigzag_lengths(module)) else {}),
     }
     files["manifest.json"] = json.dumps(manifest, indent=1) + "\n"
     return files

@@ -222,8 +222,9 @@ class _LiveCount:
             self.stored[op.state_name.data] = id(self.storage_of(op.value))
         elif isinstance(op, ex.LaunchOp):
             self.launch(op)
-            keys = arg_keys(self.functions[op.callee.root_reference.data])
-            self.count(ex.stashed_operands(op, keys), _WEIGHT_STASH, force=True)  # `Runtime.stashed`
+            if op.pass_kind.data == "update":  # `Runtime.stashed`
+                keys = arg_keys(self.functions[op.callee.root_reference.data])
+                self.count(ex.stashed_operands(op, keys), _WEIGHT_STASH, force=True)
         elif isinstance(op, ex.CarriedOp):
             group = self.carried.get(op.carry_name.data)
             if group is not None:  # the tensor it views, which other carried values may view too;
@@ -324,8 +325,7 @@ def _viewed_operand(op: Operation, index: int) -> SSAValue | None:
     if isinstance(op, t.ListUnpackOp):
         return op.operands[0]
     if isinstance(op, par.AllSliceOp):  # a contiguous piece is a view; a zigzag one a new tensor
-        whole = op.operands[0].type.get_shape()[op.dim.value.data]
-        return None if par.is_zigzag(op, op.axis.data, whole) else op.operands[0]
+        return None if any(par.zigzag_cuts(op)) else op.operands[0]
     if not isinstance(op, t.AtenOp):
         return None
     if op.name in _SHARES_STORAGE_UNANNOTATED:

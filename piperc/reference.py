@@ -379,10 +379,10 @@ def verify(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor], compi
     if compiled.asynchronous:  # stale updates: the oracle is the same plan on one process
         plan = compiled.update_plan(len(batches))
         sliced = [interleave_replicas(b, replicas, compiled.microbatches) for b in batches]
-        losses, state = stale_training(start, plan, sliced, optimizer, compiled.stage_parameters(), replicas)
+        stages = compiled.stage_parameters()
+        losses, state = stale_training(start, plan, sliced, optimizer, stages, replicas)
         # Its floor: the same oracle summing each microbatch's gradient in one piece.
-        whole = stale_training(start, plan, sliced, optimizer, compiled.stage_parameters()) if replicas > 1 else (
-            losses, state)
+        whole = stale_training(start, plan, sliced, optimizer, stages) if replicas > 1 else (losses, state)
         return Verification(
             losses=list(run.losses), reference_losses=losses, loss_errors=loss_errors(run.losses, losses),
             floor_loss_errors=loss_errors(whole[0], losses), parameter_errors=parameter_errors(run.state_dict, state),

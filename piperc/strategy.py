@@ -34,7 +34,7 @@ from piperc.passes.outline_stages import OutlineStagesPass
 from piperc.passes.pipeline_split import PipelineSplitPass
 from piperc.passes.propagate_sharding import PropagateShardingPass
 from piperc.passes.schedule import SchedulePass, parse_table, table_text
-from piperc.passes.sequence_parallel import CheckZigzagPass, SequenceParallelPass
+from piperc.passes.sequence_parallel import BALANCES, METHODS, CheckZigzagPass, SequenceParallelPass
 from piperc.passes.tensor_parallel import Placement, TensorParallelPass, plan_text
 from piperc.passes.unflatten_matmul import UnflattenMatmulPass
 from piperc.passes.zero import ZeroPass
@@ -506,12 +506,9 @@ def expert_parallel(axis: str = "dp") -> ExpertParallel:
     return ExpertParallel(axis)
 
 
-SEQUENCE_METHODS = ("ulysses", "ring", "auto")
-SEQUENCE_BALANCES = ("auto", "zigzag", "contiguous")
 SEQUENCE_SEEDS = "sequence-seeds"
 """Fact: sequence parallelism's seeds are written (next to tensor parallelism, whose propagation
 then lays out both axes at once)."""
-"""The attention methods `sequence_parallel` builds."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -535,16 +532,15 @@ class SequenceParallel(Directive):
 
     def check(self, ctx: StrategyContext) -> None:
         """A method that is built and an int seq_dim >= 1."""
-        if self.method not in SEQUENCE_METHODS:
+        if self.method not in METHODS:
             raise StrategyError(f"{self}: unknown method {self.method!r}; use one of "
-                                f"{', '.join(map(repr, SEQUENCE_METHODS))}")
+                                f"{', '.join(map(repr, METHODS))}")
         if isinstance(self.seq_dim, bool) or not isinstance(self.seq_dim, int) or self.seq_dim < 1:
             raise StrategyError(f"{self}: seq_dim must be an int >= 1 (the inputs' sequence dimension), got "
                                 f"{self.seq_dim!r}")
-        if self.balance not in SEQUENCE_BALANCES:
+        if self.balance not in BALANCES:
             raise StrategyError(f"{self}: unknown balance {self.balance!r}; use one of "
-                                f"{', '.join(map(repr, SEQUENCE_BALANCES))}")
-
+                                f"{', '.join(map(repr, BALANCES))}")
 
     def fragments(self, ctx: StrategyContext) -> list[Fragment]:
         """unflatten-matmul, sequence-parallel (the seeds and Ulysses' casts), propagate-sharding,

@@ -251,19 +251,8 @@ def local_part(
             f"layout {[list(a) for a in layout]} has {len(layout)} dimensions, "
             f"the tensor has {tensor.dim()} (shape {tuple(tensor.shape)})"
         )
-    if zigzag:
-        for dim, axes in enumerate(layout):
-            tensor = zigzag_cut(tensor, dim, axes, mesh, coords, zigzag)
-        return tensor
     for dim, axes in enumerate(layout):
-        parts, index = _slice(axes, mesh, coords)
-        size = tensor.shape[dim]
-        if size % parts:
-            raise ValueError(
-                f"dim {dim} of size {size} does not split into {parts} equal slices "
-                f"over mesh axes {list(axes)}"
-            )
-        tensor = tensor.narrow(dim, index * (size // parts), size // parts)
+        tensor = zigzag_cut(tensor, dim, axes, mesh, coords, zigzag or {})
     return tensor
 
 

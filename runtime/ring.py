@@ -64,6 +64,7 @@ class Ring:
         self.mask = mask
         self.causal = causal
         self.key = f"ring_attention {where}" if where else "ring_attention"
+        self._pairs: dict[int, list] = {}  # block -> `pairs`, each scanned from the mask once
         self.need = self._needs()
         # how many ranks chunk c visits: from its owner to the last rank that needs it
         self.path = [1 + max(d for d in range(self.size) if self.need[(c + d) % self.size][c])
@@ -77,7 +78,9 @@ class Ring:
         """The pieces of this rank's queries and of block c's keys to attend: (query piece, key
         piece, is_causal, attn_mask) for each pair the mask lets through. This rank's own pairs
         of equal chunks always come, so that every query row has a part."""
-        out = []
+        if c in self._pairs:
+            return self._pairs[c]
+        out = self._pairs[c] = []
         for k, a in enumerate(self.chunks(self.index)):
             for j, b in enumerate(self.chunks(c)):
                 own = a == b
